@@ -1,0 +1,269 @@
+"""The ``pipeline`` command (typer): stack, topics, db, reference data, gateway, stages, demo, invoices."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.config import Settings, get_settings
+
+app = typer.Typer(help="Usage metering and billing pipeline on Kafka.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local Kafka broker and PostgreSQL cluster.", no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
+db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
+load_app = typer.Typer(help="Load data.", no_args_is_help=True)
+publish_app = typer.Typer(help="Meter gateways: publish readings.", no_args_is_help=True)
+invoice_app = typer.Typer(help="Invoices in the ledger.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(topics_app, name="topics")
+app.add_typer(db_app, name="db")
+app.add_typer(load_app, name="load")
+app.add_typer(publish_app, name="publish")
+app.add_typer(invoice_app, name="invoice")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_NEM12 = REPO_ROOT / "tests" / "data" / "nem12"
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- stack ---------------------------------------------------------------------------------------
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start Kafka (KRaft, 127.0.0.1) and PostgreSQL (127.0.0.1); create topics; migrate. Idempotent."""
+    from pipeline import stack
+
+    settings = get_settings()
+    stack.up(settings)
+    topics_create()
+    db_migrate()
+    typer.echo(json.dumps(stack.status(settings), indent=1))
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop what `stack up` started."""
+    from pipeline import stack
+
+    stack.down(get_settings())
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show whether Kafka and PostgreSQL are running."""
+    from pipeline import stack
+
+    typer.echo(json.dumps(stack.status(get_settings()), indent=1))
+
+
+@stack_app.command("reset")
+def stack_reset() -> None:
+    """Stop the stack and delete its data (keeps the downloaded jars)."""
+    from pipeline import stack
+
+    stack.reset(get_settings())
+
+
+# --- topics, db, reference ------------------------------------------------------------------------
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every topic with its partitions, retention and compaction (existing ones are kept)."""
+    from pipeline.runtime.kafka import create_topics
+    from pipeline.topology import Topics
+
+    settings = get_settings()
+    created = create_topics(settings.kafka_bootstrap, Topics(settings).specs())
+    typer.echo(f"topics created: {', '.join(created) if created else 'none (all exist)'}")
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending database migrations (yoyo)."""
+    from pipeline.runtime import postgres
+
+    applied = postgres.migrate(get_settings().database_url)
+    typer.echo(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+
+
+@load_app.command("reference")
+def load_reference(
+    file: Annotated[Path | None, typer.Argument(help="reference JSON; default: the bundled file")] = None,
+) -> None:
+    """Load accounts, service points, plan assignments and price books into Postgres and `pricebooks`."""
+    from pipeline.codec import default_codec
+    from pipeline.reference import BUNDLED_REFERENCE, ReferenceFile
+    from pipeline.refstore import PriceBookConflict, load_reference_file, price_book_record
+    from pipeline.runtime import postgres
+    from pipeline.runtime.kafka import IdempotentProducer
+    from pipeline.topology import Topics
+
+    settings = get_settings()
+    ref = ReferenceFile.read(file or BUNDLED_REFERENCE)
+    try:
+        counts = postgres.with_reconnect(settings.database_url, lambda c: load_reference_file(c, ref))
+    except PriceBookConflict as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    producer = IdempotentProducer(settings.kafka_bootstrap)
+    codec = default_codec()
+    for book in ref.price_books:
+        key, value = price_book_record(codec, book)
+        producer.send(Topics(settings).pricebooks, key.encode(), value)
+    producer.flush()
+    typer.echo(f"reference loaded: {counts}")
+
+
+# --- gateway ------------------------------------------------------------------------------------
+@publish_app.command("nem12")
+def publish_nem12_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="NEM12 files (.csv or .zip) or folders of them")],
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Validate NEM12 files and publish one reading per interval per channel to `meter.readings`.
+
+    A malformed file is rejected whole (nothing from it is published) with a message naming the
+    problem; the exit code is then 1.
+    """
+    from pipeline.codec import default_codec
+    from pipeline.ingest.gateway import publish_nem12
+    from pipeline.runtime.kafka import IdempotentProducer
+    from pipeline.topology import Topics
+
+    settings = get_settings()
+    producer = IdempotentProducer(settings.kafka_bootstrap)
+    report = publish_nem12(paths, producer, default_codec(), Topics(settings).meter_readings, progress)
+    typer.echo(f"published {report.readings_published} readings from {report.files_published} files")
+    for err in report.rejected:
+        typer.echo(f"rejected [{err.reason}] {err}", err=True)
+    if report.rejected:
+        raise typer.Exit(1)
+
+
+# --- stages -----------------------------------------------------------------------------------------
+@app.command("run")
+def run_stage(stage: Annotated[str, typer.Argument(help="ingest | windowing | rating | invoicing")]) -> None:
+    """Run one stage in this process until SIGTERM/SIGINT (clean shutdown after committing)."""
+    from pipeline.runtime.loop import StageRunner
+    from pipeline.stages import build_stage
+
+    settings = get_settings()
+    _logging(os.environ.get("PIPELINE_LOG_LEVEL", "INFO"))
+    StageRunner(settings, build_stage(stage, settings)).run()
+
+
+# --- invoices --------------------------------------------------------------------------------------
+@invoice_app.command("show")
+def invoice_show(account: Annotated[str | None, typer.Argument(help="account; default: all")] = None) -> None:
+    """Print the invoices of an account (or all) from the ledger."""
+    from pipeline.invoicing.report import format_invoice, invoice_summaries
+    from pipeline.runtime import postgres
+
+    with postgres.connect(get_settings().database_url) as conn:
+        invoices = invoice_summaries(conn, account)
+    for inv in invoices:
+        typer.echo(format_invoice(inv) + "\n")
+    if not invoices:
+        typer.echo("no invoices")
+
+
+@app.command("config")
+def show_config() -> None:
+    """Print the configuration in force (from PIPELINE_* environment variables)."""
+    typer.echo(get_settings().model_dump_json(indent=1))
+
+
+# --- demo --------------------------------------------------------------------------------------------
+def start_stage_processes(settings: Settings, extra_env: dict[str, str] | None = None,
+                          log_dir: Path | None = None) -> dict[str, subprocess.Popen]:
+    """Start the four stages as separate processes (``pipeline run <stage>``)."""
+    from pipeline.stages import STAGES
+
+    env = {**os.environ, **(extra_env or {})}
+    log_dir = log_dir or settings.stack_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for stage in STAGES:
+        log = open(log_dir / f"{stage}.log", "ab")  # noqa: SIM115 - handed to the child
+        procs[stage] = subprocess.Popen([sys.executable, "-m", "pipeline", "run", stage], env=env,
+                                        stdout=log, stderr=subprocess.STDOUT)
+    return procs
+
+
+def stop_stage_processes(procs: dict[str, subprocess.Popen], timeout_s: float = 60) -> dict[str, int]:
+    """SIGTERM every stage and wait; returns exit codes (SIGKILL after ``timeout_s``)."""
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    codes = {}
+    for name, p in procs.items():
+        try:
+            codes[name] = p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes[name] = p.wait()
+    return codes
+
+
+def ledger_line_count(url: str) -> int:
+    """Number of lines in the ledger."""
+    from pipeline.runtime import postgres
+
+    with postgres.connect(url) as conn:
+        return conn.execute("SELECT count(*) FROM invoice_lines").fetchone()[0]
+
+
+def wait_until_quiet(settings: Settings, procs: dict[str, subprocess.Popen], min_wait_s: float,
+                     quiet_s: float, timeout_s: float = 600) -> int:
+    """Wait until the ledger has not changed for ``quiet_s`` (after ``min_wait_s``); returns the line count.
+
+    Raises ``RuntimeError`` if a stage process dies or the ledger keeps changing past ``timeout_s``.
+    """
+    start = time.monotonic()
+    last, since = -1, time.monotonic()
+    while True:
+        for name, p in procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"stage {name} exited with code {p.returncode}; see its log")
+        n = ledger_line_count(settings.database_url)
+        now = time.monotonic()
+        if n != last:
+            last, since = n, now
+        elif now - start >= min_wait_s and now - since >= quiet_s and n > 0:
+            return n
+        if now - start > timeout_s:
+            raise RuntimeError(f"ledger still changing after {timeout_s}s ({n} lines)")
+        time.sleep(1)
+
+
+@app.command("demo")
+def demo(
+    data: Annotated[list[Path] | None, typer.Argument(help="NEM12 files/folders; default: bundled real data")] = None,
+) -> None:
+    """Stack up, topics, reference data, the four stages, publish the bundled real NEM12 files, wait for
+    the ledger to go quiet, print every invoice, stop the stages."""
+    _logging("WARNING")
+    settings = get_settings()
+    os.environ.setdefault("PIPELINE_IDLE_TIMEOUT_S", "5")  # historic data: close windows soon after input stops
+    stack_up()
+    load_reference(None)
+    procs = start_stage_processes(settings)
+    try:
+        publish_nem12_cmd(data or [BUNDLED_NEM12], progress=True)
+        idle = float(os.environ["PIPELINE_IDLE_TIMEOUT_S"])
+        lines = wait_until_quiet(settings, procs, min_wait_s=idle + 5, quiet_s=max(8.0, idle + 3))
+        typer.echo(f"\nledger quiet: {lines} lines\n")
+        invoice_show(None)
+    finally:
+        codes = stop_stage_processes(procs)
+        typer.echo(f"stages stopped: {codes}")

@@ -1,0 +1,183 @@
+"""Records ⇄ bytes: Avro single-object encoding with fastavro.
+
+Wire format (Avro 1.11 specification, "Single object encoding"): two marker bytes ``C3 01``,
+the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's Parsing Canonical Form,
+then the Avro binary body. A reader looks the fingerprint up among every schema it knows
+(``schemas/*.avsc`` plus retired versions in ``schemas/history/``) and resolves the writer
+schema to its own, so records written by older producers stay readable.
+
+Evolution rules (enforced by review and by ``tests/unit/test_codec.py``): add fields only with a
+default; never remove a field that has no default; never change a field's type except by an Avro
+promotion; never rename without an alias. A changed schema's previous text moves to
+``schemas/history/<Name>.v<N>.avsc`` so its fingerprint stays resolvable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from decimal import ROUND_HALF_UP, Decimal
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fastavro
+from fastavro import schema as avro_schema
+
+from pipeline import records
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+MAGIC = b"\xc3\x01"
+_SCALE = Decimal("0.000001")  # every decimal in our schemas has scale 6
+
+T = TypeVar("T")
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a record we can read: bad marker, unknown fingerprint, bad body."""
+
+
+def _load_schema_files(paths: list[Path]) -> dict[str, Any]:
+    """Parse schema files in dependency order (named types may reference each other)."""
+    named: dict[str, Any] = {}
+    pending = {p: json.loads(p.read_text()) for p in paths}
+    parsed: dict[str, Any] = {}
+    while pending:
+        progress = False
+        for path, raw in list(pending.items()):
+            try:
+                parsed_schema = avro_schema.parse_schema(raw, named_schemas=named)
+            except avro_schema.UnknownType:
+                continue
+            parsed[path.stem] = parsed_schema
+            del pending[path]
+            progress = True
+        if not progress:
+            raise avro_schema.UnknownType(f"unresolvable schema references in {sorted(map(str, pending))}")
+    return parsed
+
+
+class Codec:
+    """Encodes the dataclasses of ``pipeline.records`` (and state values) as Avro single objects.
+
+    ``encode(obj)`` picks the schema named like the object's class; ``decode(data, cls)`` reads
+    any known writer version and resolves it to the current schema of ``cls``.
+    Raises ``DecodeError`` on bytes it cannot read and ``ValueError`` when a value does not fit
+    its schema (e.g. a Decimal with more than 6 decimal places).
+    """
+
+    def __init__(self, schema_dir: Path = SCHEMA_DIR) -> None:
+        current = _load_schema_files(sorted(schema_dir.glob("*.avsc")))
+        self._by_name: dict[str, Any] = {}
+        self._fingerprints: dict[bytes, Any] = {}
+        for parsed in current.values():
+            self._by_name[parsed["name"].split(".")[-1]] = parsed
+            self._fingerprints[self._fingerprint(parsed)] = parsed
+        history = schema_dir / "history"
+        if history.is_dir():
+            for old in _load_schema_files(sorted(history.glob("*.avsc"))).values():
+                self._fingerprints[self._fingerprint(old)] = old
+        self._header = {name: MAGIC + self._fingerprint(s) for name, s in self._by_name.items()}
+
+    @staticmethod
+    def _fingerprint(parsed: Any) -> bytes:
+        canonical = avro_schema.to_parsing_canonical_form(parsed)
+        return bytes.fromhex(avro_schema.fingerprint(canonical, "CRC-64-AVRO"))
+
+    def schema(self, name: str) -> Any:
+        """The current parsed schema named ``name`` (e.g. ``"UsageWindow"``)."""
+        return self._by_name[name]
+
+    def encode(self, obj: Any, schema_name: str | None = None) -> bytes:
+        """Encode a record dataclass (or a dict with ``schema_name``) as one Avro single object."""
+        name = schema_name or type(obj).__name__
+        parsed = self._by_name[name]
+        datum = obj if isinstance(obj, dict) else _to_avro(obj)
+        buf = io.BytesIO()
+        buf.write(self._header[name])
+        fastavro.schemaless_writer(buf, parsed, datum)
+        return buf.getvalue()
+
+    def decode_dict(self, data: bytes, schema_name: str) -> dict[str, Any]:
+        """Decode to the plain Avro datum (dict), resolved to the current schema ``schema_name``."""
+        if not isinstance(data, bytes | bytearray) or len(data) < 10 or data[:2] != MAGIC:
+            raise DecodeError("not an Avro single-object record (missing C3 01 marker)")
+        writer = self._fingerprints.get(bytes(data[2:10]))
+        if writer is None:
+            raise DecodeError(f"unknown schema fingerprint {bytes(data[2:10]).hex()}")
+        reader = self._by_name[schema_name]
+        try:
+            buf = io.BytesIO(data)
+            buf.seek(10)
+            datum = fastavro.schemaless_reader(buf, writer, reader)
+            if buf.tell() != len(data):
+                raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after the record")
+            return datum  # type: ignore[return-value]
+        except DecodeError:
+            raise
+        except Exception as exc:  # fastavro raises many kinds on corrupt bodies
+            raise DecodeError(f"cannot decode as {schema_name}: {type(exc).__name__}: {exc}") from exc
+
+    def decode(self, data: bytes, cls: type[T]) -> T:
+        """Decode bytes into an instance of the record dataclass ``cls``.
+
+        Raises ``DecodeError`` when the bytes are unreadable or violate the record's invariants.
+        """
+        datum = self.decode_dict(data, cls.__name__)
+        try:
+            return _from_avro(cls, datum)
+        except (TypeError, ValueError) as exc:
+            raise DecodeError(f"invalid {cls.__name__}: {exc}") from exc
+
+
+def _check_decimal(value: Decimal) -> Decimal:
+    q = value.quantize(_SCALE, rounding=ROUND_HALF_UP)
+    if q != value:
+        raise ValueError(f"decimal {value} has more than 6 decimal places")
+    return q
+
+
+def _to_avro(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_avro(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Decimal):
+        return _check_decimal(obj)
+    if isinstance(obj, tuple | list):
+        if obj and isinstance(obj[0], tuple) and len(obj[0]) == 2 and isinstance(obj[0][1], bytes):
+            return [{"name": k, "value": v} for k, v in obj]  # headers
+        return [_to_avro(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_avro(v) for k, v in obj.items()}
+    return obj
+
+
+@cache
+def _nested_types(cls: type) -> dict[str, type]:
+    hints = {}
+    for f in dataclasses.fields(cls):
+        target = getattr(records, str(f.type), None) if isinstance(f.type, str) else f.type
+        if isinstance(target, type) and dataclasses.is_dataclass(target):
+            hints[f.name] = target
+    return hints
+
+
+def _from_avro(cls: type[T], datum: dict[str, Any]) -> T:
+    nested = _nested_types(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = datum[f.name]
+        if f.name in nested:
+            value = _from_avro(nested[f.name], value)
+        elif f.name == "headers":
+            value = tuple((h["name"], h["value"]) for h in value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+@lru_cache(maxsize=1)
+def default_codec() -> Codec:
+    """The process-wide codec over ``schemas/``."""
+    return Codec()

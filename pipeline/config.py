@@ -1,0 +1,74 @@
+"""Configuration from environment variables (pydantic-settings).
+
+Every variable is prefixed ``PIPELINE_`` (``PIPELINE_KAFKA_BOOTSTRAP``, ...). The README lists
+them all; ``pipeline config`` prints the values in force. Durations are in the unit their name
+says (``_ms``, ``_s``, ``_minutes``, ``_days``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """All runtime configuration of the pipeline.
+
+    Attributes are read from ``PIPELINE_<NAME>`` environment variables (case-insensitive).
+    Raises ``pydantic.ValidationError`` at start-up when a value does not parse.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore")
+
+    # --- where things are -------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers")
+    database_url: str = Field(
+        "postgresql://pipeline@127.0.0.1:15432/pipeline",
+        description="PostgreSQL URL of the ledger and reference data (application role)",
+    )
+    stack_dir: Path = Field(Path(".stack"), description="where `pipeline stack` keeps jars, data, logs")
+    state_dir: Path = Field(Path(".stack/state"), description="local RocksDB state stores of the stages")
+
+    # --- local stack (pipeline stack up) --------------------------------------------------
+    kafka_port: int = Field(19092, description="local broker client port (127.0.0.1)")
+    kafka_controller_port: int = Field(19093, description="local KRaft controller port (127.0.0.1)")
+    kafka_heap: str = Field("-Xms256m -Xmx768m", description="JVM heap flags of the local broker")
+    postgres_port: int = Field(15432, description="local PostgreSQL port (127.0.0.1)")
+    postgres_bin: Path = Field(Path("/usr/lib/postgresql/15/bin"), description="PostgreSQL server binaries")
+
+    # --- topics ---------------------------------------------------------------------------
+    partitions: int = Field(4, ge=1, description="partitions of every data topic (unit of parallelism)")
+    topic_prefix: str = Field("", description="prefix for every topic name (isolates test runs)")
+
+    # --- stage runtime ----------------------------------------------------------------------
+    instance_id: str = Field(default_factory=_default_instance_id, description="transactional.id suffix")
+    commit_interval_ms: int = Field(250, ge=10, description="max time between two transaction commits")
+    batch_max_records: int = Field(2000, ge=1, description="max records consumed per transaction")
+    metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port of a stage; 0 = off")
+    reference_refresh_s: float = Field(30.0, description="how often stages re-read reference data")
+
+    # --- windowing (SPEC §3) ----------------------------------------------------------------
+    window_minutes_energy: int = Field(30, description="tumbling window size for energy channels")
+    window_minutes_telemetry: int = Field(60, description="tumbling window size for telemetry metrics")
+    out_of_orderness_s: int = Field(3600, ge=0, description="watermark = max event time − this")
+    allowed_lateness_days: float = Field(
+        450.0, ge=0, description="late events re-emit a window while watermark < window end + this"
+    )
+    idle_timeout_s: float = Field(
+        30.0, gt=0, description="after this long without records a partition's watermark follows wall clock"
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

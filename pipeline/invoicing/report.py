@@ -1,0 +1,99 @@
+"""Readable invoices from the ledger: per invoice, lines by component and band with quantity, rate
+and amount; totals. Reads only (the ledger is append-only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from pipeline.money import ZERO
+
+
+@dataclass(frozen=True)
+class InvoiceLineSummary:
+    """The net of all ledger lines of one component/band on one invoice."""
+
+    component_id: str
+    component_kind: str
+    band: str
+    quantity: Decimal
+    unit: str
+    rate: Decimal
+    amount: Decimal
+    lines: int
+
+
+@dataclass(frozen=True)
+class InvoiceSummary:
+    """One invoice: (account, period, currency), status, lines and the total."""
+
+    invoice_id: str
+    account: str
+    period_start: Any
+    period_end: Any
+    currency: str
+    status: str
+    lines: tuple[InvoiceLineSummary, ...]
+
+    @property
+    def total(self) -> Decimal:
+        return sum((ln.amount for ln in self.lines), ZERO)
+
+
+KIND_ORDER = {"tou": 0, "per_unit": 0, "fixed_daily": 1, "feed_in": 2, "tax": 3}
+
+SUMMARY_SQL = """
+WITH net AS (
+  SELECT invoice_id, component_id, band, sum(amount) AS amount, count(*) AS n
+  FROM invoice_lines WHERE (%(account)s::text IS NULL OR account = %(account)s)
+  GROUP BY invoice_id, component_id, band
+), latest AS (
+  SELECT DISTINCT ON (invoice_id, component_id, band) invoice_id, component_id, band, component_kind,
+         quantity, unit, rate
+  FROM invoice_lines WHERE (%(account)s::text IS NULL OR account = %(account)s)
+  ORDER BY invoice_id, component_id, band, source_partition, source_offset DESC
+)
+SELECT i.invoice_id, i.account, i.period_start, i.period_end, i.currency, i.status,
+       l.component_id, l.component_kind, l.band, l.quantity, l.unit, l.rate, n.amount, n.n
+FROM invoices i JOIN net n USING (invoice_id) JOIN latest l USING (invoice_id, component_id, band)
+ORDER BY i.account, i.period_start, i.currency
+"""
+
+
+def invoice_summaries(conn: Any, account: str | None = None) -> list[InvoiceSummary]:
+    """Every invoice (of ``account``, or all) with its net lines."""
+    rows = conn.execute(SUMMARY_SQL, {"account": account}).fetchall()
+    by_invoice: dict[str, list[Any]] = {}
+    heads: dict[str, Any] = {}
+    for row in rows:
+        heads.setdefault(row[0], row[:6])
+        by_invoice.setdefault(row[0], []).append(
+            InvoiceLineSummary(row[6], row[7], row[8], row[9], row[10], row[11], row[12], row[13])
+        )
+    out = []
+    for inv_id, head in heads.items():
+        lines = sorted(by_invoice[inv_id], key=lambda ln: (KIND_ORDER.get(ln.component_kind, 9), ln.component_id,
+                                                           ln.band))
+        out.append(InvoiceSummary(head[0], head[1], head[2], head[3], head[4], head[5], tuple(lines)))
+    return out
+
+
+def format_invoice(inv: InvoiceSummary) -> str:
+    """A plain-text invoice."""
+    last_day = inv.period_end.toordinal() - 1
+    from datetime import date
+
+    out = [
+        f"Invoice {inv.invoice_id}  [{inv.status}]",
+        f"  account {inv.account}   service period {inv.period_start} – {date.fromordinal(last_day)}",
+    ]
+    for ln in inv.lines:
+        label = ln.component_id + (f" ({ln.band})" if ln.band else "")
+        if ln.component_kind == "tax":
+            qty = f"{ln.rate.normalize()}% of {ln.quantity.quantize(Decimal('0.01'))}"
+        else:
+            qty = f"{ln.quantity.normalize():f} {ln.unit} @ {ln.rate.normalize():f}"
+        out.append(f"    {label:<22} {qty:<34} {ln.amount.quantize(Decimal('0.01')):>10} {inv.currency}")
+    out.append(f"    {'TOTAL':<57} {inv.total.quantize(Decimal('0.01')):>10} {inv.currency}")
+    return "\n".join(out)

@@ -1,0 +1,246 @@
+"""Price books: immutable, versioned, effective-dated tariffs, validated on load (SPEC §4).
+
+A price book version is a pydantic model; its canonical JSON and SHA-256 identify its content,
+so publishing a different body under an existing (id, version) can be refused. Rates are
+``Decimal`` in the book's currency per unit, GST-exclusive; floats are rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date, datetime
+from decimal import Decimal
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import holidays
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.money import MINOR_UNITS
+
+DayType = Literal["weekday", "weekend", "holiday"]
+
+
+def _no_float(value: Any) -> Any:
+    if isinstance(value, float):
+        raise ValueError(f"rates must be decimal strings, not float ({value!r})")
+    return value
+
+
+Rate = Annotated[Decimal, BeforeValidator(_no_float), Field(ge=0)]
+
+
+def _minutes(hhmm: str) -> int:
+    hours, minutes = hhmm.split(":")
+    total = int(hours) * 60 + int(minutes)
+    if not (0 <= total <= 1440) or int(minutes) >= 60:
+        raise ValueError(f"time {hhmm!r} is not HH:MM between 00:00 and 24:00")
+    return total
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TimeRange(_Frozen):
+    """Local wall-clock times ``[start, end)`` (``HH:MM``, ``24:00`` allowed as end) on the given day types."""
+
+    day_types: tuple[DayType, ...]
+    start: str
+    end: str
+
+    @model_validator(mode="after")
+    def _check(self) -> TimeRange:
+        if _minutes(self.start) >= _minutes(self.end):
+            raise ValueError(f"time range {self.start}-{self.end} is empty or wraps midnight: split it in two")
+        return self
+
+    def contains(self, day_type: str, minute_of_day: int) -> bool:
+        """Whether a moment of that day type at that local minute lies in this range."""
+        return day_type in self.day_types and _minutes(self.start) <= minute_of_day < _minutes(self.end)
+
+
+class Band(_Frozen):
+    """A TOU band: a rate and the times it applies (empty for the default band)."""
+
+    band: str
+    rate: Rate
+    times: tuple[TimeRange, ...] = ()
+
+
+class TouComponent(_Frozen):
+    """Time-of-use energy charge: quantity per band × the band's rate."""
+
+    id: str
+    kind: Literal["tou"]
+    metric: str
+    unit: str = "kWh"
+    default_band: str
+    bands: tuple[Band, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> TouComponent:
+        names = [b.band for b in self.bands]
+        if self.default_band not in names:
+            raise ValueError(f"default band {self.default_band!r} is not among the bands {names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate band names in {names}")
+        return self
+
+    def rate_of(self, band: str) -> Decimal:
+        """The rate of ``band``; raises ``KeyError`` for an unknown band."""
+        for b in self.bands:
+            if b.band == band:
+                return b.rate
+        raise KeyError(band)
+
+
+class PerUnitComponent(_Frozen):
+    """Flat price per unit of a metric."""
+
+    id: str
+    kind: Literal["per_unit"]
+    metric: str
+    unit: str = "kWh"
+    rate: Rate
+
+
+class FixedDailyComponent(_Frozen):
+    """A fixed charge per service day (prorated by service days, SPEC §4)."""
+
+    id: str
+    kind: Literal["fixed_daily"]
+    unit: str = "day"
+    rate: Rate
+
+
+class FeedInComponent(_Frozen):
+    """A credit per unit exported (export channels); billed as a negative amount."""
+
+    id: str
+    kind: Literal["feed_in"]
+    metric: str
+    unit: str = "kWh"
+    rate: Rate
+
+
+class TaxComponent(_Frozen):
+    """A tax as a percentage of the rounded totals of named components (e.g. GST 10%)."""
+
+    id: str
+    kind: Literal["tax"]
+    rate_percent: Rate
+    applies_to: tuple[str, ...]
+
+
+Component = Annotated[
+    TouComponent | PerUnitComponent | FixedDailyComponent | FeedInComponent | TaxComponent,
+    Field(discriminator="kind"),
+]
+USAGE_KINDS = ("tou", "per_unit", "feed_in")
+
+
+class PriceBook(_Frozen):
+    """One immutable price book version.
+
+    Attributes:
+        id / version: identity; (id, version) never changes once published.
+        currency: ISO 4217 code of every rate and amount.
+        timezone: IANA zone in which TOU times are read (e.g. ``Etc/GMT-10`` for AEST all year).
+        holiday_region: ``CC`` or ``CC-SUBDIV`` for the ``holidays`` package (e.g. ``AU-ACT``).
+        effective_from / effective_to: local dates, ``effective_to`` exclusive (``None`` = open).
+        components: the charge components, ids unique.
+    Raises ``pydantic.ValidationError`` on any inconsistency.
+    """
+
+    id: str
+    version: int = Field(ge=1)
+    name: str = ""
+    currency: str
+    timezone: str
+    holiday_region: str
+    effective_from: date
+    effective_to: date | None = None
+    source: str = ""
+    components: tuple[Component, ...]
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, v: str) -> str:
+        if v not in MINOR_UNITS:
+            raise ValueError(f"unknown currency {v!r}")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {v!r}") from exc
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> PriceBook:
+        ids = [c.id for c in self.components]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate component ids in {ids}")
+        for c in self.components:
+            if isinstance(c, TaxComponent):
+                missing = set(c.applies_to) - set(ids)
+                if missing:
+                    raise ValueError(f"tax {c.id!r} applies to unknown components {sorted(missing)}")
+        if self.effective_to is not None and self.effective_to <= self.effective_from:
+            raise ValueError("effective_to must be after effective_from")
+        _holiday_calendar(self.holiday_region)  # raises for an unknown region
+        return self
+
+    def canonical_json(self) -> str:
+        """Deterministic JSON of the whole version (sorted keys, decimals as strings)."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def content_sha256(self) -> str:
+        """SHA-256 of ``canonical_json()``: equal bodies ⇔ equal hashes."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def covers(self, day: date) -> bool:
+        """Whether ``day`` (local) lies in ``[effective_from, effective_to)``."""
+        return self.effective_from <= day and (self.effective_to is None or day < self.effective_to)
+
+    def usage_components(self, metric: str) -> list[TouComponent | PerUnitComponent | FeedInComponent]:
+        """The components that price ``metric``."""
+        return [c for c in self.components if c.kind in USAGE_KINDS and c.metric == metric]  # type: ignore[union-attr]
+
+    def day_type(self, day: date) -> str:
+        """``holiday`` (public holiday in the book's region), ``weekend`` or ``weekday``."""
+        if day in _holiday_calendar(self.holiday_region):
+            return "holiday"
+        return "weekend" if day.weekday() >= 5 else "weekday"
+
+    def band_of(self, component: TouComponent, at_utc: datetime) -> str:
+        """The TOU band of the moment ``at_utc`` (read in the book's timezone; DST-safe)."""
+        local = at_utc.astimezone(ZoneInfo(self.timezone))
+        minute = local.hour * 60 + local.minute
+        day_type = self.day_type(local.date())
+        for band in component.bands:
+            if any(t.contains(day_type, minute) for t in band.times):
+                return band.band
+        return component.default_band
+
+
+@lru_cache(maxsize=64)
+def _holiday_calendar(region: str) -> holidays.HolidayBase:
+    country, _, subdiv = region.partition("-")
+    try:
+        return holidays.country_holidays(country, subdiv=subdiv or None)
+    except NotImplementedError as exc:
+        raise ValueError(f"unknown holiday region {region!r}") from exc
+
+
+def book_in_effect(books: list[PriceBook], book_id: str, day: date) -> PriceBook | None:
+    """The highest version of ``book_id`` whose effective range covers ``day`` (SPEC §4: a later
+    version covering the same dates supersedes the earlier one)."""
+    candidates = [b for b in books if b.id == book_id and b.covers(day)]
+    return max(candidates, key=lambda b: b.version) if candidates else None

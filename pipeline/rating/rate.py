@@ -1,0 +1,196 @@
+"""The pure rating function and billing periods (SPEC §4).
+
+``rate_period`` maps a period's aggregates (quantity per price book version, component and band;
+service days per price book version) to one rounded total per charge line. A charge line is
+identified by ``book id|component id|band``; its total is the sum over the versions that priced
+part of the period, rounded half-up once to the currency's minor unit.
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+
+from pipeline.money import ZERO, round_money
+from pipeline.rating.pricebook import (
+    FeedInComponent,
+    FixedDailyComponent,
+    PerUnitComponent,
+    PriceBook,
+    TaxComponent,
+    TouComponent,
+)
+
+MONTHS_PER_CYCLE = {"MONTHLY": 1, "BIMONTHLY": 2, "QUARTERLY": 3, "ANNUAL": 12}
+
+
+# --- billing periods -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, order=True)
+class BillingPeriod:
+    """A billing period ``[start, end)`` in the account's local dates."""
+
+    start: date
+    end: date
+
+    @property
+    def days(self) -> int:
+        return (self.end - self.start).days
+
+
+def add_months(anchor: date, months: int) -> date:
+    """``anchor`` moved by ``months`` calendar months, the day clamped to the month's length."""
+    idx = anchor.year * 12 + (anchor.month - 1) + months
+    year, month = divmod(idx, 12)
+    month += 1
+    return date(year, month, min(anchor.day, calendar.monthrange(year, month)[1]))
+
+
+def period_containing(cycle: str, anchor: date, day: date) -> BillingPeriod:
+    """The billing period of ``cycle`` (MONTHLY, BIMONTHLY, QUARTERLY, ANNUAL) anchored at
+    ``anchor`` that contains ``day``. Raises ``KeyError`` for an unknown cycle."""
+    n = MONTHS_PER_CYCLE[cycle]
+    k = ((day.year - anchor.year) * 12 + day.month - anchor.month) // n
+    start = add_months(anchor, k * n)
+    while day < start:
+        k -= 1
+        start = add_months(anchor, k * n)
+    end = add_months(anchor, (k + 1) * n)
+    while day >= end:
+        k += 1
+        start, end = end, add_months(anchor, (k + 1) * n)
+    return BillingPeriod(start, end)
+
+
+# --- quantity keys ------------------------------------------------------------------------------------
+def quantity_key(book: PriceBook, component_id: str, band: str) -> str:
+    """Aggregate key ``book id|version|component id|band``."""
+    return f"{book.id}|{book.version}|{component_id}|{band}"
+
+
+def line_key_of(qkey: str) -> str:
+    """The charge line a quantity key belongs to: ``book id|component id|band`` (version dropped)."""
+    book_id, _version, component, band = qkey.split("|")
+    return f"{book_id}|{component}|{band}"
+
+
+# --- rating ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One price book version's share of a line: quantity × rate = amount (unrounded)."""
+
+    version: int
+    quantity: Decimal
+    rate: Decimal
+    amount: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class LineTotal:
+    """The rounded period total of one charge line, with what it was computed from.
+
+    ``quantity`` is in ``unit`` (kWh, day, or the currency for a tax base); ``rate`` is the
+    rate of the latest version (a percentage for taxes); ``total`` is rounded half-up.
+    """
+
+    key: str
+    book_id: str
+    book_version: int
+    currency: str
+    component_id: str
+    component_kind: str
+    band: str
+    unit: str
+    quantity: Decimal
+    rate: Decimal
+    total: Decimal
+    parts: tuple[Part, ...]
+    formula: str
+
+
+def rate_period(
+    quantities: Mapping[str, Decimal],
+    service_days: Mapping[tuple[str, int], int],
+    books: Mapping[tuple[str, int], PriceBook],
+) -> dict[str, LineTotal]:
+    """Rate one (account, period).
+
+    Args:
+        quantities: ``quantity_key`` → period quantity (kWh) of usage priced by that component/band.
+        service_days: (book id, version) → service days in the period billed on that version.
+        books: every price book version named in the two mappings.
+    Returns: line key → ``LineTotal``, including zero totals for lines with zero quantity.
+    Raises ``KeyError`` when a key names a version or component missing from ``books``.
+    """
+    parts: dict[str, list[tuple[PriceBook, object, Decimal, Decimal]]] = {}
+    for qkey, qty in sorted(quantities.items()):
+        book_id, version, component_id, band = qkey.split("|")
+        book = books[(book_id, int(version))]
+        comp = _component(book, component_id)
+        if isinstance(comp, TouComponent):
+            rate = comp.rate_of(band)
+        elif isinstance(comp, PerUnitComponent | FeedInComponent):
+            rate = comp.rate
+        else:
+            raise KeyError(f"{component_id} is not a usage component")
+        sign = Decimal(-1) if isinstance(comp, FeedInComponent) else Decimal(1)
+        parts.setdefault(line_key_of(qkey), []).append((book, comp, qty, sign * rate))
+    for (book_id, version), days in sorted(service_days.items()):
+        book = books[(book_id, version)]
+        for comp in book.components:
+            if isinstance(comp, FixedDailyComponent):
+                parts.setdefault(f"{book_id}|{comp.id}|", []).append((book, comp, Decimal(days), comp.rate))
+
+    lines: dict[str, LineTotal] = {}
+    for key, items in parts.items():
+        lines[key] = _line(key, items)
+    # taxes: a percentage of the rounded totals of the named components of the same book
+    tax_books: dict[str, PriceBook] = {}
+    for book_id, version in {(k[0], k[1]) for k in service_days} | {
+        (q.split("|")[0], int(q.split("|")[1])) for q in quantities
+    }:
+        b = books[(book_id, version)]
+        if book_id not in tax_books or b.version > tax_books[book_id].version:
+            tax_books[book_id] = b
+    for book_id, book in sorted(tax_books.items()):
+        for comp in book.components:
+            if not isinstance(comp, TaxComponent):
+                continue
+            base = sum(
+                (ln.total for ln in lines.values() if ln.book_id == book_id and ln.component_id in comp.applies_to),
+                ZERO,
+            )
+            raw = base * comp.rate_percent / 100
+            total = round_money(raw, book.currency)
+            key = f"{book_id}|{comp.id}|"
+            lines[key] = LineTotal(
+                key, book_id, book.version, book.currency, comp.id, "tax", "", book.currency, base,
+                comp.rate_percent, total, (Part(book.version, base, comp.rate_percent, raw),),
+                f"{comp.rate_percent}% × {base} {book.currency} ({', '.join(comp.applies_to)}) = {raw} → {total}",
+            )
+    return lines
+
+
+def _component(book: PriceBook, component_id: str) -> object:
+    for c in book.components:
+        if c.id == component_id:
+            return c
+    raise KeyError(f"price book {book.id} v{book.version} has no component {component_id!r}")
+
+
+def _line(key: str, items: list[tuple[PriceBook, object, Decimal, Decimal]]) -> LineTotal:
+    latest_book, comp, _, latest_rate = max(items, key=lambda i: i[0].version)
+    currency = latest_book.currency
+    parts = tuple(Part(b.version, q, r, q * r) for b, _, q, r in items)
+    raw = sum((p.amount for p in parts), ZERO)
+    total = round_money(raw, currency)
+    qty = sum((p.quantity for p in parts), ZERO)
+    band = key.split("|")[2]
+    unit = getattr(comp, "unit", "")
+    terms = " + ".join(f"{p.quantity} {unit} × {p.rate} (v{p.version})" for p in parts)
+    return LineTotal(
+        key, latest_book.id, latest_book.version, currency, comp.id, comp.kind, band, unit,  # type: ignore[attr-defined]
+        qty, latest_rate, total, parts, f"{terms} = {raw} → {total} {currency}",
+    )

@@ -1,0 +1,240 @@
+"""The records that travel on topics: immutable values, validated on construction.
+
+Each class mirrors one Avro schema in ``schemas/`` (field for field); ``pipeline.codec``
+turns them into bytes and back. Times are timezone-aware UTC ``datetime``; quantities and
+amounts are ``Decimal`` (never float), quantities to 6 decimal places (SPEC §4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+QUALITY_FLAGS = frozenset("AESFNV")  # MDFF quality methods (NEM12 spec §4.5 / Appendix C)
+
+
+def _require_utc(name: str, value: datetime) -> None:
+    if value.tzinfo is None or value.utcoffset() != UTC.utcoffset(None):
+        raise ValueError(f"{name} must be a UTC datetime, got {value!r}")
+
+
+def _require_decimal(name: str, value: Decimal) -> None:
+    if not isinstance(value, Decimal):
+        raise TypeError(f"{name} must be Decimal, got {type(value).__name__}")
+    if not value.is_finite():
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class MeterReading:
+    """One interval of one NEM12 channel, as published by the meter gateway (topic ``meter.readings``).
+
+    Attributes:
+        nmi: National Metering Identifier (10 characters, MDFF 200 record field 2).
+        suffix: NMI channel suffix, e.g. ``E1`` import, ``B1`` export, ``Q1`` reactive (200 field 5).
+        uom: unit of measure as given in the 200 record, e.g. ``kWh``, ``kVArh``.
+        interval_start / interval_end: the interval in UTC (NEM12 times are AEST, UTC+10).
+        value: the interval value in ``uom``.
+        quality: quality method A/E/S/F/N/V after 400-record overrides.
+        reason_code: MDFF reason code, or ``None``.
+        version: supersession version in UTC: UpdateDateTime, else MSATSLoadDateTime, else the
+            file's creation time (SPEC §2).
+        version_source: which of those three the version came from.
+        source_file: file name the reading came from.
+        source_record: 1-based line number of the 300 record in that file.
+    """
+
+    nmi: str
+    suffix: str
+    uom: str
+    interval_start: datetime
+    interval_end: datetime
+    value: Decimal
+    quality: str
+    reason_code: str | None
+    version: datetime
+    version_source: str
+    source_file: str
+    source_record: int
+
+    def __post_init__(self) -> None:
+        _require_utc("interval_start", self.interval_start)
+        _require_utc("interval_end", self.interval_end)
+        _require_utc("version", self.version)
+        _require_decimal("value", self.value)
+        if self.interval_end <= self.interval_start:
+            raise ValueError("interval_end must be after interval_start")
+        if self.quality not in QUALITY_FLAGS:
+            raise ValueError(f"quality must be one of {sorted(QUALITY_FLAGS)}, got {self.quality!r}")
+
+    @property
+    def identity(self) -> str:
+        """(NMI, suffix, interval start) as one string: the interval's identity (SPEC §2)."""
+        return f"nem12:{self.nmi}:{self.suffix}:{self.interval_start:%Y-%m-%dT%H:%MZ}"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """A validated usage event keyed by account (topic ``usage.events``).
+
+    Attributes:
+        event_id: identity of the underlying interval or telemetry event (SPEC §2).
+        account: billing account resolved from the service-point registry.
+        series: the window series: ``NMI/suffix`` for meters, ``metric/subject`` for telemetry.
+        metric: what is measured, e.g. ``energy_import`` (kWh), ``energy_export`` (kWh).
+        unit: unit of ``value`` (``kWh``, ``kVArh``, ...).
+        event_time / event_end: UTC start and end of the measured interval.
+        value: the quantity in ``unit``.
+        version: supersession version (UTC); higher replaces lower for the same ``event_id``.
+        quality: quality flag carried to the explanation of every charge.
+        source: where it came from, ``<file name>#<record line>``.
+    """
+
+    event_id: str
+    account: str
+    series: str
+    metric: str
+    unit: str
+    event_time: datetime
+    event_end: datetime
+    value: Decimal
+    version: datetime
+    quality: str
+    source: str
+
+    def __post_init__(self) -> None:
+        _require_utc("event_time", self.event_time)
+        _require_utc("event_end", self.event_end)
+        _require_utc("version", self.version)
+        _require_decimal("value", self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageWindow:
+    """One revision of one event-time window (topic ``usage.windows``), SPEC §3.
+
+    Attributes:
+        window_id: ``account|series|window start`` — deterministic; with ``revision`` unique.
+        revision: 0 for the first emission, n+1 for each re-emission.
+        timing: ``ON_TIME`` or ``LATE``.
+        value: the cumulative aggregate (sum, in ``unit``) after this revision.
+        delta: ``value`` minus the value of revision n−1 (equals ``value`` at revision 0).
+        count: intervals contributing.
+        qualities: sorted distinct quality flags of the contributing intervals.
+        sources: sorted ``file#record`` of the contributing intervals.
+        watermark: the partition watermark (UTC) when the revision was emitted.
+    """
+
+    window_id: str
+    account: str
+    series: str
+    metric: str
+    unit: str
+    window_start: datetime
+    window_end: datetime
+    revision: int
+    timing: str
+    value: Decimal
+    delta: Decimal
+    count: int
+    qualities: tuple[str, ...]
+    sources: tuple[str, ...]
+    watermark: datetime
+
+    def __post_init__(self) -> None:
+        _require_utc("window_start", self.window_start)
+        _require_utc("window_end", self.window_end)
+        _require_decimal("value", self.value)
+        _require_decimal("delta", self.delta)
+        if self.timing not in ("ON_TIME", "LATE"):
+            raise ValueError(f"timing must be ON_TIME or LATE, got {self.timing!r}")
+        if self.revision < 0:
+            raise ValueError("revision must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class LateEvent:
+    """A usage event that arrived after its window's allowed lateness (topic ``usage.late``).
+
+    Attributes:
+        event: the event as received.
+        reason: machine-readable reason, e.g. ``TOO_LATE``.
+        window_end: end of the window it belonged to (UTC).
+        watermark: the partition watermark when it arrived (UTC).
+        lateness_ms: ``watermark − (window_end + allowed lateness)`` in milliseconds (≥ 0).
+    """
+
+    event: UsageEvent
+    reason: str
+    window_end: datetime
+    watermark: datetime
+    lateness_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RatedCharge:
+    """One delta line for one (account, billing period, component) (topic ``charges.rated``), SPEC §4.
+
+    Attributes:
+        line_id: deterministic hash of what caused the line (account, period, component, cause).
+        period_start / period_end: the billing period, local dates, end exclusive.
+        currency: ISO 4217 code; ``amount`` and ``period_total`` are in it.
+        component_id / component_kind / band: the price-book component (and TOU band) charged.
+        quantity: the component's period quantity after this change (kWh, days, or base amount).
+        unit: unit of ``quantity``.
+        rate: price per unit of ``quantity`` (or percentage for tax), in ``currency``.
+        amount: the delta = ``period_total`` − total emitted before; never zero.
+        period_total: the component's new period total, rounded half-up to the minor unit.
+        price_book_id / price_book_version: the price book version used.
+        cause: what triggered the recompute (window ids and revisions, or price book version).
+        explanation: JSON text: windows and revisions, quality flags, formula.
+    """
+
+    line_id: str
+    account: str
+    period_start: date
+    period_end: date
+    currency: str
+    component_id: str
+    component_kind: str
+    band: str
+    quantity: Decimal
+    unit: str
+    rate: Decimal
+    amount: Decimal
+    period_total: Decimal
+    price_book_id: str
+    price_book_version: int
+    cause: str
+    explanation: str
+
+    def __post_init__(self) -> None:
+        for name in ("quantity", "rate", "amount", "period_total"):
+            _require_decimal(name, getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record a stage could not accept (topic ``dlq.ingest``): original bytes plus the reason.
+
+    Attributes:
+        stage: the stage that rejected it (``ingest``, ``windowing``, ...).
+        reason: machine-readable reason code, e.g. ``UNKNOWN_NMI``, ``UNDECODABLE``.
+        message: human-readable explanation naming the problem.
+        topic / partition / offset: where the original record was read.
+        key / value: the original bytes (``None`` when absent).
+        headers: the original headers as (name, bytes) pairs.
+        failed_at: when it was dead-lettered (UTC).
+    """
+
+    stage: str
+    reason: str
+    message: str
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = field(default=())
+    failed_at: datetime = field(default_factory=lambda: datetime.now(UTC))

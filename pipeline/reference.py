@@ -1,0 +1,152 @@
+"""Reference data: accounts, service points (NMI → account, effective-dated), plan assignments and
+price books. Pure models and lookups; loading from/to Postgres lives in ``pipeline.refstore``.
+
+Effective ranges are local dates ``[effective_from, effective_to)``; ``effective_to`` ``None`` is open.
+"""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_right
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.rating.pricebook import PriceBook, book_in_effect
+
+BUNDLED_REFERENCE = Path(__file__).resolve().parent / "data" / "reference.json"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Effective(_Frozen):
+    effective_from: date
+    effective_to: date | None = None
+
+    def covers(self, day: date) -> bool:
+        """Whether ``day`` lies in ``[effective_from, effective_to)``."""
+        return self.effective_from <= day and (self.effective_to is None or day < self.effective_to)
+
+
+class Account(_Frozen):
+    """A billing account: its calendar (timezone, holidays) and billing cycle."""
+
+    account: str
+    name: str = ""
+    timezone: str
+    holiday_region: str
+    billing_cycle: Literal["MONTHLY", "BIMONTHLY", "QUARTERLY", "ANNUAL"] = "MONTHLY"
+    billing_anchor: date
+    net_days: int = Field(14, ge=0)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class ServicePoint(_Effective):
+    """NMI → account from ``effective_from`` (move-in) to ``effective_to`` (move-out, exclusive)."""
+
+    nmi: str
+    account: str
+
+
+class PlanAssignment(_Effective):
+    """Account → price book over an effective range (SPEC §4)."""
+
+    account: str
+    price_book_id: str
+
+
+class ReferenceFile(_Frozen):
+    """The reference-data file loaded by ``pipeline load reference`` (see ``pipeline/data/reference.json``)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    accounts: tuple[Account, ...]
+    service_points: tuple[ServicePoint, ...]
+    price_books: tuple[PriceBook, ...] = ()
+    plan_assignments: tuple[PlanAssignment, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> ReferenceFile:
+        names = {a.account for a in self.accounts}
+        for sp in self.service_points:
+            if sp.account not in names:
+                raise ValueError(f"service point {sp.nmi} names unknown account {sp.account}")
+        for pa in self.plan_assignments:
+            if pa.account not in names:
+                raise ValueError(f"plan assignment names unknown account {pa.account}")
+        return self
+
+    @classmethod
+    def read(cls, path: Path) -> ReferenceFile:
+        """Parse and validate a reference file; raises ``pydantic.ValidationError``."""
+        return cls.model_validate(json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class ReferenceData:
+    """An immutable snapshot of the reference data with the lookups the stages need."""
+
+    accounts: dict[str, Account]
+    service_points: dict[str, tuple[ServicePoint, ...]]  # nmi → sorted by effective_from
+    plans: dict[str, tuple[PlanAssignment, ...]]  # account → sorted by effective_from
+    price_books: tuple[PriceBook, ...]
+
+    @classmethod
+    def build(
+        cls,
+        accounts: list[Account] | tuple[Account, ...],
+        service_points: list[ServicePoint] | tuple[ServicePoint, ...],
+        plans: list[PlanAssignment] | tuple[PlanAssignment, ...],
+        price_books: list[PriceBook] | tuple[PriceBook, ...],
+    ) -> ReferenceData:
+        sps: dict[str, list[ServicePoint]] = {}
+        for sp in service_points:
+            sps.setdefault(sp.nmi, []).append(sp)
+        pas: dict[str, list[PlanAssignment]] = {}
+        for pa in plans:
+            pas.setdefault(pa.account, []).append(pa)
+        return cls(
+            {a.account: a for a in accounts},
+            {k: tuple(sorted(v, key=lambda s: s.effective_from)) for k, v in sps.items()},
+            {k: tuple(sorted(v, key=lambda s: s.effective_from)) for k, v in pas.items()},
+            tuple(price_books),
+        )
+
+    @classmethod
+    def from_file(cls, ref: ReferenceFile) -> ReferenceData:
+        return cls.build(ref.accounts, ref.service_points, ref.plan_assignments, ref.price_books)
+
+    def account_of(self, nmi: str, day: date) -> str | None:
+        """The account served by ``nmi`` on local ``day`` (SPEC §1), or ``None``."""
+        points = self.service_points.get(nmi, ())
+        i = bisect_right([p.effective_from for p in points], day) - 1
+        if i >= 0 and points[i].covers(day):
+            return points[i].account
+        return None
+
+    def service_ranges(self, account: str) -> list[ServicePoint]:
+        """Every service point (over time) of ``account``."""
+        return [sp for pts in self.service_points.values() for sp in pts if sp.account == account]
+
+    def plan_on(self, account: str, day: date) -> PlanAssignment | None:
+        """The plan assignment of ``account`` in force on ``day``."""
+        for pa in self.plans.get(account, ()):
+            if pa.covers(day):
+                return pa
+        return None
+
+    def book_on(self, account: str, day: date) -> PriceBook | None:
+        """The price book version billing ``account`` on ``day`` (plan, then the latest version)."""
+        plan = self.plan_on(account, day)
+        if plan is None:
+            return None
+        return book_in_effect(list(self.price_books), plan.price_book_id, day)

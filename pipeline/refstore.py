@@ -1,0 +1,150 @@
+"""Reference data in Postgres and on the compacted ``pricebooks`` topic.
+
+``load_reference_file`` writes accounts, service points and plan assignments (master data,
+upserted) and price book versions (immutable: a different body under an existing (id, version)
+is refused with ``PriceBookConflict``). ``read_reference`` reads a consistent snapshot for the
+stages; ``ReferenceCache`` refreshes it every ``Settings.reference_refresh_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.codec import Codec
+from pipeline.rating.pricebook import PriceBook
+from pipeline.reference import Account, PlanAssignment, ReferenceData, ReferenceFile, ServicePoint
+from pipeline.runtime import postgres
+
+
+class PriceBookConflict(ValueError):
+    """A price book (id, version) already exists with a different body (versions are immutable)."""
+
+
+def store_price_book(conn: Any, book: PriceBook) -> bool:
+    """Insert one price book version; returns ``True`` if new, ``False`` if identical and present.
+
+    Raises ``PriceBookConflict`` if (id, version) exists with another body.
+    """
+    sha = book.content_sha256()
+    row = conn.execute(
+        "SELECT content_sha256 FROM price_books WHERE id = %s AND version = %s", (book.id, book.version)
+    ).fetchone()
+    if row is not None:
+        if row[0] != sha:
+            raise PriceBookConflict(
+                f"price book {book.id} version {book.version} is already published with different content "
+                f"(sha256 {row[0][:12]}… vs {sha[:12]}…); publish it as version {book.version + 1} instead"
+            )
+        return False
+    conn.execute(
+        "INSERT INTO price_books (id, version, content_sha256, body) VALUES (%s, %s, %s, %s)",
+        (book.id, book.version, sha, postgres.jsonb(json.loads(book.canonical_json()))),
+    )
+    return True
+
+
+def load_reference_file(conn: Any, ref: ReferenceFile) -> dict[str, int]:
+    """Write a validated reference file in the caller's transaction; returns counts per kind."""
+    for a in ref.accounts:
+        conn.execute(
+            """INSERT INTO accounts (account, name, timezone, holiday_region, billing_cycle, billing_anchor, net_days)
+               VALUES (%s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (account) DO UPDATE SET name = EXCLUDED.name, timezone = EXCLUDED.timezone,
+                 holiday_region = EXCLUDED.holiday_region, billing_cycle = EXCLUDED.billing_cycle,
+                 billing_anchor = EXCLUDED.billing_anchor, net_days = EXCLUDED.net_days""",
+            (a.account, a.name, a.timezone, a.holiday_region, a.billing_cycle, a.billing_anchor, a.net_days),
+        )
+    for sp in ref.service_points:
+        conn.execute(
+            """INSERT INTO service_points (nmi, account, effective_from, effective_to) VALUES (%s, %s, %s, %s)
+               ON CONFLICT (nmi, effective_from) DO UPDATE SET account = EXCLUDED.account,
+                 effective_to = EXCLUDED.effective_to""",
+            (sp.nmi, sp.account, sp.effective_from, sp.effective_to),
+        )
+    for pa in ref.plan_assignments:
+        conn.execute(
+            """INSERT INTO plan_assignments (account, price_book_id, effective_from, effective_to)
+               VALUES (%s, %s, %s, %s)
+               ON CONFLICT (account, effective_from) DO UPDATE SET price_book_id = EXCLUDED.price_book_id,
+                 effective_to = EXCLUDED.effective_to""",
+            (pa.account, pa.price_book_id, pa.effective_from, pa.effective_to),
+        )
+    new_books = sum(store_price_book(conn, b) for b in ref.price_books)
+    return {
+        "accounts": len(ref.accounts),
+        "service_points": len(ref.service_points),
+        "plan_assignments": len(ref.plan_assignments),
+        "price_books_new": new_books,
+        "price_books": len(ref.price_books),
+    }
+
+
+def read_reference(conn: Any) -> ReferenceData:
+    """A snapshot of all reference data."""
+    accounts = [
+        Account(account=r[0], name=r[1], timezone=r[2], holiday_region=r[3], billing_cycle=r[4],
+                billing_anchor=r[5], net_days=r[6])
+        for r in conn.execute(
+            "SELECT account, name, timezone, holiday_region, billing_cycle, billing_anchor, net_days FROM accounts"
+        )
+    ]
+    sps = [
+        ServicePoint(nmi=r[0], account=r[1], effective_from=r[2], effective_to=r[3])
+        for r in conn.execute("SELECT nmi, account, effective_from, effective_to FROM service_points")
+    ]
+    pas = [
+        PlanAssignment(account=r[0], price_book_id=r[1], effective_from=r[2], effective_to=r[3])
+        for r in conn.execute("SELECT account, price_book_id, effective_from, effective_to FROM plan_assignments")
+    ]
+    books = [PriceBook.model_validate(r[0]) for r in conn.execute("SELECT body FROM price_books")]
+    return ReferenceData.build(accounts, sps, pas, books)
+
+
+def price_book_record(codec: Codec, book: PriceBook) -> tuple[str, bytes]:
+    """The (key, value) of ``book`` on the compacted ``pricebooks`` topic."""
+    value = codec.encode(
+        {"id": book.id, "version": book.version, "content_sha256": book.content_sha256(),
+         "body": book.canonical_json()},
+        "PriceBookVersion",
+    )
+    return f"{book.id}:{book.version}", value
+
+
+class ReferenceCache:
+    """A reference snapshot re-read from Postgres at most every ``ttl_s`` seconds.
+
+    ``get()`` returns the snapshot; ``refresh()`` forces a re-read (e.g. on an unknown NMI,
+    rate-limited to once per ``min_refresh_s``).
+    """
+
+    def __init__(self, loader: Callable[[], ReferenceData], ttl_s: float, min_refresh_s: float = 2.0) -> None:
+        self._loader = loader
+        self._ttl = ttl_s
+        self._min = min_refresh_s
+        self._data = loader()
+        self._at = time.monotonic()
+
+    def get(self) -> ReferenceData:
+        if time.monotonic() - self._at > self._ttl:
+            self.refresh()
+        return self._data
+
+    def refresh(self) -> bool:
+        """Re-read now unless the last read is younger than ``min_refresh_s``; returns whether it did."""
+        if time.monotonic() - self._at < self._min:
+            return False
+        self._data = self._loader()
+        self._at = time.monotonic()
+        return True
+
+
+def postgres_loader(url: str) -> Callable[[], ReferenceData]:
+    """A loader for ``ReferenceCache`` reading from the database at ``url``."""
+
+    def load() -> ReferenceData:
+        return postgres.with_reconnect(url, read_reference)
+
+    return load

@@ -1,0 +1,86 @@
+"""PostgreSQL access: the only module that imports ``psycopg`` (and runs yoyo migrations).
+
+Other modules receive a connection object from here and use its DB-API methods; SQL text lives
+next to the domain it serves (``pipeline.refstore``, ``pipeline.invoicing.ledger``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+T = TypeVar("T")
+
+Connection = psycopg.Connection
+DatabaseError = psycopg.Error
+IntegrityError = psycopg.errors.IntegrityError
+
+
+def connect(url: str, autocommit: bool = False) -> psycopg.Connection:
+    """Open a connection; raises ``psycopg.OperationalError`` when the server cannot be reached."""
+    return psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether ``exc`` means the server went away (retry after reconnecting)."""
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+def jsonb(value: Any) -> Any:
+    """Wrap a Python value for a ``jsonb`` parameter."""
+    return Jsonb(value)
+
+
+def wait_ready(url: str, timeout_s: float = 60.0) -> None:
+    """Block until the database accepts connections; raises ``TimeoutError``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with connect(url) as conn:
+                conn.execute("SELECT 1")
+            return
+        except psycopg.OperationalError as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"database at {url} not ready after {timeout_s}s: {exc}") from exc
+            time.sleep(0.5)
+
+
+def with_reconnect(url: str, work: Callable[[psycopg.Connection], T], give_up_s: float = 300.0) -> T:
+    """Run ``work(conn)`` in a transaction; on a lost connection wait, reconnect and run it again.
+
+    ``work`` must be idempotent per attempt (everything it wrote in a failed attempt is rolled back).
+    Raises the last error after ``give_up_s``.
+    """
+    deadline = time.monotonic() + give_up_s
+    delay = 0.5
+    while True:
+        try:
+            with connect(url) as conn, conn.transaction():
+                return work(conn)
+        except Exception as exc:
+            if not is_disconnect(exc) or time.monotonic() > deadline:
+                raise
+            log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def migrate(url: str) -> list[str]:
+    """Apply pending migrations from ``pipeline/migrations`` with yoyo; returns the ids applied."""
+    from yoyo import get_backend, read_migrations
+
+    backend = get_backend(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    migrations = read_migrations(str(MIGRATIONS))
+    with backend.lock():
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
+    return [m.id for m in pending]

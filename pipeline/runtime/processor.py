@@ -1,0 +1,99 @@
+"""The contract between the runtime and a stage's domain code (after Kafka Streams' Processor API).
+
+A processor sees records and a ``Context``; it never sees a consumer, a producer or a database
+driver. The runtime owns the transaction: everything forwarded and every state write made while
+handling a batch becomes visible atomically with that batch's input offsets, or not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pipeline.runtime.kafka import Incoming
+
+
+class Store(Protocol):
+    """Key-value state of one input partition (see ``runtime.state.PartitionStore``)."""
+
+    def get(self, key: bytes, default: Any = None) -> Any: ...
+    def put(self, key: bytes, value: Any) -> None: ...
+    def delete(self, key: bytes) -> None: ...
+    def scan(self, prefix: bytes) -> Any: ...
+
+
+class Context(Protocol):
+    """What a processor may do while handling a record or a punctuation."""
+
+    def forward(self, topic: str, key: bytes | str | None, value: bytes) -> None:
+        """Produce ``value`` to ``topic`` within the current transaction."""
+        ...
+
+    def store(self, partition: int) -> Store:
+        """The state store of input ``partition`` (stateful stages only)."""
+        ...
+
+
+class Processor(Protocol):
+    """A stage's domain logic.
+
+    ``process`` handles one record; ``punctuate`` runs after every batch (and when idle) with
+    the wall-clock time in epoch milliseconds, for time-driven work such as closing windows;
+    ``on_assign``/``on_revoke`` bracket ownership of an input partition (after its state has
+    been restored / before it is handed over).
+    """
+
+    def on_assign(self, partition: int, ctx: Context) -> None: ...
+    def on_revoke(self, partition: int) -> None: ...
+    def process(self, record: Incoming, ctx: Context) -> None: ...
+    def punctuate(self, wallclock_ms: int, ctx: Context) -> None: ...
+
+
+class ExternalSink(Protocol):
+    """A processor that writes its output and the consumed offsets to an outside store itself
+    (the invoicing stage: Postgres), instead of to Kafka inside a transaction."""
+
+    def stored_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Next offsets to consume, as kept in the external store (absent: start from the beginning)."""
+        ...
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Write pending output and ``offsets`` in one external transaction."""
+        ...
+
+    def discard(self) -> None:
+        """Forget pending output (the batch will be re-read)."""
+        ...
+
+
+@dataclass
+class FakeContext:
+    """A context for unit tests: captures forwards, keeps state in dicts (no Kafka, no RocksDB)."""
+
+    forwarded: list[tuple[str, Any, bytes]] = field(default_factory=list)
+    stores: dict[int, DictStore] = field(default_factory=dict)
+
+    def forward(self, topic: str, key: bytes | str | None, value: bytes) -> None:
+        self.forwarded.append((topic, key, value))
+
+    def store(self, partition: int) -> DictStore:
+        return self.stores.setdefault(partition, DictStore())
+
+
+class DictStore:
+    """An in-memory ``Store`` for unit tests."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, Any] = {}
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def put(self, key: bytes, value: Any) -> None:
+        self.data[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.data.pop(key, None)
+
+    def scan(self, prefix: bytes) -> Any:
+        return iter(sorted((k, v) for k, v in self.data.items() if k.startswith(prefix)))

@@ -1,0 +1,135 @@
+"""Durable key-value state per assigned partition: RocksDB (rocksdict) behind a write cache.
+
+The only module that imports ``rocksdict``. Writes of a transaction stay in the cache (as
+Python objects) until the runtime commits: it first produces every pending change to the
+stage's compacted changelog partition inside the Kafka transaction, commits the transaction,
+and only then writes the batch to RocksDB (``flush``). An aborted transaction just drops the
+cache (``discard``). On assignment the store is rebuilt from the changelog, which is the source
+of truth (SPEC §3: "restored on partition assignment").
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rocksdict import Options, Rdict, WriteBatch
+
+_DELETED = object()
+
+
+class PartitionStore:
+    """The state of one input partition of one stage.
+
+    Keys are ``bytes`` (design them so that byte order is the scan order you need); values are
+    Python objects, turned into bytes with ``encode``/``decode`` only when they reach RocksDB or
+    the changelog.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        encode: Callable[[bytes, Any], bytes],
+        decode: Callable[[bytes, bytes], Any],
+    ) -> None:
+        self.path = path
+        self._encode = encode
+        self._decode = decode
+        self._pending: dict[bytes, Any] = {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = Rdict(str(path), options=Options(raw_mode=True))
+
+    # --- reads and writes (cache first) ---------------------------------------------------
+    def get(self, key: bytes, default: Any = None) -> Any:
+        """The value of ``key`` (pending writes included), or ``default``."""
+        if key in self._pending:
+            value = self._pending[key]
+            return default if value is _DELETED else value
+        raw = self._db.get(key)
+        return default if raw is None else self._decode(key, raw)
+
+    def put(self, key: bytes, value: Any) -> None:
+        """Stage ``value`` for ``key``; it becomes durable with the next commit."""
+        self._pending[key] = value
+
+    def delete(self, key: bytes) -> None:
+        """Stage the deletion of ``key`` (a tombstone in the changelog)."""
+        self._pending[key] = _DELETED
+
+    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, Any]]:
+        """Committed and pending entries whose key starts with ``prefix``, in key order."""
+        merged: dict[bytes, Any] = {}
+        for key, raw in self._db.items(from_key=prefix):
+            if not key.startswith(prefix):
+                break
+            merged[key] = raw
+        decoded = {k: self._decode(k, v) for k, v in merged.items()}
+        for key, value in self._pending.items():
+            if key.startswith(prefix):
+                if value is _DELETED:
+                    decoded.pop(key, None)
+                else:
+                    decoded[key] = value
+        for key in sorted(decoded):
+            yield key, decoded[key]
+
+    # --- transaction lifecycle --------------------------------------------------------------
+    def pending_changes(self) -> Iterator[tuple[bytes, bytes | None]]:
+        """The staged writes as changelog records: (key, encoded value) or (key, None) for deletes."""
+        for key, value in self._pending.items():
+            yield key, None if value is _DELETED else self._encode(key, value)
+
+    def has_pending(self) -> bool:
+        """Whether anything was written since the last flush/discard."""
+        return bool(self._pending)
+
+    def flush(self, encoded: dict[bytes, bytes | None] | None = None) -> None:
+        """Write the staged changes to RocksDB (after the Kafka transaction committed)."""
+        if not self._pending:
+            return
+        batch = WriteBatch(raw_mode=True)
+        items = encoded.items() if encoded is not None else self.pending_changes()
+        for key, raw in items:
+            if raw is None:
+                batch.delete(key)
+            else:
+                batch.put(key, raw)
+        self._db.write(batch)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        """Drop the staged changes (the transaction aborted)."""
+        self._pending.clear()
+
+    # --- restore ------------------------------------------------------------------------------
+    def apply_changelog(self, records: Iterator[tuple[bytes, bytes | None]]) -> int:
+        """Apply raw changelog records (key, value-or-None) straight to RocksDB; returns the count."""
+        batch = WriteBatch(raw_mode=True)
+        n = 0
+        for key, raw in records:
+            if raw is None:
+                batch.delete(key)
+            else:
+                batch.put(key, raw)
+            n += 1
+            if n % 10_000 == 0:
+                self._db.write(batch)
+                batch = WriteBatch(raw_mode=True)
+        self._db.write(batch)
+        return n
+
+    def close(self) -> None:
+        """Close RocksDB (pending writes are dropped)."""
+        self._pending.clear()
+        self._db.close()
+
+
+def open_fresh_store(
+    path: Path, encode: Callable[[bytes, Any], bytes], decode: Callable[[bytes, bytes], Any]
+) -> PartitionStore:
+    """Delete whatever is at ``path`` and open an empty store there (before a changelog restore)."""
+    if path.exists():
+        shutil.rmtree(path)
+    return PartitionStore(path, encode, decode)

@@ -1,0 +1,38 @@
+"""Assembles each stage (processor + topics + state codec) for the one runtime loop."""
+
+from __future__ import annotations
+
+from pipeline.codec import default_codec
+from pipeline.config import Settings
+from pipeline.ingest.processor import IngestProcessor
+from pipeline.invoicing.ledger import LedgerStore
+from pipeline.invoicing.processor import InvoicingProcessor
+from pipeline.rating import processor as rating
+from pipeline.refstore import ReferenceCache, postgres_loader
+from pipeline.runtime.loop import StageSpec
+from pipeline.topology import Topics
+from pipeline.windowing import processor as windowing
+
+STAGES = ("ingest", "windowing", "rating", "invoicing")
+
+
+def build_stage(name: str, settings: Settings) -> StageSpec:
+    """The ``StageSpec`` of stage ``name``; raises ``ValueError`` for an unknown name."""
+    topics = Topics(settings)
+    codec = default_codec()
+    if name == "ingest":
+        cache = ReferenceCache(postgres_loader(settings.database_url), settings.reference_refresh_s)
+        return StageSpec("ingest", [topics.meter_readings],
+                         IngestProcessor(topics, codec, cache.get, cache.refresh))
+    if name == "windowing":
+        enc, dec = windowing.state_codec(codec)
+        proc = windowing.WindowingProcessor(topics, codec, windowing.policies_from_settings(settings))
+        return StageSpec("windowing", [topics.usage_events], proc, enc, dec)
+    if name == "rating":
+        cache = ReferenceCache(postgres_loader(settings.database_url), settings.reference_refresh_s)
+        enc, dec = rating.state_codec(codec)
+        return StageSpec("rating", [topics.usage_windows], rating.RatingProcessor(topics, codec, cache.get), enc, dec)
+    if name == "invoicing":
+        store = LedgerStore(settings.database_url, topics.group("invoicing"))
+        return StageSpec("invoicing", [topics.charges_rated], InvoicingProcessor(codec, store), external_sink=True)
+    raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
