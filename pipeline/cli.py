@@ -157,9 +157,15 @@ def run_stage(stage: Annotated[str, typer.Argument(help="ingest | windowing | ra
     from pipeline.runtime.loop import StageRunner
     from pipeline.stages import build_stage
 
+    stop_requested: list[int] = []  # SIGTERM during start-up still means a clean exit
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stop_requested.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: stop_requested.append(signum))
     settings = get_settings()
     _logging(os.environ.get("PIPELINE_LOG_LEVEL", "INFO"))
-    StageRunner(settings, build_stage(stage, settings)).run()
+    runner = StageRunner(settings, build_stage(stage, settings))
+    if stop_requested:
+        runner.stop()
+    runner.run()
 
 
 # --- invoices --------------------------------------------------------------------------------------

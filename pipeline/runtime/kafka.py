@@ -92,7 +92,11 @@ def create_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 30.
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         md = admin.list_topics(timeout=timeout_s).topics
-        if all(n in md and md[n].error is None and len(md[n].partitions) > 0 for n in created):
+        if all(
+            n in md and md[n].error is None and md[n].partitions
+            and all(pm.leader >= 0 and pm.error is None for pm in md[n].partitions.values())
+            for n in created
+        ):
             break
         time.sleep(0.2)
     return created

@@ -86,6 +86,8 @@ class StageRunner:
     """Runs one stage process until SIGTERM/SIGINT (or ``stop()``)."""
 
     def __init__(self, settings: Settings, spec: StageSpec) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
         self.settings = settings
         self.spec = spec
         self.topics = Topics(settings)
@@ -140,8 +142,6 @@ class StageRunner:
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
         """Consume, process and commit until stopped. Raises on unrecoverable errors."""
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
         if self.settings.metrics_port:
             start_http_server(self.settings.metrics_port, addr="127.0.0.1")
         self.clients.subscribe(self.spec.input_topics, self._on_assign, self._on_revoke)

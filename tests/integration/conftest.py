@@ -1,0 +1,168 @@
+"""Integration fixtures: the REAL local Kafka broker and PostgreSQL (started by ``pipeline stack up``
+if they are not running), a fresh topic prefix and a fresh database per test, stage processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pipeline import stack
+from pipeline.codec import default_codec
+from pipeline.config import Settings
+from pipeline.reference import BUNDLED_REFERENCE, ReferenceFile
+from pipeline.refstore import load_reference_file
+from pipeline.runtime import postgres
+from pipeline.runtime.kafka import IdempotentProducer, create_topics, delete_topics
+from pipeline.topology import Topics
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Iterator[Settings]:
+    """The stack every integration test talks to (started here if needed, left running for others)."""
+    settings = Settings()
+    stack.up(settings)
+    yield settings
+
+
+def _superuser_url(settings: Settings) -> str:
+    return f"postgresql://postgres@127.0.0.1:{settings.postgres_port}/postgres"
+
+
+@dataclass
+class Env:
+    """One isolated pipeline: its own topics (prefix), database, state folder and stage processes."""
+
+    settings: Settings
+    env: dict[str, str]
+    log_dir: Path
+    procs: dict[str, list[subprocess.Popen]] = field(default_factory=dict)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.settings)
+
+    def start(self, stage: str, instance: str = "0", **extra: str) -> subprocess.Popen:
+        env = {**self.env, "PIPELINE_INSTANCE_ID": instance, **extra}
+        log = open(self.log_dir / f"{stage}-{instance}.log", "ab")  # noqa: SIM115
+        p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", stage], env=env, stdout=log,
+                             stderr=subprocess.STDOUT)
+        self.procs.setdefault(stage, []).append(p)
+        return p
+
+    def start_all(self) -> None:
+        for stage in ("ingest", "windowing", "rating", "invoicing"):
+            self.start(stage)
+
+    def stop(self, p: subprocess.Popen, sig: int = 15, timeout: float = 60) -> int:
+        if p.poll() is None:
+            p.send_signal(sig)
+        return p.wait(timeout)
+
+    def stop_all(self) -> dict[str, list[int]]:
+        return {s: [self.stop(p) for p in ps] for s, ps in self.procs.items()}
+
+    def check_alive(self) -> None:
+        for stage, ps in self.procs.items():
+            for p in ps:
+                if p.returncode is None and p.poll() is not None:
+                    raise AssertionError(f"{stage} died with {p.returncode}: {self.log_tail(stage)}")
+
+    def log_tail(self, stage: str, n: int = 4000) -> str:
+        return "\n".join(f.read_text(errors="replace")[-n:] for f in self.log_dir.glob(f"{stage}-*.log"))
+
+    def producer(self) -> IdempotentProducer:
+        return IdempotentProducer(self.settings.kafka_bootstrap)
+
+    def sql(self, query: str, params: tuple = ()) -> list[tuple]:
+        with postgres.connect(self.settings.database_url) as conn:
+            return conn.execute(query, params).fetchall()
+
+    def line_count(self) -> int:
+        return self.sql("SELECT count(*) FROM invoice_lines")[0][0]
+
+    def wait_quiet(self, min_wait_s: float, quiet_s: float = 6.0, timeout_s: float = 300) -> int:
+        """Wait until the ledger stops changing (stages alive throughout); returns the line count."""
+        start = time.monotonic()
+        last, since = -1, start
+        while True:
+            self.check_alive()
+            n = self.line_count()
+            now = time.monotonic()
+            if n != last:
+                last, since = n, now
+            elif now - start >= min_wait_s and now - since >= quiet_s:
+                return n
+            assert now - start < timeout_s, f"ledger still changing after {timeout_s}s"
+            time.sleep(0.5)
+
+    def ledger_totals(self) -> dict[tuple[str, str], dict[str, object]]:
+        out: dict[tuple[str, str], dict[str, object]] = {}
+        for account, period, key, total in self.sql(
+            "SELECT account, period_start::text, price_book_id || '|' || component_id || '|' || band, sum(amount) "
+            "FROM invoice_lines GROUP BY 1, 2, 3"
+        ):
+            if total != 0:
+                out.setdefault((account, period), {})[key] = total
+        return out
+
+
+@pytest.fixture
+def pipeline_env(base_settings: Settings, tmp_path: Path) -> Iterator[Env]:
+    """A fresh, isolated pipeline on the shared real stack; stage processes are stopped afterwards."""
+    tag = "t" + uuid.uuid4().hex[:10]
+    dbname = tag
+    with postgres.connect(_superuser_url(base_settings), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{dbname}" OWNER pipeline')
+    url = f"postgresql://pipeline@127.0.0.1:{base_settings.postgres_port}/{dbname}"
+    env = {
+        **os.environ,
+        "PIPELINE_KAFKA_BOOTSTRAP": base_settings.kafka_bootstrap,
+        "PIPELINE_DATABASE_URL": url,
+        "PIPELINE_TOPIC_PREFIX": f"{tag}.",
+        "PIPELINE_STATE_DIR": str(tmp_path / "state"),
+        "PIPELINE_IDLE_TIMEOUT_S": "4",
+        "PIPELINE_COMMIT_INTERVAL_MS": "200",
+        "PIPELINE_PARTITIONS": "3",
+    }
+    settings = Settings(
+        kafka_bootstrap=base_settings.kafka_bootstrap, database_url=url, topic_prefix=f"{tag}.",
+        state_dir=tmp_path / "state", idle_timeout_s=4, partitions=3,
+    )
+    postgres.migrate(url)
+    ref = ReferenceFile.read(BUNDLED_REFERENCE)
+    postgres.with_reconnect(url, lambda c: load_reference_file(c, ref))
+    topics = Topics(settings)
+    create_topics(settings.kafka_bootstrap, topics.specs())
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    e = Env(settings, env, log_dir)
+    try:
+        yield e
+    finally:
+        for ps in e.procs.values():
+            for p in ps:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        delete_topics(settings.kafka_bootstrap, [s.name for s in topics.specs()])
+        with postgres.connect(_superuser_url(base_settings), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def publish_files(env: Env, files: list[Path]) -> int:
+    """Publish NEM12 files through the real gateway; returns readings published."""
+    from pipeline.ingest.gateway import publish_nem12
+
+    report = publish_nem12(files, env.producer(), default_codec(), env.topics.meter_readings, progress=False)
+    assert not report.rejected, report.rejected
+    return report.readings_published
