@@ -7,17 +7,11 @@ says (``_ms``, ``_s``, ``_minutes``, ``_days``).
 
 from __future__ import annotations
 
-import os
-import socket
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-
-def _default_instance_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Settings(BaseSettings):
@@ -50,10 +44,16 @@ class Settings(BaseSettings):
     topic_prefix: str = Field("", description="prefix for every topic name (isolates test runs)")
 
     # --- stage runtime ----------------------------------------------------------------------
-    instance_id: str = Field(default_factory=_default_instance_id, description="transactional.id suffix")
+    instance_id: str = Field(
+        "0",
+        description="stable id of this process among the processes of one stage (transactional.id suffix): "
+        "give each process its own; a restarted process reusing its id fences its dead predecessor at once",
+    )
+    transaction_timeout_ms: int = Field(60_000, ge=1000, description="Kafka transaction.timeout.ms of stages")
     commit_interval_ms: int = Field(250, ge=10, description="max time between two transaction commits")
     batch_max_records: int = Field(2000, ge=1, description="max records consumed per transaction")
     metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port of a stage; 0 = off")
+    metrics_addr: str = Field("127.0.0.1", description="address the /metrics server binds")
     reference_refresh_s: float = Field(30.0, description="how often stages re-read reference data")
 
     # --- windowing (SPEC §3) ----------------------------------------------------------------

@@ -174,6 +174,7 @@ def reset(settings: Settings | None = None) -> None:
 
 def _kafka_up(settings: Settings, paths: _Paths, timeout_s: float) -> None:
     pid = _kafka_pid(paths)
+    log_starts: dict[Path, int] = {}  # where this start's lines begin in the (appended) logs
     if pid is None:
         paths.kafka_pid.unlink(missing_ok=True)
         for port in (settings.kafka_port, settings.kafka_controller_port):
@@ -187,8 +188,9 @@ def _kafka_up(settings: Settings, paths: _Paths, timeout_s: float) -> None:
         java = _java()
         server_properties = _write_kafka_config(settings, paths)
         _format_storage(java, paths, server_properties)
+        log_starts = {log: _size(log) for log in _kafka_logs(paths)}
         pid = _start_broker(java, settings, paths, server_properties)
-    _wait_for_broker(settings, paths, pid, timeout_s)
+    _wait_for_broker(settings, paths, pid, timeout_s, log_starts)
 
 
 def _fetch_jars(paths: _Paths) -> None:
@@ -363,7 +365,9 @@ def _start_broker(java: str, settings: Settings, paths: _Paths, server_propertie
     return process.pid
 
 
-def _wait_for_broker(settings: Settings, paths: _Paths, pid: int, timeout_s: float) -> None:
+def _wait_for_broker(
+    settings: Settings, paths: _Paths, pid: int, timeout_s: float, log_starts: dict[Path, int]
+) -> None:
     from confluent_kafka.admin import AdminClient  # imported late: `status` needs no librdkafka
 
     deadline = time.monotonic() + timeout_s
@@ -372,7 +376,9 @@ def _wait_for_broker(settings: Settings, paths: _Paths, pid: int, timeout_s: flo
     while time.monotonic() < deadline:
         if not _alive(pid, b"kafka.Kafka"):
             paths.kafka_pid.unlink(missing_ok=True)
-            raise StackError(f"the Kafka broker (pid {pid}) exited during start-up\n{_kafka_log_tail(paths)}")
+            raise StackError(
+                f"the Kafka broker (pid {pid}) exited during start-up\n{_kafka_log_tail(paths, log_starts)}"
+            )
         if _port_open(settings.kafka_port):
             if admin is None:
                 admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{settings.kafka_port}"})
@@ -385,7 +391,7 @@ def _wait_for_broker(settings: Settings, paths: _Paths, pid: int, timeout_s: flo
     raise StackError(
         f"the Kafka broker (pid {pid}) was not ready on 127.0.0.1:{settings.kafka_port} after "
         f"{timeout_s:.0f} s ({last_error}); it is left running, `pipeline stack down` stops it\n"
-        f"{_kafka_log_tail(paths)}"
+        f"{_kafka_log_tail(paths, log_starts)}"
     )
 
 
@@ -406,11 +412,15 @@ def _kafka_pid(paths: _Paths) -> int | None:
     return pid if pid is not None and _alive(pid, b"kafka.Kafka") else None
 
 
-def _kafka_log_tail(paths: _Paths) -> str:
+def _kafka_logs(paths: _Paths) -> tuple[Path, Path]:
+    return paths.kafka_logs / "kafka.out", paths.kafka_logs / "server.log"
+
+
+def _kafka_log_tail(paths: _Paths, log_starts: dict[Path, int]) -> str:
     parts = []
-    for log in (paths.kafka_logs / "kafka.out", paths.kafka_logs / "server.log"):
+    for log in _kafka_logs(paths):
         if log.is_file():
-            parts.append(f"--- last lines of {log} ---\n{_tail(log)}")
+            parts.append(f"--- last lines of {log} ---\n{_tail(log, start=log_starts.get(log, 0))}")
     return "\n".join(parts) or f"(no logs in {paths.kafka_logs})"
 
 
@@ -466,9 +476,7 @@ def _pg_prepare(settings: Settings, paths: _Paths) -> None:
             check=False,
         )
         if check.returncode != 0:
-            blocked = next(
-                (p for p in reversed(paths.pg.parents) if not os.stat(p).st_mode & 0o001), paths.pg
-            )
+            blocked = next((p for p in reversed(paths.pg.parents) if not os.stat(p).st_mode & 0o001), paths.pg)
             raise StackError(
                 f"the `{PG_SUPERUSER}` user cannot reach {paths.pg} (PostgreSQL refuses to run as "
                 f"root): {blocked} is not traversable by others; `chmod o+x {blocked}` or set "
@@ -522,9 +530,7 @@ def _pg_bootstrap(settings: Settings, paths: _Paths) -> None:
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(PG_ROLE)))
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone() is None:
             conn.execute(
-                sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                    sql.Identifier(PG_DATABASE), sql.Identifier(PG_ROLE)
-                )
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(PG_DATABASE), sql.Identifier(PG_ROLE))
             )
 
 
@@ -640,12 +646,20 @@ def _write_atomically(path: Path, text: str) -> None:
     partial.replace(path)
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _tail(path: Path, lines: int = 40, *, start: int = 0) -> str:
+    """The last ``lines`` lines of ``path`` written after byte offset ``start``."""
     try:
         with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 64 * 1024))
+            end = handle.seek(0, os.SEEK_END)
+            handle.seek(max(start, end - 64 * 1024))
             text = handle.read().decode("utf-8", "replace")
     except OSError:
         return "(unreadable)"
-    return "\n".join(text.splitlines()[-lines:])
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"

@@ -91,7 +91,7 @@ def format_invoice(inv: InvoiceSummary) -> str:
     for ln in inv.lines:
         label = ln.component_id + (f" ({ln.band})" if ln.band else "")
         if ln.component_kind == "tax":
-            qty = f"{ln.rate.normalize()}% of {ln.quantity.quantize(Decimal('0.01'))}"
+            qty = f"{ln.rate.normalize():f}% of {ln.quantity.quantize(Decimal('0.01'))}"
         else:
             qty = f"{ln.quantity.normalize():f} {ln.unit} @ {ln.rate.normalize():f}"
         out.append(f"    {label:<22} {qty:<34} {ln.amount.quantize(Decimal('0.01')):>10} {inv.currency}")

@@ -99,7 +99,8 @@ class StageRunner:
         stateful = spec.state_encode is not None
         self._changelog = self.topics.changelog(spec.name) if stateful else None
         txn_id = None if spec.external_sink else f"{self.topics.group(spec.name)}-{settings.instance_id}"
-        self.clients = StageClients(settings.kafka_bootstrap, self.topics.group(spec.name), txn_id)
+        self.clients = StageClients(settings.kafka_bootstrap, self.topics.group(spec.name), txn_id,
+                                    settings.transaction_timeout_ms)
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish the current batch, commit and exit."""
@@ -143,7 +144,7 @@ class StageRunner:
     def run(self) -> None:
         """Consume, process and commit until stopped. Raises on unrecoverable errors."""
         if self.settings.metrics_port:
-            start_http_server(self.settings.metrics_port, addr="127.0.0.1")
+            start_http_server(self.settings.metrics_port, addr=self.settings.metrics_addr)
         self.clients.subscribe(self.spec.input_topics, self._on_assign, self._on_revoke)
         timeout = self.settings.commit_interval_ms / 1000
         log.info("%s: started (group %s)", self.spec.name, self.clients.group)
