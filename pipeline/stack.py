@@ -368,10 +368,9 @@ def _start_broker(java: str, settings: Settings, paths: _Paths, server_propertie
 def _wait_for_broker(
     settings: Settings, paths: _Paths, pid: int, timeout_s: float, log_starts: dict[Path, int]
 ) -> None:
-    from confluent_kafka.admin import AdminClient  # imported late: `status` needs no librdkafka
+    from pipeline.runtime.kafka import broker_answers  # imported late: `status` needs no librdkafka
 
     deadline = time.monotonic() + timeout_s
-    admin = None
     last_error = "the client port never opened"
     while time.monotonic() < deadline:
         if not _alive(pid, b"kafka.Kafka"):
@@ -380,13 +379,9 @@ def _wait_for_broker(
                 f"the Kafka broker (pid {pid}) exited during start-up\n{_kafka_log_tail(paths, log_starts)}"
             )
         if _port_open(settings.kafka_port):
-            if admin is None:
-                admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{settings.kafka_port}"})
-            try:
-                admin.list_topics(timeout=5)
+            if broker_answers(f"127.0.0.1:{settings.kafka_port}", timeout_s=5):
                 return
-            except Exception as exc:
-                last_error = f"list_topics failed: {exc}"
+            last_error = "the broker does not answer metadata requests yet"
         time.sleep(0.25)
     raise StackError(
         f"the Kafka broker (pid {pid}) was not ready on 127.0.0.1:{settings.kafka_port} after "
@@ -503,22 +498,15 @@ def _pg_prepare(settings: Settings, paths: _Paths) -> None:
 
 
 def _pg_bootstrap(settings: Settings, paths: _Paths) -> None:
-    import psycopg  # imported late: `status` needs no driver
-    from psycopg import sql
+    from pipeline.runtime import postgres  # imported late: `status` needs no driver
 
+    url = f"postgresql://{PG_SUPERUSER}@127.0.0.1:{settings.postgres_port}/postgres"
     deadline = time.monotonic() + PG_START_TIMEOUT_S
     while True:
         try:
-            conn = psycopg.connect(
-                host="127.0.0.1",
-                port=settings.postgres_port,
-                user=PG_SUPERUSER,
-                dbname="postgres",
-                autocommit=True,
-                connect_timeout=5,
-            )
+            conn = postgres.connect(url, autocommit=True)
             break
-        except psycopg.OperationalError as exc:
+        except postgres.DatabaseError as exc:
             if time.monotonic() > deadline:
                 raise StackError(
                     f"PostgreSQL does not answer on 127.0.0.1:{settings.postgres_port}: {exc}\n"
@@ -527,11 +515,9 @@ def _pg_bootstrap(settings: Settings, paths: _Paths) -> None:
             time.sleep(0.25)
     with conn:
         if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PG_ROLE,)).fetchone() is None:
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(PG_ROLE)))
+            conn.execute(f'CREATE ROLE "{PG_ROLE}" LOGIN')
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone() is None:
-            conn.execute(
-                sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(PG_DATABASE), sql.Identifier(PG_ROLE))
-            )
+            conn.execute(f'CREATE DATABASE "{PG_DATABASE}" OWNER "{PG_ROLE}"')
 
 
 def _pg_down(settings: Settings, paths: _Paths) -> None:
