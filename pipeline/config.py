@@ -9,9 +9,18 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MetricPolicy(BaseModel):
+    """Per-metric windowing overrides (``PIPELINE_METRIC_POLICIES`` is a JSON object metric → this)."""
+
+    window_minutes: int | None = Field(None, gt=0)
+    allowed_lateness_days: float | None = Field(None, ge=0)
+    aggregation: Literal["sum", "count", "min", "max", "latest", "unique_count"] = "sum"
 
 
 class Settings(BaseSettings):
@@ -62,6 +71,11 @@ class Settings(BaseSettings):
     out_of_orderness_s: int = Field(3600, ge=0, description="watermark = max event time − this")
     allowed_lateness_days: float = Field(
         450.0, ge=0, description="late events re-emit a window while watermark < window end + this"
+    )
+    metric_policies: dict[str, MetricPolicy] = Field(
+        default_factory=dict,
+        description='per-metric overrides, JSON: {"api_requests": {"window_minutes": 60, "aggregation": "count", '
+        '"allowed_lateness_days": 2}}',
     )
     idle_timeout_s: float = Field(
         30.0, gt=0, description="after this long without records a partition's watermark follows wall clock"

@@ -589,9 +589,12 @@ def _read_pid(pid_file: Path) -> int | None:
 def _alive(pid: int, marker: bytes) -> bool:
     """Whether ``pid`` is a live (not zombie) process whose command line contains ``marker``."""
     child = _children.get(pid)
-    if child is not None and child.poll() is not None:
-        del _children[pid]
-        return False
+    if child is not None:
+        # our own child: trust its handle (its /proc cmdline may still be Python's between fork and exec)
+        if child.poll() is not None:
+            del _children[pid]
+            return False
+        return True
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -28,6 +29,7 @@ from pipeline.topology import TopicSpec
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]  # (topic, partition)
+T = TypeVar("T")
 
 
 class KafkaIOError(RuntimeError):
@@ -58,9 +60,21 @@ def _incoming(msg: Message) -> Incoming:
     )
 
 
-def _raise_on_error(err: KafkaError | None) -> None:
-    if err is not None:
-        raise KafkaIOError(str(err))
+def _retrying(fn: Callable[[], T], timeout_s: float = 30.0) -> T:
+    """Call ``fn`` until it stops raising retriable Kafka errors (e.g. NOT_LEADER just after a
+    topic was created) or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            retriable = err is not None and (err.retriable() or err.code() in (
+                KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                KafkaError.UNKNOWN_TOPIC_OR_PART))
+            if not retriable or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +348,9 @@ def read_partition_to_end(
         }
     )
     try:
-        _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30, cached=False)
+        _low, high = _retrying(
+            lambda: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30, cached=False)
+        )
         if high <= 0:
             return
         consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
@@ -375,7 +391,9 @@ def end_offsets(bootstrap: str, tps: list[TP]) -> dict[TP, int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "end-offsets-unused"})
     try:
         return {
-            (t, p): consumer.get_watermark_offsets(TopicPartition(t, p), timeout=30, cached=False)[1]
+            (t, p): _retrying(
+                lambda t=t, p=p: consumer.get_watermark_offsets(TopicPartition(t, p), timeout=30, cached=False)
+            )[1]
             for t, p in tps
         }
     finally:
@@ -398,7 +416,9 @@ def read_all(
         md = consumer.list_topics(topic, timeout=30).topics[topic]
         parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in md.partitions]
         highs = {
-            tp.partition: consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), cached=False)[1]
+            tp.partition: _retrying(
+                lambda q=tp.partition: consumer.get_watermark_offsets(TopicPartition(topic, q), cached=False)
+            )[1]
             for tp in parts
         }
         consumer.assign(parts)

@@ -36,17 +36,32 @@ WIN_PREFIX = b"w|"
 
 
 def policies_from_settings(settings: Settings) -> Callable[[str], w.WindowPolicy]:
-    """Window policy per metric: energy/reactive channels vs telemetry metrics (sizes in Settings)."""
-    common = {
-        "out_of_orderness_ms": settings.out_of_orderness_s * 1000,
-        "allowed_lateness_ms": int(settings.allowed_lateness_days * 86_400_000),
-        "idle_timeout_ms": int(settings.idle_timeout_s * 1000),
-    }
-    energy = w.WindowPolicy(size_ms=settings.window_minutes_energy * 60_000, **common)
-    telemetry = w.WindowPolicy(size_ms=settings.window_minutes_telemetry * 60_000, **common)
+    """Window policy per metric (SPEC §3): energy/reactive channels sum over
+    ``window_minutes_energy``; other metrics use ``window_minutes_telemetry``; entries of
+    ``PIPELINE_METRIC_POLICIES`` override size, allowed lateness and aggregation per metric."""
+    cache: dict[str, w.WindowPolicy] = {}
 
     def policy(metric: str) -> w.WindowPolicy:
-        return energy if metric.startswith(("energy", "reactive")) else telemetry
+        found = cache.get(metric)
+        if found is None:
+            energy = metric.startswith(("energy", "reactive"))
+            override = settings.metric_policies.get(metric)
+            minutes = settings.window_minutes_energy if energy else settings.window_minutes_telemetry
+            lateness_days = settings.allowed_lateness_days
+            aggregation = "sum"
+            if override is not None:
+                minutes = override.window_minutes or minutes
+                lateness_days = override.allowed_lateness_days if override.allowed_lateness_days is not None \
+                    else lateness_days
+                aggregation = override.aggregation
+            found = cache[metric] = w.WindowPolicy(
+                size_ms=minutes * 60_000,
+                out_of_orderness_ms=settings.out_of_orderness_s * 1000,
+                allowed_lateness_ms=int(lateness_days * 86_400_000),
+                idle_timeout_ms=int(settings.idle_timeout_s * 1000),
+                aggregation=aggregation,
+            )
+        return found
 
     return policy
 
@@ -196,10 +211,12 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
                 "window_id": s.window_id, "account": s.account, "series": s.series, "metric": s.metric,
                 "unit": s.unit, "start_ms": s.start_ms, "end_ms": s.end_ms,
                 "intervals": {
-                    k: {"version_ms": iv.version_ms, "value": iv.value, "quality": iv.quality, "source": iv.source}
+                    k: {"version_ms": iv.version_ms, "value": iv.value, "quality": iv.quality, "source": iv.source,
+                        "event_ms": iv.event_ms}
                     for k, iv in s.intervals.items()
                 },
                 "revision": s.revision, "emitted_value": s.emitted_value, "dirty": s.dirty, "late": s.late,
+                "aggregation": s.aggregation,
             },
             "WindowState",
         )
@@ -210,12 +227,12 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
             return w.Watermark(d["max_event_ms"], d["watermark_ms"])
         d = codec.decode_dict(raw, "WindowState")
         intervals = {
-            k: w.IntervalValue(iv["version_ms"], Decimal(iv["value"]), iv["quality"], iv["source"])
+            k: w.IntervalValue(iv["version_ms"], Decimal(iv["value"]), iv["quality"], iv["source"], iv["event_ms"])
             for k, iv in d["intervals"].items()
         }
         return w.WindowState(
             d["window_id"], d["account"], d["series"], d["metric"], d["unit"], d["start_ms"], d["end_ms"],
-            intervals, d["revision"], d["emitted_value"], d["dirty"], d["late"],
+            intervals, d["revision"], d["emitted_value"], d["dirty"], d["late"], d["aggregation"],
         )
 
     return encode, decode

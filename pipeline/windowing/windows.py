@@ -33,16 +33,27 @@ class Outcome(StrEnum):
     TOO_LATE = "too_late"  # watermark ≥ window end + allowed lateness
 
 
+AGGREGATIONS = ("sum", "count", "min", "max", "latest", "unique_count")
+
+
 @dataclass(frozen=True, slots=True)
 class WindowPolicy:
-    """Window size and lateness bounds, in milliseconds."""
+    """Window size, lateness bounds (milliseconds) and the aggregation of one metric.
+
+    ``aggregation`` is one of ``AGGREGATIONS``: ``sum`` of values, ``count`` of distinct
+    intervals/events, ``min``, ``max``, ``latest`` (value of the latest event time) or
+    ``unique_count`` (number of distinct values). Raises ``ValueError`` on bad values.
+    """
 
     size_ms: int
     out_of_orderness_ms: int
     allowed_lateness_ms: int
     idle_timeout_ms: int
+    aggregation: str = "sum"
 
     def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.size_ms <= 0:
             raise ValueError("window size must be positive")
         if min(self.out_of_orderness_ms, self.allowed_lateness_ms, self.idle_timeout_ms) < 0:
@@ -57,6 +68,7 @@ class IntervalValue:
     value: Decimal
     quality: str
     source: str
+    event_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +94,36 @@ class WindowState:
     emitted_value: Decimal = ZERO
     dirty: bool = False
     late: bool = False
+    aggregation: str = "sum"
 
     @property
     def value(self) -> Decimal:
-        """The current aggregate (sum of interval values)."""
-        return sum((iv.value for iv in self.intervals.values()), ZERO)
+        """The current aggregate of the held interval values (see ``aggregate``)."""
+        return aggregate(self.aggregation, self.intervals)
+
+
+def aggregate(kind: str, intervals: dict[str, IntervalValue]) -> Decimal:
+    """Aggregate the current version of every interval of a window (SPEC §3 aggregations).
+
+    Because only the highest version of each identity is held, supersession works the same way
+    for every aggregation. Raises ``ValueError`` for an unknown ``kind``.
+    """
+    values = [iv.value for iv in intervals.values()]
+    if kind == "sum":
+        return sum(values, ZERO)
+    if kind == "count":
+        return Decimal(len(values))
+    if kind == "unique_count":
+        return Decimal(len(set(values)))
+    if not values:
+        return ZERO
+    if kind == "min":
+        return min(values)
+    if kind == "max":
+        return max(values)
+    if kind == "latest":
+        return max(intervals.items(), key=lambda kv: (kv[1].event_ms, kv[0]))[1].value
+    raise ValueError(f"unknown aggregation {kind!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +175,7 @@ def new_window(event: UsageEvent, policy: WindowPolicy) -> WindowState:
     start, end = window_bounds(_ms(event.event_time), policy.size_ms)
     return WindowState(
         window_id(event.account, event.series, start), event.account, event.series,
-        event.metric, event.unit, start, end, {},
+        event.metric, event.unit, start, end, {}, aggregation=policy.aggregation,
     )
 
 
@@ -158,7 +195,8 @@ def apply_event(
     if held is not None and held.version_ms >= version:
         return state, Outcome.DUPLICATE
     intervals = dict(state.intervals)
-    intervals[event.event_id] = IntervalValue(version, event.value, event.quality, event.source)
+    intervals[event.event_id] = IntervalValue(version, event.value, event.quality, event.source,
+                                              _ms(event.event_time))
     late = state.late or wm.watermark_ms >= state.end_ms
     outcome = Outcome.ACCEPTED if held is None else Outcome.SUPERSEDED
     if held is not None and held.value == event.value and held.quality == event.quality:
