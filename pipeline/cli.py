@@ -155,15 +155,14 @@ def publish_nem12_cmd(
 def run_stage(stage: Annotated[str, typer.Argument(help="ingest | windowing | rating | invoicing")]) -> None:
     """Run one stage in this process until SIGTERM/SIGINT (clean shutdown after committing)."""
     from pipeline.runtime.loop import StageRunner
+    from pipeline.runtime.signals import REQUESTED, install_early_handlers
     from pipeline.stages import build_stage
 
-    stop_requested: list[int] = []  # SIGTERM during start-up still means a clean exit
-    signal.signal(signal.SIGTERM, lambda signum, _frame: stop_requested.append(signum))
-    signal.signal(signal.SIGINT, lambda signum, _frame: stop_requested.append(signum))
+    install_early_handlers()  # keeps what `python -m pipeline` already recorded
     settings = get_settings()
     _logging(os.environ.get("PIPELINE_LOG_LEVEL", "INFO"))
     runner = StageRunner(settings, build_stage(stage, settings))
-    if stop_requested:
+    if REQUESTED:  # SIGTERM during start-up still means a clean exit
         runner.stop()
     runner.run()
 

@@ -71,6 +71,14 @@ class Env:
     def stop_all(self) -> dict[str, list[int]]:
         return {s: [self.stop(p) for p in ps] for s, ps in self.procs.items()}
 
+    def wait_started(self, p: subprocess.Popen, stage: str, timeout: float = 60) -> None:
+        """Wait until the stage process has joined its group and started its loop."""
+        deadline = time.monotonic() + timeout
+        while f"{stage}: started" not in self.log_tail(stage, 200_000).split("stopped cleanly")[-1]:
+            assert p.poll() is None, self.log_tail(stage)
+            assert time.monotonic() < deadline, f"{stage} did not start: {self.log_tail(stage)}"
+            time.sleep(0.1)
+
     def check_alive(self) -> None:
         for stage, ps in self.procs.items():
             for p in ps:

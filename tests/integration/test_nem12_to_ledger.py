@@ -81,6 +81,7 @@ def test_sigterm_mid_stream_loses_and_duplicates_nothing(pipeline_env: Env) -> N
         time.sleep(rng.uniform(0.5, 2.0))
         stage = rng.choice(["ingest", "windowing", "rating", "invoicing"])
         running = env.procs[stage][-1]
+        env.wait_started(running, stage)
         assert env.stop(running, signal.SIGTERM) == 0, env.log_tail(stage)
         env.start(stage, instance="0")
     assert publisher.wait(120) == 0
