@@ -162,7 +162,22 @@ def _nested_types(cls: type) -> dict[str, type]:
     return hints
 
 
+@cache
+def _is_flat(cls: type) -> bool:
+    """No nested records, tuples or headers: the Avro datum maps 1:1 onto the constructor."""
+    return not _nested_types(cls) and all(
+        "tuple" not in str(f.type) for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+    )
+
+
+@cache
+def _field_count(cls: type) -> int:
+    return len(dataclasses.fields(cls))  # type: ignore[arg-type]
+
+
 def _from_avro(cls: type[T], datum: dict[str, Any]) -> T:
+    if _is_flat(cls) and len(datum) == _field_count(cls):
+        return cls(**datum)
     nested = _nested_types(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]

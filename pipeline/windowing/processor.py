@@ -31,6 +31,7 @@ EMITTED = Counter("pipeline_windowing_windows_emitted_total", "window revisions 
 WATERMARK_LAG = Gauge("pipeline_windowing_watermark_lag_seconds", "wall clock − watermark", ["partition"])
 OPEN_WINDOWS = Gauge("pipeline_windowing_open_windows", "windows held in state", ["partition"])
 
+_EVENT_COUNTERS: dict[str, Any] = {}
 WM_KEY = b"wm"
 WIN_PREFIX = b"w|"
 
@@ -194,7 +195,10 @@ class WindowingProcessor:
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-        EVENTS.labels(outcome).inc()
+        child = _EVENT_COUNTERS.get(outcome)
+        if child is None:
+            child = _EVENT_COUNTERS[outcome] = EVENTS.labels(outcome)
+        child.inc()
 
 
 # --- state serialization (changelog values are Avro, schemas/window_state.avsc) -------------------

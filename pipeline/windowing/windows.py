@@ -197,12 +197,16 @@ def apply_event(
     intervals = dict(state.intervals)
     intervals[event.event_id] = IntervalValue(version, event.value, event.quality, event.source,
                                               _ms(event.event_time))
-    late = state.late or wm.watermark_ms >= state.end_ms
     outcome = Outcome.ACCEPTED if held is None else Outcome.SUPERSEDED
     if held is not None and held.value == event.value and held.quality == event.quality:
         # a newer version with identical content: keep the newer version, nothing to re-emit
-        return replace(state, intervals=intervals), outcome
-    return replace(state, intervals=intervals, dirty=True, late=late), outcome
+        dirty, late = state.dirty, state.late
+    else:
+        dirty, late = True, state.late or wm.watermark_ms >= state.end_ms
+    return WindowState(  # the constructor, not dataclasses.replace: this is the hot path
+        state.window_id, state.account, state.series, state.metric, state.unit, state.start_ms, state.end_ms,
+        intervals, state.revision, state.emitted_value, dirty, late, state.aggregation,
+    ), outcome
 
 
 def is_due(state: WindowState, wm: Watermark) -> bool:
