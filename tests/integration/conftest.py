@@ -20,7 +20,13 @@ from pipeline.config import Settings
 from pipeline.reference import BUNDLED_REFERENCE, ReferenceFile
 from pipeline.refstore import load_reference_file
 from pipeline.runtime import postgres
-from pipeline.runtime.kafka import IdempotentProducer, create_topics, delete_topics
+from pipeline.runtime.kafka import (
+    IdempotentProducer,
+    committed_offsets,
+    create_topics,
+    delete_topics,
+    read_all,
+)
 from pipeline.topology import Topics
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -78,6 +84,22 @@ class Env:
             assert p.poll() is None, self.log_tail(stage)
             assert time.monotonic() < deadline, f"{stage} did not start: {self.log_tail(stage)}"
             time.sleep(0.1)
+
+    def wait_consumed(self, stage: str, topic: str, timeout_s: float = 300) -> None:
+        """Wait until ``stage``'s group has committed the end offset of every partition of ``topic``."""
+        tps = [(topic, p) for p in range(self.settings.partitions)]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_alive()
+            # the end offset counts transaction markers: aim at the last committed data record + 1
+            ends = {tp: 0 for tp in tps}
+            for m in read_all(self.settings.kafka_bootstrap, topic, timeout_s=60):
+                ends[(m.topic, m.partition)] = max(ends[(m.topic, m.partition)], m.offset + 1)
+            done = committed_offsets(self.settings.kafka_bootstrap, self.topics.group(stage), tps)
+            if all(done[tp] >= ends[tp] for tp in tps):
+                return
+            assert time.monotonic() < deadline, f"{stage} has not consumed {topic}: {done} vs {ends}"
+            time.sleep(0.5)
 
     def check_alive(self) -> None:
         for stage, ps in self.procs.items():
