@@ -12,6 +12,7 @@ import json
 from datetime import date, datetime
 from decimal import Decimal
 from functools import lru_cache
+from itertools import pairwise
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -126,6 +127,116 @@ class FeedInComponent(_Frozen):
     rate: Rate
 
 
+class Tier(_Frozen):
+    """One tier: ``rate`` applies up to ``up_to`` units of period-cumulative quantity (``None`` = no limit)."""
+
+    up_to: Rate | None
+    rate: Rate
+
+
+class TieredComponent(_Frozen):
+    """Tiered price on the period's cumulative quantity of a metric (SPEC §4).
+
+    ``graduated``: each tier's slice at its own rate (one line per tier). ``volume``: all of the
+    quantity at the rate of the tier the total falls in. Thresholds are prorated by the fraction of
+    the period billed on this price book version (plan switches, move-in).
+    """
+
+    id: str
+    kind: Literal["tiered"]
+    mode: Literal["graduated", "volume"]
+    metric: str
+    unit: str = "kWh"
+    tiers: tuple[Tier, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> TieredComponent:
+        limits = [t.up_to for t in self.tiers]
+        if not limits or limits[-1] is not None or any(x is None for x in limits[:-1]):
+            raise ValueError("tiers need increasing limits and an unlimited last tier (up_to null)")
+        finite = limits[:-1]
+        if any(a >= b for a, b in pairwise(finite)):  # type: ignore[operator]
+            raise ValueError(f"tier limits must increase: {limits}")
+        return self
+
+
+class PackageComponent(_Frozen):
+    """Block pricing: every started package of ``package_size`` units costs ``package_price``."""
+
+    id: str
+    kind: Literal["package"]
+    metric: str
+    unit: str = "kWh"
+    package_size: Rate
+    package_price: Rate
+
+    @field_validator("package_size")
+    @classmethod
+    def _positive(cls, v: Decimal) -> Decimal:
+        if v <= 0:
+            raise ValueError("package_size must be positive")
+        return v
+
+
+class FixedPeriodComponent(_Frozen):
+    """A fixed charge per billing period, prorated by service days / period days (SPEC §4)."""
+
+    id: str
+    kind: Literal["fixed_period"]
+    unit: str = "period"
+    rate: Rate
+
+
+class SurchargeComponent(_Frozen):
+    """A surcharge: ``rate`` per unit of ``metric``, or ``rate_percent`` of the named components."""
+
+    id: str
+    kind: Literal["surcharge"]
+    metric: str | None = None
+    unit: str = "kWh"
+    rate: Rate | None = None
+    rate_percent: Rate | None = None
+    applies_to: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> SurchargeComponent:
+        per_unit = self.metric is not None and self.rate is not None
+        percent = self.rate_percent is not None and bool(self.applies_to)
+        if per_unit == percent:
+            raise ValueError(
+                "a surcharge is either per unit (metric + rate) or a percentage (rate_percent + applies_to)"
+            )
+        return self
+
+
+class MinimumComponent(_Frozen):
+    """A minimum charge: tops the named components up to ``amount`` per period (prorated)."""
+
+    id: str
+    kind: Literal["minimum"]
+    amount: Rate
+    applies_to: tuple[str, ...]
+
+
+class DemandComponent(_Frozen):
+    """A demand charge: ``rate`` per kW of the period's peak demand (kW = window kWh ÷ window hours),
+    optionally counting only windows in ``band`` of the TOU component ``tou_component`` (SPEC §4)."""
+
+    id: str
+    kind: Literal["demand"]
+    metric: str
+    unit: str = "kW"
+    rate: Rate
+    tou_component: str | None = None
+    band: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DemandComponent:
+        if (self.tou_component is None) != (self.band is None):
+            raise ValueError("a demand charge limited to a TOU band needs both tou_component and band")
+        return self
+
+
 class TaxComponent(_Frozen):
     """A tax as a percentage of the rounded totals of named components (e.g. GST 10%)."""
 
@@ -136,10 +247,11 @@ class TaxComponent(_Frozen):
 
 
 Component = Annotated[
-    TouComponent | PerUnitComponent | FixedDailyComponent | FeedInComponent | TaxComponent,
+    TouComponent | PerUnitComponent | FixedDailyComponent | FeedInComponent | TaxComponent | TieredComponent
+    | PackageComponent | FixedPeriodComponent | SurchargeComponent | MinimumComponent | DemandComponent,
     Field(discriminator="kind"),
 ]
-USAGE_KINDS = ("tou", "per_unit", "feed_in")
+USAGE_KINDS = ("tou", "per_unit", "feed_in", "tiered", "package", "surcharge", "demand")
 
 
 class PriceBook(_Frozen):
@@ -188,7 +300,11 @@ class PriceBook(_Frozen):
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate component ids in {ids}")
         for c in self.components:
-            if isinstance(c, TaxComponent):
+            if isinstance(c, DemandComponent) and c.tou_component is not None:
+                tou = next((t for t in self.components if t.id == c.tou_component), None)
+                if not isinstance(tou, TouComponent) or c.band not in [b.band for b in tou.bands]:
+                    raise ValueError(f"demand {c.id!r}: {c.tou_component!r} has no TOU band {c.band!r}")
+            if isinstance(c, TaxComponent | SurchargeComponent | MinimumComponent):
                 missing = set(c.applies_to) - set(ids)
                 if missing:
                     raise ValueError(f"tax {c.id!r} applies to unknown components {sorted(missing)}")
@@ -211,7 +327,10 @@ class PriceBook(_Frozen):
 
     def usage_components(self, metric: str) -> list[TouComponent | PerUnitComponent | FeedInComponent]:
         """The components that price ``metric``."""
-        return [c for c in self.components if c.kind in USAGE_KINDS and c.metric == metric]  # type: ignore[union-attr]
+        return [
+            c for c in self.components
+            if c.kind in USAGE_KINDS and getattr(c, "metric", None) == metric  # percentage surcharges have none
+        ]
 
     def day_type(self, day: date) -> str:
         """``holiday`` (public holiday in the book's region), ``weekend`` or ``weekday``."""

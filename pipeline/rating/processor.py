@@ -26,7 +26,7 @@ from prometheus_client import Counter
 from pipeline.codec import Codec, DecodeError
 from pipeline.money import ZERO
 from pipeline.rating import rate as r
-from pipeline.rating.pricebook import PriceBook, TouComponent
+from pipeline.rating.pricebook import DemandComponent, PriceBook, TouComponent
 from pipeline.records import DeadLetter, RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
 from pipeline.runtime.kafka import Incoming
@@ -47,6 +47,9 @@ class RatedWindowState:
     value: Decimal
     period_key: str
     keys: list[str]
+    demand_keys: list[str] = field(default_factory=list)
+    window_start_ms: int = 0
+    kw: Decimal = ZERO
 
 
 @dataclass
@@ -60,6 +63,11 @@ class PeriodState:
     qualities: dict[str, list[str]] = field(default_factory=dict)
     windows: dict[str, int] = field(default_factory=dict)
     emitted: dict[str, Decimal] = field(default_factory=dict)
+    demand: dict[str, dict[str, Decimal]] = field(default_factory=dict)
+
+    def peaks(self) -> dict[str, Decimal]:
+        """Peak kW per demand key."""
+        return {k: max(v.values()) for k, v in self.demand.items() if v}
 
 
 @dataclass
@@ -108,10 +116,18 @@ class RatingProcessor:
                 record, "NO_PRICE_BOOK", f"no plan/price book for account {win.account} on {local_day}", ctx
             )
             return
-        keys = []
+        keys, demand_keys = [], []
         for comp in book.usage_components(win.metric):
+            if isinstance(comp, DemandComponent):
+                if comp.tou_component is None or book.band_of(
+                    book_component(book, comp.tou_component), win.window_start) == comp.band:
+                    demand_keys.append(r.quantity_key(book, comp.id, ""))
+                continue
             band = book.band_of(comp, win.window_start) if isinstance(comp, TouComponent) else ""
             keys.append(r.quantity_key(book, comp.id, band))
+        hours = Decimal((win.window_end - win.window_start).total_seconds()) / 3600
+        kw = (win.value / hours).quantize(Decimal("0.000001"))
+        start_ms = str(int(win.window_start.timestamp() * 1000))
 
         store = ctx.store(record.partition)
         wkey = b"rw|" + win.window_id.encode()
@@ -126,17 +142,22 @@ class RatingProcessor:
             for k in held.keys:
                 old_ps.quantities[k] = old_ps.quantities.get(k, ZERO) - held.value
                 old_ps.windows[k] = old_ps.windows.get(k, 0) - 1
+            for k in held.demand_keys:
+                old_ps.demand.get(k, {}).pop(str(held.window_start_ms), None)
             if old_ps is not ps:
                 store.put(held.period_key.encode(), old_ps)
         for k in keys:
             ps.quantities[k] = ps.quantities.get(k, ZERO) + win.value
             ps.windows[k] = ps.windows.get(k, 0) + 1
             ps.qualities[k] = sorted(set(ps.qualities.get(k, [])) | set(win.qualities))
-        if not keys:  # a metric this plan does not price still activates the period (fixed charges)
+        for k in demand_keys:
+            ps.demand.setdefault(k, {})[start_ms] = kw
+            ps.qualities[k] = sorted(set(ps.qualities.get(k, [])) | set(win.qualities))
+        if not keys and not demand_keys:  # a metric this plan does not price still activates the period
             ps.windows["unpriced|" + win.metric] = ps.windows.get("unpriced|" + win.metric, 0) + 1
         store.put(pkey.encode(), ps)
-        store.put(wkey, RatedWindowState(win.revision, win.value, pkey, keys))
-        self._touched.setdefault(pkey.encode(), _Touched(record.partition)).causes.append((win, keys))
+        store.put(wkey, RatedWindowState(win.revision, win.value, pkey, keys, demand_keys, int(start_ms), kw))
+        self._touched.setdefault(pkey.encode(), _Touched(record.partition)).causes.append((win, keys + demand_keys))
         REVISIONS.labels("accepted").inc()
 
     def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
@@ -160,6 +181,13 @@ class RatingProcessor:
 class _Charge:
     component_key: str
     record: RatedCharge
+
+
+def book_component(book: PriceBook, component_id: str) -> TouComponent:
+    """The TOU component ``component_id`` of ``book`` (validated to exist when the book loaded)."""
+    comp = next(c for c in book.components if c.id == component_id)
+    assert isinstance(comp, TouComponent)
+    return comp
 
 
 def service_days(ps: PeriodState, ref: ReferenceData) -> dict[tuple[str, int], int]:
@@ -186,7 +214,7 @@ def recompute(
     """
     days = service_days(ps, ref)
     books: dict[tuple[str, int], PriceBook] = {(b.id, b.version): b for b in ref.price_books}
-    totals = r.rate_period(ps.quantities, days, books)
+    totals = r.rate_period(ps.quantities, days, books, (ps.period_end - ps.period_start).days, ps.peaks())
     cause_ids = sorted(f"{c.window_id}@{c.revision}" for c, _ in causes)
     cause = "windows:" + hashlib.sha256("\n".join(cause_ids).encode()).hexdigest()[:24]
     out = []
@@ -244,21 +272,26 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     def encode(key: bytes, value: Any) -> bytes:
         if key.startswith(b"rw|"):
             return codec.encode({"revision": value.revision, "value": value.value,
-                                 "period_key": value.period_key, "keys": value.keys}, "RatedWindowState")
+                                 "period_key": value.period_key, "keys": value.keys,
+                                 "demand_keys": value.demand_keys, "window_start_ms": value.window_start_ms,
+                                 "kw": str(value.kw)}, "RatedWindowState")
         return codec.encode(
             {"account": value.account, "period_start": value.period_start, "period_end": value.period_end,
              "quantities": {k: v.quantize(Decimal("0.000001")) for k, v in value.quantities.items()},
              "qualities": value.qualities, "windows": value.windows,
-             "emitted": value.emitted},
+             "emitted": value.emitted,
+             "demand": {k: {w: str(kw) for w, kw in v.items()} for k, v in value.demand.items()}},
             "RatingPeriodState",
         )
 
     def decode(key: bytes, raw: bytes) -> Any:
         if key.startswith(b"rw|"):
             d = codec.decode_dict(raw, "RatedWindowState")
-            return RatedWindowState(d["revision"], d["value"], d["period_key"], list(d["keys"]))
+            return RatedWindowState(d["revision"], d["value"], d["period_key"], list(d["keys"]),
+                                    list(d["demand_keys"]), d["window_start_ms"], Decimal(d["kw"]))
         d = codec.decode_dict(raw, "RatingPeriodState")
         return PeriodState(d["account"], d["period_start"], d["period_end"], dict(d["quantities"]),
-                           {k: list(v) for k, v in d["qualities"].items()}, dict(d["windows"]), dict(d["emitted"]))
+                           {k: list(v) for k, v in d["qualities"].items()}, dict(d["windows"]), dict(d["emitted"]),
+                           {k: {w: Decimal(kw) for w, kw in v.items()} for k, v in d["demand"].items()})
 
     return encode, decode

@@ -16,11 +16,17 @@ from decimal import Decimal
 
 from pipeline.money import ZERO, round_money
 from pipeline.rating.pricebook import (
+    DemandComponent,
     FeedInComponent,
     FixedDailyComponent,
+    FixedPeriodComponent,
+    MinimumComponent,
+    PackageComponent,
     PerUnitComponent,
     PriceBook,
+    SurchargeComponent,
     TaxComponent,
+    TieredComponent,
     TouComponent,
 )
 
@@ -114,63 +120,128 @@ def rate_period(
     quantities: Mapping[str, Decimal],
     service_days: Mapping[tuple[str, int], int],
     books: Mapping[tuple[str, int], PriceBook],
+    period_days: int | None = None,
+    peaks: Mapping[str, Decimal] | None = None,
 ) -> dict[str, LineTotal]:
     """Rate one (account, period).
 
     Args:
-        quantities: ``quantity_key`` → period quantity (kWh) of usage priced by that component/band.
+        quantities: ``quantity_key`` → period quantity (kWh...) of usage priced by that component/band.
         service_days: (book id, version) → service days in the period billed on that version.
         books: every price book version named in the two mappings.
+        period_days: days in the billing period; fixed-per-period charges, tier thresholds and
+            minimums are prorated by ``service days / period_days`` (``None``: no proration).
+        peaks: ``quantity_key`` of a demand component → the period's peak demand in kW.
     Returns: line key → ``LineTotal``, including zero totals for lines with zero quantity.
+    Order: usage and fixed lines, then percentage surcharges, minimum charges, taxes — each
+    percentage or minimum works on the ROUNDED totals of the components it names.
     Raises ``KeyError`` when a key names a version or component missing from ``books``.
     """
+
+    def fraction(book_id: str, version: int) -> Decimal:
+        days = service_days.get((book_id, version), 0)
+        return Decimal(1) if not period_days else Decimal(days) / Decimal(period_days)
+
     parts: dict[str, list[tuple[PriceBook, object, Decimal, Decimal]]] = {}
+    cumulative: dict[tuple[str, int, str], Decimal] = {}
     for qkey, qty in sorted(quantities.items()):
         book_id, version, component_id, band = qkey.split("|")
         book = books[(book_id, int(version))]
         comp = _component(book, component_id)
+        if isinstance(comp, DemandComponent):
+            raise KeyError(f"{component_id} is a demand component: its peaks go in `peaks`, not `quantities`")
+        if isinstance(comp, TieredComponent | PackageComponent):
+            k = (book_id, int(version), component_id)
+            cumulative[k] = cumulative.get(k, ZERO) + qty
+            continue
         if isinstance(comp, TouComponent):
             rate = comp.rate_of(band)
-        elif isinstance(comp, PerUnitComponent | FeedInComponent):
-            rate = comp.rate
+        elif isinstance(comp, PerUnitComponent | FeedInComponent | SurchargeComponent):
+            rate = comp.rate  # type: ignore[assignment]
         else:
             raise KeyError(f"{component_id} is not a usage component")
         sign = Decimal(-1) if isinstance(comp, FeedInComponent) else Decimal(1)
         parts.setdefault(line_key_of(qkey), []).append((book, comp, qty, sign * rate))
+    for qkey, kw in sorted((peaks or {}).items()):
+        book_id, version, component_id, _band = qkey.split("|")
+        book = books[(book_id, int(version))]
+        comp = _component(book, component_id)
+        parts.setdefault(line_key_of(qkey), []).append((book, comp, kw, comp.rate))  # type: ignore[attr-defined]
+    for (book_id, version, component_id), qty in sorted(cumulative.items()):
+        book = books[(book_id, version)]
+        comp = _component(book, component_id)
+        if isinstance(comp, PackageComponent):
+            packages = Decimal(-(-qty // comp.package_size)) if qty > 0 else ZERO  # every started package
+            parts.setdefault(f"{book_id}|{component_id}|", []).append((book, comp, packages, comp.package_price))
+            continue
+        f = fraction(book_id, version)
+        for band, q, rate in _tier_slices(comp, qty, f):  # type: ignore[arg-type]
+            parts.setdefault(f"{book_id}|{component_id}|{band}", []).append((book, comp, q, rate))
     for (book_id, version), days in sorted(service_days.items()):
         book = books[(book_id, version)]
         for comp in book.components:
             if isinstance(comp, FixedDailyComponent):
                 parts.setdefault(f"{book_id}|{comp.id}|", []).append((book, comp, Decimal(days), comp.rate))
+            elif isinstance(comp, FixedPeriodComponent):
+                parts.setdefault(f"{book_id}|{comp.id}|", []).append(
+                    (book, comp, fraction(book_id, version), comp.rate))
 
-    lines: dict[str, LineTotal] = {}
-    for key, items in parts.items():
-        lines[key] = _line(key, items)
-    # taxes: a percentage of the rounded totals of the named components of the same book
-    tax_books: dict[str, PriceBook] = {}
-    for book_id, version in {(k[0], k[1]) for k in service_days} | {
-        (q.split("|")[0], int(q.split("|")[1])) for q in quantities
-    }:
+    lines: dict[str, LineTotal] = {key: _line(key, items) for key, items in parts.items()}
+    # components computed from other components' rounded totals, per book (latest version in play)
+    latest: dict[str, PriceBook] = {}
+    for book_id, version in {*service_days, *((q.split("|")[0], int(q.split("|")[1])) for q in quantities)}:
         b = books[(book_id, version)]
-        if book_id not in tax_books or b.version > tax_books[book_id].version:
-            tax_books[book_id] = b
-    for book_id, book in sorted(tax_books.items()):
-        for comp in book.components:
-            if not isinstance(comp, TaxComponent):
-                continue
-            base = sum(
-                (ln.total for ln in lines.values() if ln.book_id == book_id and ln.component_id in comp.applies_to),
-                ZERO,
-            )
-            raw = base * comp.rate_percent / 100
-            total = round_money(raw, book.currency)
-            key = f"{book_id}|{comp.id}|"
-            lines[key] = LineTotal(
-                key, book_id, book.version, book.currency, comp.id, "tax", "", book.currency, base,
-                comp.rate_percent, total, (Part(book.version, base, comp.rate_percent, raw),),
-                f"{comp.rate_percent}% × {base} {book.currency} ({', '.join(comp.applies_to)}) = {raw} → {total}",
-            )
+        if book_id not in latest or b.version > latest[book_id].version:
+            latest[book_id] = b
+    for kind in (SurchargeComponent, MinimumComponent, TaxComponent):
+        for book_id, book in sorted(latest.items()):
+            book_fraction = sum((fraction(book_id, v) for (bid, v) in service_days if bid == book_id), ZERO)
+            for comp in book.components:
+                if isinstance(comp, kind) and not (isinstance(comp, SurchargeComponent) and comp.metric):
+                    line = _derived_line(book, comp, lines, book_fraction if period_days else Decimal(1))
+                    lines[line.key] = line
     return lines
+
+
+def _tier_slices(comp: TieredComponent, qty: Decimal, f: Decimal) -> list[tuple[str, Decimal, Decimal]]:
+    """(band, quantity, rate) per tier; thresholds scaled by ``f``. Graduated: each slice at its
+    tier's rate. Volume: the whole quantity at the rate of the tier it falls in, zero elsewhere."""
+    out = []
+    lower = ZERO
+    placed = False
+    for i, tier in enumerate(comp.tiers, start=1):
+        upper = None if tier.up_to is None else tier.up_to * f
+        if comp.mode == "graduated":
+            top = qty if upper is None else min(qty, upper)
+            out.append((f"tier {i}", max(top - lower, ZERO), tier.rate))
+        else:
+            inside = not placed and (upper is None or qty <= upper)
+            out.append((f"tier {i}", qty if inside else ZERO, tier.rate))
+            placed = placed or inside
+        if upper is not None:
+            lower = upper
+    return out
+
+
+def _derived_line(book: PriceBook, comp: object, lines: dict[str, LineTotal], f: Decimal) -> LineTotal:
+    """A percentage surcharge, minimum or tax over the rounded totals of the named components."""
+    applies_to = comp.applies_to  # type: ignore[attr-defined]
+    base = sum((ln.total for ln in lines.values() if ln.book_id == book.id and ln.component_id in applies_to), ZERO)
+    names = ", ".join(applies_to)
+    if isinstance(comp, MinimumComponent):
+        required = comp.amount * f
+        raw = max(required - base, ZERO)
+        rate, kind = comp.amount, "minimum"
+        formula = f"max(0, {comp.amount} × {f.normalize():f} − {base} ({names})) = {raw}"
+    else:
+        rate = comp.rate_percent  # type: ignore[attr-defined]
+        raw = base * rate / 100
+        kind = "tax" if isinstance(comp, TaxComponent) else "surcharge"
+        formula = f"{rate}% × {base} {book.currency} ({names}) = {raw}"
+    total = round_money(raw, book.currency)
+    key = f"{book.id}|{comp.id}|"  # type: ignore[attr-defined]
+    return LineTotal(key, book.id, book.version, book.currency, comp.id, kind, "", book.currency,  # type: ignore[attr-defined]
+                     base, rate, total, (Part(book.version, base, rate, raw),), f"{formula} → {total} {book.currency}")
 
 
 def _component(book: PriceBook, component_id: str) -> object:

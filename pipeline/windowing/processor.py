@@ -215,11 +215,11 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
                 "window_id": s.window_id, "account": s.account, "series": s.series, "metric": s.metric,
                 "unit": s.unit, "start_ms": s.start_ms, "end_ms": s.end_ms,
                 "intervals": {
-                    k: {"version_ms": iv.version_ms, "value": iv.value, "quality": iv.quality, "source": iv.source,
+                    k: {"version_ms": iv.version_ms, "value": str(iv.value), "quality": iv.quality, "source": iv.source,
                         "event_ms": iv.event_ms}
                     for k, iv in s.intervals.items()
                 },
-                "revision": s.revision, "emitted_value": s.emitted_value, "dirty": s.dirty, "late": s.late,
+                "revision": s.revision, "emitted_value": str(s.emitted_value), "dirty": s.dirty, "late": s.late,
                 "aggregation": s.aggregation,
             },
             "WindowState",
@@ -236,7 +236,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         }
         return w.WindowState(
             d["window_id"], d["account"], d["series"], d["metric"], d["unit"], d["start_ms"], d["end_ms"],
-            intervals, d["revision"], d["emitted_value"], d["dirty"], d["late"], d["aggregation"],
+            intervals, d["revision"], Decimal(d["emitted_value"]), d["dirty"], d["late"], d["aggregation"],
         )
 
     return encode, decode
