@@ -23,12 +23,14 @@ db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
 load_app = typer.Typer(help="Load data.", no_args_is_help=True)
 publish_app = typer.Typer(help="Meter gateways: publish readings.", no_args_is_help=True)
 invoice_app = typer.Typer(help="Invoices in the ledger.", no_args_is_help=True)
+pricebook_app = typer.Typer(help="Immutable, versioned price books.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
 app.add_typer(load_app, name="load")
 app.add_typer(publish_app, name="publish")
 app.add_typer(invoice_app, name="invoice")
+app.add_typer(pricebook_app, name="pricebook")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_NEM12 = REPO_ROOT / "tests" / "data" / "nem12"
@@ -122,6 +124,67 @@ def load_reference(
         producer.send(Topics(settings).pricebooks, key.encode(), value)
     producer.flush()
     typer.echo(f"reference loaded: {counts}")
+
+
+# --- price books --------------------------------------------------------------------------------
+@pricebook_app.command("publish")
+def pricebook_publish(file: Annotated[Path, typer.Argument(help="JSON price book version(s)")]) -> None:
+    """Validate and publish price book versions to Postgres and the compacted `pricebooks` topic.
+
+    A version is immutable: publishing a different body under an existing (id, version) is refused
+    (exit 2); publishing the identical body again changes nothing. A later version covering past
+    dates makes the rating stage re-rate those periods and emit only the differences.
+    """
+    from pydantic import ValidationError
+
+    from pipeline.codec import default_codec
+    from pipeline.rating.pricebook import PriceBook
+    from pipeline.refstore import PriceBookConflict, price_book_record, store_price_book
+    from pipeline.runtime import postgres
+    from pipeline.runtime.kafka import IdempotentProducer
+    from pipeline.topology import Topics
+
+    settings = get_settings()
+    raw = json.loads(file.read_text())
+    try:
+        books = [PriceBook.model_validate(b) for b in (raw if isinstance(raw, list) else [raw])]
+    except ValidationError as exc:
+        typer.echo(f"error: {file} is not a valid price book:\n{exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        new = postgres.with_reconnect(settings.database_url, lambda c: [store_price_book(c, b) for b in books])
+    except PriceBookConflict as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    producer = IdempotentProducer(settings.kafka_bootstrap)
+    codec = default_codec()
+    for book, is_new in zip(books, new, strict=True):
+        key, value = price_book_record(codec, book)
+        producer.send(Topics(settings).pricebooks, key.encode(), value)
+        state = "published" if is_new else "already published (identical), nothing changed"
+        typer.echo(f"{book.id} v{book.version} sha256 {book.content_sha256()[:16]}…: {state}")
+    producer.flush()
+
+
+@pricebook_app.command("show")
+def pricebook_show(
+    book_id: Annotated[str, typer.Argument(help="price book id")],
+    version: Annotated[int | None, typer.Argument(help="version; default: every version")] = None,
+) -> None:
+    """Print price book versions as published (canonical JSON, content hash, publication time)."""
+    from pipeline.runtime import postgres
+
+    with postgres.connect(get_settings().database_url) as conn:
+        rows = conn.execute(
+            "SELECT version, content_sha256, published_at, body FROM price_books WHERE id = %s "
+            "AND (%s::int IS NULL OR version = %s) ORDER BY version", (book_id, version, version),
+        ).fetchall()
+    if not rows:
+        typer.echo(f"no price book {book_id}" + (f" version {version}" if version else ""), err=True)
+        raise typer.Exit(1)
+    for v, sha, at, body in rows:
+        typer.echo(f"# {book_id} v{v}  sha256 {sha}  published {at:%Y-%m-%d %H:%M:%S %Z}")
+        typer.echo(json.dumps(body, indent=1, sort_keys=True))
 
 
 # --- gateway ------------------------------------------------------------------------------------

@@ -37,10 +37,13 @@ def latest_readings(readings: list[MeterReading]) -> list[MeterReading]:
     return list(best.values())
 
 
-def expected_bills(files: list[Path], reference_json: Path) -> dict[tuple[str, date], dict[str, Decimal]]:
-    """(account, period start) → {"book|component|band": rounded total} for the given files."""
+def expected_bills(
+    files: list[Path], reference_json: Path, book: dict | None = None
+) -> dict[tuple[str, date], dict[str, Decimal]]:
+    """(account, period start) → {"book|component|band": rounded total} for the given files,
+    priced with the reference file's price book (or ``book``, e.g. a superseding version)."""
     ref = json.loads(reference_json.read_text())
-    book = ref["price_books"][0]
+    book = book or ref["price_books"][0]
     comps = {c["id"]: c for c in book["components"]}
     tou_tz = ZoneInfo(book["timezone"])
     acct_tz = {a["account"]: ZoneInfo(a["timezone"]) for a in ref["accounts"]}

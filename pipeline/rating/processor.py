@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -50,6 +50,9 @@ class RatedWindowState:
     demand_keys: list[str] = field(default_factory=list)
     window_start_ms: int = 0
     kw: Decimal = ZERO
+    metric: str = ""
+    window_end_ms: int = 0
+    qualities: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,6 +77,36 @@ class PeriodState:
 class _Touched:
     partition: int
     causes: list[tuple[UsageWindow, list[str]]] = field(default_factory=list)
+    cause: str | None = None  # set when a price book version (not a window) caused the recompute
+    previous_versions: dict[str, list[int]] = field(default_factory=dict)  # book id → versions superseded
+
+
+BOOKS_KEY = b"books"
+
+
+def window_keys(book: PriceBook, metric: str, start: datetime) -> tuple[list[str], list[str]]:
+    """The quantity keys (summed) and demand keys (peak kW) a window of ``metric`` starting at
+    ``start`` (UTC) feeds under ``book``: one per usage component pricing the metric, with its TOU band."""
+    keys, demand_keys = [], []
+    for comp in book.usage_components(metric):
+        if isinstance(comp, DemandComponent):
+            if comp.tou_component is None or book.band_of(book_component(book, comp.tou_component), start) == comp.band:
+                demand_keys.append(r.quantity_key(book, comp.id, ""))
+            continue
+        band = book.band_of(comp, start) if isinstance(comp, TouComponent) else ""
+        keys.append(r.quantity_key(book, comp.id, band))
+    return keys, demand_keys
+
+
+def demand_kw(kwh: Decimal, start: datetime, end: datetime) -> Decimal:
+    """Average demand of a window in kW: kWh ÷ window hours (SPEC §4), 6 dp."""
+    hours = Decimal(int((end - start).total_seconds())) / 3600
+    return (kwh / hours).quantize(Decimal("0.000001"))
+
+
+def _overlaps(book: PriceBook, start: date, end: date) -> bool:
+    return book.effective_from < end and (book.effective_to is None or book.effective_to > start)
+
 
 
 class RatingProcessor:
@@ -84,12 +117,57 @@ class RatingProcessor:
         self.codec = codec
         self.reference = reference
         self._touched: dict[bytes, _Touched] = {}
+        self._partitions: set[int] = set()
 
     def on_assign(self, partition: int, ctx: Context) -> None:
-        pass
+        self._partitions.add(partition)
 
     def on_revoke(self, partition: int) -> None:
+        self._partitions.discard(partition)
         self._touched = {k: v for k, v in self._touched.items() if v.partition != partition}
+
+    def _apply_new_price_books(self, partition: int, ref: ReferenceData, ctx: Context) -> None:
+        """Re-rate the periods a newly published price book version covers (SPEC §4: a later version
+        covering the same dates supersedes the earlier one). The state remembers which versions its
+        periods already reflect, so a version published while the stage was down is applied on start."""
+        store = ctx.store(partition)
+        current = sorted(f"{b.id}:{b.version}" for b in ref.price_books)
+        applied = store.get(BOOKS_KEY)
+        if applied == current:
+            return
+        store.put(BOOKS_KEY, current)
+        new = [b for b in ref.price_books if f"{b.id}:{b.version}" not in set(applied or [])]
+        if applied is None or not new:
+            return
+        windows: dict[str, list[tuple[bytes, RatedWindowState]]] = {}
+        for key, rw in store.scan(b"rw|"):
+            windows.setdefault(rw.period_key, []).append((key, rw))
+        cause = "pricebook:" + ",".join(sorted(f"{b.id}:v{b.version}" for b in new))
+        for pkey, rws in sorted(windows.items()):
+            ps: PeriodState = store.get(pkey.encode())
+            if not any(_overlaps(b, ps.period_start, ps.period_end) for b in new):
+                continue
+            previous = {
+                b.id: sorted(int(v.split(":")[1]) for v in applied if v.split(":")[0] == b.id) for b in new
+            }
+            ps.quantities = {k: ZERO for k in ps.quantities}
+            ps.windows, ps.demand = {}, {}
+            for key, rw in rws:
+                start = datetime.fromtimestamp(rw.window_start_ms / 1000, tz=UTC)
+                account = ref.accounts[ps.account]
+                book = ref.book_on(ps.account, start.astimezone(account.tz).date())
+                if book is None:
+                    continue
+                rw.keys, rw.demand_keys = window_keys(book, rw.metric, start)
+                for k in rw.keys:
+                    ps.quantities[k] = ps.quantities.get(k, ZERO) + rw.value
+                    ps.windows[k] = ps.windows.get(k, 0) + 1
+                    ps.qualities[k] = sorted(set(ps.qualities.get(k, [])) | set(rw.qualities))
+                for k in rw.demand_keys:
+                    ps.demand.setdefault(k, {})[str(rw.window_start_ms)] = rw.kw
+                store.put(key, rw)
+            store.put(pkey.encode(), ps)
+            self._touched[pkey.encode()] = _Touched(partition, [], cause, previous)
 
     def _dead_letter(self, record: Incoming, reason: str, message: str, ctx: Context) -> None:
         dead = DeadLetter("rating", reason, message, record.topic, record.partition, record.offset,
@@ -116,17 +194,8 @@ class RatingProcessor:
                 record, "NO_PRICE_BOOK", f"no plan/price book for account {win.account} on {local_day}", ctx
             )
             return
-        keys, demand_keys = [], []
-        for comp in book.usage_components(win.metric):
-            if isinstance(comp, DemandComponent):
-                if comp.tou_component is None or book.band_of(
-                    book_component(book, comp.tou_component), win.window_start) == comp.band:
-                    demand_keys.append(r.quantity_key(book, comp.id, ""))
-                continue
-            band = book.band_of(comp, win.window_start) if isinstance(comp, TouComponent) else ""
-            keys.append(r.quantity_key(book, comp.id, band))
-        hours = Decimal((win.window_end - win.window_start).total_seconds()) / 3600
-        kw = (win.value / hours).quantize(Decimal("0.000001"))
+        keys, demand_keys = window_keys(book, win.metric, win.window_start)
+        kw = demand_kw(win.value, win.window_start, win.window_end)
         start_ms = str(int(win.window_start.timestamp() * 1000))
 
         store = ctx.store(record.partition)
@@ -156,18 +225,21 @@ class RatingProcessor:
         if not keys and not demand_keys:  # a metric this plan does not price still activates the period
             ps.windows["unpriced|" + win.metric] = ps.windows.get("unpriced|" + win.metric, 0) + 1
         store.put(pkey.encode(), ps)
-        store.put(wkey, RatedWindowState(win.revision, win.value, pkey, keys, demand_keys, int(start_ms), kw))
+        store.put(wkey, RatedWindowState(win.revision, win.value, pkey, keys, demand_keys, int(start_ms), kw,
+                                         win.metric, int(win.window_end.timestamp() * 1000), list(win.qualities)))
         self._touched.setdefault(pkey.encode(), _Touched(record.partition)).causes.append((win, keys + demand_keys))
         REVISIONS.labels("accepted").inc()
 
     def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
+        ref = self.reference()
+        for p in sorted(self._partitions):
+            self._apply_new_price_books(p, ref, ctx)
         if not self._touched:
             return
-        ref = self.reference()
         for pkey, touched in sorted(self._touched.items()):
             store = ctx.store(touched.partition)
             ps: PeriodState = store.get(pkey)
-            charges = recompute(ps, touched.causes, ref)
+            charges = recompute(ps, touched.causes, ref, touched.cause, touched.previous_versions)
             for charge in charges:
                 ps.emitted[charge.component_key] = charge.record.period_total
                 ctx.forward(self.topics.charges_rated, ps.account, self.codec.encode(charge.record))
@@ -205,7 +277,11 @@ def service_days(ps: PeriodState, ref: ReferenceData) -> dict[tuple[str, int], i
 
 
 def recompute(
-    ps: PeriodState, causes: list[tuple[UsageWindow, list[str]]], ref: ReferenceData
+    ps: PeriodState,
+    causes: list[tuple[UsageWindow, list[str]]],
+    ref: ReferenceData,
+    cause_override: str | None = None,
+    previous_versions: dict[str, list[int]] | None = None,
 ) -> list[_Charge]:
     """Rate the period and return the delta lines against ``ps.emitted`` (pure given ``ref``).
 
@@ -216,7 +292,7 @@ def recompute(
     books: dict[tuple[str, int], PriceBook] = {(b.id, b.version): b for b in ref.price_books}
     totals = r.rate_period(ps.quantities, days, books, (ps.period_end - ps.period_start).days, ps.peaks())
     cause_ids = sorted(f"{c.window_id}@{c.revision}" for c, _ in causes)
-    cause = "windows:" + hashlib.sha256("\n".join(cause_ids).encode()).hexdigest()[:24]
+    cause = cause_override or "windows:" + hashlib.sha256("\n".join(cause_ids).encode()).hexdigest()[:24]
     out = []
     for key in sorted(set(totals) | set(ps.emitted)):
         line = totals.get(key)
@@ -237,9 +313,12 @@ def recompute(
             "component": line.component_id,
             "kind": line.component_kind,
             "band": line.band,
-            "price_book": {"id": line.book_id, "versions": sorted({p.version for p in line.parts})},
+            "price_book": {"id": line.book_id,
+                           "versions": sorted({p.version for p in line.parts if p.quantity}
+                                              or {p.version for p in line.parts}),
+                           "previous_versions": (previous_versions or {}).get(line.book_id, [])},
             "parts": [{"version": p.version, "quantity": str(p.quantity), "rate": str(p.rate),
-                       "amount": str(p.amount)} for p in line.parts],
+                       "amount": str(p.amount)} for p in line.parts if p.quantity or len(line.parts) == 1],
             "formula": line.formula,
             "quantity": str(line.quantity),
             "unit": line.unit,
@@ -270,11 +349,14 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     """``(encode, decode)`` for the rating store."""
 
     def encode(key: bytes, value: Any) -> bytes:
+        if key == BOOKS_KEY:
+            return codec.encode({"versions": list(value)}, "AppliedPriceBooks")
         if key.startswith(b"rw|"):
             return codec.encode({"revision": value.revision, "value": value.value,
                                  "period_key": value.period_key, "keys": value.keys,
                                  "demand_keys": value.demand_keys, "window_start_ms": value.window_start_ms,
-                                 "kw": str(value.kw)}, "RatedWindowState")
+                                 "kw": str(value.kw), "metric": value.metric, "window_end_ms": value.window_end_ms,
+                                 "qualities": value.qualities}, "RatedWindowState")
         return codec.encode(
             {"account": value.account, "period_start": value.period_start, "period_end": value.period_end,
              "quantities": {k: v.quantize(Decimal("0.000001")) for k, v in value.quantities.items()},
@@ -285,10 +367,13 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         )
 
     def decode(key: bytes, raw: bytes) -> Any:
+        if key == BOOKS_KEY:
+            return list(codec.decode_dict(raw, "AppliedPriceBooks")["versions"])
         if key.startswith(b"rw|"):
             d = codec.decode_dict(raw, "RatedWindowState")
             return RatedWindowState(d["revision"], d["value"], d["period_key"], list(d["keys"]),
-                                    list(d["demand_keys"]), d["window_start_ms"], Decimal(d["kw"]))
+                                    list(d["demand_keys"]), d["window_start_ms"], Decimal(d["kw"]), d["metric"],
+                                    d["window_end_ms"], list(d["qualities"]))
         d = codec.decode_dict(raw, "RatingPeriodState")
         return PeriodState(d["account"], d["period_start"], d["period_end"], dict(d["quantities"]),
                            {k: list(v) for k, v in d["qualities"].items()}, dict(d["windows"]), dict(d["emitted"]),

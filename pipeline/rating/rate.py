@@ -171,7 +171,10 @@ def rate_period(
         book = books[(book_id, version)]
         comp = _component(book, component_id)
         if isinstance(comp, PackageComponent):
-            packages = Decimal(-(-qty // comp.package_size)) if qty > 0 else ZERO  # every started package
+            # every started package: ceil(qty / size). Decimal ``//`` truncates toward zero, so the
+            # ``-(-a // b)`` ceiling idiom of ints gives the floor here; divmod is exact.
+            whole, rest = divmod(qty, comp.package_size)
+            packages = whole + (1 if rest else 0) if qty > 0 else ZERO
             parts.setdefault(f"{book_id}|{component_id}|", []).append((book, comp, packages, comp.package_price))
             continue
         f = fraction(book_id, version)
