@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Literal
@@ -99,6 +99,7 @@ class ReferenceData:
     service_points: dict[str, tuple[ServicePoint, ...]]  # nmi → sorted by effective_from
     plans: dict[str, tuple[PlanAssignment, ...]]  # account → sorted by effective_from
     price_books: tuple[PriceBook, ...]
+    by_account: dict[str, tuple[ServicePoint, ...]] = field(default_factory=dict)  # account → its service points
 
     @classmethod
     def build(
@@ -114,11 +115,15 @@ class ReferenceData:
         pas: dict[str, list[PlanAssignment]] = {}
         for pa in plans:
             pas.setdefault(pa.account, []).append(pa)
+        by_account: dict[str, list[ServicePoint]] = {}
+        for sp in service_points:
+            by_account.setdefault(sp.account, []).append(sp)
         return cls(
             {a.account: a for a in accounts},
             {k: tuple(sorted(v, key=lambda s: s.effective_from)) for k, v in sps.items()},
             {k: tuple(sorted(v, key=lambda s: s.effective_from)) for k, v in pas.items()},
             tuple(price_books),
+            {k: tuple(v) for k, v in by_account.items()},
         )
 
     @classmethod
@@ -135,7 +140,7 @@ class ReferenceData:
 
     def service_ranges(self, account: str) -> list[ServicePoint]:
         """Every service point (over time) of ``account``."""
-        return [sp for pts in self.service_points.values() for sp in pts if sp.account == account]
+        return list(self.by_account.get(account, ()))
 
     def plan_on(self, account: str, day: date) -> PlanAssignment | None:
         """The plan assignment of ``account`` in force on ``day``."""

@@ -11,7 +11,7 @@ import hashlib
 import json
 from datetime import date, datetime
 from decimal import Decimal
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from itertools import pairwise
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -58,9 +58,14 @@ class TimeRange(_Frozen):
             raise ValueError(f"time range {self.start}-{self.end} is empty or wraps midnight: split it in two")
         return self
 
+    @cached_property
+    def _bounds(self) -> tuple[int, int]:
+        return _minutes(self.start), _minutes(self.end)
+
     def contains(self, day_type: str, minute_of_day: int) -> bool:
         """Whether a moment of that day type at that local minute lies in this range."""
-        return day_type in self.day_types and _minutes(self.start) <= minute_of_day < _minutes(self.end)
+        lo, hi = self._bounds
+        return day_type in self.day_types and lo <= minute_of_day < hi
 
 
 class Band(_Frozen):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import calendar
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 
 from pipeline.money import ZERO, round_money
@@ -44,6 +44,15 @@ class BillingPeriod:
     @property
     def days(self) -> int:
         return (self.end - self.start).days
+
+    @property
+    def bill_date(self) -> date:
+        """The invoice date: the day after the period's last day (= ``end``, local date)."""
+        return self.end
+
+    def due_date(self, net_days: int) -> date:
+        """Payment due date: the bill date plus the account's net days (SPEC §4, "net N")."""
+        return self.end + timedelta(days=net_days)
 
 
 def add_months(anchor: date, months: int) -> date:

@@ -38,3 +38,10 @@ def test_spec_worked_example_is_115_06_line_by_line() -> None:
     }
     assert sum(totals.values()) == Decimal("115.06")
     assert lines["SPEC7|energy|tier 2"].quantity == Decimal(350)
+
+
+def test_bill_date_and_due_date_follow_the_period_and_net_days() -> None:
+    period = period_containing("QUARTERLY", BOOK.effective_from, BOOK.effective_from.replace(month=5, day=20))
+    assert (period.start.isoformat(), period.end.isoformat()) == ("2020-04-01", "2020-07-01")
+    assert period.bill_date.isoformat() == "2020-07-01"
+    assert period.due_date(14).isoformat() == "2020-07-15"

@@ -1,0 +1,112 @@
+"""Rating throughput: window revisions rated per second, and the time to re-rate one month of
+30-minute data for N accounts after a superseding price book version, in one run.
+
+    .venv/bin/python benchmarks/rating.py [--accounts 1000]
+
+Runs the real rating processor over a real RocksDB store with Avro state encoding at every batch
+commit (what the stage does between Kafka transactions); Kafka I/O is not included (see
+benchmarks/windowing.py for the broker-bound comparison). Uses the bundled ActewAGL TOU price book.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from pipeline.codec import default_codec
+from pipeline.config import Settings
+from pipeline.rating.pricebook import PriceBook
+from pipeline.rating.processor import RatingProcessor, state_codec
+from pipeline.records import UsageWindow
+from pipeline.reference import BUNDLED_REFERENCE, Account, PlanAssignment, ReferenceData, ServicePoint
+from pipeline.runtime.kafka import Incoming
+from pipeline.runtime.state import open_fresh_store
+from pipeline.topology import Topics
+
+BATCH = 2000
+
+
+class _Ctx:
+    def __init__(self, store) -> None:  # type: ignore[no-untyped-def]
+        self._store = store
+        self.forwarded = 0
+
+    def forward(self, topic: str, key: object, value: bytes) -> None:
+        self.forwarded += 1
+
+    def store(self, partition: int):  # type: ignore[no-untyped-def]
+        return self._store
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--accounts", type=int, default=1000)
+    parser.add_argument("--days", type=int, default=30)
+    args = parser.parse_args()
+
+    raw_book = json.loads(BUNDLED_REFERENCE.read_text())["price_books"][0]
+    v1 = PriceBook.model_validate(raw_book)
+    accounts = [Account(account=f"ACC-{i:05d}", timezone="Australia/Sydney", holiday_region="AU-ACT",
+                        billing_anchor="2025-01-01") for i in range(args.accounts)]
+    sps = [ServicePoint(nmi=f"NMI{i:07d}", account=a.account, effective_from="2025-01-01")
+           for i, a in enumerate(accounts)]
+    plans = [PlanAssignment(account=a.account, price_book_id=v1.id, effective_from="2025-01-01") for a in accounts]
+    ref = {"data": ReferenceData.build(accounts, sps, plans, [v1])}
+
+    codec = default_codec()
+    topics = Topics(Settings())
+    enc, dec = state_codec(codec)
+    store = open_fresh_store(Path(tempfile.mkdtemp(prefix="bench-rating-")) / "0", enc, dec)
+    ctx = _Ctx(store)
+    proc = RatingProcessor(topics, codec, lambda: ref["data"])
+    proc.on_assign(0, ctx)
+
+    start = datetime(2025, 3, 1, tzinfo=UTC) - timedelta(hours=11)  # local March (AEDT)
+    per_account = args.days * 48
+    records: list[Incoming] = []
+    for slot in range(per_account):
+        ws = start + timedelta(minutes=30 * slot)
+        for a in accounts:
+            win = UsageWindow(f"{a.account}|NMI/E1|{slot}", a.account, "NMI/E1", "energy_import", "kWh", ws,
+                              ws + timedelta(minutes=30), 0, "ON_TIME", Decimal(slot % 17) / 10,
+                              Decimal(slot % 17) / 10, 2, ("A",), ("bench#1",), ws)
+            records.append(Incoming(topics.usage_windows, 0, len(records), a.account.encode(),
+                                    codec.encode(win), (), 0))
+
+    def commit() -> None:
+        changes = dict(store.pending_changes())  # what the changelog carries
+        store.flush(changes)
+
+    proc.punctuate(0, ctx)
+    commit()
+    t0 = time.perf_counter()
+    for i in range(0, len(records), BATCH):
+        for rec in records[i:i + BATCH]:
+            proc.process(rec, ctx)
+        proc.punctuate(0, ctx)
+        commit()
+    rated = time.perf_counter() - t0
+    lines_first = ctx.forwarded
+    print(f"{len(records):,} window revisions ({args.accounts} accounts × {per_account} windows) "
+          f"rated in {rated:.1f}s: {len(records) / rated:,.0f} revisions/s, {lines_first:,} delta lines")
+
+    v2_raw = json.loads(json.dumps(raw_book))
+    v2_raw["version"] = 2
+    v2_raw["components"][0]["bands"][0]["rate"] = "0.3750"
+    v2 = PriceBook.model_validate(v2_raw)
+    ref["data"] = ReferenceData.build(accounts, sps, plans, [v1, v2])
+    t1 = time.perf_counter()
+    proc.punctuate(0, ctx)
+    commit()
+    rerate = time.perf_counter() - t1
+    print(f"re-rate one month of 30-minute data for {args.accounts} accounts after a superseding version: "
+          f"{rerate:.1f}s, {ctx.forwarded - lines_first:,} difference lines")
+
+
+if __name__ == "__main__":
+    main()
