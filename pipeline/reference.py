@@ -100,6 +100,13 @@ class ReferenceData:
     plans: dict[str, tuple[PlanAssignment, ...]]  # account → sorted by effective_from
     price_books: tuple[PriceBook, ...]
     by_account: dict[str, tuple[ServicePoint, ...]] = field(default_factory=dict)  # account → its service points
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # derived values of this snapshot
+
+    def books_by_version(self) -> dict[tuple[str, int], PriceBook]:
+        """(id, version) → price book, computed once per snapshot."""
+        if "books" not in self.memo:
+            self.memo["books"] = {(b.id, b.version): b for b in self.price_books}
+        return self.memo["books"]
 
     @classmethod
     def build(

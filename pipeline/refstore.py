@@ -26,7 +26,8 @@ class PriceBookConflict(ValueError):
 def store_price_book(conn: Any, book: PriceBook) -> bool:
     """Insert one price book version; returns ``True`` if new, ``False`` if identical and present.
 
-    Raises ``PriceBookConflict`` if (id, version) exists with another body.
+    Raises ``PriceBookConflict`` if (id, version) exists with another body, or if another version
+    of the same id has a different currency.
     """
     sha = book.content_sha256()
     row = conn.execute(
@@ -39,6 +40,15 @@ def store_price_book(conn: Any, book: PriceBook) -> bool:
                 f"(sha256 {row[0][:12]}… vs {sha[:12]}…); publish it as version {book.version + 1} instead"
             )
         return False
+    other = conn.execute(
+        "SELECT version, body->>'currency' FROM price_books WHERE id = %s AND body->>'currency' <> %s LIMIT 1",
+        (book.id, book.currency),
+    ).fetchone()
+    if other is not None:
+        raise PriceBookConflict(
+            f"price book {book.id} version {other[0]} is in {other[1]}; version {book.version} cannot change the "
+            f"currency to {book.currency} (an invoice never mixes currencies): publish it under a new id"
+        )
     conn.execute(
         "INSERT INTO price_books (id, version, content_sha256, body) VALUES (%s, %s, %s, %s)",
         (book.id, book.version, sha, postgres.jsonb(json.loads(book.canonical_json()))),

@@ -288,8 +288,11 @@ def recompute(
     ``causes`` are the window revisions of this batch with the quantity keys each one feeds;
     the line ids hash them, so the same input gives the same ids.
     """
-    days = service_days(ps, ref)
-    books: dict[tuple[str, int], PriceBook] = {(b.id, b.version): b for b in ref.price_books}
+    memo_key = ("service_days", ps.account, ps.period_start, ps.period_end)
+    if memo_key not in ref.memo:  # depends on reference data only: once per snapshot
+        ref.memo[memo_key] = service_days(ps, ref)
+    days = ref.memo[memo_key]
+    books = ref.books_by_version()
     totals = r.rate_period(ps.quantities, days, books, (ps.period_end - ps.period_start).days, ps.peaks())
     cause_ids = sorted(f"{c.window_id}@{c.revision}" for c, _ in causes)
     cause = cause_override or "windows:" + hashlib.sha256("\n".join(cause_ids).encode()).hexdigest()[:24]

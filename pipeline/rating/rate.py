@@ -271,7 +271,7 @@ def _line(key: str, items: list[tuple[PriceBook, object, Decimal, Decimal]]) -> 
     total = round_money(raw, currency)
     qty = sum((p.quantity for p in parts), ZERO)
     band = key.split("|")[2]
-    unit = getattr(comp, "unit", "")
+    unit = "package" if isinstance(comp, PackageComponent) else getattr(comp, "unit", "")
     terms = " + ".join(f"{p.quantity} {unit} × {p.rate} (v{p.version})" for p in parts)
     return LineTotal(
         key, latest_book.id, latest_book.version, currency, comp.id, comp.kind, band, unit,  # type: ignore[attr-defined]

@@ -74,4 +74,9 @@ def test_superseding_price_book_re_rates_with_exact_difference_lines(pipeline_en
     refused = _publish_book(env, v2_changed, tmp_path / "v2-changed.json")
     assert refused.returncode == 2
     assert "already published with different content" in refused.stderr
+    # and a later version may not change the currency (an invoice never mixes currencies)
+    v3 = json.loads(json.dumps(v2))
+    v3["version"], v3["currency"] = 3, "NZD"
+    refused = _publish_book(env, v3, tmp_path / "v3.json")
+    assert refused.returncode == 2 and "cannot change the currency" in refused.stderr
     assert env.line_count() == after_count
