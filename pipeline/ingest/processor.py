@@ -16,10 +16,10 @@ from prometheus_client import Counter
 
 from pipeline.codec import Codec, DecodeError
 from pipeline.money import quantity
-from pipeline.records import DeadLetter, MeterReading, UsageEvent
+from pipeline.records import MeterReading, UsageEvent
 from pipeline.reference import ReferenceData
 from pipeline.runtime.kafka import Incoming
-from pipeline.runtime.processor import Context
+from pipeline.runtime.processor import Context, ProcessorBase, dead_letter
 from pipeline.topology import Topics
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def to_usage_event(reading: MeterReading, ref: ReferenceData) -> UsageEvent:
     )
 
 
-class IngestProcessor:
+class IngestProcessor(ProcessorBase):
     """Validates meter readings and forwards them as usage events keyed by account."""
 
     def __init__(self, topics: Topics, codec: Codec, reference: Callable[[], ReferenceData],
@@ -87,12 +87,6 @@ class IngestProcessor:
         self.reference = reference
         self.refresh = refresh
         self.counts: dict[str, int] = {}
-
-    def on_assign(self, partition: int, ctx: Context) -> None:
-        pass
-
-    def on_revoke(self, partition: int) -> None:
-        pass
 
     def process(self, record: Incoming, ctx: Context) -> None:
         try:
@@ -113,13 +107,8 @@ class IngestProcessor:
         ctx.forward(self.topics.usage_events, event.account, self.codec.encode(event))
         self._count("accepted", "")
 
-    def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
-        pass
-
     def _reject(self, record: Incoming, reason: str, message: str, ctx: Context) -> None:
-        dead = DeadLetter("ingest", reason, message, record.topic, record.partition, record.offset,
-                          record.key, record.value, record.headers)
-        ctx.forward(self.topics.dlq_ingest, record.key, self.codec.encode(dead))
+        dead_letter(ctx, self.codec, self.topics.dlq_ingest, "ingest", record, reason, message)
         self._count("dead_lettered", reason)
 
     def _count(self, outcome: str, reason: str) -> None:

@@ -13,12 +13,12 @@ from pipeline.codec import Codec, DecodeError
 from pipeline.invoicing.ledger import LedgerStore, PendingLine
 from pipeline.records import RatedCharge
 from pipeline.runtime.kafka import Incoming
-from pipeline.runtime.processor import Context
+from pipeline.runtime.processor import Context, ProcessorBase
 
 LINES = Counter("pipeline_ledger_lines_total", "ledger lines by outcome", ["outcome"])
 
 
-class InvoicingProcessor:
+class InvoicingProcessor(ProcessorBase):
     """Buffers decoded charges of a batch; ``commit`` appends them with the offsets."""
 
     def __init__(self, codec: Codec, store: LedgerStore) -> None:
@@ -26,12 +26,6 @@ class InvoicingProcessor:
         self.store = store
         self._lines: list[PendingLine] = []
         self._dead: list[tuple] = []
-
-    def on_assign(self, partition: int, ctx: Context) -> None:
-        pass
-
-    def on_revoke(self, partition: int) -> None:
-        pass
 
     def process(self, record: Incoming, ctx: Context) -> None:
         try:
@@ -41,9 +35,6 @@ class InvoicingProcessor:
                                record.offset, record.key, record.value))
             return
         self._lines.append(PendingLine(charge, record.topic, record.partition, record.offset))
-
-    def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
-        pass
 
     # --- ExternalSink --------------------------------------------------------------------------
     def stored_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:

@@ -27,10 +27,10 @@ from pipeline.codec import Codec, DecodeError
 from pipeline.money import ZERO
 from pipeline.rating import rate as r
 from pipeline.rating.pricebook import DemandComponent, PriceBook, TouComponent
-from pipeline.records import DeadLetter, RatedCharge, UsageWindow
+from pipeline.records import RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
 from pipeline.runtime.kafka import Incoming
-from pipeline.runtime.processor import Context
+from pipeline.runtime.processor import Context, dead_letter
 from pipeline.topology import Topics
 
 log = logging.getLogger(__name__)
@@ -170,9 +170,7 @@ class RatingProcessor:
             self._touched[pkey.encode()] = _Touched(partition, [], cause, previous)
 
     def _dead_letter(self, record: Incoming, reason: str, message: str, ctx: Context) -> None:
-        dead = DeadLetter("rating", reason, message, record.topic, record.partition, record.offset,
-                          record.key, record.value, record.headers)
-        ctx.forward(self.topics.dlq_ingest, record.key, self.codec.encode(dead))
+        dead_letter(ctx, self.codec, self.topics.dlq_ingest, "rating", record, reason, message)
         REVISIONS.labels("dead_lettered").inc()
 
     def process(self, record: Incoming, ctx: Context) -> None:

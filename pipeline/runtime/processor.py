@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pipeline.records import DeadLetter
 from pipeline.runtime.kafka import Incoming
 
 
@@ -47,6 +48,30 @@ class Processor(Protocol):
     def on_revoke(self, partition: int) -> None: ...
     def process(self, record: Incoming, ctx: Context) -> None: ...
     def punctuate(self, wallclock_ms: int, ctx: Context) -> None: ...
+
+
+class ProcessorBase:
+    """No-op defaults for the ``Processor`` hooks a stage does not need."""
+
+    def on_assign(self, partition: int, ctx: Context) -> None:
+        """Called after partition ``partition`` is assigned (and its state restored)."""
+
+    def on_revoke(self, partition: int) -> None:
+        """Called before partition ``partition`` is handed over."""
+
+    def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
+        """Called after every batch and when idle, with the wall clock in epoch ms."""
+
+
+def dead_letter(ctx: Context, codec: Any, topic: str, stage: str, record: Incoming, reason: str, message: str) -> None:
+    """Forward ``record`` with its original bytes and headers to the dead-letter ``topic``.
+
+    ``reason`` is a machine-readable code (``UNDECODABLE``, ``UNKNOWN_NMI`` ...), ``message`` names
+    the problem for a person. Keyed like the original record.
+    """
+    dead = DeadLetter(stage, reason, message, record.topic, record.partition, record.offset,
+                      record.key, record.value, record.headers)
+    ctx.forward(topic, record.key, codec.encode(dead))
 
 
 class ExternalSink(Protocol):

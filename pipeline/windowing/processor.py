@@ -18,9 +18,9 @@ from prometheus_client import Counter, Gauge
 
 from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
-from pipeline.records import DeadLetter, LateEvent, UsageEvent
+from pipeline.records import LateEvent, UsageEvent
 from pipeline.runtime.kafka import Incoming
-from pipeline.runtime.processor import Context
+from pipeline.runtime.processor import Context, dead_letter
 from pipeline.topology import Topics
 from pipeline.windowing import windows as w
 
@@ -119,9 +119,7 @@ class WindowingProcessor:
         try:
             event = self.codec.decode(record.value or b"", UsageEvent)
         except DecodeError as exc:
-            dead = DeadLetter("windowing", "UNDECODABLE", str(exc), record.topic, p, record.offset,
-                              record.key, record.value, record.headers)
-            ctx.forward(self.topics.dlq_ingest, record.key, self.codec.encode(dead))
+            dead_letter(ctx, self.codec, self.topics.dlq_ingest, "windowing", record, "UNDECODABLE", str(exc))
             self._count("dead_lettered")
             return
         policy = self.policy(event.metric)
