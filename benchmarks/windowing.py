@@ -109,16 +109,19 @@ def run_windowing(settings: Settings, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=Settings().batch_max_records,
+                        help="max records per transaction, for both runs (PIPELINE_BATCH_MAX_RECORDS)")
     args = parser.parse_args()
     tag = f"bench{uuid.uuid4().hex[:6]}."
     settings = Settings(topic_prefix=tag, partitions=PARTITIONS, state_dir=Path(mkdtemp(prefix="bench-state-")),
-                        commit_interval_ms=250, batch_max_records=2000, idle_timeout_s=3600)
+                        commit_interval_ms=250, batch_max_records=args.batch, idle_timeout_s=3600)
     topics = Topics(settings)
     create_topics(settings.kafka_bootstrap, topics.specs())
     t0 = time.monotonic()
     produce_input(settings, topics, args.events)
     n = (args.events // 1000) * 1000
-    print(f"input: {n} usage events on {PARTITIONS} partitions, produced in {time.monotonic() - t0:.1f}s")
+    print(f"input: {n} usage events on {PARTITIONS} partitions, produced in {time.monotonic() - t0:.1f}s; "
+          f"batch ≤ {args.batch} records, commit interval 250 ms")
     pt = run_passthrough(settings, topics, n)
     print(f"passthrough (transactional consume→produce): {n / pt:,.0f} events/s ({pt:.1f}s)")
     wt = run_windowing(settings, n)
