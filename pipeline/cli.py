@@ -245,6 +245,21 @@ def invoice_show(account: Annotated[str | None, typer.Argument(help="account; de
         typer.echo("no invoices")
 
 
+@app.command("explain")
+def explain(line_id: Annotated[str, typer.Argument(help="ledger line id")]) -> None:
+    """Why is this line on the bill? The line, its formula and price book, the window revisions that
+    caused it, their quality flags, and the NEM12 files and records they came from."""
+    from pipeline.invoicing.report import explain_line
+    from pipeline.runtime import postgres
+
+    with postgres.connect(get_settings().database_url) as conn:
+        text = explain_line(conn, line_id)
+    if text is None:
+        typer.echo(f"no ledger line {line_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(text)
+
+
 @app.command("config")
 def show_config() -> None:
     """Print the configuration in force (from PIPELINE_* environment variables)."""

@@ -97,3 +97,49 @@ def format_invoice(inv: InvoiceSummary) -> str:
         out.append(f"    {label:<22} {qty:<34} {ln.amount.quantize(Decimal('0.01')):>10} {inv.currency}")
     out.append(f"    {'TOTAL':<57} {inv.total.quantize(Decimal('0.01')):>10} {inv.currency}")
     return "\n".join(out)
+
+
+EXPLAIN_SQL = """
+SELECT l.line_id, l.invoice_id, l.account, l.period_start, l.period_end, l.currency, l.component_id, l.band,
+       l.quantity, l.unit, l.rate, l.amount, l.period_total, l.price_book_id, l.price_book_version, l.cause,
+       l.explanation, l.source_topic, l.source_partition, l.source_offset, l.appended_at
+FROM invoice_lines l WHERE l.line_id = %s
+"""
+
+
+def explain_line(conn: Any, line_id: str) -> str | None:
+    """Why a ledger line exists: its invoice, component, formula and price book versions, and the window
+    revisions that caused it with their quality flags and source files (NEM12 file!member#line).
+    Returns ``None`` for an unknown line id."""
+    row = conn.execute(EXPLAIN_SQL, (line_id,)).fetchone()
+    if row is None:
+        return None
+    (lid, invoice, account, p0, p1, cur, comp, band, qty, unit, rate, amount, total, book, version, cause,
+     exp, topic, partition, offset, appended) = row
+    out = [
+        f"line {lid}",
+        f"  invoice {invoice}  account {account}  service period {p0} – {p1}",
+        f"  component {comp}{f' ({band})' if band else ''}: {amount.quantize(Decimal('0.01'))} {cur} "
+        f"(period total now {total.quantize(Decimal('0.01'))} {cur})",
+        f"  price book {book} v{version}"
+        + (f", superseding v{', v'.join(map(str, exp['price_book']['previous_versions']))}"
+           if exp.get("price_book", {}).get("previous_versions") else ""),
+        f"  quantity {qty.normalize():f} {unit} at {rate.normalize():f}",
+        f"  formula: {exp.get('formula', '')}",
+        f"  quality flags: {', '.join(exp.get('quality_flags', [])) or '-'}",
+        f"  cause: {cause}",
+        f"  appended {appended:%Y-%m-%d %H:%M:%S %Z} from {topic}[{partition}]@{offset}",
+    ]
+    windows = exp.get("windows", [])
+    if windows:
+        out.append(f"  window revisions ({len(windows)}):")
+        for w in windows:
+            out.append(f"    {w['window_id']} rev {w['revision']} {w['timing']}: value {w['value']} "
+                       f"(delta {w['delta']}), quality {','.join(w['qualities'])}")
+            for src in w["sources"]:
+                out.append(f"      from {src}")
+    elif cause.startswith("pricebook:"):
+        out.append("  caused by publishing a superseding price book version (no new usage)")
+    else:
+        out.append("  derived from other lines of the same period (fixed, surcharge, minimum or tax)")
+    return "\n".join(out)

@@ -52,6 +52,18 @@ def test_real_nem12_files_bill_to_the_cent_and_replay_changes_nothing(pipeline_e
     invoices = env.sql("SELECT count(*), count(DISTINCT (account, period_start, currency)) FROM invoices")[0]
     assert invoices[0] == invoices[1] == len(_expected(FILES))
 
+    # "why is this line on my bill?": an energy line walks back to the real NEM12 file it came from
+    line_id, sources = env.sql(
+        "SELECT line_id, explanation->'windows'->0->'sources' FROM invoice_lines "
+        "WHERE component_id = 'energy' AND jsonb_array_length(explanation->'windows') > 0 LIMIT 1"
+    )[0]
+    res = subprocess.run([sys.executable, "-m", "pipeline", "explain", line_id], env=env.env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    real_file = sources[0].split("!")[0]
+    assert real_file in {f.name for f in FILES}
+    assert f"from {sources[0]}" in res.stdout and "rev 0 " in res.stdout and "ACTEWAGL-HOME-TOU v1" in res.stdout
+
     # publishing the same files again changes nothing in the ledger: every reading is now too late
     # (the idle watermark has followed the wall clock) and lands, counted, on usage.late
     snapshot = env.sql("SELECT line_id, amount FROM invoice_lines ORDER BY line_id")
