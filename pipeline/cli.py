@@ -94,7 +94,7 @@ def db_migrate() -> None:
     """Apply pending database migrations (yoyo)."""
     from pipeline.runtime import postgres
 
-    applied = postgres.migrate(get_settings().database_url)
+    applied = postgres.migrate(get_settings().database_owner_url)
     typer.echo(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
 
 

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
         "postgresql://pipeline@127.0.0.1:15432/pipeline",
         description="PostgreSQL URL of the ledger and reference data (application role)",
     )
+    database_owner_url: str = Field(
+        "postgresql://pipeline_owner@127.0.0.1:15432/pipeline",
+        description="PostgreSQL URL of the schema owner: `pipeline db migrate` runs as it",
+    )
     stack_dir: Path = Field(Path(".stack"), description="where `pipeline stack` keeps jars, data, logs")
     state_dir: Path = Field(Path(".stack/state"), description="local RocksDB state stores of the stages")
 

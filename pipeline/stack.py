@@ -36,7 +36,8 @@ from pathlib import Path
 from pipeline.config import Settings, get_settings
 
 POM = Path(__file__).resolve().parent.parent / "stack" / "pom.xml"
-PG_ROLE = "pipeline"
+PG_ROLE = "pipeline"  # the application role the stages use
+PG_OWNER = "pipeline_owner"  # owns the schema, runs the migrations
 PG_DATABASE = "pipeline"
 PG_SUPERUSER = "postgres"
 KAFKA_START_TIMEOUT_S = 120.0
@@ -514,10 +515,11 @@ def _pg_bootstrap(settings: Settings, paths: _Paths) -> None:
                 ) from exc
             time.sleep(0.25)
     with conn:
-        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PG_ROLE,)).fetchone() is None:
-            conn.execute(f'CREATE ROLE "{PG_ROLE}" LOGIN')
+        for role in (PG_ROLE, PG_OWNER):
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+                conn.execute(f'CREATE ROLE "{role}" LOGIN')
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone() is None:
-            conn.execute(f'CREATE DATABASE "{PG_DATABASE}" OWNER "{PG_ROLE}"')
+            conn.execute(f'CREATE DATABASE "{PG_DATABASE}" OWNER "{PG_OWNER}"')
 
 
 def _pg_down(settings: Settings, paths: _Paths) -> None:

@@ -4,6 +4,7 @@ and amount; totals. Reads only (the ledger is append-only)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -118,9 +119,9 @@ def explain_line(conn: Any, line_id: str) -> str | None:
      exp, topic, partition, offset, appended) = row
     out = [
         f"line {lid}",
-        f"  invoice {invoice}  account {account}  service period {p0} – {p1}",
+        f"  invoice {invoice}  account {account}  service period {p0} – {p1 - timedelta(days=1)}",
         f"  component {comp}{f' ({band})' if band else ''}: {amount.quantize(Decimal('0.01'))} {cur} "
-        f"(period total now {total.quantize(Decimal('0.01'))} {cur})",
+        f"(component's period total after this line: {total.quantize(Decimal('0.01'))} {cur})",
         f"  price book {book} v{version}"
         + (f", superseding v{', v'.join(map(str, exp['price_book']['previous_versions']))}"
            if exp.get("price_book", {}).get("previous_versions") else ""),

@@ -152,12 +152,14 @@ def pipeline_env(base_settings: Settings, tmp_path: Path) -> Iterator[Env]:
     tag = "t" + uuid.uuid4().hex[:10]
     dbname = tag
     with postgres.connect(_superuser_url(base_settings), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{dbname}" OWNER pipeline')
+        conn.execute(f'CREATE DATABASE "{dbname}" OWNER pipeline_owner')
     url = f"postgresql://pipeline@127.0.0.1:{base_settings.postgres_port}/{dbname}"
+    owner_url = f"postgresql://pipeline_owner@127.0.0.1:{base_settings.postgres_port}/{dbname}"
     env = {
         **os.environ,
         "PIPELINE_KAFKA_BOOTSTRAP": base_settings.kafka_bootstrap,
         "PIPELINE_DATABASE_URL": url,
+        "PIPELINE_DATABASE_OWNER_URL": owner_url,
         "PIPELINE_TOPIC_PREFIX": f"{tag}.",
         "PIPELINE_STATE_DIR": str(tmp_path / "state"),
         "PIPELINE_IDLE_TIMEOUT_S": "4",
@@ -165,10 +167,11 @@ def pipeline_env(base_settings: Settings, tmp_path: Path) -> Iterator[Env]:
         "PIPELINE_PARTITIONS": "3",
     }
     settings = Settings(
-        kafka_bootstrap=base_settings.kafka_bootstrap, database_url=url, topic_prefix=f"{tag}.",
+        kafka_bootstrap=base_settings.kafka_bootstrap, database_url=url, database_owner_url=owner_url,
+        topic_prefix=f"{tag}.",
         state_dir=tmp_path / "state", idle_timeout_s=4, partitions=3,
     )
-    postgres.migrate(url)
+    postgres.migrate(owner_url)
     ref = ReferenceFile.read(BUNDLED_REFERENCE)
     postgres.with_reconnect(url, lambda c: load_reference_file(c, ref))
     topics = Topics(settings)
