@@ -122,9 +122,12 @@ class LedgerStore:
                 }
                 if invoices:
                     cur.executemany(INSERT_INVOICE, [(k, *v) for k, v in sorted(invoices.items())])
-                for p in lines:  # row counts tell new from replayed lines
-                    cur.execute(INSERT_LINE, line_row(p))
-                    inserted += cur.rowcount
+                if lines:  # one round trip for the batch (pipeline mode); RETURNING tells new from replayed
+                    cur.executemany(INSERT_LINE + " RETURNING 1", [line_row(p) for p in lines], returning=True)
+                    while True:
+                        inserted += len(cur.fetchall())
+                        if not cur.nextset():
+                            break
                 if dead:
                     cur.executemany(INSERT_DEAD, dead)
                 cur.executemany(UPSERT_OFFSET, [(self.group, t, p, o) for (t, p), o in sorted(offsets.items())])
