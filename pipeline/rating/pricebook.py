@@ -46,11 +46,21 @@ class _Frozen(BaseModel):
 
 
 class TimeRange(_Frozen):
-    """Local wall-clock times ``[start, end)`` (``HH:MM``, ``24:00`` allowed as end) on the given day types."""
+    """Local wall-clock times ``[start, end)`` (``HH:MM``, ``24:00`` allowed as end) on the given day
+    types, in the given season: ``months`` (1–12; empty = all year), e.g. summer = (11, 12, 1, 2, 3)."""
 
     day_types: tuple[DayType, ...]
     start: str
     end: str
+    months: tuple[int, ...] = ()
+    season: str = ""  # a label for explanations, e.g. "summer"
+
+    @field_validator("months")
+    @classmethod
+    def _months(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 1 <= m <= 12 for m in v):
+            raise ValueError(f"months must be 1..12, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> TimeRange:
@@ -62,10 +72,11 @@ class TimeRange(_Frozen):
     def _bounds(self) -> tuple[int, int]:
         return _minutes(self.start), _minutes(self.end)
 
-    def contains(self, day_type: str, minute_of_day: int) -> bool:
-        """Whether a moment of that day type at that local minute lies in this range."""
+    def contains(self, day_type: str, minute_of_day: int, month: int | None = None) -> bool:
+        """Whether a moment of that day type, local minute and month lies in this range."""
         lo, hi = self._bounds
-        return day_type in self.day_types and lo <= minute_of_day < hi
+        in_season = not self.months or month is None or month in self.months
+        return in_season and day_type in self.day_types and lo <= minute_of_day < hi
 
 
 class Band(_Frozen):
@@ -344,12 +355,13 @@ class PriceBook(_Frozen):
         return "weekend" if day.weekday() >= 5 else "weekday"
 
     def band_of(self, component: TouComponent, at_utc: datetime) -> str:
-        """The TOU band of the moment ``at_utc`` (read in the book's timezone; DST-safe)."""
+        """The TOU band of the moment ``at_utc``: season (month) × day type (weekday, weekend, public
+        holiday) × local time, all read in the book's timezone (DST-safe); the default band otherwise."""
         local = at_utc.astimezone(ZoneInfo(self.timezone))
         minute = local.hour * 60 + local.minute
         day_type = self.day_type(local.date())
         for band in component.bands:
-            if any(t.contains(day_type, minute) for t in band.times):
+            if any(t.contains(day_type, minute, local.month) for t in band.times):
                 return band.band
         return component.default_band
 

@@ -317,3 +317,36 @@ def test_float_rates_are_rejected() -> None:
     with pytest.raises(ValidationError, match="not float"):
         make_book([{"id": "b", "kind": "package", "metric": "energy_import", "package_size": 100.0,
                     "package_price": "5.00"}])
+
+
+def test_tou_seasons_pick_the_band_by_month() -> None:
+    """Seasons × day types × time bands: summer (Nov–Mar) peak 14:00–20:00 weekdays, winter (Jun–Aug)
+    peak 17:00–21:00 weekdays, otherwise off-peak (timezone Australia/Sydney)."""
+    from datetime import UTC, datetime
+
+    book = PriceBook.model_validate({
+        "id": "SEASONAL", "version": 1, "currency": "AUD", "timezone": "Australia/Sydney",
+        "holiday_region": "AU-NSW", "effective_from": "2024-01-01",
+        "components": [{"id": "energy", "kind": "tou", "metric": "energy_import", "default_band": "off_peak",
+                        "bands": [
+                            {"band": "peak", "rate": "0.50", "times": [
+                                {"day_types": ["weekday"], "start": "14:00", "end": "20:00",
+                                 "months": [11, 12, 1, 2, 3], "season": "summer"},
+                                {"day_types": ["weekday"], "start": "17:00", "end": "21:00",
+                                 "months": [6, 7, 8], "season": "winter"}]},
+                            {"band": "off_peak", "rate": "0.20", "times": []}]}],
+    })
+    tou = book.components[0]
+    # Tue 2024-02-13 15:00 AEDT (UTC+11) = 04:00 UTC: summer peak
+    assert book.band_of(tou, datetime(2024, 2, 13, 4, 0, tzinfo=UTC)) == "peak"
+    # Tue 2024-07-16 15:00 AEST (UTC+10) = 05:00 UTC: winter, before its peak
+    assert book.band_of(tou, datetime(2024, 7, 16, 5, 0, tzinfo=UTC)) == "off_peak"
+    # Tue 2024-07-16 18:00 AEST = 08:00 UTC: winter peak
+    assert book.band_of(tou, datetime(2024, 7, 16, 8, 0, tzinfo=UTC)) == "peak"
+    # Tue 2024-04-16 18:00 AEST = 08:00 UTC: shoulder season, no peak at all
+    assert book.band_of(tou, datetime(2024, 4, 16, 8, 0, tzinfo=UTC)) == "off_peak"
+    with pytest.raises(ValidationError):
+        PriceBook.model_validate({**book.model_dump(mode="json"), "components": [
+            {"id": "energy", "kind": "tou", "metric": "energy_import", "default_band": "off_peak", "bands": [
+                {"band": "off_peak", "rate": "0.20", "times": [
+                    {"day_types": ["weekday"], "start": "00:00", "end": "01:00", "months": [13]}]}]}]})
