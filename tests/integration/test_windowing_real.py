@@ -216,3 +216,40 @@ def test_survivor_restores_partitions_of_a_killed_peer(pipeline_env: Env) -> Non
     out = wait_windows_quiet(env, min_wait_s=17)
     assert_exactly_once_and_converged(out, CRASH_FILES)
     assert "restored partition" in env.log_tail("windowing", 200_000)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_windowing_exports_prometheus_metrics(pipeline_env: Env) -> None:
+    env = pipeline_env
+    port = _free_port()
+    env.start("ingest")
+    env.start("windowing", PIPELINE_METRICS_PORT=str(port))
+    files = [ESTIMATED]
+    n = publish_files(env, files)
+    out = wait_windows_quiet(env, min_wait_s=8)
+    m = _scrape(port)
+    assert m['pipeline_windowing_events_total{outcome="accepted"}'] == n
+    assert m['pipeline_windowing_windows_emitted_total{timing="ON_TIME"}'] == len(out) == len(expected_windows(files))
+    assert m['pipeline_records_in_total{stage="windowing"}'] == n
+    assert any(k.startswith("pipeline_windowing_watermark_lag_seconds") for k in m)
+    assert any(k.startswith("pipeline_state_restore_seconds") for k in m)
+    assert m['pipeline_commits_total{stage="windowing"}'] >= 1
