@@ -654,3 +654,15 @@ def _tail(path: Path, lines: int = 40, *, start: int = 0) -> str:
     except OSError:
         return "(unreadable)"
     return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+def stop_postgres(settings: Settings | None = None) -> None:
+    """Stop only the local PostgreSQL of the stack (operators and failure tests; ``up`` restarts it)."""
+    settings = settings or get_settings()
+    _pg_down(settings, _paths(settings))
+
+
+def start_postgres(settings: Settings | None = None) -> None:
+    """Start only the local PostgreSQL of the stack again (idempotent)."""
+    settings = settings or get_settings()
+    _pg_up(settings, _paths(settings))
