@@ -65,33 +65,9 @@ class LedgerStore:
     (after waiting) whenever the server goes away."""
 
     def __init__(self, url: str, group: str, give_up_s: float = 600.0) -> None:
-        self.url = url
         self.group = group
-        self.give_up_s = give_up_s
-        self._conn: Any = None
-
-    def _run(self, work: Any) -> Any:
-        import time
-
-        deadline = time.monotonic() + self.give_up_s
-        delay = 0.5
-        while True:
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = postgres.connect(self.url)
-                with self._conn.transaction():
-                    return work(self._conn)
-            except Exception as exc:
-                if not postgres.is_disconnect(exc) or time.monotonic() > deadline:
-                    raise
-                log.warning("ledger database unavailable (%s); reconnecting in %.1fs", exc, delay)
-                try:
-                    if self._conn is not None:
-                        self._conn.close()
-                finally:
-                    self._conn = None
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        self._db = postgres.Reconnecting(url, give_up_s)
+        self._run = self._db.run
 
     def stored_offsets(self, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """Next offsets to read per (topic, partition) as committed with the lines."""
@@ -136,6 +112,5 @@ class LedgerStore:
         return self._run(work)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close the connection."""
+        self._db.close()

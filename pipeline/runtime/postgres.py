@@ -54,24 +54,51 @@ def wait_ready(url: str, timeout_s: float = 60.0) -> None:
             time.sleep(0.5)
 
 
-def with_reconnect(url: str, work: Callable[[psycopg.Connection], T], give_up_s: float = 300.0) -> T:
-    """Run ``work(conn)`` in a transaction; on a lost connection wait, reconnect and run it again.
+class Reconnecting:
+    """A long-lived connection that survives the server going away: ``run(work)`` executes
+    ``work(conn)`` in a transaction; on a lost connection it closes it, waits (0.5 s doubling to
+    5 s), reconnects and runs ``work`` again. ``work`` must be idempotent per attempt (a failed
+    attempt is rolled back). Raises the last error after ``give_up_s`` or on any other error."""
 
-    ``work`` must be idempotent per attempt (everything it wrote in a failed attempt is rolled back).
-    Raises the last error after ``give_up_s``.
-    """
-    deadline = time.monotonic() + give_up_s
-    delay = 0.5
-    while True:
-        try:
-            with connect(url) as conn, conn.transaction():
-                return work(conn)
-        except Exception as exc:
-            if not is_disconnect(exc) or time.monotonic() > deadline:
-                raise
-            log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    def __init__(self, url: str, give_up_s: float = 300.0) -> None:
+        self.url = url
+        self.give_up_s = give_up_s
+        self._conn: psycopg.Connection | None = None
+
+    def run(self, work: Callable[[psycopg.Connection], T]) -> T:
+        deadline = time.monotonic() + self.give_up_s
+        delay = 0.5
+        while True:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = connect(self.url)
+                with self._conn.transaction():
+                    return work(self._conn)
+            except Exception as exc:
+                if not is_disconnect(exc) or time.monotonic() > deadline:
+                    raise
+                log.warning("database unavailable (%s); reconnecting in %.1fs", exc, delay)
+                self.close()
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def close(self) -> None:
+        """Close the connection (a later ``run`` opens a new one)."""
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+
+def with_reconnect(url: str, work: Callable[[psycopg.Connection], T], give_up_s: float = 300.0) -> T:
+    """Run ``work(conn)`` once in a transaction on a fresh connection, waiting out a lost server
+    (see ``Reconnecting``)."""
+    db = Reconnecting(url, give_up_s)
+    try:
+        return db.run(work)
+    finally:
+        db.close()
 
 
 def migrate(url: str) -> list[str]:
