@@ -215,8 +215,9 @@ def publish_nem12_cmd(
 
 # --- stages -----------------------------------------------------------------------------------------
 @app.command("run")
-def run_stage(stage: Annotated[str, typer.Argument(help="ingest | windowing | rating | invoicing")]) -> None:
-    """Run one stage in this process until SIGTERM/SIGINT (clean shutdown after committing)."""
+def run_stage(stage: Annotated[str, typer.Argument(help="ingest | windowing | rating | invoicing | relay")]) -> None:
+    """Run one stage (or the outbox relay) in this process until SIGTERM/SIGINT (clean shutdown after
+    committing)."""
     from pipeline.runtime.loop import StageRunner
     from pipeline.runtime.signals import REQUESTED, install_early_handlers
     from pipeline.stages import build_stage
@@ -224,6 +225,15 @@ def run_stage(stage: Annotated[str, typer.Argument(help="ingest | windowing | ra
     install_early_handlers()  # keeps what `python -m pipeline` already recorded
     settings = get_settings()
     _logging(os.environ.get("PIPELINE_LOG_LEVEL", "INFO"))
+    if stage == "relay":
+        from pipeline.codec import default_codec
+        from pipeline.invoicing.relay import Relay
+
+        relay = Relay(settings, default_codec())
+        if REQUESTED:
+            relay.stop()
+        relay.run()
+        return
     runner = StageRunner(settings, build_stage(stage, settings))
     if REQUESTED:  # SIGTERM during start-up still means a clean exit
         runner.stop()
@@ -269,14 +279,14 @@ def show_config() -> None:
 # --- demo --------------------------------------------------------------------------------------------
 def start_stage_processes(settings: Settings, extra_env: dict[str, str] | None = None,
                           log_dir: Path | None = None) -> dict[str, subprocess.Popen]:
-    """Start the four stages as separate processes (``pipeline run <stage>``)."""
-    from pipeline.stages import STAGES
+    """Start the four stages and the outbox relay as separate processes (``pipeline run <stage>``)."""
+    from pipeline.stages import PROCESSES
 
     env = {**os.environ, **(extra_env or {})}
     log_dir = log_dir or settings.stack_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = {}
-    for stage in STAGES:
+    for stage in PROCESSES:
         log = open(log_dir / f"{stage}.log", "ab")  # noqa: SIM115 - handed to the child
         procs[stage] = subprocess.Popen([sys.executable, "-m", "pipeline", "run", stage], env=env,
                                         stdout=log, stderr=subprocess.STDOUT)

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -84,6 +84,44 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(
         30.0, gt=0, description="after this long without records a partition's watermark follows wall clock"
     )
+
+    # --- ingest: duplicates and bad input (SPEC §1, §2; issue 6) ---------------------------------
+    telemetry_dedupe_horizon_s: int = Field(
+        7 * 86_400, ge=0,
+        description="ingest drops a repeated telemetry (source, id) seen within this many seconds of event time",
+    )
+    future_bound_s: int = Field(
+        86_400, ge=0, description="ingest dead-letters (FUTURE_EVENT) a reading or event later than now + this"
+    )
+
+    # --- HTTP ingestion: `pipeline serve http` (issue 6) ---------------------------------------
+    http_host: str = Field("127.0.0.1", description="address the HTTP ingestion server binds")
+    http_port: int = Field(8080, ge=0, le=65535, description="port of the HTTP ingestion server")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description='keys the HTTP endpoints accept (header X-API-Key), JSON: ["key-1", "key-2"]; none = refuse all',
+    )
+    http_max_batch: int = Field(10_000, ge=1, description="max readings or events in one HTTP request (more: 413)")
+    http_idempotency_ttl_s: float = Field(
+        86_400.0, gt=0, description="a request repeated with the same Idempotency-Key within this many seconds gets "
+        "the first response and produces nothing (in-memory, per server process)",
+    )
+
+    # --- invoicing (SPEC §5) ----------------------------------------------------------------
+    invoice_close_delay_hours: float = Field(
+        72.0, ge=0, description="an invoice closes at its period end (account time zone) + this, then is finalized"
+    )
+    invoice_clock: Literal["event", "wall"] = Field(
+        "event",
+        description="what closes invoices: `event` = the highest usage watermark carried by charges (replays of "
+        "old data bill as they did then), `wall` = the wall clock",
+    )
+    invoice_series: str = Field(
+        "INV-{year}", description="invoice number series; {year} = bill date year, {currency} = ISO 4217 code"
+    )
+    invoice_close_check_s: float = Field(5.0, gt=0, description="how often invoicing looks for invoices to close")
+    relay_batch: int = Field(500, ge=1, description="outbox rows published per relay round")
+    relay_poll_s: float = Field(0.5, gt=0, description="relay wait when the outbox is empty")
 
 
 @lru_cache(maxsize=1)

@@ -189,6 +189,8 @@ class RatedCharge:
         price_book_id / price_book_version: the price book version used.
         cause: what triggered the recompute (window ids and revisions, or price book version).
         explanation: JSON text: windows and revisions, quality flags, formula.
+        watermark: the highest usage watermark (UTC) among the window revisions behind the line, or
+            ``None`` (a re-rating line); the invoicing stage's event clock (SPEC §5).
     """
 
     line_id: str
@@ -208,10 +210,13 @@ class RatedCharge:
     price_book_version: int
     cause: str
     explanation: str
+    watermark: datetime | None = None
 
     def __post_init__(self) -> None:
         for name in ("quantity", "rate", "amount", "period_total"):
             _require_decimal(name, getattr(self, name))
+        if self.watermark is not None:
+            _require_utc("watermark", self.watermark)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,3 +243,89 @@ class DeadLetter:
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = field(default=())
     failed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """A payment received for an account (topic ``payments``, key = account), SPEC §5 balance.
+
+    Attributes:
+        payment_id: unique id from the payment system; a repeat is a duplicate and changes nothing.
+        account: the paying account.
+        currency: ISO 4217 code of ``amount``.
+        amount: money received, in ``currency`` major units (e.g. 120.50 AUD), > 0.
+        received_at: when the money was received (UTC).
+        reference: free text from the payment system (bank reference, card auth ...).
+    """
+
+    payment_id: str
+    account: str
+    currency: str
+    amount: Decimal
+    received_at: datetime
+    reference: str = ""
+
+    def __post_init__(self) -> None:
+        _require_decimal("amount", self.amount)
+        _require_utc("received_at", self.received_at)
+        if self.amount <= 0:
+            raise ValueError(f"amount must be > 0, got {self.amount}")
+        if len(self.currency) != 3 or not self.currency.isalpha() or not self.currency.isupper():
+            raise ValueError(f"currency must be an ISO 4217 code, got {self.currency!r}")
+        if not self.payment_id or not self.account:
+            raise ValueError("payment_id and account must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceEvent:
+    """One ledger change announced on ``invoice.events`` (key = account), published from the outbox.
+
+    ``event_type`` says which optional fields are set:
+
+    - ``LINE_APPENDED``: invoice_id, line_id, line_kind (CHARGE / ADJUSTMENT), service period
+      (period_start, period_end exclusive), component_id, band, quantity, unit, amount; for an
+      adjustment also adjusts_invoice_id and adjusts_invoice_number.
+    - ``INVOICE_FINALIZED``: invoice_id, invoice_number, period_start, period_end, bill_date,
+      due_date, previous_balance, charges_total, payments_total, amount_due.
+    - ``PAYMENT_APPLIED``: payment_id, amount, balance (account balance after it, this currency).
+
+    Attributes:
+        event_id: unique and deterministic (``line:<line id>``, ``finalized:<invoice id>``,
+            ``payment:<payment id>``): consumers deduplicate on it.
+        sequence: the outbox sequence number: increasing in commit order per account.
+        occurred_at: when the change was committed to the ledger (UTC).
+        Amounts are in ``currency`` major units, 6 decimal places; dates are local (account) dates.
+    """
+
+    event_id: str
+    event_type: str
+    sequence: int
+    account: str
+    currency: str
+    occurred_at: datetime
+    invoice_id: str | None = None
+    invoice_number: str | None = None
+    line_id: str | None = None
+    line_kind: str | None = None
+    period_start: date | None = None
+    period_end: date | None = None
+    component_id: str | None = None
+    band: str | None = None
+    quantity: Decimal | None = None
+    unit: str | None = None
+    amount: Decimal | None = None
+    adjusts_invoice_id: str | None = None
+    adjusts_invoice_number: str | None = None
+    bill_date: date | None = None
+    due_date: date | None = None
+    previous_balance: Decimal | None = None
+    charges_total: Decimal | None = None
+    payments_total: Decimal | None = None
+    amount_due: Decimal | None = None
+    payment_id: str | None = None
+    balance: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        if self.event_type not in ("LINE_APPENDED", "INVOICE_FINALIZED", "PAYMENT_APPLIED"):
+            raise ValueError(f"unknown event_type {self.event_type!r}")
+        _require_utc("occurred_at", self.occurred_at)

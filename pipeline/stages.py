@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from pipeline.codec import default_codec
 from pipeline.config import Settings
 from pipeline.ingest.processor import IngestProcessor
@@ -14,6 +16,8 @@ from pipeline.topology import Topics
 from pipeline.windowing import processor as windowing
 
 STAGES = ("ingest", "windowing", "rating", "invoicing")
+# every long-running process of a deployment: the four stages and the outbox relay
+PROCESSES = (*STAGES, "relay")
 
 
 def build_stage(name: str, settings: Settings) -> StageSpec:
@@ -33,6 +37,9 @@ def build_stage(name: str, settings: Settings) -> StageSpec:
         enc, dec = rating.state_codec(codec)
         return StageSpec("rating", [topics.usage_windows], rating.RatingProcessor(topics, codec, cache.get), enc, dec)
     if name == "invoicing":
-        store = LedgerStore(settings.database_url, topics.group("invoicing"))
-        return StageSpec("invoicing", [topics.charges_rated], InvoicingProcessor(codec, store), external_sink=True)
+        store = LedgerStore(settings.database_url, topics.group("invoicing"), codec,
+                            timedelta(hours=settings.invoice_close_delay_hours), settings.invoice_clock,
+                            settings.invoice_series)
+        proc = InvoicingProcessor(codec, store, topics.payments, settings.invoice_close_check_s)
+        return StageSpec("invoicing", [topics.charges_rated, topics.payments], proc, external_sink=True)
     raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")

@@ -45,6 +45,7 @@ class Topics:
         self.dlq_ingest = f"{p}dlq.ingest"
         self.pricebooks = f"{p}pricebooks"
         self.invoice_events = f"{p}invoice.events"
+        self.payments = f"{p}payments"
         self._prefix = p
         self._partitions = settings.partitions
 
@@ -74,8 +75,10 @@ class Topics:
             TopicSpec(self.usage_late, n, keep_forever),
             TopicSpec(self.dlq_ingest, n, keep_forever),
             TopicSpec(self.invoice_events, n, keep_forever),
+            TopicSpec(self.payments, n, keep_forever),
             # compacted: latest value per key is the truth
             TopicSpec(self.pricebooks, 1, compacted),
+            TopicSpec(self.changelog("ingest"), n, compacted),  # duplicate detection (SPEC §2)
             TopicSpec(self.changelog("windowing"), n, compacted),
             TopicSpec(self.changelog("rating"), n, compacted),
         ]

@@ -1,20 +1,36 @@
-"""The invoice ledger: rated delta lines → append-only invoice lines in Postgres (SPEC §5).
+"""The invoice ledger in Postgres (SPEC §5): the exactly-once sink, invoice lifecycle, payments,
+and the transactional outbox.
 
-Pure part: ``invoice_id_of`` and ``line_row``. I/O part: ``LedgerStore`` writes a batch of lines,
-their invoices and the consumed offsets in ONE Postgres transaction (the exactly-once sink);
-line ids are unique, so a re-delivered record inserts nothing.
+Pure rules live in ``pipeline.invoicing.lifecycle``; this module runs them inside transactions:
+
+- ``LedgerStore.commit``: ONE transaction per batch appends the new lines (each placed on its own
+  OPEN invoice, or as a prior-period adjustment on the account's next open invoice when its own
+  is FINALIZED), records new payments, dead letters, the consumed offsets, the billing clock, and
+  an outbox event for every line appended and payment applied. Line and payment ids are unique,
+  so a re-delivered record inserts nothing and announces nothing.
+- ``LedgerStore.finalize_due``: ONE transaction finalizes every OPEN invoice whose close time has
+  passed the billing clock, in close order: gap-free number from its series, bill and due dates,
+  frozen statement (previous balance + charges − payments = amount due), outbox event.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
-from pipeline.records import RatedCharge
+from pipeline.codec import Codec
+from pipeline.invoicing import lifecycle as lc
+from pipeline.records import InvoiceEvent, Payment, RatedCharge
 from pipeline.runtime import postgres
 
 log = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# a transaction-level advisory lock: one finalizer at a time keeps each account's balance chain in order
+FINALIZE_LOCK = 0x1E5D6E6
 
 
 def invoice_id_of(account: str, period_start: Any, currency: str) -> str:
@@ -32,40 +48,93 @@ class PendingLine:
     offset: int
 
 
-def line_row(p: PendingLine) -> tuple[Any, ...]:
-    """The ``invoice_lines`` row of a pending line (column order of ``INSERT_LINE``)."""
-    c = p.charge
-    return (
-        c.line_id, invoice_id_of(c.account, c.period_start, c.currency), c.account, c.period_start,
-        c.period_end, c.currency, c.component_id, c.component_kind, c.band, c.quantity, c.unit, c.rate,
-        c.amount, c.period_total, c.price_book_id, c.price_book_version, c.cause, c.explanation,
-        p.topic, p.partition, p.offset,
-    )
+@dataclass(frozen=True, slots=True)
+class PendingPayment:
+    """A payment with where it was read."""
+
+    payment: Payment
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What one ``commit`` changed: lines appended (of which adjustments) and payments recorded."""
+
+    lines: int
+    adjustments: int
+    payments: int
+    clock_advanced: bool
 
 
 INSERT_INVOICE = """
-INSERT INTO invoices (invoice_id, account, period_start, period_end, currency)
-VALUES (%s, %s, %s, %s, %s) ON CONFLICT (invoice_id) DO NOTHING"""
+INSERT INTO invoices (invoice_id, account, period_start, period_end, currency, close_at, clock_partition)
+VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (invoice_id) DO NOTHING"""
 INSERT_LINE = """
 INSERT INTO invoice_lines (line_id, invoice_id, account, period_start, period_end, currency, component_id,
   component_kind, band, quantity, unit, rate, amount, period_total, price_book_id, price_book_version, cause,
-  explanation, source_topic, source_partition, source_offset)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)
+  explanation, source_topic, source_partition, source_offset, line_kind, adjusts_invoice_id, adjusts_invoice_number)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (line_id) DO NOTHING"""
+INSERT_PAYMENT = """
+INSERT INTO payments (payment_id, account, currency, amount, received_at, reference, source_topic,
+  source_partition, source_offset)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (payment_id) DO NOTHING RETURNING payment_id"""
+INSERT_OUTBOX = """
+INSERT INTO outbox (event_id, event_type, account, payload) VALUES (%s, %s, %s, %s)
+ON CONFLICT (event_id) DO NOTHING"""
 UPSERT_OFFSET = """
 INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset) VALUES (%s, %s, %s, %s)
 ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset"""
+ADVANCE_CLOCK = """
+INSERT INTO billing_clock (consumer_group, partition, clock) VALUES (%s, %s, %s)
+ON CONFLICT (consumer_group, partition) DO UPDATE SET clock = EXCLUDED.clock
+WHERE billing_clock.clock < EXCLUDED.clock RETURNING clock"""
 INSERT_DEAD = """
 INSERT INTO dead_letters (stage, reason, message, topic, partition, "offset", key, value)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (topic, partition, "offset") DO NOTHING"""
+NEXT_OPEN = """
+SELECT invoice_id FROM invoices
+WHERE account = %s AND currency = %s AND status = 'OPEN' AND period_start > %s
+ORDER BY period_start LIMIT 1 FOR UPDATE"""
+
+
+def line_row(p: PendingLine, placement: lc.Placement) -> tuple[Any, ...]:
+    """The ``invoice_lines`` row of a pending line placed by ``lifecycle.place``."""
+    c = p.charge
+    return (
+        c.line_id, placement.invoice_id, c.account, c.period_start, c.period_end, c.currency, c.component_id,
+        c.component_kind, c.band, c.quantity, c.unit, c.rate, c.amount, c.period_total, c.price_book_id,
+        c.price_book_version, c.cause, c.explanation, p.topic, p.partition, p.offset, placement.line_kind,
+        placement.adjusts_invoice_id, placement.adjusts_invoice_number,
+    )
 
 
 class LedgerStore:
-    """Postgres side of the invoicing sink, with one long-lived connection that is re-opened
-    (after waiting) whenever the server goes away."""
+    """Postgres side of the invoicing stage, on one long-lived connection that is re-opened
+    (after waiting) whenever the server goes away.
 
-    def __init__(self, url: str, group: str, give_up_s: float = 600.0) -> None:
+    Args:
+        url: application-role database URL.
+        group: the invoicing consumer group (key of stored offsets and of the billing clock).
+        codec: encodes outbox payloads (``InvoiceEvent``).
+        close_delay: period end + this = an invoice's close time (SPEC §5).
+        clock: ``event``: an invoice closes by the highest usage watermark seen on the charges of its
+            account's partition of charges.rated (the windowing watermark, SPEC §3); ``wall``: by
+            the wall clock.
+        series: invoice number series template (``lifecycle.series_of``).
+    """
+
+    def __init__(self, url: str, group: str, codec: Codec, close_delay: timedelta = timedelta(days=3),
+                 clock: str = "event", series: str = "INV-{year}", give_up_s: float = 600.0) -> None:
+        if clock not in ("event", "wall"):
+            raise ValueError(f"clock must be 'event' or 'wall', got {clock!r}")
         self.group = group
+        self.codec = codec
+        self.close_delay = close_delay
+        self.clock_mode = clock
+        self.series = series
         self._db = postgres.Reconnecting(url, give_up_s)
         self._run = self._db.run
 
@@ -82,35 +151,219 @@ class LedgerStore:
 
         return self._run(work)
 
-    def commit(
-        self, lines: list[PendingLine], dead: list[tuple[Any, ...]], offsets: dict[tuple[str, int], int]
-    ) -> int:
-        """Append ``lines`` (and their invoices), record ``dead`` letters and store ``offsets``,
-        all in one transaction. Returns the number of lines actually inserted (new ids)."""
+    # --- the batch transaction ---------------------------------------------------------------
+    def commit(self, lines: list[PendingLine], dead: list[tuple[Any, ...]], offsets: dict[tuple[str, int], int],
+               payments: list[PendingPayment] | None = None) -> CommitResult:
+        """Append ``lines``, record ``payments`` and ``dead`` letters, store ``offsets`` and advance the
+        billing clock, all in one transaction, with an outbox event per line appended and payment
+        recorded. Replayed lines and payments (known ids) change nothing."""
+        payments = payments or []
 
-        def work(conn: Any) -> int:
-            inserted = 0
+        def work(conn: Any) -> CommitResult:
+            now = datetime.now(UTC)
             with conn.cursor() as cur:
-                invoices = {
-                    invoice_id_of(p.charge.account, p.charge.period_start, p.charge.currency): (
-                        p.charge.account, p.charge.period_start, p.charge.period_end, p.charge.currency)
-                    for p in lines
-                }
-                if invoices:
-                    cur.executemany(INSERT_INVOICE, [(k, *v) for k, v in sorted(invoices.items())])
-                if lines:  # one round trip for the batch (pipeline mode); RETURNING tells new from replayed
-                    cur.executemany(INSERT_LINE + " RETURNING 1", [line_row(p) for p in lines], returning=True)
-                    while True:
-                        inserted += len(cur.fetchall())
-                        if not cur.nextset():
-                            break
+                new_lines = self._new_lines(cur, lines)
+                placements = self._place(cur, new_lines)
+                if new_lines:
+                    rows = [line_row(p, placements[p.charge.line_id]) for p in new_lines]
+                    cur.executemany(INSERT_LINE, rows)
+                    cur.executemany(INSERT_OUTBOX, [self._outbox(lc.line_event(p.charge, placements[p.charge.line_id],
+                                                                               now)) for p in new_lines])
+                recorded = self._record_payments(cur, payments, now)
                 if dead:
                     cur.executemany(INSERT_DEAD, dead)
                 cur.executemany(UPSERT_OFFSET, [(self.group, t, p, o) for (t, p), o in sorted(offsets.items())])
-            return inserted
+                watermarks: dict[int, datetime] = {}
+                for p in lines:
+                    if p.charge.watermark is not None and p.charge.watermark > watermarks.get(p.partition, _EPOCH):
+                        watermarks[p.partition] = p.charge.watermark
+                advanced = False
+                for partition, wm in sorted(watermarks.items()):
+                    advanced |= cur.execute(ADVANCE_CLOCK, (self.group, partition, wm)).fetchone() is not None
+            adjustments = sum(1 for p in placements.values() if p.line_kind == "ADJUSTMENT")
+            return CommitResult(len(new_lines), adjustments, recorded, advanced)
 
         return self._run(work)
+
+    def _outbox(self, event: InvoiceEvent) -> tuple[Any, ...]:
+        return (event.event_id, event.event_type, event.account, self.codec.encode(event))
+
+    @staticmethod
+    def _new_lines(cur: Any, lines: list[PendingLine]) -> list[PendingLine]:
+        """The lines whose ids are not in the ledger yet (first occurrence within the batch)."""
+        if not lines:
+            return []
+        known = {row[0] for row in cur.execute(
+            "SELECT line_id FROM invoice_lines WHERE line_id = ANY(%s)", ([p.charge.line_id for p in lines],))}
+        out = []
+        for p in lines:
+            if p.charge.line_id not in known:
+                known.add(p.charge.line_id)
+                out.append(p)
+        return out
+
+    def _accounts(self, cur: Any, accounts: set[str]) -> dict[str, tuple[str, str, date, int]]:
+        """account → (time zone, billing cycle, billing anchor, net days) from the reference data."""
+        rows = cur.execute(
+            "SELECT account, timezone, billing_cycle, billing_anchor, net_days FROM accounts WHERE account = ANY(%s)",
+            (sorted(accounts),),
+        ).fetchall()
+        return {a: (tz, cycle, anchor, net) for a, tz, cycle, anchor, net in rows}
+
+    def _ensure_invoices(self, cur: Any, keys: dict[tuple[str, date, date, str], int],
+                         accounts: dict[str, tuple[str, str, date, int]]) -> None:
+        """Create the missing invoices of ``keys`` ((account, period start, period end, currency) → the
+        charges.rated partition whose clock closes them)."""
+        rows = []
+        for (account, start, end, currency), partition in sorted(keys.items()):
+            tz = accounts.get(account, ("UTC",))[0]
+            rows.append((invoice_id_of(account, start, currency), account, start, end, currency,
+                         lc.close_time(end, tz, self.close_delay), partition))
+        if rows:
+            cur.executemany(INSERT_INVOICE, rows)
+
+    def _place(self, cur: Any, lines: list[PendingLine]) -> dict[str, lc.Placement]:
+        """line id → placement, creating invoices as needed; locks every invoice it appends to."""
+        if not lines:
+            return {}
+        keys: dict[tuple[str, date, date, str], int] = {}
+        for p in lines:
+            keys.setdefault((p.charge.account, p.charge.period_start, p.charge.period_end, p.charge.currency),
+                            p.partition)
+        accounts = self._accounts(cur, {k[0] for k in keys})
+        self._ensure_invoices(cur, keys, accounts)
+        own = {
+            row[0]: lc.InvoiceRef(*row)
+            for row in cur.execute(
+                "SELECT invoice_id, status, invoice_number FROM invoices WHERE invoice_id = ANY(%s) "
+                "ORDER BY invoice_id FOR UPDATE",
+                (sorted(invoice_id_of(a, s, c) for a, s, _e, c in keys),),
+            )
+        }
+        next_open: dict[str, str] = {}  # finalized invoice id → the open invoice its adjustments go to
+        for account, start, end, currency in sorted(keys):
+            ref = own[invoice_id_of(account, start, currency)]
+            if ref.status == "OPEN" or ref.invoice_id in next_open:
+                continue
+            row = cur.execute(NEXT_OPEN, (account, currency, start)).fetchone()
+            if row is None:
+                latest = cur.execute(
+                    "SELECT max(period_end) FROM invoices WHERE account = %s AND currency = %s", (account, currency)
+                ).fetchone()[0]
+                if account in accounts:
+                    _tz, cycle, anchor, _net = accounts[account]
+                    p0, p1 = lc.next_period(cycle, anchor, latest)
+                else:  # no reference row (cannot come from rating): a period as long as the corrected one
+                    p0, p1 = latest, latest + (end - start)
+                self._ensure_invoices(cur, {(account, p0, p1, currency): keys[(account, start, end, currency)]},
+                                      accounts)
+                row = cur.execute(NEXT_OPEN, (account, currency, start)).fetchone()
+            next_open[ref.invoice_id] = row[0]
+        out = {}
+        for p in lines:
+            ref = own[invoice_id_of(p.charge.account, p.charge.period_start, p.charge.currency)]
+            out[p.charge.line_id] = lc.place(ref, next_open.get(ref.invoice_id))
+        return out
+
+    def _record_payments(self, cur: Any, payments: list[PendingPayment], now: datetime) -> int:
+        recorded = 0
+        for pp in payments:
+            p = pp.payment
+            row = cur.execute(INSERT_PAYMENT, (p.payment_id, p.account, p.currency, p.amount, p.received_at,
+                                               p.reference, pp.topic, pp.partition, pp.offset)).fetchone()
+            if row is None:
+                continue  # a replayed payment
+            recorded += 1
+            balance = self._balance(cur, p.account, p.currency)
+            cur.execute(INSERT_OUTBOX, self._outbox(lc.payment_event(p, balance, now)))
+        return recorded
+
+    @staticmethod
+    def _balance(cur: Any, account: str, currency: str) -> Decimal:
+        """Everything charged minus everything paid, for one account and currency."""
+        return cur.execute(
+            "SELECT (SELECT coalesce(sum(amount), 0) FROM invoice_lines WHERE account = %(a)s AND currency = %(c)s)"
+            " - (SELECT coalesce(sum(amount), 0) FROM payments WHERE account = %(a)s AND currency = %(c)s)",
+            {"a": account, "c": currency},
+        ).fetchone()[0]
+
+    # --- closing ----------------------------------------------------------------------------------
+    def finalize_due(self, limit: int = 1000) -> list[str]:
+        """Finalize the OPEN invoices whose close time is at or before their billing clock, in close
+        order; returns their invoice numbers. Invoices being appended to right now are skipped (and
+        so are later invoices of the same account and currency) and closed on the next call; when
+        another process is finalizing, this call does nothing."""
+
+        def work(conn: Any) -> list[str]:
+            if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (FINALIZE_LOCK,)).fetchone()[0]:
+                return []
+            if self.clock_mode == "wall":
+                due = conn.execute(
+                    "SELECT invoice_id, account, currency, period_start, period_end FROM invoices "
+                    "WHERE status = 'OPEN' AND close_at <= now() ORDER BY close_at, account, period_start, currency "
+                    "LIMIT %s FOR UPDATE SKIP LOCKED", (limit,)).fetchall()
+            else:  # the clock of the partition the account's charges come through
+                due = conn.execute(
+                    "SELECT i.invoice_id, i.account, i.currency, i.period_start, i.period_end FROM invoices i "
+                    "JOIN billing_clock c ON c.consumer_group = %s AND c.partition = i.clock_partition "
+                    "WHERE i.status = 'OPEN' AND i.close_at <= c.clock "
+                    "ORDER BY i.close_at, i.account, i.period_start, i.currency "
+                    "LIMIT %s FOR UPDATE OF i SKIP LOCKED", (self.group, limit)).fetchall()
+            numbers: list[str] = []
+            held_back: set[tuple[str, str]] = set()
+            with conn.cursor() as cur:
+                accounts = self._accounts(cur, {d[1] for d in due})
+                for invoice_id, account, currency, p0, p1 in due:
+                    if (account, currency) in held_back or cur.execute(
+                        "SELECT 1 FROM invoices WHERE account = %s AND currency = %s AND status = 'OPEN' "
+                        "AND period_start < %s LIMIT 1", (account, currency, p0)).fetchone():
+                        held_back.add((account, currency))  # an earlier invoice is still open: keep the order
+                        continue
+                    numbers.append(self._finalize(cur, invoice_id, account, currency, (p0, p1),
+                                                  accounts.get(account)))
+            return numbers
+
+        numbers = self._run(work)
+        if numbers:
+            log.info("finalized %d invoices: %s … %s", len(numbers), numbers[0], numbers[-1])
+        return numbers
+
+    def _finalize(self, cur: Any, invoice_id: str, account: str, currency: str, period: tuple[date, date],
+                  account_ref: tuple[str, str, date, int] | None) -> str:
+        net_days = account_ref[3] if account_ref else 0
+        bill_date = period[1]
+        due_date = bill_date + timedelta(days=net_days)
+        series = lc.series_of(self.series, currency, bill_date)
+        cur.execute("INSERT INTO invoice_series (series, next_number) VALUES (%s, 1) ON CONFLICT DO NOTHING",
+                    (series,))
+        n = cur.execute("UPDATE invoice_series SET next_number = next_number + 1 WHERE series = %s "
+                        "RETURNING next_number - 1", (series,)).fetchone()[0]
+        number = lc.invoice_number(series, n)
+        prev = cur.execute(
+            "SELECT amount_due FROM invoices WHERE account = %s AND currency = %s AND status = 'FINALIZED' "
+            "ORDER BY finalized_order DESC LIMIT 1", (account, currency)).fetchone()
+        amounts = [r[0] for r in cur.execute("SELECT amount FROM invoice_lines WHERE invoice_id = %s",
+                                             (invoice_id,))]
+        pays = cur.execute(
+            "SELECT payment_id, amount FROM payments p WHERE account = %s AND currency = %s AND NOT EXISTS "
+            "(SELECT 1 FROM invoice_payments ip WHERE ip.payment_id = p.payment_id) ORDER BY payment_id",
+            (account, currency)).fetchall()
+        st = lc.statement(prev[0] if prev else None, amounts, [a for _, a in pays])
+        if pays:
+            cur.executemany("INSERT INTO invoice_payments (payment_id, invoice_id) VALUES (%s, %s)",
+                            [(pid, invoice_id) for pid, _ in pays])
+        cur.execute(
+            "UPDATE invoices SET status = 'FINALIZED', series = %s, sequence_number = %s, invoice_number = %s, "
+            "bill_date = %s, due_date = %s, previous_balance = %s, charges_total = %s, payments_total = %s, "
+            "amount_due = %s, finalized_at = now(), finalized_order = nextval('invoices_finalized_order') "
+            "WHERE invoice_id = %s",
+            (series, n, number, bill_date, due_date, st.previous_balance, st.charges_total, st.payments_total,
+             st.amount_due, invoice_id))
+        cur.execute(INSERT_OUTBOX, self._outbox(lc.finalized_event(
+            invoice_id, account, currency, number, period, bill_date, due_date, st, datetime.now(UTC))))
+        return number
 
     def close(self) -> None:
         """Close the connection."""
         self._db.close()
+

@@ -1,53 +1,102 @@
-"""The invoicing stage: rated delta lines → the append-only Postgres ledger (SPEC §5).
+"""The invoicing stage: rated delta lines and payments → the append-only Postgres ledger (SPEC §5).
 
 An ``ExternalSink``: the runtime hands it each batch's offsets, and it writes the batch's lines,
-their invoices and those offsets in one Postgres transaction; on assignment it tells the runtime
-to resume from the offsets stored in Postgres. Kafka's own committed offsets are never used.
+payments, their outbox events and those offsets in one Postgres transaction; on assignment it
+tells the runtime to resume from the offsets stored in Postgres (Kafka's own committed offsets are
+never used). The stage also closes invoices: after a commit that advanced the billing clock, and
+every ``close_check_s`` seconds, it finalizes every OPEN invoice whose close time has passed. The
+clock and the invoices live in Postgres, so closing carries on where it was after a restart.
 """
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter
 
 from pipeline.codec import Codec, DecodeError
-from pipeline.invoicing.ledger import LedgerStore, PendingLine
-from pipeline.records import RatedCharge
+from pipeline.invoicing.ledger import LedgerStore, PendingLine, PendingPayment
+from pipeline.records import Payment, RatedCharge
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import Context, ProcessorBase
 
 LINES = Counter("pipeline_ledger_lines_total", "ledger lines by outcome", ["outcome"])
+PAYMENTS = Counter("pipeline_ledger_payments_total", "payments by outcome", ["outcome"])
+FINALIZED = Counter("pipeline_invoices_finalized_total", "invoices finalized")
 
 
 class InvoicingProcessor(ProcessorBase):
-    """Buffers decoded charges of a batch; ``commit`` appends them with the offsets."""
+    """Buffers a batch's decoded charges and payments; ``commit`` appends them with the offsets.
 
-    def __init__(self, codec: Codec, store: LedgerStore) -> None:
+    Args:
+        codec: decodes ``RatedCharge`` (topic ``charges.rated``) and ``Payment`` (``payments_topic``).
+        store: the ledger.
+        payments_topic: full name of the payments topic.
+        close_check_s: how often (seconds) to look for invoices to finalize when nothing else
+            triggers it.
+    """
+
+    def __init__(self, codec: Codec, store: LedgerStore, payments_topic: str = "payments",
+                 close_check_s: float = 5.0) -> None:
         self.codec = codec
         self.store = store
+        self.payments_topic = payments_topic
+        self.close_check_s = close_check_s
         self._lines: list[PendingLine] = []
+        self._payments: list[PendingPayment] = []
         self._dead: list[tuple] = []
+        self._last_close = 0.0
 
     def process(self, record: Incoming, ctx: Context) -> None:
+        if record.topic == self.payments_topic:
+            self._process_payment(record)
+            return
         try:
             charge = self.codec.decode(record.value or b"", RatedCharge)
         except DecodeError as exc:
-            self._dead.append(("invoicing", "UNDECODABLE", str(exc), record.topic, record.partition,
-                               record.offset, record.key, record.value))
+            self._dead_letter(record, "UNDECODABLE", str(exc))
             return
         self._lines.append(PendingLine(charge, record.topic, record.partition, record.offset))
+
+    def _process_payment(self, record: Incoming) -> None:
+        try:
+            payment = self.codec.decode(record.value or b"", Payment)
+        except DecodeError as exc:
+            reason = "INVALID_PAYMENT" if str(exc).startswith("invalid Payment") else "UNDECODABLE"
+            self._dead_letter(record, reason, str(exc))
+            PAYMENTS.labels("dead_lettered").inc()
+            return
+        self._payments.append(PendingPayment(payment, record.topic, record.partition, record.offset))
+
+    def _dead_letter(self, record: Incoming, reason: str, message: str) -> None:
+        self._dead.append(("invoicing", reason, message, record.topic, record.partition, record.offset,
+                           record.key, record.value))
+
+    def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
+        if time.monotonic() - self._last_close >= self.close_check_s:
+            self._close()
+
+    def _close(self) -> None:
+        self._last_close = time.monotonic()
+        FINALIZED.inc(len(self.store.finalize_due()))
 
     # --- ExternalSink --------------------------------------------------------------------------
     def stored_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         return self.store.stored_offsets(partitions)
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        inserted = self.store.commit(self._lines, self._dead, offsets)
-        LINES.labels("appended").inc(inserted)
-        LINES.labels("replayed").inc(len(self._lines) - inserted)
+        result = self.store.commit(self._lines, self._dead, offsets, self._payments)
+        LINES.labels("appended").inc(result.lines - result.adjustments)
+        LINES.labels("adjustment").inc(result.adjustments)
+        LINES.labels("replayed").inc(len(self._lines) - result.lines)
         LINES.labels("dead_lettered").inc(len(self._dead))
-        self._lines.clear()
-        self._dead.clear()
+        PAYMENTS.labels("recorded").inc(result.payments)
+        PAYMENTS.labels("replayed").inc(len(self._payments) - result.payments)
+        self.discard()
+        if result.clock_advanced:
+            self._close()
 
     def discard(self) -> None:
         self._lines.clear()
+        self._payments.clear()
         self._dead.clear()

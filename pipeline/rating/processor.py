@@ -293,6 +293,7 @@ def recompute(
     books = ref.books_by_version()
     totals = r.rate_period(ps.quantities, days, books, (ps.period_end - ps.period_start).days, ps.peaks())
     cause_ids = sorted(f"{c.window_id}@{c.revision}" for c, _ in causes)
+    watermark = max((c.watermark for c, _ in causes), default=None)  # the invoicing stage's event clock
     cause = cause_override or "windows:" + hashlib.sha256("\n".join(cause_ids).encode()).hexdigest()[:24]
     out = []
     for key in sorted(set(totals) | set(ps.emitted)):
@@ -340,7 +341,7 @@ def recompute(
             band=line.band, quantity=line.quantity.quantize(Decimal("0.000001")), unit=line.unit,
             rate=line.rate, amount=delta, period_total=line.total, price_book_id=line.book_id,
             price_book_version=line.book_version, cause=cause,
-            explanation=json.dumps(explanation, sort_keys=True),
+            explanation=json.dumps(explanation, sort_keys=True), watermark=watermark,
         )))
     return out
 

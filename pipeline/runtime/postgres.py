@@ -32,7 +32,13 @@ def connect(url: str, autocommit: bool = False) -> psycopg.Connection:
 
 def is_disconnect(exc: BaseException) -> bool:
     """Whether ``exc`` means the server went away (retry after reconnecting)."""
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and not is_conflict(exc)
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is a deadlock or serialization failure: the transaction was rolled back by the
+    server and may simply be run again."""
+    return isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure)
 
 
 def jsonb(value: Any) -> Any:
@@ -57,8 +63,9 @@ def wait_ready(url: str, timeout_s: float = 60.0) -> None:
 class Reconnecting:
     """A long-lived connection that survives the server going away: ``run(work)`` executes
     ``work(conn)`` in a transaction; on a lost connection it closes it, waits (0.5 s doubling to
-    5 s), reconnects and runs ``work`` again. ``work`` must be idempotent per attempt (a failed
-    attempt is rolled back). Raises the last error after ``give_up_s`` or on any other error."""
+    5 s), reconnects and runs ``work`` again; a deadlock or serialization failure runs it again.
+    ``work`` must be idempotent per attempt (a failed attempt is rolled back).
+    Raises the last error after ``give_up_s`` or on any other error."""
 
     def __init__(self, url: str, give_up_s: float = 300.0) -> None:
         self.url = url
@@ -75,6 +82,9 @@ class Reconnecting:
                 with self._conn.transaction():
                     return work(self._conn)
             except Exception as exc:
+                if is_conflict(exc) and time.monotonic() <= deadline:
+                    log.info("transaction conflict (%s); running it again", exc)
+                    continue
                 if not is_disconnect(exc) or time.monotonic() > deadline:
                     raise
                 log.warning("database unavailable (%s); reconnecting in %.1fs", exc, delay)

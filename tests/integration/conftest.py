@@ -65,8 +65,8 @@ class Env:
         self.procs.setdefault(stage, []).append(p)
         return p
 
-    def start_all(self) -> None:
-        for stage in ("ingest", "windowing", "rating", "invoicing"):
+    def start_all(self, relay: bool = False) -> None:
+        for stage in ("ingest", "windowing", "rating", "invoicing", *(("relay",) if relay else ())):
             self.start(stage)
 
     def stop(self, p: subprocess.Popen, sig: int = 15, timeout: float = 60) -> int:
@@ -134,6 +134,50 @@ class Env:
                 return n
             assert now - start < timeout_s, f"ledger still changing after {timeout_s}s"
             time.sleep(0.5)
+
+    def wait_all_finalized(self, timeout_s: float = 120) -> None:
+        """Wait until no invoice is OPEN (the billing clock passed every close time)."""
+        deadline = time.monotonic() + timeout_s
+        while self.sql("SELECT count(*) FROM invoices WHERE status = 'OPEN'")[0][0]:
+            self.check_alive()
+            assert time.monotonic() < deadline, self.sql("SELECT invoice_id, close_at FROM invoices WHERE "
+                                                         "status = 'OPEN'")
+            time.sleep(0.5)
+
+    def assert_invoice_structure(self) -> None:
+        """SPEC §5 invariants of the ledger as it stands: one invoice per (account, period, currency);
+        a CHARGE line sits on the invoice of its own service period; an ADJUSTMENT line sits on a later
+        invoice of its account and names the finalized invoice of its service period; finalized invoice
+        numbers are gap-free 1..n per series; a finalized invoice's frozen totals are its lines and
+        payments, and its amount due = previous balance + charges − payments."""
+        inv = {r[0]: r for r in self.sql(
+            "SELECT invoice_id, account, period_start, currency, status, invoice_number, series, sequence_number, "
+            "previous_balance, charges_total, payments_total, amount_due, finalized_order FROM invoices")}
+        assert len({(r[1], r[2], r[3]) for r in inv.values()}) == len(inv)
+        for line_id, invoice_id, account, p0, cur, kind, adj_id, adj_no in self.sql(
+                "SELECT line_id, invoice_id, account, period_start, currency, line_kind, adjusts_invoice_id, "
+                "adjusts_invoice_number FROM invoice_lines"):
+            home = f"{account}|{p0}|{cur}"
+            if kind == "CHARGE":
+                assert invoice_id == home, line_id
+            else:
+                assert adj_id == home and inv[home][4] == "FINALIZED" and inv[home][5] == adj_no, line_id
+                assert inv[invoice_id][1] == account and inv[invoice_id][2] > p0, line_id
+        by_series: dict[str, list[int]] = {}
+        for r in inv.values():
+            if r[4] == "FINALIZED":
+                by_series.setdefault(r[6], []).append(r[7])
+                assert r[5] == f"{r[6]}-{r[7]:06d}"
+                assert r[11] == r[8] + r[9] - r[10]
+                assert r[9] == self.sql("SELECT coalesce(sum(amount), 0) FROM invoice_lines WHERE invoice_id = %s",
+                                        (r[0],))[0][0]
+                assert r[10] == self.sql("SELECT coalesce(sum(p.amount), 0) FROM invoice_payments ip JOIN payments p "
+                                         "USING (payment_id) WHERE ip.invoice_id = %s", (r[0],))[0][0]
+                prev = [x for x in inv.values() if x[1] == r[1] and x[3] == r[3] and x[4] == "FINALIZED"
+                        and x[12] < r[12]]
+                assert r[8] == (max(prev, key=lambda x: x[12])[11] if prev else 0), r[0]
+        for series, numbers in by_series.items():
+            assert sorted(numbers) == list(range(1, len(numbers) + 1)), series
 
     def ledger_totals(self) -> dict[tuple[str, str], dict[str, object]]:
         out: dict[tuple[str, str], dict[str, object]] = {}
