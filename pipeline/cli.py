@@ -242,13 +242,24 @@ def run_stage(stage: Annotated[str, typer.Argument(help="ingest | windowing | ra
 
 # --- invoices --------------------------------------------------------------------------------------
 @invoice_app.command("show")
-def invoice_show(account: Annotated[str | None, typer.Argument(help="account; default: all")] = None) -> None:
-    """Print the invoices of an account (or all) from the ledger."""
+def invoice_show(
+    account: Annotated[str | None, typer.Argument(help="account; default: all")] = None,
+    period: Annotated[str | None, typer.Argument(help="billing period start, YYYY-MM-DD; default: all")] = None,
+) -> None:
+    """Print the invoices of an account (or all), optionally of one billing period, from the ledger:
+    lines, prior-period adjustments, and for finalized invoices number, dates and amount due."""
+    from datetime import date
+
     from pipeline.invoicing.report import format_invoice, invoice_summaries
     from pipeline.runtime import postgres
 
+    try:
+        period_start = date.fromisoformat(period) if period else None
+    except ValueError:
+        typer.echo(f"period must be a date YYYY-MM-DD, got {period!r}", err=True)
+        raise typer.Exit(2) from None
     with postgres.connect(get_settings().database_url) as conn:
-        invoices = invoice_summaries(conn, account)
+        invoices = invoice_summaries(conn, account, period_start)
     for inv in invoices:
         typer.echo(format_invoice(inv) + "\n")
     if not invoices:
@@ -356,7 +367,7 @@ def demo(
         idle = float(os.environ["PIPELINE_IDLE_TIMEOUT_S"])
         lines = wait_until_quiet(settings, procs, min_wait_s=idle + 5, quiet_s=max(8.0, idle + 3))
         typer.echo(f"\nledger quiet: {lines} lines\n")
-        invoice_show(None)
+        invoice_show(None, None)
     finally:
         codes = stop_stage_processes(procs)
         typer.echo(f"stages stopped: {codes}")

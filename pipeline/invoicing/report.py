@@ -13,7 +13,8 @@ from pipeline.money import ZERO
 
 @dataclass(frozen=True)
 class InvoiceLineSummary:
-    """The net of all ledger lines of one component/band on one invoice."""
+    """The net of all ledger lines of one component/band on one invoice; for prior-period
+    adjustments, per corrected invoice and service period."""
 
     component_id: str
     component_kind: str
@@ -23,11 +24,18 @@ class InvoiceLineSummary:
     rate: Decimal
     amount: Decimal
     lines: int
+    line_kind: str = "CHARGE"
+    service_period_start: Any = None
+    adjusts_invoice_number: str | None = None
 
 
 @dataclass(frozen=True)
 class InvoiceSummary:
-    """One invoice: (account, period, currency), status, lines and the total."""
+    """One invoice: (account, period, currency), status, number, dates, lines and statement.
+
+    Amounts are in ``currency`` major units; ``previous_balance`` … ``amount_due`` are set once the
+    invoice is FINALIZED (SPEC §5: previous balance + charges − payments = amount due).
+    """
 
     invoice_id: str
     account: str
@@ -36,9 +44,16 @@ class InvoiceSummary:
     currency: str
     status: str
     lines: tuple[InvoiceLineSummary, ...]
+    invoice_number: str | None = None
+    bill_date: Any = None
+    due_date: Any = None
+    previous_balance: Decimal | None = None
+    payments_total: Decimal | None = None
+    amount_due: Decimal | None = None
 
     @property
     def total(self) -> Decimal:
+        """Charges on this invoice: its own lines plus prior-period adjustments."""
         return sum((ln.amount for ln in self.lines), ZERO)
 
 
@@ -46,57 +61,84 @@ KIND_ORDER = {"tou": 0, "per_unit": 0, "fixed_daily": 1, "feed_in": 2, "tax": 3}
 
 SUMMARY_SQL = """
 WITH net AS (
-  SELECT invoice_id, component_id, band, sum(amount) AS amount, count(*) AS n
+  SELECT invoice_id, line_kind, period_start AS service_start, adjusts_invoice_number, component_id, band,
+         sum(amount) AS amount, count(*) AS n
   FROM invoice_lines WHERE (%(account)s::text IS NULL OR account = %(account)s)
-  GROUP BY invoice_id, component_id, band
+  GROUP BY invoice_id, line_kind, period_start, adjusts_invoice_number, component_id, band
 ), latest AS (
-  SELECT DISTINCT ON (invoice_id, component_id, band) invoice_id, component_id, band, component_kind,
-         quantity, unit, rate
+  SELECT DISTINCT ON (invoice_id, line_kind, period_start, component_id, band) invoice_id, line_kind,
+         period_start AS service_start, component_id, band, component_kind, quantity, unit, rate
   FROM invoice_lines WHERE (%(account)s::text IS NULL OR account = %(account)s)
-  ORDER BY invoice_id, component_id, band, source_partition, source_offset DESC
+  ORDER BY invoice_id, line_kind, period_start, component_id, band, source_partition, source_offset DESC
 )
-SELECT i.invoice_id, i.account, i.period_start, i.period_end, i.currency, i.status,
-       l.component_id, l.component_kind, l.band, l.quantity, l.unit, l.rate, n.amount, n.n
-FROM invoices i JOIN net n USING (invoice_id) JOIN latest l USING (invoice_id, component_id, band)
+SELECT i.invoice_id, i.account, i.period_start, i.period_end, i.currency, i.status, i.invoice_number, i.bill_date,
+       i.due_date, i.previous_balance, i.payments_total, i.amount_due,
+       l.component_id, l.component_kind, l.band, l.quantity, l.unit, l.rate, n.amount, n.n, n.line_kind,
+       n.service_start, n.adjusts_invoice_number
+FROM invoices i JOIN net n USING (invoice_id)
+     JOIN latest l USING (invoice_id, line_kind, service_start, component_id, band)
+WHERE (%(period)s::date IS NULL OR i.period_start = %(period)s)
 ORDER BY i.account, i.period_start, i.currency
 """
 
 
-def invoice_summaries(conn: Any, account: str | None = None) -> list[InvoiceSummary]:
-    """Every invoice (of ``account``, or all) with its net lines."""
-    rows = conn.execute(SUMMARY_SQL, {"account": account}).fetchall()
+def invoice_summaries(conn: Any, account: str | None = None, period_start: Any = None) -> list[InvoiceSummary]:
+    """Every invoice (of ``account``, or all; of the billing period starting ``period_start``, or
+    all) with its net lines: charges per component/band, then prior-period adjustments per
+    corrected invoice, service period and component/band."""
+    rows = conn.execute(SUMMARY_SQL, {"account": account, "period": period_start}).fetchall()
     by_invoice: dict[str, list[Any]] = {}
     heads: dict[str, Any] = {}
     for row in rows:
-        heads.setdefault(row[0], row[:6])
-        by_invoice.setdefault(row[0], []).append(
-            InvoiceLineSummary(row[6], row[7], row[8], row[9], row[10], row[11], row[12], row[13])
-        )
+        heads.setdefault(row[0], row[:12])
+        by_invoice.setdefault(row[0], []).append(InvoiceLineSummary(*row[12:23]))
     out = []
     for inv_id, head in heads.items():
-        lines = sorted(by_invoice[inv_id], key=lambda ln: (KIND_ORDER.get(ln.component_kind, 9), ln.component_id,
-                                                           ln.band))
-        out.append(InvoiceSummary(head[0], head[1], head[2], head[3], head[4], head[5], tuple(lines)))
+        lines = sorted(by_invoice[inv_id], key=lambda ln: (
+            ln.line_kind, str(ln.adjusts_invoice_number), ln.service_period_start,
+            KIND_ORDER.get(ln.component_kind, 9), ln.component_id, ln.band))
+        out.append(InvoiceSummary(*head[:6], tuple(lines), *head[6:]))  # type: ignore[misc]
     return out
 
 
-def format_invoice(inv: InvoiceSummary) -> str:
-    """A plain-text invoice."""
-    last_day = inv.period_end.toordinal() - 1
-    from datetime import date
+def _money(x: Decimal) -> str:
+    return str(x.quantize(Decimal("0.01")))
 
-    out = [
-        f"Invoice {inv.invoice_id}  [{inv.status}]",
-        f"  account {inv.account}   service period {inv.period_start} – {date.fromordinal(last_day)}",
-    ]
-    for ln in inv.lines:
-        label = ln.component_id + (f" ({ln.band})" if ln.band else "")
-        if ln.component_kind == "tax":
-            qty = f"{ln.rate.normalize():f}% of {ln.quantity.quantize(Decimal('0.01'))}"
-        else:
-            qty = f"{ln.quantity.normalize():f} {ln.unit} @ {ln.rate.normalize():f}"
-        out.append(f"    {label:<22} {qty:<34} {ln.amount.quantize(Decimal('0.01')):>10} {inv.currency}")
-    out.append(f"    {'TOTAL':<57} {inv.total.quantize(Decimal('0.01')):>10} {inv.currency}")
+
+def _line_text(ln: InvoiceLineSummary, currency: str) -> str:
+    label = ln.component_id + (f" ({ln.band})" if ln.band else "")
+    if ln.component_kind == "tax":
+        qty = f"{ln.rate.normalize():f}% of {ln.quantity.quantize(Decimal('0.01'))}"
+    else:
+        qty = f"{ln.quantity.normalize():f} {ln.unit} @ {ln.rate.normalize():f}"
+    return f"    {label:<22} {qty:<34} {_money(ln.amount):>10} {currency}"
+
+
+def format_invoice(inv: InvoiceSummary) -> str:
+    """A plain-text invoice: header (number, status, dates), charges, prior-period adjustments
+    (naming the invoice each corrects and its service period), and the statement."""
+    last_day = inv.period_end - timedelta(days=1)
+    number = inv.invoice_number or "(not numbered until finalized)"
+    out = [f"Invoice {number}  [{inv.status}]  {inv.invoice_id}",
+           f"  account {inv.account}   service period {inv.period_start} – {last_day}"]
+    if inv.bill_date is not None:
+        out.append(f"  bill date {inv.bill_date}   due date {inv.due_date}")
+    charges = [ln for ln in inv.lines if ln.line_kind == "CHARGE"]
+    adjustments = [ln for ln in inv.lines if ln.line_kind == "ADJUSTMENT"]
+    out += [_line_text(ln, inv.currency) for ln in charges]
+    if adjustments:
+        out.append("  prior-period adjustments:")
+        group = None
+        for ln in adjustments:
+            if (ln.adjusts_invoice_number, ln.service_period_start) != group:
+                group = (ln.adjusts_invoice_number, ln.service_period_start)
+                out.append(f"   adjusts {ln.adjusts_invoice_number} (service period {ln.service_period_start})")
+            out.append(_line_text(ln, inv.currency))
+    out.append(f"    {'CHARGES THIS PERIOD':<57} {_money(inv.total):>10} {inv.currency}")
+    if inv.amount_due is not None:
+        out += [f"    {'previous balance':<57} {_money(inv.previous_balance or ZERO):>10} {inv.currency}",
+                f"    {'payments received':<57} {_money(-(inv.payments_total or ZERO)):>10} {inv.currency}",
+                f"    {'AMOUNT DUE':<57} {_money(inv.amount_due):>10} {inv.currency}"]
     return "\n".join(out)
 
 
