@@ -266,6 +266,41 @@ def invoice_show(
         typer.echo("no invoices")
 
 
+@app.command("pay")
+def pay(
+    account: Annotated[str, typer.Argument(help="paying account")],
+    amount: Annotated[str, typer.Argument(help="amount received, major units, e.g. 120.50")],
+    currency: Annotated[str, typer.Option(help="ISO 4217 code")] = "AUD",
+    payment_id: Annotated[str | None, typer.Option("--id", help="unique payment id; default: a new UUID")] = None,
+    reference: Annotated[str, typer.Option(help="bank reference or similar")] = "",
+) -> None:
+    """Publish a payment to the payments topic (idempotent producer); invoicing records it once per id
+    and counts it on the account's next finalized invoice (SPEC §5 balance)."""
+    import uuid
+    from datetime import UTC, datetime
+    from decimal import Decimal, InvalidOperation
+
+    from pipeline.codec import default_codec
+    from pipeline.records import Payment
+    from pipeline.runtime.kafka import IdempotentProducer
+    from pipeline.topology import Topics
+
+    try:
+        payment = Payment(payment_id or str(uuid.uuid4()), account, currency, Decimal(amount), datetime.now(UTC),
+                          reference)
+    except InvalidOperation:
+        typer.echo(f"invalid payment: amount {amount!r} is not a decimal number", err=True)
+        raise typer.Exit(2) from None
+    except (ValueError, TypeError) as exc:
+        typer.echo(f"invalid payment: {exc}", err=True)
+        raise typer.Exit(2) from None
+    settings = get_settings()
+    producer = IdempotentProducer(settings.kafka_bootstrap)
+    producer.send(Topics(settings).payments, account.encode(), default_codec().encode(payment))
+    producer.flush()
+    typer.echo(f"payment {payment.payment_id}: {payment.amount} {currency} from {account} published")
+
+
 @app.command("explain")
 def explain(line_id: Annotated[str, typer.Argument(help="ledger line id")]) -> None:
     """Why is this line on the bill? The line, its formula and price book, the window revisions that

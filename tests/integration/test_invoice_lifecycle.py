@@ -119,9 +119,13 @@ def test_close_number_adjust_pay_and_announce(pipeline_env: Env, tmp_path: Path)
     march_lines = lines_of(env, MARCH)
     assert {ln[1] for ln in march_lines} == {"CHARGE"}
 
-    # 2. a payment, delivered twice, is recorded once
+    # 2. a payment, delivered three times (twice by a payment system, once more by `pipeline pay`), is
+    # recorded once
     paid = Payment("PAY-0001", ACCOUNT, "AUD", Decimal("50.00"), datetime(2005, 4, 10, tzinfo=UTC), "BPAY 1234")
     publish_payment(env, paid, times=2)
+    res = subprocess.run([sys.executable, "-m", "pipeline", "pay", ACCOUNT, "50.00", "--id", "PAY-0001"],
+                         env=env.env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "PAY-0001" in res.stdout, res.stderr
     wait_for(env, "payment recorded", lambda: env.sql("SELECT count(*) FROM payments")[0][0] == 1)
 
     # 3. a superseding delivery for both months: March's differences become adjustments on April
