@@ -6,6 +6,8 @@ The Postgres side (``pipeline.invoicing.ledger``) applies these inside its trans
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -131,3 +133,40 @@ def payment_event(payment: Payment, balance: Decimal, at: datetime) -> InvoiceEv
         account=payment.account, currency=payment.currency, occurred_at=at, payment_id=payment.payment_id,
         amount=payment.amount, balance=balance,
     )
+
+
+# --- outbox rows: the event as JSON (cheap to write on the ledger path); the relay encodes Avro ---
+_DECIMALS = frozenset({"quantity", "amount", "previous_balance", "charges_total", "payments_total", "amount_due",
+                       "balance"})
+_DATES = frozenset({"period_start", "period_end", "bill_date", "due_date"})
+_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(InvoiceEvent) if f.name != "sequence")
+
+
+def event_to_json(event: InvoiceEvent) -> str:
+    """The outbox payload of ``event``: a JSON object of its set fields, decimals as strings, dates and
+    times in ISO 8601 (``sequence`` is assigned by the outbox table, not stored here)."""
+    out = {}
+    for name in _EVENT_FIELDS:
+        v = getattr(event, name)
+        if v is None:
+            continue
+        t = type(v)
+        if t is Decimal:
+            v = str(v)
+        elif t is date or t is datetime:
+            v = v.isoformat()
+        out[name] = v
+    return json.dumps(out)
+
+
+def event_from_json(payload: str | dict, sequence: int) -> InvoiceEvent:
+    """The ``InvoiceEvent`` of an outbox row (inverse of ``event_to_json``) with its ``sequence``.
+    Raises ``ValueError``/``KeyError`` on a payload that is not one."""
+    d = dict(json.loads(payload) if isinstance(payload, str) else payload)
+    for k, v in d.items():
+        if k in _DECIMALS:
+            d[k] = Decimal(v)
+        elif k in _DATES:
+            d[k] = date.fromisoformat(v)
+    d["occurred_at"] = datetime.fromisoformat(d["occurred_at"])
+    return InvoiceEvent(sequence=sequence, **d)

@@ -15,7 +15,6 @@ lock), so several relay processes can run for availability without reordering an
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import time
@@ -25,7 +24,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 
 from pipeline.codec import Codec
 from pipeline.config import Settings
-from pipeline.records import InvoiceEvent
+from pipeline.invoicing import lifecycle as lc
 from pipeline.runtime import postgres
 from pipeline.runtime.kafka import IdempotentProducer
 from pipeline.topology import Topics
@@ -37,10 +36,9 @@ PUBLISHED = Counter("pipeline_outbox_published_total", "outbox events published 
 BACKLOG = Gauge("pipeline_outbox_backlog", "outbox events not yet published")
 
 
-def with_sequence(codec: Codec, payload: bytes, seq: int) -> bytes:
-    """The stored event with its outbox sequence number filled in (Avro ``InvoiceEvent``)."""
-    event = codec.decode(payload, InvoiceEvent)
-    return codec.encode(dataclasses.replace(event, sequence=seq))
+def encode_row(codec: Codec, payload: dict, seq: int) -> bytes:
+    """An outbox row (JSON payload, sequence) as the Avro ``InvoiceEvent`` published."""
+    return codec.encode(lc.event_from_json(payload, seq))
 
 
 class Relay:
@@ -91,7 +89,7 @@ class Relay:
                 BACKLOG.set(0)
                 return 0
             for seq, account, payload in rows:
-                producer.send(self.topic, account.encode(), with_sequence(self.codec, bytes(payload), seq))
+                producer.send(self.topic, account.encode(), encode_row(self.codec, payload, seq))
             producer.flush()  # every record acknowledged (or KafkaIOError: nothing is marked)
             conn.execute("UPDATE outbox SET sent_at = now() WHERE seq = ANY(%s)", ([r[0] for r in rows],))
             BACKLOG.set(conn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0])

@@ -112,7 +112,7 @@ CREATE TABLE outbox (
     event_id     text NOT NULL UNIQUE,
     event_type   text NOT NULL CHECK (event_type IN ('LINE_APPENDED', 'INVOICE_FINALIZED', 'PAYMENT_APPLIED')),
     account      text NOT NULL,
-    payload      bytea NOT NULL,
+    payload      jsonb NOT NULL,  -- the InvoiceEvent's fields; the relay encodes it as Avro
     created_at   timestamptz NOT NULL DEFAULT now(),
     sent_at      timestamptz
 );

@@ -72,6 +72,7 @@ def test_events_round_trip_through_avro_with_unique_ids() -> None:
     assert len({e.event_id for e in events}) == 3
     for e in events:
         assert codec.decode(codec.encode(e), InvoiceEvent) == e
+        assert lc.event_from_json(lc.event_to_json(e), e.sequence) == e  # the outbox row and back
     assert (line.line_kind, line.adjusts_invoice_number, line.period_start) == (
         "ADJUSTMENT", "INV-2005-000001", date(2005, 3, 1))
     assert fin.amount_due == Decimal("7.40")
