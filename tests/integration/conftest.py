@@ -179,6 +179,48 @@ class Env:
         for series, numbers in by_series.items():
             assert sorted(numbers) == list(range(1, len(numbers) + 1)), series
 
+    def assert_invoice_events(self, timeout_s: float = 120) -> list:
+        """Once the relay drained the outbox: a consumer of invoice.events that drops repeated event ids
+        sees every ledger change exactly once — one LINE_APPENDED per ledger line, one
+        INVOICE_FINALIZED per finalized invoice, one PAYMENT_APPLIED per payment — keyed by account,
+        each account on one partition, in increasing outbox sequence (commit order). Returns the
+        deduplicated events."""
+        from pipeline.records import InvoiceEvent
+
+        deadline = time.monotonic() + timeout_s
+        while self.sql("SELECT count(*) FROM outbox WHERE sent_at IS NULL")[0][0]:
+            self.check_alive()
+            assert time.monotonic() < deadline, "the relay did not drain the outbox"
+            time.sleep(0.3)
+        codec = default_codec()
+        seen: dict[str, InvoiceEvent] = {}
+        order: list[InvoiceEvent] = []
+        partition_of: dict[str, int] = {}
+        for m in read_all(self.settings.kafka_bootstrap, self.topics.invoice_events, timeout_s=60):
+            ev = codec.decode(m.value, InvoiceEvent)
+            assert m.key == ev.account.encode()
+            assert partition_of.setdefault(ev.account, m.partition) == m.partition
+            if ev.event_id in seen:
+                assert seen[ev.event_id] == ev  # a re-publication is the same event
+                continue
+            seen[ev.event_id] = ev
+            order.append(ev)
+        lines = {r[0] for r in self.sql("SELECT line_id FROM invoice_lines")}
+        appended = [e.line_id for e in order if e.event_type == "LINE_APPENDED"]
+        assert len(appended) == len(lines) and set(appended) == lines
+        finalized = [e.invoice_id for e in order if e.event_type == "INVOICE_FINALIZED"]
+        assert sorted(finalized) == sorted(r[0] for r in self.sql(
+            "SELECT invoice_id FROM invoices WHERE status = 'FINALIZED'"))
+        paid = [e.payment_id for e in order if e.event_type == "PAYMENT_APPLIED"]
+        assert sorted(paid) == sorted(r[0] for r in self.sql("SELECT payment_id FROM payments"))
+        by_account: dict[str, list[int]] = {}
+        for e in order:
+            by_account.setdefault(e.account, []).append(e.sequence)
+        for account, seqs in by_account.items():
+            assert seqs == sorted(seqs), account
+        assert len(order) == self.sql("SELECT count(*) FROM outbox")[0][0]
+        return order
+
     def ledger_totals(self) -> dict[tuple[str, str], dict[str, object]]:
         out: dict[tuple[str, str], dict[str, object]] = {}
         for account, period, key, total in self.sql(

@@ -1,6 +1,7 @@
-"""The invoicing sink under failure (SPEC §5, invariant 2): SIGKILLed at random points while real data
-flows, and PostgreSQL itself restarted mid-stream. Afterwards every line exists exactly once and the
-ledger equals the independent batch computation."""
+"""The invoicing sink under failure (SPEC §5, invariant 2): the stage and the outbox relay SIGKILLed at
+random points while real data and payments flow, and PostgreSQL itself restarted mid-stream.
+Afterwards every line and payment exists exactly once, the ledger equals the independent batch
+computation, the invoices keep their invariants, and invoice.events carries every change once."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import random
 import signal
 import threading
 import time
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import pytest
 
 from pipeline import stack
+from pipeline.codec import default_codec
+from pipeline.records import Payment
 from pipeline.reference import BUNDLED_REFERENCE
 from tests.batchbill import expected_bills
 from tests.integration.conftest import DATA, Env, publish_files
@@ -25,12 +30,20 @@ def test_invoicing_survives_sigkill_and_a_postgres_restart(pipeline_env: Env, ba
     env = pipeline_env
     env.env["PIPELINE_ALLOWED_LATENESS_DAYS"] = "20000"  # 2005 data: nothing may become too late here
     env.env["PIPELINE_IDLE_TIMEOUT_S"] = "8"
-    env.start_all()
+    env.env["PIPELINE_INVOICE_CLOSE_CHECK_S"] = "1"
+    env.start_all(relay=True)
     done = threading.Event()
+    codec = default_codec()
 
     def publish() -> None:
-        for f in FILES:
+        for i, f in enumerate(FILES):
             publish_files(env, [f])
+            producer = env.producer()
+            for account in (f"ACC-{1001 + i % 7}", f"ACC-{1010 + i % 5}"):  # repeats of an id count once
+                pay = Payment(f"PAY-{i % 12:03d}-{account}", account, "AUD", Decimal("12.34"),
+                              datetime(2005, 4, 1, tzinfo=UTC))
+                producer.send(env.topics.payments, account.encode(), codec.encode(pay))
+            producer.flush()
             time.sleep(0.8)
         done.set()
 
@@ -46,9 +59,10 @@ def test_invoicing_survives_sigkill_and_a_postgres_restart(pipeline_env: Env, ba
     kills = 0
     while not done.is_set() or kills < 3:
         time.sleep(rng.uniform(1.0, 2.5))
-        env.stop(env.procs["invoicing"][-1], signal.SIGKILL)
+        victim = "relay" if kills % 3 == 2 else "invoicing"
+        env.stop(env.procs[victim][-1], signal.SIGKILL)
         kills += 1
-        env.start("invoicing")
+        env.start(victim)
     publisher.join()
     assert kills >= 3
     env.wait_quiet(min_wait_s=20, quiet_s=8)
@@ -57,3 +71,10 @@ def test_invoicing_survives_sigkill_and_a_postgres_restart(pipeline_env: Env, ba
     assert env.ledger_totals() == want
     assert env.sql("SELECT count(*) - count(DISTINCT line_id) FROM invoice_lines")[0][0] == 0
     assert "database unavailable" in env.log_tail("invoicing", 500_000)  # the outage was really met
+    payments = env.sql("SELECT payment_id FROM payments")
+    assert len(payments) == len({(f"PAY-{i % 12:03d}", 1001 + i % 7) for i in range(len(FILES))}) + len(
+        {(f"PAY-{i % 12:03d}", 1010 + i % 5) for i in range(len(FILES))})
+    env.wait_all_finalized()  # the idle watermark followed the wall clock: every period has closed
+    env.assert_invoice_structure()
+    events = env.assert_invoice_events()
+    assert sum(e.event_type == "PAYMENT_APPLIED" for e in events) == len(payments)
