@@ -145,8 +145,9 @@ def format_invoice(inv: InvoiceSummary) -> str:
 EXPLAIN_SQL = """
 SELECT l.line_id, l.invoice_id, l.account, l.period_start, l.period_end, l.currency, l.component_id, l.band,
        l.quantity, l.unit, l.rate, l.amount, l.period_total, l.price_book_id, l.price_book_version, l.cause,
-       l.explanation, l.source_topic, l.source_partition, l.source_offset, l.appended_at
-FROM invoice_lines l WHERE l.line_id = %s
+       l.explanation, l.source_topic, l.source_partition, l.source_offset, l.appended_at, l.line_kind,
+       l.adjusts_invoice_number, i.invoice_number, i.status
+FROM invoice_lines l JOIN invoices i USING (invoice_id) WHERE l.line_id = %s
 """
 
 
@@ -158,12 +159,14 @@ def explain_line(conn: Any, line_id: str) -> str | None:
     if row is None:
         return None
     (lid, invoice, account, p0, p1, cur, comp, band, qty, unit, rate, amount, total, book, version, cause,
-     exp, topic, partition, offset, appended) = row
+     exp, topic, partition, offset, appended, kind, adjusts_number, number, status) = row
     out = [
         f"line {lid}",
-        f"  invoice {invoice}  account {account}  service period {p0} – {p1 - timedelta(days=1)}",
+        f"  invoice {number or invoice} [{status}]  account {account}  service period {p0} – {p1 - timedelta(days=1)}",
         f"  component {comp}{f' ({band})' if band else ''}: {amount.quantize(Decimal('0.01'))} {cur} "
         f"(component's period total after this line: {total.quantize(Decimal('0.01'))} {cur})",
+        *([f"  prior-period adjustment of invoice {adjusts_number} (finalized before this correction arrived)"]
+          if kind == "ADJUSTMENT" else []),
         f"  price book {book} v{version}"
         + (f", superseding v{', v'.join(map(str, exp['price_book']['previous_versions']))}"
            if exp.get("price_book", {}).get("previous_versions") else ""),

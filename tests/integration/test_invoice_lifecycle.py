@@ -181,6 +181,13 @@ def test_close_number_adjust_pay_and_announce(pipeline_env: Env, tmp_path: Path)
     assert "adjusts INV-2005-000001" in res.stdout and "service period 2005-03-01" in res.stdout
     assert f"{april['amount_due'].quantize(Decimal('0.01'))}" in res.stdout
 
+    # `pipeline explain` on an adjustment names the invoice it corrects and the real file behind it
+    res = subprocess.run([sys.executable, "-m", "pipeline", "explain", adjustments[0][0]], env=env.env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "prior-period adjustment of invoice INV-2005-000001" in res.stdout
+    assert "invoice INV-2005-000002 [FINALIZED]" in res.stdout and "NEM12#CORRECTION#ENERGEXM#NEMMCO.csv" in res.stdout
+
     # 5. invoice.events: every ledger change exactly once after dropping repeated ids, in commit order
     wait_for(env, "outbox published", lambda: env.sql("SELECT count(*) FROM outbox WHERE sent_at IS NULL")[0][0] == 0)
     codec = default_codec()
