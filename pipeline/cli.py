@@ -24,6 +24,7 @@ load_app = typer.Typer(help="Load data.", no_args_is_help=True)
 publish_app = typer.Typer(help="Meter gateways: publish readings.", no_args_is_help=True)
 invoice_app = typer.Typer(help="Invoices in the ledger.", no_args_is_help=True)
 pricebook_app = typer.Typer(help="Immutable, versioned price books.", no_args_is_help=True)
+serve_app = typer.Typer(help="Servers: HTTP ingestion for gateways that do not speak Kafka.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
@@ -31,6 +32,7 @@ app.add_typer(load_app, name="load")
 app.add_typer(publish_app, name="publish")
 app.add_typer(invoice_app, name="invoice")
 app.add_typer(pricebook_app, name="pricebook")
+app.add_typer(serve_app, name="serve")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_NEM12 = REPO_ROOT / "tests" / "data" / "nem12"
@@ -211,6 +213,97 @@ def publish_nem12_cmd(
         typer.echo(f"rejected [{err.reason}] {err}", err=True)
     if report.rejected:
         raise typer.Exit(1)
+
+
+@publish_app.command("telemetry")
+def publish_telemetry_cmd(
+    days: Annotated[float, typer.Option(help="hours of usage to generate, in days, ending --end")] = 3.0,
+    end: Annotated[str | None, typer.Option(help="end (UTC, ISO 8601); default: the last UTC midnight")] = None,
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same stream)")] = 1,
+    duplicates: Annotated[float, typer.Option(help="share of events sent twice")] = 0.1,
+) -> None:
+    """Publish a generated sample stream of CloudEvents to `telemetry.events` (issue 6).
+
+    API requests, storage GB-hours and active users of the bundled sample subjects (accounts TEL-*,
+    price book SAMPLE-SAAS-USAGE), in binary and structured mode (CloudEvents Kafka protocol binding),
+    a share of them repeated, all shuffled: ingest drops the repeats, windowing sorts out the order.
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline.ingest.telemetry import sample_stream
+    from pipeline.runtime.kafka import IdempotentProducer
+    from pipeline.topology import Topics
+
+    settings = get_settings()
+    stop = datetime.fromisoformat(end).astimezone(UTC) if end else \
+        datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    stream, repeats = sample_stream(stop - timedelta(days=days), stop, seed, duplicates)
+    producer = IdempotentProducer(settings.kafka_bootstrap)
+    topic = Topics(settings).telemetry_events
+    for event in stream:
+        key, value, headers = event.record()
+        producer.send(topic, key, value, headers)
+    producer.flush()
+    start = stop - timedelta(days=days)
+    typer.echo(f"published {len(stream)} CloudEvents ({repeats} repeats) from {start:%Y-%m-%d %H:%M} "
+               f"to {stop:%Y-%m-%d %H:%M} UTC to {topic}")
+
+
+@publish_app.command("nem13")
+def publish_nem13_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="NEM13 files (.csv or .zip) or folders of them")],
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Validate NEM13 accumulation files and publish each register read spread evenly over its read
+    period's days (one reading per day, marked as a NEM13 spread) to `meter.readings`.
+
+    A malformed file (or one whose Quantity disagrees with its register reads) is rejected whole,
+    nothing from it published, with a message naming the problem; the exit code is then 1.
+    """
+    from pipeline.codec import default_codec
+    from pipeline.ingest.gateway import publish_nem13
+    from pipeline.runtime.kafka import IdempotentProducer
+    from pipeline.topology import Topics
+
+    settings = get_settings()
+    producer = IdempotentProducer(settings.kafka_bootstrap)
+    report = publish_nem13(paths, producer, default_codec(), Topics(settings).meter_readings, progress)
+    typer.echo(f"published {report.readings_published} readings from {report.files_published} files")
+    for err in report.rejected:
+        typer.echo(f"rejected [{err.reason}] {err}", err=True)
+    if report.rejected:
+        raise typer.Exit(1)
+
+
+@serve_app.command("http")
+def serve_http(
+    host: Annotated[str | None, typer.Option(help="bind address; default PIPELINE_HTTP_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="port; default PIPELINE_HTTP_PORT")] = None,
+) -> None:
+    """HTTP ingestion (FastAPI + uvicorn): POST /v1/meter-readings and /v1/events, API keys from
+    PIPELINE_API_KEYS, OpenAPI at /openapi.json. Answers 202 only once Kafka acknowledged the records.
+    SIGTERM/SIGINT: stop accepting, finish requests in flight, exit 0."""
+    import uvicorn
+
+    from pipeline.codec import default_codec
+    from pipeline.ingest.http import create_app
+    from pipeline.runtime.kafka import IdempotentProducer
+
+    settings = get_settings()
+    if not settings.api_keys:
+        typer.echo("error: no API keys configured (PIPELINE_API_KEYS='[\"key\"]'): every request would be refused",
+                   err=True)
+        raise typer.Exit(2)
+    _logging(os.environ.get("PIPELINE_LOG_LEVEL", "INFO"))
+    from pipeline.runtime.signals import REQUESTED
+
+    producer = IdempotentProducer(settings.kafka_bootstrap, linger_ms=5)
+    app_ = create_app(settings, producer, default_codec())
+    if REQUESTED:  # SIGTERM during start-up: a clean stop
+        return
+    uvicorn.run(app_, host=host or settings.http_host, port=settings.http_port if port is None else port,
+                log_level="info")
+    producer.flush(30)
 
 
 # --- stages -----------------------------------------------------------------------------------------

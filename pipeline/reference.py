@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -16,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.metrics_catalog import MetricDefinition
 from pipeline.rating.pricebook import PriceBook, book_in_effect
 
 BUNDLED_REFERENCE = Path(__file__).resolve().parent / "data" / "reference.json"
@@ -57,6 +59,14 @@ class ServicePoint(_Effective):
     account: str
 
 
+class TelemetrySubject(_Effective):
+    """CloudEvents ``subject`` → account from ``effective_from`` to ``effective_to`` (exclusive), UTC dates:
+    the telemetry counterpart of a service point (issue 6). Its days count as service days (SPEC §4)."""
+
+    subject: str
+    account: str
+
+
 class PlanAssignment(_Effective):
     """Account → price book over an effective range (SPEC §4)."""
 
@@ -73,6 +83,8 @@ class ReferenceFile(_Frozen):
     service_points: tuple[ServicePoint, ...]
     price_books: tuple[PriceBook, ...] = ()
     plan_assignments: tuple[PlanAssignment, ...]
+    metric_definitions: tuple[MetricDefinition, ...] = ()
+    telemetry_subjects: tuple[TelemetrySubject, ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> ReferenceFile:
@@ -80,6 +92,13 @@ class ReferenceFile(_Frozen):
         for sp in self.service_points:
             if sp.account not in names:
                 raise ValueError(f"service point {sp.nmi} names unknown account {sp.account}")
+        for ts in self.telemetry_subjects:
+            if ts.account not in names:
+                raise ValueError(f"telemetry subject {ts.subject} names unknown account {ts.account}")
+        for attr in ("metric", "event_type"):
+            values = [getattr(m, attr) for m in self.metric_definitions]
+            if len(set(values)) != len(values):
+                raise ValueError(f"metric definitions repeat a {attr}: {sorted(values)}")
         for pa in self.plan_assignments:
             if pa.account not in names:
                 raise ValueError(f"plan assignment names unknown account {pa.account}")
@@ -101,6 +120,10 @@ class ReferenceData:
     price_books: tuple[PriceBook, ...]
     by_account: dict[str, tuple[ServicePoint, ...]] = field(default_factory=dict)  # account → its service points
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # derived values of this snapshot
+    metrics: dict[str, MetricDefinition] = field(default_factory=dict)  # metric → definition (telemetry)
+    event_types: dict[str, MetricDefinition] = field(default_factory=dict)  # CloudEvents type → definition
+    subjects: dict[str, tuple[TelemetrySubject, ...]] = field(default_factory=dict)  # subject → by effective_from
+    subjects_by_account: dict[str, tuple[TelemetrySubject, ...]] = field(default_factory=dict)
 
     def books_by_version(self) -> dict[tuple[str, int], PriceBook]:
         """(id, version) → price book, computed once per snapshot."""
@@ -115,6 +138,8 @@ class ReferenceData:
         service_points: list[ServicePoint] | tuple[ServicePoint, ...],
         plans: list[PlanAssignment] | tuple[PlanAssignment, ...],
         price_books: list[PriceBook] | tuple[PriceBook, ...],
+        metric_definitions: list[MetricDefinition] | tuple[MetricDefinition, ...] = (),
+        telemetry_subjects: list[TelemetrySubject] | tuple[TelemetrySubject, ...] = (),
     ) -> ReferenceData:
         sps: dict[str, list[ServicePoint]] = {}
         for sp in service_points:
@@ -131,11 +156,16 @@ class ReferenceData:
             {k: tuple(sorted(v, key=lambda s: s.effective_from)) for k, v in pas.items()},
             tuple(price_books),
             {k: tuple(v) for k, v in by_account.items()},
+            metrics={m.metric: m for m in metric_definitions},
+            event_types={m.event_type: m for m in metric_definitions},
+            subjects=_grouped(telemetry_subjects, lambda s: s.subject),
+            subjects_by_account=_grouped(telemetry_subjects, lambda s: s.account),
         )
 
     @classmethod
     def from_file(cls, ref: ReferenceFile) -> ReferenceData:
-        return cls.build(ref.accounts, ref.service_points, ref.plan_assignments, ref.price_books)
+        return cls.build(ref.accounts, ref.service_points, ref.plan_assignments, ref.price_books,
+                         ref.metric_definitions, ref.telemetry_subjects)
 
     def account_of(self, nmi: str, day: date) -> str | None:
         """The account served by ``nmi`` on local ``day`` (SPEC §1), or ``None``."""
@@ -145,9 +175,17 @@ class ReferenceData:
             return points[i].account
         return None
 
-    def service_ranges(self, account: str) -> list[ServicePoint]:
-        """Every service point (over time) of ``account``."""
-        return list(self.by_account.get(account, ()))
+    def account_of_subject(self, subject: str, day: date) -> str | None:
+        """The account a telemetry ``subject`` belongs to on UTC ``day`` (issue 6), or ``None``."""
+        for ts in self.subjects.get(subject, ()):
+            if ts.covers(day):
+                return ts.account
+        return None
+
+    def service_ranges(self, account: str) -> list[ServicePoint | TelemetrySubject]:
+        """Every service point and telemetry subject (over time) of ``account``: the days it was in
+        service (fixed daily charges, proration; SPEC §4)."""
+        return [*self.by_account.get(account, ()), *self.subjects_by_account.get(account, ())]
 
     def plan_on(self, account: str, day: date) -> PlanAssignment | None:
         """The plan assignment of ``account`` in force on ``day``."""
@@ -162,3 +200,10 @@ class ReferenceData:
         if plan is None:
             return None
         return book_in_effect(list(self.price_books), plan.price_book_id, day)
+
+
+def _grouped(items: Iterable[TelemetrySubject], key: Callable[[TelemetrySubject], str]) -> dict[str, tuple]:
+    out: dict[str, list[TelemetrySubject]] = {}
+    for item in items:
+        out.setdefault(key(item), []).append(item)
+    return {k: tuple(sorted(v, key=lambda s: s.effective_from)) for k, v in out.items()}

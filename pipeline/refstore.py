@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.codec import Codec
+from pipeline.metrics_catalog import MetricDefinition
 from pipeline.rating.pricebook import PriceBook
-from pipeline.reference import Account, PlanAssignment, ReferenceData, ReferenceFile, ServicePoint
+from pipeline.reference import Account, PlanAssignment, ReferenceData, ReferenceFile, ServicePoint, TelemetrySubject
 from pipeline.runtime import postgres
 
 
@@ -83,12 +84,32 @@ def load_reference_file(conn: Any, ref: ReferenceFile) -> dict[str, int]:
             (pa.account, pa.price_book_id, pa.effective_from, pa.effective_to),
         )
     new_books = sum(store_price_book(conn, b) for b in ref.price_books)
+    for m in ref.metric_definitions:
+        conn.execute(
+            """INSERT INTO metric_definitions (metric, event_type, value_path, aggregation, unit, window_minutes,
+                 allowed_lateness_days, allow_negative, description) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (metric) DO UPDATE SET event_type = EXCLUDED.event_type, value_path = EXCLUDED.value_path,
+                 aggregation = EXCLUDED.aggregation, unit = EXCLUDED.unit, window_minutes = EXCLUDED.window_minutes,
+                 allowed_lateness_days = EXCLUDED.allowed_lateness_days, allow_negative = EXCLUDED.allow_negative,
+                 description = EXCLUDED.description""",
+            (m.metric, m.event_type, m.value_path, m.aggregation, m.unit, m.window_minutes, m.allowed_lateness_days,
+             m.allow_negative, m.description),
+        )
+    for ts in ref.telemetry_subjects:
+        conn.execute(
+            """INSERT INTO telemetry_subjects (subject, account, effective_from, effective_to) VALUES (%s, %s, %s, %s)
+               ON CONFLICT (subject, effective_from) DO UPDATE SET account = EXCLUDED.account,
+                 effective_to = EXCLUDED.effective_to""",
+            (ts.subject, ts.account, ts.effective_from, ts.effective_to),
+        )
     return {
         "accounts": len(ref.accounts),
         "service_points": len(ref.service_points),
         "plan_assignments": len(ref.plan_assignments),
         "price_books_new": new_books,
         "price_books": len(ref.price_books),
+        "metric_definitions": len(ref.metric_definitions),
+        "telemetry_subjects": len(ref.telemetry_subjects),
     }
 
 
@@ -110,7 +131,19 @@ def read_reference(conn: Any) -> ReferenceData:
         for r in conn.execute("SELECT account, price_book_id, effective_from, effective_to FROM plan_assignments")
     ]
     books = [PriceBook.model_validate(r[0]) for r in conn.execute("SELECT body FROM price_books")]
-    return ReferenceData.build(accounts, sps, pas, books)
+    metrics = [
+        MetricDefinition(metric=r[0], event_type=r[1], value_path=r[2], aggregation=r[3], unit=r[4],
+                         window_minutes=r[5], allowed_lateness_days=r[6], allow_negative=r[7], description=r[8])
+        for r in conn.execute(
+            "SELECT metric, event_type, value_path, aggregation, unit, window_minutes, allowed_lateness_days, "
+            "allow_negative, description FROM metric_definitions"
+        )
+    ]
+    subjects = [
+        TelemetrySubject(subject=r[0], account=r[1], effective_from=r[2], effective_to=r[3])
+        for r in conn.execute("SELECT subject, account, effective_from, effective_to FROM telemetry_subjects")
+    ]
+    return ReferenceData.build(accounts, sps, pas, books, metrics, subjects)
 
 
 def price_book_record(codec: Codec, book: PriceBook) -> tuple[str, bytes]:

@@ -6,9 +6,10 @@ from datetime import timedelta
 
 from pipeline.codec import default_codec
 from pipeline.config import Settings
-from pipeline.ingest.processor import IngestProcessor
+from pipeline.ingest import processor as ingest
 from pipeline.invoicing.ledger import LedgerStore
 from pipeline.invoicing.processor import InvoicingProcessor
+from pipeline.metrics_catalog import policies_from_catalog
 from pipeline.rating import processor as rating
 from pipeline.refstore import ReferenceCache, postgres_loader
 from pipeline.runtime.loop import StageSpec
@@ -26,11 +27,23 @@ def build_stage(name: str, settings: Settings) -> StageSpec:
     codec = default_codec()
     if name == "ingest":
         cache = ReferenceCache(postgres_loader(settings.database_url), settings.reference_refresh_s)
-        return StageSpec("ingest", [topics.meter_readings],
-                         IngestProcessor(topics, codec, cache.get, cache.refresh))
+        enc, dec = ingest.state_codec(codec)
+        rules = ingest.IngestRules.from_settings(settings)
+        proc = ingest.IngestProcessor(topics, codec, cache.get, cache.refresh, rules)
+        return StageSpec("ingest", [topics.meter_readings, topics.telemetry_events], proc, enc, dec)
     if name == "windowing":
         enc, dec = windowing.state_codec(codec)
-        proc = windowing.WindowingProcessor(topics, codec, windowing.policies_from_settings(settings))
+        # window size and aggregation of telemetry metrics come from their definitions in the reference
+        # data, read only once a metric that is not a meter channel shows up
+        lazy: list[ReferenceCache] = []
+
+        def reference() -> ReferenceCache:
+            if not lazy:
+                lazy.append(ReferenceCache(postgres_loader(settings.database_url), settings.reference_refresh_s))
+            return lazy[0]
+
+        policy = policies_from_catalog(settings, lambda: reference().get().metrics, lambda: reference().refresh())
+        proc = windowing.WindowingProcessor(topics, codec, policy)
         return StageSpec("windowing", [topics.usage_events], proc, enc, dec)
     if name == "rating":
         cache = ReferenceCache(postgres_loader(settings.database_url), settings.reference_refresh_s)

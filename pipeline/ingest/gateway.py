@@ -1,9 +1,11 @@
-"""The meter gateway: NEM12 files → ``meter.readings`` (one record per interval per channel, key NMI).
+"""The meter gateway: NEM12 and NEM13 files → ``meter.readings`` (one record per interval per channel,
+key NMI; NEM13 register reads as daily readings spread over the read period, see ``nem13``).
 
-Every file is parsed and validated whole before anything from it is sent (``read_nem12``); a
-rejected file publishes nothing and is reported with the reason. Valid files are published in the
-event-time order of their first interval (less out-of-order data for the windowing stage), each
-one flushed (acknowledged by the broker, idempotent producer) before the next starts.
+Every file is parsed and validated whole before anything from it is sent (``read_nem12`` /
+``read_nem13``); a rejected file publishes nothing and is reported with the reason. Valid files
+are published in the event-time order of their first interval (less out-of-order data for the
+windowing stage), each one flushed (acknowledged by the broker, idempotent producer) before the
+next starts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 from pipeline.codec import Codec
 from pipeline.ingest.nem12 import Nem12Error, Nem12File, read_nem12
+from pipeline.ingest.nem13 import Nem13Error, Nem13File, read_nem13
 from pipeline.runtime.kafka import IdempotentProducer
 
 
@@ -25,7 +28,7 @@ class PublishReport:
 
     files_published: int = 0
     readings_published: int = 0
-    rejected: list[Nem12Error] = field(default_factory=list)
+    rejected: list[Nem12Error | Nem13Error] = field(default_factory=list)
 
 
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
@@ -46,15 +49,31 @@ def publish_nem12(
 
     Raises ``KafkaIOError`` if the broker does not acknowledge a file's readings.
     """
+    return _publish(paths, read_nem12, Nem12Error, producer, codec, topic, progress)
+
+
+def publish_nem13(
+    paths: Iterable[Path], producer: IdempotentProducer, codec: Codec, topic: str, progress: bool = True
+) -> PublishReport:
+    """Validate NEM13 files and publish their register reads as daily readings (``nem13.read_nem13``).
+
+    Same contract as ``publish_nem12``: a bad file lands in ``report.rejected`` and publishes nothing;
+    raises ``KafkaIOError`` if the broker does not acknowledge a file's readings.
+    """
+    return _publish(paths, read_nem13, Nem13Error, producer, codec, topic, progress)
+
+
+def _publish(paths, read, error, producer, codec, topic, progress) -> PublishReport:
+    """Read every file with ``read`` (rejections, ``error`` instances, into the report), then publish."""
     report = PublishReport()
-    parsed: list[Nem12File] = []
+    parsed: list[Nem12File | Nem13File] = []
     for path in expand_paths(paths):
         try:
-            parsed.append(read_nem12(path))
-        except Nem12Error as exc:
+            parsed.append(read(path))
+        except error as exc:
             report.rejected.append(exc)
         except OSError as exc:
-            report.rejected.append(Nem12Error(path.name, None, "UNREADABLE", f"cannot read file: {exc}"))
+            report.rejected.append(error(path.name, None, "UNREADABLE", f"cannot read file: {exc}"))
     parsed = [f for f in parsed if f.readings]
     parsed.sort(key=lambda f: (min(r.interval_start for r in f.readings), f.name))
     total = sum(len(f.readings) for f in parsed)

@@ -1,20 +1,51 @@
-"""The ingest stage: meter readings → usage events keyed by account (``usage.events``).
+"""The ingest stage: meter readings and telemetry CloudEvents → usage events keyed by account.
 
-Resolves NMI → account from the effective-dated service-point registry (SPEC §1) and turns the
-NEM12 channel into a metric. Anything it cannot accept goes to ``dlq.ingest`` with the original
-bytes and a reason code; nothing stops the stage.
+Two input topics, one stage (SPEC §1): ``meter.readings`` (Avro ``MeterReading``, key NMI) and
+``telemetry.events`` (CloudEvents, Kafka protocol binding; ``pipeline.ingest.telemetry``). Resolves
+NMI → account from the effective-dated service-point registry and subject → account from the
+telemetry subjects; turns the NEM12 channel or the event type into a metric.
+
+Every input record gets exactly one outcome (counted in ``counts`` and in the Prometheus counter
+``pipeline_ingest_records_total{input, outcome, reason}``):
+
+- ``accepted``: forwarded to ``usage.events``;
+- ``superseded``: a meter interval (NMI, suffix, interval start) already forwarded with a lower
+  version: forwarded too, windowing replaces the value (SPEC §2);
+- ``duplicate``: a meter interval with an equal or lower version than one forwarded, or a
+  telemetry (source, id) already forwarded: dropped, it would change nothing (SPEC §2);
+- ``dead_lettered``: sent to ``dlq.ingest`` with the original bytes, headers, a reason code and the
+  stage; nothing stops the stage (SPEC §1).
+
+Duplicate detection keeps state through ``ctx.store`` (RocksDB + the compacted changelog
+``ingest.state.changelog``, committed in the batch's Kafka transaction like windowing):
+``t|<identity bytes>`` → first-seen event time, ``m|<nmi>\\0<suffix>\\0<start ms>`` → (interval end,
+highest version), ``c|m`` / ``c|t`` → the partition's event-time clock of meter readings / telemetry.
+The clock is the windowing watermark rule (SPEC §3): highest event time − out-of-orderness, never
+backwards, following the wall clock after an idle timeout (once this process has read that kind of
+input in the partition: a fresh partition waits for its first record, however old). An identity is
+forgotten once the clock passes its horizon: a telemetry id ``dedupe horizon`` after its event time,
+a meter interval ``allowed lateness`` after its end. An input older than its horizon is forwarded as ``accepted``:
+windowing then decides (duplicate in a window it still holds, or too late).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import logging
+import time
 from collections.abc import Callable
-from datetime import timedelta, timezone
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 
 from prometheus_client import Counter
 
 from pipeline.codec import Codec, DecodeError
+from pipeline.config import Settings
+from pipeline.ingest.telemetry import RejectedInput, identity_bytes, read_cloudevent
+from pipeline.ingest.telemetry import to_usage_event as telemetry_usage_event
 from pipeline.money import quantity
 from pipeline.records import MeterReading, UsageEvent
 from pipeline.reference import ReferenceData
@@ -25,7 +56,14 @@ from pipeline.topology import Topics
 log = logging.getLogger(__name__)
 
 NEM_TIME = timezone(timedelta(hours=10))  # MDFF times are AEST all year
-OUTCOMES = Counter("pipeline_ingest_records_total", "ingest records by outcome", ["outcome", "reason"])
+NEM_OFFSET_MS = 10 * 3_600_000
+DAY_MS = 86_400_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MS = timedelta(milliseconds=1)
+MAX_ABS_VALUE = Decimal(10) ** 15  # no interval measures this much: a corrupt or hostile value
+OUTCOMES = Counter("pipeline_ingest_records_total", "ingest records by input, outcome and dead-letter reason",
+                   ["input", "outcome", "reason"])
+OUTCOME_NAMES = ("accepted", "duplicate", "superseded", "dead_lettered")
 
 # NMI suffix first letter → metric (MDFF / NEM12: E import, B export active energy; Q, K reactive)
 CHANNEL_METRICS = {"E": "energy_import", "B": "energy_export", "Q": "reactive_import", "K": "reactive_export"}
@@ -35,13 +73,41 @@ UNITS = {
     "kvarh": ("kVArh", Decimal(1)), "varh": ("kVArh", Decimal("0.001")), "mvarh": ("kVArh", Decimal(1000)),
 }
 
+_USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(UsageEvent))  # flat: the Avro datum is its fields
+_OUTCOME_COUNTERS: dict[tuple[str, str, str], Any] = {}
 
-class RejectedReading(ValueError):
+CLOCK_PREFIX = b"c|"
+METER_PREFIX = b"m|"
+TELEMETRY_PREFIX = b"t|"
+METER, TELEMETRY = "m", "t"
+
+
+class RejectedReading(RejectedInput):
     """A reading ingest cannot accept; ``reason`` is the dead-letter reason code."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+
+def _ms(dt: datetime) -> int:
+    return (dt - EPOCH) // MS
+
+
+def check_reading(reading: MeterReading, now_ms: int, future_bound_ms: int) -> None:
+    """Refuse impossible readings (pure; issue 6).
+
+    Raises ``RejectedReading``: ``MISALIGNED_INTERVAL`` when the interval length does not divide a
+    day or its start is not a multiple of its length in NEM time (AEST: NEM12 intervals start at
+    00:00 + k × length, MDFF spec §4.3); ``FUTURE_EVENT`` when the interval starts after
+    ``now_ms + future_bound_ms``; ``VALUE_OUT_OF_RANGE`` when |value| ≥ 10^15.
+    """
+    start, end = _ms(reading.interval_start), _ms(reading.interval_end)
+    length = end - start
+    if DAY_MS % length or (start + NEM_OFFSET_MS) % length:
+        raise RejectedReading("MISALIGNED_INTERVAL", f"interval {reading.interval_start:%Y-%m-%dT%H:%M:%S.%f}Z of "
+                              f"{length / 60_000:g} min is not aligned to the NEM day")
+    if start > now_ms + future_bound_ms:
+        raise RejectedReading("FUTURE_EVENT", f"interval {reading.interval_start.isoformat()} starts more than "
+                              f"{future_bound_ms // 1000} s ahead of the clock")
+    if abs(reading.value) >= MAX_ABS_VALUE:
+        raise RejectedReading("VALUE_OUT_OF_RANGE", f"interval value {reading.value} is out of range")
 
 
 def to_usage_event(reading: MeterReading, ref: ReferenceData) -> UsageEvent:
@@ -53,7 +119,7 @@ def to_usage_event(reading: MeterReading, ref: ReferenceData) -> UsageEvent:
     nem_day = reading.interval_start.astimezone(NEM_TIME).date()
     account = ref.account_of(reading.nmi, nem_day)
     if account is None:
-        raise RejectedReading("UNKNOWN_NMI", f"NMI {reading.nmi} has no service point on {nem_day}")
+        raise RejectedReading("UNKNOWN_NMI", f"NMI {reading.nmi!r} has no service point on {nem_day}")
     metric = CHANNEL_METRICS.get(reading.suffix[:1].upper())
     if metric is None:
         raise RejectedReading("UNSUPPORTED_CHANNEL", f"channel suffix {reading.suffix!r} is not billed")
@@ -77,24 +143,131 @@ def to_usage_event(reading: MeterReading, ref: ReferenceData) -> UsageEvent:
     )
 
 
-class IngestProcessor(ProcessorBase):
-    """Validates meter readings and forwards them as usage events keyed by account."""
+@dataclass(frozen=True, slots=True)
+class IngestRules:
+    """Bounds of the ingest stage, milliseconds (see ``from_settings``)."""
 
-    def __init__(self, topics: Topics, codec: Codec, reference: Callable[[], ReferenceData],
-                 refresh: Callable[[], bool] = lambda: False) -> None:
+    future_bound_ms: int = DAY_MS
+    telemetry_horizon_ms: int = 7 * DAY_MS
+    meter_lateness_ms: int = 450 * DAY_MS
+    out_of_orderness_ms: int = 3_600_000
+    idle_timeout_ms: int = 30_000
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IngestRules:
+        """``PIPELINE_FUTURE_BOUND_S``, ``PIPELINE_TELEMETRY_DEDUPE_HORIZON_S``,
+        ``PIPELINE_ALLOWED_LATENESS_DAYS``, ``PIPELINE_OUT_OF_ORDERNESS_S``, ``PIPELINE_IDLE_TIMEOUT_S``."""
+        return cls(
+            future_bound_ms=settings.future_bound_s * 1000,
+            telemetry_horizon_ms=settings.telemetry_dedupe_horizon_s * 1000,
+            meter_lateness_ms=int(settings.allowed_lateness_days * DAY_MS),
+            out_of_orderness_ms=settings.out_of_orderness_s * 1000,
+            idle_timeout_ms=int(settings.idle_timeout_s * 1000),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Clock:
+    """Event-time progress of one input kind in one partition (epoch ms); ``watermark_ms`` never decreases."""
+
+    max_event_ms: int
+    watermark_ms: int
+
+
+NO_CLOCK = Clock(-(2**62), -(2**62))
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """An identity forwarded: ``time_ms`` = telemetry first-seen event time or meter interval end;
+    ``version_ms`` = the highest meter version forwarded (the event time for telemetry)."""
+
+    time_ms: int
+    version_ms: int
+
+
+@dataclass
+class _Partition:
+    clocks: dict[str, Clock]
+    active_ms: dict[str, int]  # wall clock of the last record of each kind
+    expiry: dict[str, list[tuple[int, bytes]]]  # heap of (horizon end, key) per kind
+    dirty: set[str] = field(default_factory=set)
+    live: set[str] = field(default_factory=set)  # kinds this process has read here since it (re)loaded the state
+
+
+class IngestProcessor(ProcessorBase):
+    """Validates meter readings and telemetry CloudEvents, drops duplicates, forwards usage events
+    keyed by account; dead-letters the rest. ``counts``: outcome → records; ``reasons``: dead-letter
+    reason → records."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        codec: Codec,
+        reference: Callable[[], ReferenceData],
+        refresh: Callable[[], bool] = lambda: False,
+        rules: IngestRules | None = None,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
         self.topics = topics
         self.codec = codec
         self.reference = reference
         self.refresh = refresh
+        self.rules = rules or IngestRules()
+        self.clock_ms = clock_ms
         self.counts: dict[str, int] = {}
+        self.reasons: dict[str, int] = {}
+        self._parts: dict[int, _Partition] = {}
+        self._horizon = {METER: self.rules.meter_lateness_ms, TELEMETRY: self.rules.telemetry_horizon_ms}
 
+    # --- ownership ----------------------------------------------------------------------------------
+    def on_assign(self, partition: int, ctx: Context) -> None:
+        # once per input topic: the store was (re)built from the changelog, read it again
+        self._parts.pop(partition, None)
+        self._partition(partition, ctx)
+
+    def on_revoke(self, partition: int) -> None:
+        # the store may stay open for the other input topic: its state is reloaded with the next record, and
+        # only the kinds read from then on are advanced or purged here (the other may be a peer's now)
+        self._parts.pop(partition, None)
+
+    def _partition(self, partition: int, ctx: Context) -> _Partition:
+        part = self._parts.get(partition)
+        if part is None:  # rebuild the in-memory view of the store (after a restore)
+            store = ctx.store(partition)
+            now = self.clock_ms()
+            clocks = {kind: store.get(CLOCK_PREFIX + kind.encode()) or NO_CLOCK for kind in (METER, TELEMETRY)}
+            expiry: dict[str, list[tuple[int, bytes]]] = {}
+            for kind, prefix in ((METER, METER_PREFIX), (TELEMETRY, TELEMETRY_PREFIX)):
+                heap = [(seen.time_ms + self._horizon[kind], key) for key, seen in store.scan(prefix)]
+                heapq.heapify(heap)
+                expiry[kind] = heap
+            part = self._parts[partition] = _Partition(clocks, {METER: now, TELEMETRY: now}, expiry)
+        return part
+
+    # --- records ------------------------------------------------------------------------------------------
     def process(self, record: Incoming, ctx: Context) -> None:
+        part = self._partition(record.partition, ctx)
+        if record.topic == self.topics.telemetry_events:
+            self._telemetry(record, part, ctx)
+        else:
+            self._meter(record, part, ctx)
+
+    def _meter(self, record: Incoming, part: _Partition, ctx: Context) -> None:
+        part.active_ms[METER] = now = self.clock_ms()
+        part.live.add(METER)
         try:
-            reading = self.codec.decode(record.value or b"", MeterReading)
+            datum = self.codec.decode_dict(record.value or b"", "MeterReading")
         except DecodeError as exc:
-            self._reject(record, "UNDECODABLE", str(exc), ctx)
+            self._reject(record, METER, "UNDECODABLE", str(exc), ctx)
             return
         try:
+            reading = MeterReading(**datum)
+        except (TypeError, ValueError) as exc:
+            self._reject(record, METER, "SCHEMA_VIOLATION", f"invalid MeterReading: {exc}", ctx)
+            return
+        try:
+            check_reading(reading, now, self.rules.future_bound_ms)
             try:
                 event = to_usage_event(reading, self.reference())
             except RejectedReading as exc:
@@ -102,15 +275,119 @@ class IngestProcessor(ProcessorBase):
                     raise
                 event = to_usage_event(reading, self.reference())  # the registry may have just changed
         except RejectedReading as exc:
-            self._reject(record, exc.reason, str(exc), ctx)
+            self._reject(record, METER, exc.reason, str(exc), ctx)
             return
-        ctx.forward(self.topics.usage_events, event.account, self.codec.encode(event))
-        self._count("accepted", "")
+        start_ms, end_ms, version_ms = _ms(reading.interval_start), _ms(reading.interval_end), _ms(reading.version)
+        key = b"%s%s\x00%s\x00%d" % (METER_PREFIX, reading.nmi.encode(), reading.suffix.encode(), start_ms)
+        outcome = self._observe(ctx.store(record.partition), part, METER, key, end_ms, version_ms)
+        if outcome != "duplicate":
+            self._forward(event, ctx)
+        self._advance(part, METER, start_ms)
+        self._count(METER, outcome, "")
 
-    def _reject(self, record: Incoming, reason: str, message: str, ctx: Context) -> None:
-        dead_letter(ctx, self.codec, self.topics.dlq_ingest, "ingest", record, reason, message)
-        self._count("dead_lettered", reason)
+    def _telemetry(self, record: Incoming, part: _Partition, ctx: Context) -> None:
+        part.active_ms[TELEMETRY] = now = self.clock_ms()
+        part.live.add(TELEMETRY)
+        try:
+            ce = read_cloudevent(record.headers, record.value)
+            try:
+                event = telemetry_usage_event(ce, self.reference(), now, self.rules.future_bound_ms)
+            except RejectedInput as exc:
+                if exc.reason not in ("UNKNOWN_SUBJECT", "UNKNOWN_EVENT_TYPE") or not self.refresh():
+                    raise
+                event = telemetry_usage_event(ce, self.reference(), now, self.rules.future_bound_ms)
+        except RejectedInput as exc:
+            self._reject(record, TELEMETRY, exc.reason, str(exc), ctx)
+            return
+        key = TELEMETRY_PREFIX + identity_bytes(ce.source, ce.id)
+        event_ms = ce.time_ms
+        outcome = self._observe(ctx.store(record.partition), part, TELEMETRY, key, event_ms, event_ms)
+        if outcome != "duplicate":
+            self._forward(event, ctx)
+        self._advance(part, TELEMETRY, event_ms)
+        self._count(TELEMETRY, outcome, "")
 
-    def _count(self, outcome: str, reason: str) -> None:
+    def _forward(self, event: UsageEvent, ctx: Context) -> None:
+        datum = {name: getattr(event, name) for name in _USAGE_FIELDS}  # the codec's generic path, unrolled
+        ctx.forward(self.topics.usage_events, event.account, self.codec.encode(datum, "UsageEvent"))
+
+    def _observe(self, store: Any, part: _Partition, kind: str, key: bytes, time_ms: int, version_ms: int) -> str:
+        """The outcome of an identity (SPEC §2), recording it when forwarded: ``accepted`` (new, or older
+        than the horizon), ``superseded`` (meter: higher version) or ``duplicate``."""
+        horizon_end = time_ms + self._horizon[kind]
+        if horizon_end <= part.clocks[kind].watermark_ms:
+            return "accepted"  # forgotten or never held: downstream decides
+        held: Seen | None = store.get(key)
+        if held is None:
+            store.put(key, Seen(time_ms, version_ms))
+            heapq.heappush(part.expiry[kind], (horizon_end, key))
+            return "accepted"
+        if kind == METER and version_ms > held.version_ms:
+            store.put(key, Seen(held.time_ms, version_ms))
+            return "superseded"
+        return "duplicate"
+
+    def _advance(self, part: _Partition, kind: str, event_ms: int) -> None:
+        clock = part.clocks[kind]
+        if event_ms > clock.max_event_ms:
+            watermark = max(clock.watermark_ms, event_ms - self.rules.out_of_orderness_ms)
+            part.clocks[kind] = Clock(event_ms, watermark)
+            part.dirty.add(kind)
+
+    # --- time ------------------------------------------------------------------------------------------------
+    def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
+        """Idle clocks follow the wall clock; identities past their horizon are forgotten; clocks moved
+        by records are saved (in the same transaction as the batch)."""
+        idle_ms = self.rules.idle_timeout_ms
+        for p, part in self._parts.items():
+            store = ctx.store(p)
+            for kind in part.live:
+                clock = part.clocks[kind]
+                # idle: follow the wall clock, once this kind has been read here (a fresh partition waits for
+                # its first record, however old its data). Not saved: an idle stage writes nothing (after a
+                # restart the clock goes idle again); only what it forgets is
+                if wallclock_ms - part.active_ms[kind] >= idle_ms:
+                    idle = wallclock_ms - self.rules.out_of_orderness_ms
+                    if idle > clock.watermark_ms:
+                        part.clocks[kind] = clock = Clock(clock.max_event_ms, idle)
+                heap = part.expiry[kind]
+                while heap and heap[0][0] <= clock.watermark_ms:
+                    store.delete(heapq.heappop(heap)[1])
+            for kind in part.dirty:
+                store.put(CLOCK_PREFIX + kind.encode(), part.clocks[kind])
+            part.dirty.clear()
+
+    # --- outcomes -------------------------------------------------------------------------------------------
+    def _reject(self, record: Incoming, kind: str, reason: str, message: str, ctx: Context) -> None:
+        text = message.encode("utf-8", "backslashreplace").decode("utf-8")[:1000]
+        dead_letter(ctx, self.codec, self.topics.dlq_ingest, "ingest", record, reason, text)
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self._count(kind, "dead_lettered", reason)
+
+    def _count(self, kind: str, outcome: str, reason: str) -> None:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
-        OUTCOMES.labels(outcome, reason).inc()
+        labels = ("telemetry" if kind == TELEMETRY else "meter", outcome, reason)
+        child = _OUTCOME_COUNTERS.get(labels)
+        if child is None:
+            child = _OUTCOME_COUNTERS[labels] = OUTCOMES.labels(*labels)
+        child.inc()
+
+
+# --- state serialization (changelog values are Avro: schemas/ingest_seen.avsc, ingest_clock.avsc) --------------
+def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[bytes, bytes], Any]]:
+    """``(encode, decode)`` for the ingest store: clocks (``c|…``) and identities seen (``m|…``, ``t|…``)."""
+
+    def encode(key: bytes, value: Any) -> bytes:
+        if key.startswith(CLOCK_PREFIX):
+            return codec.encode({"max_event_ms": value.max_event_ms, "watermark_ms": value.watermark_ms},
+                                "IngestClock")
+        return codec.encode({"time_ms": value.time_ms, "version_ms": value.version_ms}, "IngestSeen")
+
+    def decode(key: bytes, raw: bytes) -> Any:
+        if key.startswith(CLOCK_PREFIX):
+            d = codec.decode_dict(raw, "IngestClock")
+            return Clock(d["max_event_ms"], d["watermark_ms"])
+        d = codec.decode_dict(raw, "IngestSeen")
+        return Seen(d["time_ms"], d["version_ms"])
+
+    return encode, decode

@@ -8,8 +8,9 @@ consumer's group metadata, KIP-447); gateways use an idempotent producer.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -138,6 +139,16 @@ def broker_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
 # ----------------------------------------------------------------------------------------------
 # producers
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """One record to produce: topic, key, value and headers as (name, bytes) pairs."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] | None = None
+
+
 class IdempotentProducer:
     """An idempotent producer (``enable.idempotence``, ``acks=all``) for gateways and relays.
 
@@ -179,6 +190,49 @@ class IdempotentProducer:
         if self._errors:
             errors, self._errors = self._errors, []
             raise KafkaIOError(f"{len(errors)} deliveries failed, first: {errors[0]}")
+
+    def send_and_wait(self, records: Sequence[OutRecord], timeout_s: float = 30.0) -> None:
+        """Send ``records`` and block until the broker has acknowledged every one of them (``acks=all``).
+
+        Each call waits for its own records only (per-call delivery callbacks), so request handlers
+        on several threads may share one producer. Raises ``KafkaIOError`` naming the first failed
+        delivery, or when not all are acknowledged within ``timeout_s``; the outcome of the records
+        is then unknown (some may still land), so a caller retries them idempotently.
+        """
+        if not records:
+            return
+        lock = threading.Lock()
+        done = threading.Event()
+        errors: list[str] = []
+        pending = [len(records)]
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            with lock:
+                if err is not None:
+                    errors.append(str(err))
+                pending[0] -= 1
+                if pending[0] == 0:
+                    done.set()
+
+        try:
+            for rec in records:
+                while True:
+                    try:
+                        self._producer.produce(rec.topic, rec.value, rec.key, headers=rec.headers,
+                                               on_delivery=on_delivery)
+                        break
+                    except BufferError:
+                        self._producer.poll(0.05)
+        except KafkaException as exc:
+            raise KafkaIOError(f"cannot send to Kafka: {exc}") from exc
+        deadline = time.monotonic() + timeout_s
+        while not done.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KafkaIOError(f"{pending[0]} of {len(records)} records not acknowledged within {timeout_s}s")
+            self._producer.poll(min(0.05, left))
+        if errors:
+            raise KafkaIOError(f"{len(errors)} of {len(records)} deliveries failed, first: {errors[0]}")
 
 
 # ----------------------------------------------------------------------------------------------

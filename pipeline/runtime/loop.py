@@ -94,6 +94,7 @@ class StageRunner:
         self.stores: dict[int, PartitionStore] = {}
         self.offsets: dict[TP, int] = {}
         self.produced: dict[str, int] = {}
+        self._assigned: set[TP] = set()  # a stage with several input topics shares one store per partition number
         self._stop = False
         self.ctx = _Ctx(self)
         stateful = spec.state_encode is not None
@@ -111,8 +112,14 @@ class StageRunner:
         return self.settings.state_dir / self.topics.group(self.spec.name) / str(partition)
 
     def _on_assign(self, tps: list[TP]) -> dict[TP, int]:
+        self._assigned.update(tps)
         for _topic, partition in tps:
-            if self._changelog is not None and partition not in self.stores:
+            if self._changelog is not None:
+                # several input topics share one store per partition number: when another topic's partition
+                # joins, a peer that owned it may have written to the changelog since our restore
+                shared = self.stores.pop(partition, None)
+                if shared is not None:
+                    shared.close()
                 t0 = time.monotonic()
                 store = open_fresh_store(
                     self._state_path(partition), self.spec.state_encode, self.spec.state_decode  # type: ignore[arg-type]
@@ -134,7 +141,10 @@ class StageRunner:
     def _on_revoke(self, tps: list[TP]) -> None:
         for topic, partition in tps:
             self.offsets.pop((topic, partition), None)
+            self._assigned.discard((topic, partition))
             self.spec.processor.on_revoke(partition)
+            if any(p == partition for _t, p in self._assigned):
+                continue  # the same partition of another input topic is still ours: keep its store
             store = self.stores.pop(partition, None)
             if store is not None:
                 store.close()

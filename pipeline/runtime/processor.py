@@ -41,7 +41,10 @@ class Processor(Protocol):
     ``process`` handles one record; ``punctuate`` runs after every batch (and when idle) with
     the wall-clock time in epoch milliseconds, for time-driven work such as closing windows;
     ``on_assign``/``on_revoke`` bracket ownership of an input partition (after its state has
-    been restored / before it is handed over).
+    been restored / before it is handed over). With several input topics one store serves a
+    partition number: it is restored again (then ``on_assign``) for each topic's partition that
+    joins, and closed when the last one goes; ``on_revoke`` comes for each one that goes, also while
+    another topic's partition keeps the store open.
     """
 
     def on_assign(self, partition: int, ctx: Context) -> None: ...

@@ -199,7 +199,8 @@ def test_every_input_is_accounted_for(processor: IngestProcessor) -> None:
     good = [
         READING,
         replace(READING, suffix="B1"),
-        replace(READING, uom="Wh", value=Decimal("250")),
+        replace(READING, uom="Wh", value=Decimal("250"), interval_start=utc(2005, 3, 16, 1, 0),
+                interval_end=utc(2005, 3, 16, 1, 30)),
         replace(READING, interval_start=utc(2005, 3, 16, 0, 30), interval_end=utc(2005, 3, 16, 1, 0)),
     ]
     bad = [r for _, r in REJECTS]

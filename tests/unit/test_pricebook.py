@@ -51,10 +51,12 @@ def _variant(raw: dict[str, Any], **changes: Any) -> dict[str, Any]:
 
 # --- the bundled reference file -----------------------------------------------------------------------
 def test_bundled_reference_loads(bundled: ReferenceFile, book: PriceBook) -> None:
-    assert len(bundled.accounts) == 52
+    metered = [a for a in bundled.accounts if not a.account.startswith("TEL-")]  # TEL-*: the telemetry sample
+    assert len(metered) == 52
     assert len(bundled.service_points) == 52
-    assert len(bundled.plan_assignments) == 52
-    assert len(bundled.price_books) == 1
+    assert len([p for p in bundled.plan_assignments if not p.account.startswith("TEL-")]) == 52
+    assert [b.id for b in bundled.price_books] == [BOOK_ID, "ACTEWAGL-HOME",  # + the flat Home plan (NEM13 NMIs)
+                                                   "SAMPLE-SAAS-USAGE"]  # + the telemetry sample
     assert (book.id, book.version, book.currency, book.timezone) == (BOOK_ID, 1, "AUD", "Etc/GMT-10")
     energy = _energy(book)
     assert energy.default_band == "off_peak"
