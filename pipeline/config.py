@@ -113,8 +113,8 @@ class Settings(BaseSettings):
     )
     invoice_clock: Literal["event", "wall"] = Field(
         "event",
-        description="what closes invoices: `event` = the highest usage watermark carried by charges (replays of "
-        "old data bill as they did then), `wall` = the wall clock",
+        description="what closes invoices: `event` = the highest usage watermark carried by the charges of the "
+        "account's partition (replays of old data bill as they did then), `wall` = the wall clock",
     )
     invoice_series: str = Field(
         "INV-{year}", description="invoice number series; {year} = bill date year, {currency} = ISO 4217 code"
