@@ -5,7 +5,9 @@ Python objects) until the runtime commits: it first produces every pending chang
 stage's compacted changelog partition inside the Kafka transaction, commits the transaction,
 and only then writes the batch to RocksDB (``flush``). An aborted transaction just drops the
 cache (``discard``). On assignment the store is rebuilt from the changelog, which is the source
-of truth (SPEC §3: "restored on partition assignment").
+of truth (SPEC §3: "restored on partition assignment"). Because a store directory is never
+reopened (``open_fresh_store`` deletes it first), RocksDB's write-ahead log would protect nothing
+and is disabled.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 _DELETED = object()
 
@@ -43,6 +45,9 @@ class PartitionStore:
         self._cache_max = cache_max
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = Rdict(str(path), options=Options(raw_mode=True))
+        no_wal = WriteOptions()
+        no_wal.disable_wal = True  # the changelog is the durable copy; the directory is never reopened
+        self._db.set_write_options(no_wal)
 
     # --- reads and writes (cache first) ---------------------------------------------------
     def get(self, key: bytes, default: Any = None) -> Any:
@@ -111,11 +116,14 @@ class PartitionStore:
             else:
                 batch.put(key, raw)
         self._db.write(batch)
+        cache = self._cache
+        if len(cache) + len(self._pending) > self._cache_max:
+            cache.clear()
         for key, value in self._pending.items():
             if value is _DELETED:
-                self._cache.pop(key, None)
+                cache.pop(key, None)
             else:
-                self._remember(key, value)
+                cache[key] = value
         self._pending.clear()
 
     def discard(self) -> None:

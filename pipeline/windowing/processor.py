@@ -2,7 +2,12 @@
 
 Domain code only: state through ``ctx.store``, output through ``ctx.forward``; the runtime makes
 each batch's outputs, state changes and input offsets one Kafka transaction. The rules are the
-pure functions of ``pipeline.windowing.windows`` (SPEC §3).
+pure functions of ``pipeline.windowing.windows`` (SPEC §3); the records (fastavro through
+``pipeline.codec``, plain datums) are ``pipeline.windowing.wire``.
+
+Hot path (one call per event): decode to a plain datum, find the window, fold the interval into
+the window state in place, stage the state for the changelog (encoded once per batch, at commit).
+Metrics are counted locally and published once per batch (``punctuate``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ import heapq
 import logging
 import time
 from collections.abc import Callable
-from decimal import Decimal
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -23,6 +27,7 @@ from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import Context, dead_letter
 from pipeline.topology import Topics
 from pipeline.windowing import windows as w
+from pipeline.windowing.wire import WIN_PREFIX, WM_KEY, EventReader, WindowWire, state_codec
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +36,9 @@ EMITTED = Counter("pipeline_windowing_windows_emitted_total", "window revisions 
 WATERMARK_LAG = Gauge("pipeline_windowing_watermark_lag_seconds", "wall clock − watermark", ["partition"])
 OPEN_WINDOWS = Gauge("pipeline_windowing_open_windows", "windows held in state", ["partition"])
 
-_EVENT_COUNTERS: dict[str, Any] = {}
-WM_KEY = b"wm"
-WIN_PREFIX = b"w|"
+__all__ = ["WIN_PREFIX", "WM_KEY", "WindowingProcessor", "policies_from_settings", "state_codec"]
+_DUPLICATE = w.Outcome.DUPLICATE
+_new = tuple.__new__
 
 
 def policies_from_settings(settings: Settings) -> Callable[[str], w.WindowPolicy]:
@@ -70,7 +75,8 @@ def policies_from_settings(settings: Settings) -> Callable[[str], w.WindowPolicy
 class WindowingProcessor:
     """Accumulates usage events into tumbling windows per input partition; emits revisions.
 
-    State per partition: ``wm`` → the watermark; ``w|<window id>`` → ``WindowState``.
+    State per partition: ``wm`` → the watermark; ``w|<window id>`` → ``WindowState`` (changed in
+    place, then put back: the store's transaction cache holds the live object).
     """
 
     def __init__(
@@ -84,12 +90,17 @@ class WindowingProcessor:
         self.codec = codec
         self.policy = policy
         self.clock_ms = clock_ms
+        self._read = EventReader(codec)
+        self._wire = WindowWire(codec)
+        self._policies: dict[str, w.WindowPolicy] = {}  # policy(metric), asked once per metric
         self._wm: dict[int, w.Watermark] = {}
         self._wm_dirty: set[int] = set()
         self._last_activity: dict[int, int] = {}
         self._due: dict[int, dict[bytes, int]] = {}  # dirty windows: key → end_ms
         self._expiry: dict[int, list[tuple[int, bytes]]] = {}  # heap of (end + lateness, key)
         self.outcomes: dict[str, int] = {o.value: 0 for o in w.Outcome}
+        self._published: dict[str, int] = {}  # outcome → count already added to Prometheus
+        self._emitted: dict[str, int] = {}  # timing → revisions emitted since the last publication
 
     # --- ownership ---------------------------------------------------------------------------
     def on_assign(self, partition: int, ctx: Context) -> None:
@@ -101,7 +112,7 @@ class WindowingProcessor:
         for key, state in store.scan(WIN_PREFIX):
             if state.dirty:
                 due[key] = state.end_ms
-            expiry.append((state.end_ms + self.policy(state.metric).allowed_lateness_ms, key))
+            expiry.append((state.end_ms + self._policy_of(state.metric).allowed_lateness_ms, key))
         heapq.heapify(expiry)
         self._due[partition] = due
         self._expiry[partition] = expiry
@@ -116,45 +127,59 @@ class WindowingProcessor:
     def process(self, record: Incoming, ctx: Context) -> None:
         p = record.partition
         self._last_activity[p] = self.clock_ms()
+        raw = record.value or b""
         try:
-            event = self.codec.decode(record.value or b"", UsageEvent)
+            (event_id, account, series, metric, unit, event_ms, value, version, quality, source,
+             key_prefix) = self._read(raw)
         except DecodeError as exc:
             dead_letter(ctx, self.codec, self.topics.dlq_ingest, "windowing", record, "UNDECODABLE", str(exc))
             self._count("dead_lettered")
             return
-        policy = self.policy(event.metric)
+        policy = self._policies.get(metric) or self._policy_of(metric)
         wm = self._wm[p]
-        start, end = w.window_bounds(w._ms(event.event_time), policy.size_ms)
-        if w.is_too_late(end, wm, policy):
-            late = LateEvent(event, "TOO_LATE", w._dt(end), w._dt(wm.watermark_ms),
-                             wm.watermark_ms - (end + policy.allowed_lateness_ms))
-            ctx.forward(self.topics.usage_late, event.account, self.codec.encode(late))
-            self._count(w.Outcome.TOO_LATE.value)
-            return
-        store = ctx.store(p)
-        key = WIN_PREFIX + w.window_id(event.account, event.series, start).encode()
-        state = store.get(key)
-        is_new = state is None
-        if is_new:
-            state = w.new_window(event, policy)
-        new_state, outcome = w.apply_event(state, event, wm, policy)
-        if new_state is not state:
-            store.put(key, new_state)
-            if new_state.dirty:
-                self._due[p][key] = end
-            if is_new:
+        size = policy.size_ms
+        start = event_ms - event_ms % size  # w.window_bounds
+        end = start + size
+        if wm.watermark_ms >= end + policy.allowed_lateness_ms:  # w.is_too_late
+            self._too_late(raw, end, wm, policy, ctx)
+        else:
+            key = key_prefix + b"%d" % start  # WIN_PREFIX + w.window_id(account, series, start)
+            store = ctx.store(p)
+            state = store.get(key)
+            if state is None:
+                state = w.new_window(account, series, metric, unit, event_ms, policy)
                 heapq.heappush(self._expiry[p], (end + policy.allowed_lateness_ms, key))
-        self._count(outcome.value)
-        advanced = w.advance(wm, w._ms(event.event_time), policy)
-        if advanced != wm:
-            self._wm[p] = advanced
+            # _new(w.Interval, (...)): w.Interval(...) without the cost of its Python-level constructor
+            iv = _new(w.Interval, (version, value, quality, source, event_ms))
+            outcome = w.apply_interval(state, event_id, iv, wm, policy)
+            if outcome is not _DUPLICATE:
+                store.put(key, state)
+                if state.dirty:
+                    self._due[p][key] = end
+            self.outcomes[outcome] += 1
+        if event_ms > wm.max_event_ms or wm.watermark_ms < wm.max_event_ms - policy.out_of_orderness_ms:
+            self._wm[p] = w.advance(wm, event_ms, policy)
             self._wm_dirty.add(p)
+
+    def _policy_of(self, metric: str) -> w.WindowPolicy:
+        """``policy(metric)``, asked once per metric: a window's size must not change under it."""
+        found = self._policies.get(metric)
+        if found is None:
+            found = self._policies[metric] = self.policy(metric)
+        return found
+
+    def _too_late(self, raw: bytes, end: int, wm: w.Watermark, policy: w.WindowPolicy, ctx: Context) -> None:
+        event = self.codec.decode(raw, UsageEvent)
+        late = LateEvent(event, "TOO_LATE", w._dt(end), w._dt(wm.watermark_ms),
+                         wm.watermark_ms - (end + policy.allowed_lateness_ms))
+        ctx.forward(self.topics.usage_late, event.account, self.codec.encode(late))
+        self._count(w.Outcome.TOO_LATE)
 
     def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
         for p in list(self._wm):
             wm = self._wm[p]
             # idle timeout is the same for every metric (Settings.idle_timeout_s)
-            idle = w.idle_advance(wm, wallclock_ms, self._last_activity[p], self.policy("energy"))
+            idle = w.idle_advance(wm, wallclock_ms, self._last_activity[p], self._policy_of("energy"))
             if idle != wm:
                 self._wm[p] = wm = idle
                 self._wm_dirty.add(p)
@@ -166,26 +191,28 @@ class WindowingProcessor:
                 self._wm_dirty.discard(p)
             WATERMARK_LAG.labels(str(p)).set(max(0, wallclock_ms - wm.watermark_ms) / 1000)
             OPEN_WINDOWS.labels(str(p)).set(len(self._expiry[p]))
+        self._publish()
 
     def _emit_due(self, p: int, wm: w.Watermark, store: Any, ctx: Context) -> None:
         due = self._due[p]
         ready = sorted((end, key) for key, end in due.items() if end <= wm.watermark_ms)
+        topic = self.topics.usage_windows
         for _end, key in ready:
             del due[key]
             state = store.get(key)
             if state is None or not w.is_due(state, wm):
                 continue
-            out, new_state = w.emit(state, wm)
-            store.put(key, new_state)
-            ctx.forward(self.topics.usage_windows, out.account, self.codec.encode(out))
-            EMITTED.labels(out.timing).inc()
+            rev = w.emit(state, wm)
+            store.put(key, state)
+            ctx.forward(topic, rev.account, self._wire.revision(rev))
+            self._emitted[rev.timing] = self._emitted.get(rev.timing, 0) + 1
 
     def _purge(self, p: int, wm: w.Watermark, store: Any) -> None:
         heap = self._expiry[p]
         while heap and heap[0][0] <= wm.watermark_ms:
             _exp, key = heapq.heappop(heap)
             state = store.get(key)
-            if state is not None and w.is_expired(state, wm, self.policy(state.metric)):
+            if state is not None and w.is_expired(state, wm, self._policy_of(state.metric)):
                 store.delete(key)
             elif state is not None:  # still pending emission: look again later
                 heapq.heappush(heap, (wm.watermark_ms + 1, key))
@@ -193,48 +220,14 @@ class WindowingProcessor:
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-        child = _EVENT_COUNTERS.get(outcome)
-        if child is None:
-            child = _EVENT_COUNTERS[outcome] = EVENTS.labels(outcome)
-        child.inc()
 
-
-# --- state serialization (changelog values are Avro, schemas/window_state.avsc) -------------------
-def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[bytes, bytes], Any]]:
-    """``(encode, decode)`` for the windowing store: watermark and window states."""
-
-    def encode(key: bytes, value: Any) -> bytes:
-        if key == WM_KEY:
-            return codec.encode({"max_event_ms": value.max_event_ms, "watermark_ms": value.watermark_ms},
-                                "WatermarkState")
-        s: w.WindowState = value
-        return codec.encode(
-            {
-                "window_id": s.window_id, "account": s.account, "series": s.series, "metric": s.metric,
-                "unit": s.unit, "start_ms": s.start_ms, "end_ms": s.end_ms,
-                "intervals": {
-                    k: {"version_ms": iv.version_ms, "value": str(iv.value), "quality": iv.quality, "source": iv.source,
-                        "event_ms": iv.event_ms}
-                    for k, iv in s.intervals.items()
-                },
-                "revision": s.revision, "emitted_value": str(s.emitted_value), "dirty": s.dirty, "late": s.late,
-                "aggregation": s.aggregation,
-            },
-            "WindowState",
-        )
-
-    def decode(key: bytes, raw: bytes) -> Any:
-        if key == WM_KEY:
-            d = codec.decode_dict(raw, "WatermarkState")
-            return w.Watermark(d["max_event_ms"], d["watermark_ms"])
-        d = codec.decode_dict(raw, "WindowState")
-        intervals = {
-            k: w.IntervalValue(iv["version_ms"], Decimal(iv["value"]), iv["quality"], iv["source"], iv["event_ms"])
-            for k, iv in d["intervals"].items()
-        }
-        return w.WindowState(
-            d["window_id"], d["account"], d["series"], d["metric"], d["unit"], d["start_ms"], d["end_ms"],
-            intervals, d["revision"], Decimal(d["emitted_value"]), d["dirty"], d["late"], d["aggregation"],
-        )
-
-    return encode, decode
+    def _publish(self) -> None:
+        """Add the outcomes and emissions counted since the last call to the Prometheus counters."""
+        published = self._published
+        for outcome, n in self.outcomes.items():
+            if n != published.get(outcome, 0):
+                EVENTS.labels(outcome).inc(n - published.get(outcome, 0))
+                published[outcome] = n
+        for timing, n in self._emitted.items():
+            EMITTED.labels(timing).inc(n)
+        self._emitted.clear()

@@ -1,6 +1,8 @@
 """Event-time tumbling windows, watermarks, late data and supersession: pure functions (SPEC §3).
 
-Nothing here does I/O or reads a clock; the processor passes times in epoch milliseconds (UTC).
+Nothing here does I/O or reads a clock; the processor passes times in epoch milliseconds (UTC)
+and quantities in integer micro-units (value × 10⁶: every quantity has at most 6 decimal places,
+SPEC §4, so integer arithmetic is exact and gives the same results as ``Decimal``).
 
 Rules (SPEC §3, the Flink/Beam convention):
 - a window is ``[start, end)``, aligned to the epoch, ``size`` long;
@@ -10,18 +12,27 @@ Rules (SPEC §3, the Flink/Beam convention):
 - an event is too late when ``watermark ≥ end + allowed lateness``;
 - inside a window an interval's identity keeps its highest version: a higher version
   supersedes (the aggregate changes by new − old), an equal or lower one is a duplicate.
+
+A ``WindowState`` is a mutable value owned by the state store: ``apply_interval`` and ``emit``
+change it in place (copying a window per event was the stage's main cost); the caller writes it
+back to the store after every change.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from decimal import Decimal
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from enum import StrEnum
+from operator import attrgetter
+from typing import NamedTuple
 
-from pipeline.records import UsageEvent, UsageWindow
+from pipeline.records import UsageEvent
 
-ZERO = Decimal(0)
+MICRO = 1_000_000  # micro-units per unit: quantities carry 6 decimal places (SPEC §4)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)  # no rounding
 
 
 class Outcome(StrEnum):
@@ -60,24 +71,35 @@ class WindowPolicy:
             raise ValueError("durations must be >= 0")
 
 
-@dataclass(frozen=True, slots=True)
-class IntervalValue:
-    """The version of one interval (identity) held in a window."""
+class Interval(NamedTuple):
+    """The version of one interval (identity) held in a window.
+
+    Attributes:
+        version_ms: supersession version, epoch ms UTC (SPEC §2).
+        value: the quantity in micro-units of the window's unit (``Decimal`` value × 10⁶).
+        quality: quality flag (A, E, S, F, N, V).
+        source: ``<file name>#<record line>``.
+        event_ms: the interval's event time, epoch ms UTC (orders ``latest``).
+    """
 
     version_ms: int
-    value: Decimal
+    value: int
     quality: str
     source: str
-    event_ms: int = 0
+    event_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WindowState:
     """One window's state: its intervals by identity and what was last emitted.
 
     Attributes:
+        window_id: ``account|series|start`` (see ``window_id``).
+        start_ms / end_ms: the window ``[start, end)``, epoch ms UTC.
+        aggregation: one of ``AGGREGATIONS``.
+        intervals: event id → the highest version held of that interval.
         revision: last emitted revision, −1 before the first emission.
-        emitted_value: the value carried by that revision (0 before).
+        emitted: the value (micro-units) carried by that revision (0 before).
         dirty: changed since the last emission.
         late: a pending change arrived when the watermark had already passed ``end_ms``.
     """
@@ -89,38 +111,40 @@ class WindowState:
     unit: str
     start_ms: int
     end_ms: int
-    intervals: dict[str, IntervalValue]
+    aggregation: str = "sum"
+    intervals: dict[str, Interval] = field(default_factory=dict)
     revision: int = -1
-    emitted_value: Decimal = ZERO
+    emitted: int = 0
     dirty: bool = False
     late: bool = False
-    aggregation: str = "sum"
 
     @property
     def value(self) -> Decimal:
-        """The current aggregate of the held interval values (see ``aggregate``)."""
-        return aggregate(self.aggregation, self.intervals)
+        """The current aggregate of the held interval values (see ``aggregate``), as a ``Decimal``."""
+        return to_decimal(aggregate(self.aggregation, self.intervals))
 
 
-def aggregate(kind: str, intervals: dict[str, IntervalValue]) -> Decimal:
-    """Aggregate the current version of every interval of a window (SPEC §3 aggregations).
+def aggregate(kind: str, intervals: dict[str, Interval]) -> int:
+    """Aggregate the current version of every interval of a window (SPEC §3 aggregations), in
+    micro-units (``count`` and ``unique_count`` are counts × 10⁶, i.e. plain numbers of units).
 
     Because only the highest version of each identity is held, supersession works the same way
     for every aggregation. Raises ``ValueError`` for an unknown ``kind``.
     """
-    values = [iv.value for iv in intervals.values()]
     if kind == "sum":
-        return sum(values, ZERO)
+        return sum(map(_VALUE, intervals.values()))
     if kind == "count":
-        return Decimal(len(values))
+        return len(intervals) * MICRO
     if kind == "unique_count":
-        return Decimal(len(set(values)))
-    if not values:
-        return ZERO
+        return len({iv.value for iv in intervals.values()}) * MICRO
+    if not intervals:
+        if kind in AGGREGATIONS:
+            return 0
+        raise ValueError(f"unknown aggregation {kind!r}")
     if kind == "min":
-        return min(values)
+        return min([iv.value for iv in intervals.values()])
     if kind == "max":
-        return max(values)
+        return max([iv.value for iv in intervals.values()])
     if kind == "latest":
         return max(intervals.items(), key=lambda kv: (kv[1].event_ms, kv[0]))[1].value
     raise ValueError(f"unknown aggregation {kind!r}")
@@ -170,43 +194,41 @@ def is_too_late(end_ms: int, wm: Watermark, policy: WindowPolicy) -> bool:
     return wm.watermark_ms >= end_ms + policy.allowed_lateness_ms
 
 
-def new_window(event: UsageEvent, policy: WindowPolicy) -> WindowState:
-    """An empty window for ``event``'s (account, series, window start)."""
-    start, end = window_bounds(_ms(event.event_time), policy.size_ms)
-    return WindowState(
-        window_id(event.account, event.series, start), event.account, event.series,
-        event.metric, event.unit, start, end, {}, aggregation=policy.aggregation,
-    )
+def new_window(account: str, series: str, metric: str, unit: str, event_ms: int, policy: WindowPolicy) -> WindowState:
+    """An empty window for an event of (account, series) at ``event_ms`` (epoch ms UTC)."""
+    start = event_ms - (event_ms % policy.size_ms)
+    return WindowState(window_id(account, series, start), account, series, metric, unit, start,
+                       start + policy.size_ms, policy.aggregation)
 
 
-def apply_event(
-    state: WindowState, event: UsageEvent, wm: Watermark, policy: WindowPolicy
-) -> tuple[WindowState, Outcome]:
-    """Fold one event into its window (``state`` from ``new_window`` or the store).
+def apply_interval(state: WindowState, event_id: str, iv: Interval, wm: Watermark, policy: WindowPolicy) -> Outcome:
+    """Fold one event (identity ``event_id``, its version and value as ``iv``) into its window,
+    changing ``state`` in place unless the outcome is ``DUPLICATE`` or ``TOO_LATE``.
 
-    Returns the new state (``state`` itself when nothing changed) and the outcome.
-    The caller checks ``is_too_late`` first only to route the event; this function also
-    refuses too-late events (returns ``Outcome.TOO_LATE`` and the unchanged state).
+    The caller checks ``is_too_late`` first only to route the event; this function also refuses
+    too-late events (``Outcome.TOO_LATE``, state unchanged). A higher version of a held identity
+    supersedes it; when its value and quality are the same, the newer version is kept but the
+    window has nothing new to emit (not marked dirty).
     """
-    if is_too_late(state.end_ms, wm, policy):
-        return state, Outcome.TOO_LATE
-    version = _ms(event.version)
-    held = state.intervals.get(event.event_id)
-    if held is not None and held.version_ms >= version:
-        return state, Outcome.DUPLICATE
-    intervals = dict(state.intervals)
-    intervals[event.event_id] = IntervalValue(version, event.value, event.quality, event.source,
-                                              _ms(event.event_time))
-    outcome = Outcome.ACCEPTED if held is None else Outcome.SUPERSEDED
-    if held is not None and held.value == event.value and held.quality == event.quality:
-        # a newer version with identical content: keep the newer version, nothing to re-emit
-        dirty, late = state.dirty, state.late
+    end = state.end_ms
+    if wm.watermark_ms >= end + policy.allowed_lateness_ms:
+        return Outcome.TOO_LATE
+    intervals = state.intervals
+    held = intervals.get(event_id)
+    if held is None:
+        intervals[event_id] = iv
+        outcome = Outcome.ACCEPTED
+    elif held.version_ms >= iv.version_ms:
+        return Outcome.DUPLICATE
     else:
-        dirty, late = True, state.late or wm.watermark_ms >= state.end_ms
-    return WindowState(  # the constructor, not dataclasses.replace: this is the hot path
-        state.window_id, state.account, state.series, state.metric, state.unit, state.start_ms, state.end_ms,
-        intervals, state.revision, state.emitted_value, dirty, late, state.aggregation,
-    ), outcome
+        intervals[event_id] = iv
+        outcome = Outcome.SUPERSEDED
+        if held.value == iv.value and held.quality == iv.quality:
+            return outcome  # identical content: keep the newer version, nothing to re-emit
+    state.dirty = True
+    if wm.watermark_ms >= end:
+        state.late = True
+    return outcome
 
 
 def is_due(state: WindowState, wm: Watermark) -> bool:
@@ -214,34 +236,55 @@ def is_due(state: WindowState, wm: Watermark) -> bool:
     return state.dirty and wm.watermark_ms >= state.end_ms
 
 
-def emit(state: WindowState, wm: Watermark) -> tuple[UsageWindow, WindowState]:
-    """The next revision of a due window and the state after emitting it.
+class Revision(NamedTuple):
+    """One emitted revision of a window (the content of a ``UsageWindow`` record, SPEC §3).
+
+    Times in epoch ms UTC, ``value`` and ``delta`` in micro-units; ``qualities`` and
+    ``sources`` sorted and distinct.
+    """
+
+    window_id: str
+    account: str
+    series: str
+    metric: str
+    unit: str
+    start_ms: int
+    end_ms: int
+    revision: int
+    timing: str
+    value: int
+    delta: int
+    count: int
+    qualities: list[str]
+    sources: list[str]
+    watermark_ms: int
+
+
+_VALUE, _QUALITY, _SOURCE = attrgetter("value"), attrgetter("quality"), attrgetter("source")
+
+
+def emit(state: WindowState, wm: Watermark) -> Revision:
+    """The next revision of a due window; ``state`` records it (revision, emitted value, clean).
 
     Revision 0 is ON_TIME unless its data arrived after the watermark passed the window end;
     every later revision is LATE (SPEC §3). ``delta`` is the change from the previous revision.
+    The reported watermark is clamped at 0 (the epoch).
     """
-    value = state.value
-    revision = state.revision + 1
-    timing = "ON_TIME" if revision == 0 and not state.late else "LATE"
     ivs = state.intervals.values()
-    out = UsageWindow(
-        window_id=state.window_id,
-        account=state.account,
-        series=state.series,
-        metric=state.metric,
-        unit=state.unit,
-        window_start=_dt(state.start_ms),
-        window_end=_dt(state.end_ms),
-        revision=revision,
-        timing=timing,
-        value=value,
-        delta=value - state.emitted_value,
-        count=len(state.intervals),
-        qualities=tuple(sorted({iv.quality for iv in ivs})),
-        sources=tuple(sorted({iv.source for iv in ivs})),
-        watermark=_dt(max(wm.watermark_ms, 0)),
-    )
-    return out, replace(state, revision=revision, emitted_value=value, dirty=False, late=False)
+    value = aggregate(state.aggregation, state.intervals)
+    revision = state.revision + 1
+    qualities = set(map(_QUALITY, ivs))
+    sources = set(map(_SOURCE, ivs))
+    out = tuple.__new__(Revision, (  # Revision(...) without the cost of its Python-level constructor
+        state.window_id, state.account, state.series, state.metric, state.unit, state.start_ms, state.end_ms,
+        revision, "ON_TIME" if revision == 0 and not state.late else "LATE", value, value - state.emitted,
+        len(ivs), sorted(qualities) if len(qualities) > 1 else list(qualities),
+        sorted(sources) if len(sources) > 1 else list(sources), max(wm.watermark_ms, 0),
+    ))
+    state.revision = revision
+    state.emitted = value
+    state.dirty = state.late = False
+    return out
 
 
 def is_expired(state: WindowState, wm: Watermark, policy: WindowPolicy) -> bool:
@@ -249,10 +292,34 @@ def is_expired(state: WindowState, wm: Watermark, policy: WindowPolicy) -> bool:
     return not state.dirty and is_too_late(state.end_ms, wm, policy)
 
 
-# --- time helpers ---------------------------------------------------------------------------------
+# --- conversions ------------------------------------------------------------------------------------
+def interval_of(event: UsageEvent) -> Interval:
+    """The ``Interval`` an event contributes.
+
+    Raises ``ValueError`` when the value has more than 6 decimal places.
+    """
+    return Interval(_ms(event.version), to_micro(event.value), event.quality, event.source, _ms(event.event_time))
+
+
+def to_micro(value: Decimal) -> int:
+    """``value`` × 10⁶ as an exact integer; ``ValueError`` if it has more than 6 decimal places."""
+    numerator, denominator = value.as_integer_ratio()  # exact; ValueError for NaN, OverflowError for ∞
+    micro, rest = divmod(numerator * MICRO, denominator)
+    if rest:
+        raise ValueError(f"{value} has more than 6 decimal places")
+    return micro
+
+
+def to_decimal(micro: int) -> Decimal:
+    """The ``Decimal`` of ``micro`` micro-units, with 6 decimal places."""
+    return Decimal(micro).scaleb(-6, _EXACT)
+
+
 def _ms(dt: datetime) -> int:
-    return int(dt.timestamp() * 1000)
+    """Epoch milliseconds of an aware datetime, exactly (integer arithmetic; sub-ms truncated toward −∞)."""
+    return (dt - _EPOCH) // _ONE_MS
 
 
 def _dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    """The UTC datetime of epoch milliseconds ``ms``."""
+    return _EPOCH + timedelta(milliseconds=ms)

@@ -21,9 +21,10 @@ def ev(slot: int, value: str, version: int = 1, ident: str | None = None) -> Usa
 
 def fold(kind: str, events: list[UsageEvent]) -> Decimal:
     policy = w.WindowPolicy(3_600_000, 0, 86_400_000, 1000, aggregation=kind)
-    state = w.new_window(events[0], policy)
+    first = events[0]
+    state = w.new_window(first.account, first.series, first.metric, first.unit, w._ms(first.event_time), policy)
     for e in events:
-        state, _ = w.apply_event(state, e, w.NO_WATERMARK, policy)
+        w.apply_interval(state, e.event_id, w.interval_of(e), w.NO_WATERMARK, policy)
     return state.value
 
 

@@ -1,0 +1,165 @@
+"""Records of the windowing stage: usage events in, window revisions out, window state ⇄ changelog.
+
+Every format is Avro single-object encoding, encoded and decoded by fastavro through
+``pipeline.codec`` (Avro 1.11 specification). The hot path uses the codec's *plain* datums
+(``Codec.decode_plain`` / ``Codec.encode_plain``: logical types in their Avro base form), so no
+``datetime`` or ``Decimal`` is built per event (SPEC §3; throughput in ``benchmarks/windowing.py``):
+
+- times are epoch milliseconds UTC (``timestamp-millis`` base form: ``long``);
+- quantities are integer micro-units: the unscaled value of the ``decimal`` (bytes, precision 28,
+  scale 6), converted with ``int.from_bytes``/``int.to_bytes`` (big-endian two's complement,
+  the shortest length, as fastavro writes a ``Decimal``).
+
+This module only converts values; it writes and reads no Avro bytes itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from pipeline.codec import Codec, DecodeError
+from pipeline.windowing import windows as w
+
+# what Codec.decode accepts: datetime's range in epoch ms, and decimals of ≤ 28 digits (precision 28)
+_MIN_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+_MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+_MAX_UNSCALED = 10**28
+WM_KEY = b"wm"
+WIN_PREFIX = b"w|"
+
+
+def key_prefix(account: str, series: str) -> bytes:
+    """The store key of a window of (account, series) without its start: ``WIN_PREFIX`` + ``account|series|``."""
+    return WIN_PREFIX + f"{account}|{series}|".encode()
+
+
+def micro_of(unscaled: bytes, from_bytes: Callable[..., int] = int.from_bytes) -> int:
+    """Micro-units of the base form of an Avro ``decimal`` (bytes, scale 6): its unscaled value,
+    big-endian two's complement (Avro 1.11 specification, "Decimal")."""
+    return from_bytes(unscaled, "big", signed=True)
+
+
+def unscaled_of(micro: int) -> bytes:
+    """The base form of an Avro ``decimal`` (bytes, precision 28, scale 6) of ``micro`` micro-units:
+    the unscaled value in big-endian two's complement, as short as fastavro writes it for the
+    equivalent ``Decimal``. ``ValueError`` beyond 28 digits (as ``Codec.encode``)."""
+    if not -_MAX_UNSCALED < micro < _MAX_UNSCALED:
+        raise ValueError(f"decimal {w.to_decimal(micro)} has more than 28 digits")
+    return micro.to_bytes((abs(micro).bit_length() + 8) // 8, "big", signed=True)
+
+
+# --- usage events in ----------------------------------------------------------------------------------
+class PlainEvent(NamedTuple):
+    """What the windowing stage uses of a ``UsageEvent``: times in epoch ms UTC, ``value`` in
+    micro-units (``event_end`` is checked, not kept), ``key_prefix`` the start of its window's
+    store key (``WIN_PREFIX`` + ``account|series|``)."""
+
+    event_id: str
+    account: str
+    series: str
+    metric: str
+    unit: str
+    event_time: int
+    value: int
+    version: int
+    quality: str
+    source: str
+    key_prefix: bytes
+
+
+class EventReader:
+    """``UsageEvent`` bytes → ``PlainEvent``, through ``Codec.decode_plain`` (fastavro).
+
+    Accepts and rejects what ``Codec.decode(data, UsageEvent)`` does: besides the codec's own
+    checks (marker, fingerprint, body, trailing bytes), a time outside ``datetime``'s range or a
+    decimal of more than 28 digits raises ``DecodeError`` as there. Every ``UsageEvent`` schema
+    (current and ``schemas/history``) has scale 6, so the unscaled value is the micro-units.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self._decode = codec.decode_plain
+
+    def __call__(self, data: bytes) -> PlainEvent:
+        d = self._decode(data, "UsageEvent")
+        event_time, version, value = d["event_time"], d["version"], micro_of(d["value"])
+        if not (_MIN_MS <= event_time <= _MAX_MS and _MIN_MS <= d["event_end"] <= _MAX_MS
+                and _MIN_MS <= version <= _MAX_MS):
+            raise DecodeError("invalid UsageEvent: a time outside 0001-01-01 .. 9999-12-31")
+        if not -_MAX_UNSCALED < value < _MAX_UNSCALED:
+            raise DecodeError("invalid UsageEvent: value has more than 28 digits")
+        account, series = d["account"], d["series"]
+        return tuple.__new__(PlainEvent, (d["event_id"], account, series, d["metric"], d["unit"], event_time, value,
+                                          version, d["quality"], d["source"], key_prefix(account, series)))
+
+
+# --- window state ⇄ changelog, window revisions out ---------------------------------------------------
+class WindowWire:
+    """Window state (changelog) and window revisions (``usage.windows``) as plain datums for the codec.
+
+    ``state``/``read_state``: ``WindowState`` ⇄ a ``WindowState`` record (``schemas/window_state.avsc``).
+    ``revision``: the ``UsageWindow`` record of a revision: the same bytes as ``Codec.encode`` of the
+    equivalent ``UsageWindow``. ``ValueError`` (from the codec or ``unscaled_of``) for values the
+    schemas cannot hold.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self._encode = codec.encode_plain
+        self._decode = codec.decode_plain
+
+    def state(self, s: w.WindowState) -> bytes:
+        """The changelog value of a window."""
+        return self._encode({
+            "window_id": s.window_id, "account": s.account, "series": s.series, "metric": s.metric, "unit": s.unit,
+            "start_ms": s.start_ms, "end_ms": s.end_ms, "aggregation": s.aggregation, "revision": s.revision,
+            "emitted_value": unscaled_of(s.emitted), "dirty": s.dirty, "late": s.late,
+            "intervals": [
+                {"event_id": eid, "event_time": iv.event_ms, "value": unscaled_of(iv.value), "version": iv.version_ms,
+                 "quality": iv.quality, "source": iv.source}
+                for eid, iv in s.intervals.items()
+            ],
+        }, "WindowState")
+
+    def read_state(self, raw: bytes) -> w.WindowState:
+        """The ``WindowState`` of a changelog value; ``DecodeError`` if it is not one."""
+        d = self._decode(raw, "WindowState")
+        intervals = {
+            h["event_id"]: w.Interval(h["version"], micro_of(h["value"]), h["quality"], h["source"], h["event_time"])
+            for h in d["intervals"]
+        }
+        return w.WindowState(
+            d["window_id"], d["account"], d["series"], d["metric"], d["unit"], d["start_ms"], d["end_ms"],
+            d["aggregation"], intervals, d["revision"], micro_of(d["emitted_value"]), d["dirty"], d["late"],
+        )
+
+    def revision(self, rev: w.Revision) -> bytes:
+        """The ``UsageWindow`` record of ``rev``."""
+        return self._encode({
+            "window_id": rev.window_id, "account": rev.account, "series": rev.series, "metric": rev.metric,
+            "unit": rev.unit, "window_start": rev.start_ms, "window_end": rev.end_ms, "revision": rev.revision,
+            "timing": rev.timing, "value": unscaled_of(rev.value), "delta": unscaled_of(rev.delta),
+            "count": rev.count, "qualities": rev.qualities, "sources": rev.sources, "watermark": rev.watermark_ms,
+        }, "UsageWindow")
+
+
+def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[bytes, bytes], Any]]:
+    """``(encode, decode)`` for the windowing store: ``wm`` → ``Watermark`` (``WatermarkState``),
+    ``w|<window id>`` → ``WindowState`` (``schemas/window_state.avsc``, see ``WindowWire``).
+
+    ``decode`` raises ``DecodeError`` on bytes that are not such a state.
+    """
+    wire = WindowWire(codec)
+
+    def encode(key: bytes, value: Any) -> bytes:
+        if key == WM_KEY:
+            return codec.encode({"max_event_ms": value.max_event_ms, "watermark_ms": value.watermark_ms},
+                                "WatermarkState")
+        return wire.state(value)
+
+    def decode(key: bytes, raw: bytes) -> Any:
+        if key == WM_KEY:
+            d = codec.decode_dict(raw, "WatermarkState")
+            return w.Watermark(d["max_event_ms"], d["watermark_ms"])
+        return wire.read_state(raw)
+
+    return encode, decode

@@ -1,0 +1,262 @@
+"""``pipeline.windowing.wire``: the value conversions around the codec's plain datums (fastavro).
+
+- ``EventReader`` gives what ``Codec.decode(data, UsageEvent)`` gives for any event, and refuses
+  (``DecodeError``) exactly the bytes it refuses: corrupt, truncated or extended records included;
+- the ``WindowState`` and ``UsageWindow`` records are the bytes fastavro writes for the equivalent
+  datums with logical types, and a state read back equals the state written;
+- records of another ``UsageEvent`` writer schema are resolved as ``Codec.decode`` resolves them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import fastavro
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from pipeline.codec import SCHEMA_DIR, Codec, DecodeError, default_codec
+from pipeline.records import UsageEvent, UsageWindow
+from pipeline.windowing import windows as w
+from pipeline.windowing.wire import EventReader, PlainEvent, WindowWire, micro_of, state_codec, unscaled_of
+
+CODEC = default_codec()
+READER = EventReader(CODEC)
+WIRE = WindowWire(CODEC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MIN_MS = -62_135_596_800_000  # datetime's range, as Codec.decode accepts it
+MAX_MS = 253_402_300_799_999
+
+
+def plain_of(ev: UsageEvent) -> tuple:
+    """The fields of ``PlainEvent`` (without key prefix) computed from the reference record."""
+    return (ev.event_id, ev.account, ev.series, ev.metric, ev.unit, w._ms(ev.event_time), w.to_micro(ev.value),
+            w._ms(ev.version), ev.quality, ev.source)
+
+
+texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=70)  # ≥ 64 bytes: multi-byte lengths
+usual_ms = st.one_of(st.integers(2**34, 2**41 - 1), st.integers(-(2**41), -(2**34) - 1))
+any_ms = st.one_of(usual_ms, st.integers(MIN_MS, MAX_MS), st.sampled_from([MIN_MS, MAX_MS, 0, -1, 1]))
+micro = st.one_of(st.integers(-(10**12), 10**12), st.integers(-(10**27) + 1, 10**27 - 1))
+
+
+@st.composite
+def events(draw: st.DrawFn, ms: st.SearchStrategy[int] = any_ms) -> UsageEvent:
+    def dt(v: int) -> datetime:
+        return EPOCH + timedelta(milliseconds=v)
+
+    return UsageEvent(
+        draw(texts), draw(texts), draw(texts), draw(texts), draw(texts), dt(draw(ms)), dt(draw(ms)),
+        w.to_decimal(draw(micro)), dt(draw(ms)), draw(st.sampled_from("AESFNV")), draw(texts),
+    )
+
+
+# --- usage events in ---------------------------------------------------------------------------------
+@settings(max_examples=400, deadline=None)
+@given(events())
+def test_reader_reads_what_the_codec_reads(ev: UsageEvent) -> None:
+    raw = CODEC.encode(ev)
+    got = READER(raw)
+    assert isinstance(got, PlainEvent)
+    assert tuple(got[:10]) == plain_of(ev)
+    assert got.key_prefix == f"w|{ev.account}|{ev.series}|".encode()
+
+
+def test_reader_refuses_values_outside_what_the_codec_reads() -> None:
+    ev = UsageEvent("e", "a", "s", "m", "u", EPOCH, EPOCH, Decimal("1"), EPOCH, "A", "f#1")
+    good = CODEC.decode_plain(CODEC.encode(ev), "UsageEvent")
+    for field, value in (("event_time", MAX_MS + 1), ("event_end", MIN_MS - 1), ("version", 2**62),
+                         ("value", (10**28).to_bytes(12, "big", signed=True))):
+        raw = CODEC.encode_plain({**good, field: value}, "UsageEvent")
+        if field != "value":  # Codec.decode rounds a decimal of > 28 digits; a window cannot hold one
+            with pytest.raises(DecodeError):
+                CODEC.decode(raw, UsageEvent)
+        with pytest.raises(DecodeError, match="invalid UsageEvent"):
+            READER(raw)
+
+
+mutations = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 200), st.integers(1, 255)),
+    st.tuples(st.just("cut"), st.integers(0, 200), st.just(0)),
+    st.tuples(st.just("append"), st.integers(0, 255), st.integers(1, 3)),
+)
+
+
+def mutate(raw: bytes, how: tuple[str, int, int]) -> bytes:
+    kind, a, b = how
+    if kind == "flip":
+        if len(raw) <= 10:
+            return raw
+        i = 10 + a % (len(raw) - 10)  # in the body: the header is checked before any decoding
+        return raw[:i] + bytes([raw[i] ^ b]) + raw[i + 1:]
+    if kind == "cut":
+        return raw[: a % (len(raw) + 1)]
+    return raw + bytes([a]) * b
+
+
+@settings(max_examples=600, deadline=None)
+@given(events(), st.lists(mutations, min_size=1, max_size=3))
+def test_reader_refuses_exactly_what_the_codec_refuses(ev: UsageEvent, how: list[tuple[str, int, int]]) -> None:
+    raw = CODEC.encode(ev)
+    for m in how:
+        raw = mutate(raw, m)
+    try:
+        expected = CODEC.decode(raw, UsageEvent)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            READER(raw)
+        return
+    if abs(w.to_micro(expected.value)) >= 10**28:  # rounded by Codec.decode; more than a window can hold
+        with pytest.raises(DecodeError, match="28 digits"):
+            READER(raw)
+        return
+    assert tuple(READER(raw)[:10]) == plain_of(expected)
+
+
+def test_reader_refuses_what_is_not_a_usage_event() -> None:
+    for raw in (b"", b"\xc3\x01", b"garbage", CODEC.encode(UsageWindow(
+            "a|b|0", "a", "b", "m", "u", EPOCH, EPOCH, 0, "ON_TIME", Decimal(1), Decimal(1), 1, (), (), EPOCH))):
+        with pytest.raises(DecodeError):
+            READER(raw)
+
+
+def _evolved_schema_dir(tmp_path: Path) -> Path:
+    """Schemas whose current UsageEvent has one more field (with a default); today's is history."""
+    out = tmp_path / "schemas"
+    (out / "history").mkdir(parents=True)
+    for p in SCHEMA_DIR.glob("*.avsc"):
+        shutil.copy(p, out / p.name)
+    shutil.copy(SCHEMA_DIR / "usage_event.avsc", out / "history" / "UsageEvent.v1.avsc")
+    raw = json.loads((SCHEMA_DIR / "usage_event.avsc").read_text())
+    raw["fields"].append({"name": "tariff_hint", "type": "string", "default": "none"})
+    (out / "usage_event.avsc").write_text(json.dumps(raw))
+    return out
+
+
+def test_other_usage_event_schemas_are_resolved_as_the_codec_resolves_them(tmp_path: Path) -> None:
+    evolved = Codec(_evolved_schema_dir(tmp_path))
+    reader = EventReader(evolved)
+    ev = UsageEvent("e1", "ACC", "NMI1/E1", "energy_import", "kWh", EPOCH, EPOCH, Decimal("1.5"), EPOCH, "A", "f#1")
+    old = CODEC.encode(ev)  # written with today's schema, now a history version
+    new = evolved.encode({**asdict(ev), "tariff_hint": "x"}, "UsageEvent")
+    assert tuple(reader(old)[:10]) == tuple(reader(new)[:10]) == plain_of(ev)
+    with pytest.raises(DecodeError, match="unknown schema fingerprint"):
+        READER(new)  # today's codec does not know tomorrow's schema: the same as Codec.decode
+
+
+# --- window state and revisions out -------------------------------------------------------------------
+def fastavro_bytes(codec: Codec, name: str, datum: dict) -> bytes:
+    buf = io.BytesIO()
+    buf.write(codec.header(name))
+    fastavro.schemaless_writer(buf, codec.schema(name), datum)
+    return buf.getvalue()
+
+
+intervals = st.dictionaries(
+    texts,
+    st.tuples(st.integers(MIN_MS, MAX_MS), st.integers(-(10**20), 10**20), st.sampled_from("AESFNV"), texts,
+              st.integers(MIN_MS, MAX_MS)),
+    max_size=8,
+)
+
+
+@st.composite
+def states(draw: st.DrawFn) -> w.WindowState:
+    ivs = {
+        eid: w.Interval(version, value, quality, source, event_ms)
+        for eid, (version, value, quality, source, event_ms) in draw(intervals).items()
+    }
+    start = draw(st.integers(0, 2**45))
+    return w.WindowState(
+        f"{draw(texts)}|x|{start}", draw(texts), draw(texts), draw(texts), draw(texts), start,
+        start + draw(st.integers(1, 10**9)), draw(st.sampled_from(w.AGGREGATIONS)), ivs,
+        draw(st.integers(-1, 2**31 - 1)), draw(st.integers(-(10**27) + 1, 10**27 - 1)), draw(st.booleans()),
+        draw(st.booleans()),
+    )
+
+
+def dt(ms: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+@settings(max_examples=300, deadline=None)
+@given(states())
+def test_window_state_is_the_avro_fastavro_writes_and_reads_back(s: w.WindowState) -> None:
+    encode, decode = state_codec(CODEC)
+    raw = encode(b"w|" + s.window_id.encode(), s)
+    datum = {
+        "window_id": s.window_id, "account": s.account, "series": s.series, "metric": s.metric, "unit": s.unit,
+        "start_ms": s.start_ms, "end_ms": s.end_ms, "aggregation": s.aggregation, "revision": s.revision,
+        "emitted_value": w.to_decimal(s.emitted), "dirty": s.dirty, "late": s.late,
+        "intervals": [
+            {"event_id": eid, "event_time": dt(iv.event_ms), "value": w.to_decimal(iv.value),
+             "version": dt(iv.version_ms), "quality": iv.quality, "source": iv.source}
+            for eid, iv in s.intervals.items()
+        ],
+    }
+    assert raw == fastavro_bytes(CODEC, "WindowState", datum)
+    back = decode(b"w|x", raw)
+    assert back == s
+    assert list(back.intervals) == list(s.intervals)
+    assert encode(b"w|x", back) == raw
+
+
+def test_watermark_state_round_trips() -> None:
+    encode, decode = state_codec(CODEC)
+    wm = w.Watermark(1_735_689_600_000, 1_735_686_000_000)
+    assert decode(b"wm", encode(b"wm", wm)) == wm
+
+
+@settings(max_examples=300, deadline=None)
+@given(states(), st.integers(0, 2**31 - 1), st.sampled_from(["ON_TIME", "LATE"]),
+       st.integers(-(10**27) + 1, 10**27 - 1), st.integers(-(10**27) + 1, 10**27 - 1), st.lists(texts, max_size=4),
+       st.lists(texts, max_size=4), st.integers(0, MAX_MS))
+def test_revision_is_the_usage_window_codec_encode_writes(s: w.WindowState, revision: int, timing: str, value: int,
+                                                          delta: int, qualities: list[str], sources: list[str],
+                                                          watermark: int) -> None:
+    assume(s.end_ms <= MAX_MS)
+    rev = w.Revision(s.window_id, s.account, s.series, s.metric, s.unit, s.start_ms, s.end_ms, revision, timing,
+                     value, delta, len(s.intervals), sorted(set(qualities)), sorted(set(sources)), watermark)
+    record = UsageWindow(s.window_id, s.account, s.series, s.metric, s.unit, dt(s.start_ms), dt(s.end_ms),
+                         revision, timing, w.to_decimal(value), w.to_decimal(delta), len(s.intervals),
+                         tuple(rev.qualities), tuple(rev.sources), dt(watermark))
+    assert WIRE.revision(rev) == CODEC.encode(record)
+    assert CODEC.decode(WIRE.revision(rev), UsageWindow) == record
+
+
+def test_decimals_beyond_the_schema_are_refused_like_the_codec_refuses_them() -> None:
+    s = w.WindowState("a|b|0", "a", "b", "m", "u", 0, 1, emitted=10**28)
+    encode, _ = state_codec(CODEC)
+    with pytest.raises(ValueError, match="28 digits"):
+        encode(b"w|a|b|0", s)
+
+
+@given(st.integers(-(10**28) + 1, 10**28 - 1))
+def test_unscaled_bytes_are_fastavros_decimal_bytes(micro: int) -> None:
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, {"type": "bytes", "logicalType": "decimal", "precision": 28, "scale": 6},
+                               w.to_decimal(micro))
+    plain = io.BytesIO()
+    fastavro.schemaless_writer(plain, "bytes", unscaled_of(micro))
+    assert plain.getvalue() == buf.getvalue()
+    assert micro_of(unscaled_of(micro)) == micro
+
+
+# --- plain datums in the codec -------------------------------------------------------------------------
+def test_plain_datums_are_the_base_form_of_the_logical_ones() -> None:
+    ev = UsageEvent("e", "a", "s", "m", "u", dt(1_000), dt(2_000), Decimal("-1.25"), dt(3_000), "A", "f#1")
+    raw = CODEC.encode(ev)
+    plain = CODEC.decode_plain(raw, "UsageEvent")
+    assert plain["event_time"] == 1_000 and plain["version"] == 3_000
+    assert int.from_bytes(plain["value"], "big", signed=True) == -1_250_000
+    assert CODEC.encode_plain(plain, "UsageEvent") == raw
+    for bad in (b"x" * 12, raw[:2] + b"\x00" * 8 + raw[10:], raw + b"\x00", raw[:-1]):
+        with pytest.raises(DecodeError):
+            CODEC.decode_plain(bad, "UsageEvent")
