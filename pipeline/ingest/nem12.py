@@ -52,13 +52,14 @@ import io
 import re
 import zipfile
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
-from nemreader.nem_reader import parse_100_row, parse_200_row, parse_400_row, parse_datetime
+from nemreader.nem_reader import parse_200_row, parse_400_row
 
+from pipeline.ingest.mdff import AEST, MdffError, MdffParser, decode_text
 from pipeline.records import MeterReading
 
 __all__ = [
@@ -71,8 +72,6 @@ __all__ = [
     "read_nem12",
 ]
 
-AEST = timezone(timedelta(hours=10), "AEST")
-"""NEM time: Australian Eastern Standard Time, UTC+10 all year (no daylight saving)."""
 
 VERSION_SOURCES = ("UpdateDateTime", "MSATSLoadDateTime", "FileDateTime")
 """Possible ``MeterReading.version_source`` values, in order of preference (SPEC §2)."""
@@ -108,7 +107,6 @@ REASONS = {
 _INTERVAL_LENGTHS = frozenset({5, 15, 30})
 _MINUTES_PER_DAY = 24 * 60
 _QUALITY_RE = re.compile(r"[AESFNV](?:[0-9]{2})?")
-_REASON_CODE_RE = re.compile(r"[0-9]{1,3}")
 _NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
 _NUMBER_RE = re.compile(_NUMBER)
 _VALUES_RE = re.compile(rf"{_NUMBER}(?:,{_NUMBER})*")
@@ -124,26 +122,8 @@ _FIELDS_AFTER_VALUES = ("QualityMethod", "ReasonCode", "ReasonDescription", "Upd
                         "MSATSLoadDateTime")
 
 
-class Nem12Error(ValueError):
-    """A NEM12 file was rejected.
-
-    Attributes:
-        file: the file's base name (``zip!member`` for a member of a zip).
-        line: 1-based line number of the offending record, or ``None`` for whole-file problems.
-        reason: short machine code, one of ``REASONS``.
-        problem: the human explanation, naming the record and what is wrong with it.
-    """
-
-    def __init__(self, file: str, line: int | None, reason: str, problem: str) -> None:
-        self.file = file
-        self.line = line
-        self.reason = reason
-        self.problem = problem
-        where = f"{file} line {line}" if line is not None else file
-        super().__init__(f"{where}: {problem}")
-
-    def __reduce__(self):  # keep it picklable (multiprocessing, logging handlers)
-        return (type(self), (self.file, self.line, self.reason, self.problem))
+class Nem12Error(MdffError):
+    """A NEM12 file was rejected (attributes of ``MdffError``; ``reason`` is one of ``REASONS``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +161,7 @@ def parse_nem12(data: bytes, name: str) -> Nem12File:
     """Like ``read_nem12`` for bytes already in memory; ``name`` is the file's base name."""
     if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return _parse_zip(data, name)
-    parsed = _Nem12Parser(_decode(data, name), name).parse()
+    parsed = _Nem12Parser(decode_text(data, name, Nem12Error), name).parse()
     return Nem12File(name, parsed.created, parsed.from_participant, parsed.to_participant,
                      tuple(parsed.readings))
 
@@ -195,7 +175,7 @@ def _parse_zip(data: bytes, name: str) -> Nem12File:
     if not members:
         raise Nem12Error(name, None, "EMPTY_FILE", "the zip has no files in it")
     parsed = [
-        _Nem12Parser(_decode(body, f"{name}!{member}"), f"{name}!{member}").parse()
+        _Nem12Parser(decode_text(body, f"{name}!{member}", Nem12Error), f"{name}!{member}").parse()
         for member, body in members
     ]
     readings: list[MeterReading] = []
@@ -203,15 +183,6 @@ def _parse_zip(data: bytes, name: str) -> Nem12File:
         readings.extend(p.readings)
     first = parsed[0]
     return Nem12File(name, first.created, first.from_participant, first.to_participant, tuple(readings))
-
-
-def _decode(data: bytes, source: str) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise Nem12Error(source, line, "BAD_ENCODING",
-                         f"byte 0x{data[exc.start]:02x} is not UTF-8/ASCII text") from exc
 
 
 @lru_cache(maxsize=256)
@@ -262,20 +233,19 @@ class _Parsed:
     readings: list[MeterReading]
 
 
-class _Nem12Parser:
+class _Nem12Parser(MdffParser):
     """One pass over the lines of one NEM12 CSV: validates the structure and builds the readings."""
 
+    error = Nem12Error
+    version = "NEM12"
+
     def __init__(self, text: str, source: str) -> None:
+        super().__init__(source)
         self.text = text
-        self.source = source
         self.readings: list[MeterReading] = []
         self.channel: _Channel | None = None
         self.pending: _Day | None = None
-        self.created: datetime | None = None
         self.days_seen: dict[tuple[str, str, date], int] = {}
-
-    def fail(self, line: int | None, reason: str, problem: str) -> Nem12Error:
-        return Nem12Error(self.source, line, reason, problem)
 
     def parse(self) -> _Parsed:
         header = None
@@ -324,24 +294,6 @@ class _Nem12Parser:
             raise self.fail(None, "NO_DATA", "no 300 interval data records: header and end record only")
         assert self.created is not None
         return _Parsed(self.created, header.from_participant, header.to_participant, self.readings)
-
-    # -- 100 ---------------------------------------------------------------------------------------
-
-    def header(self, lineno: int, fields: list[str]):
-        indicator = fields[0].strip()
-        if indicator != "100":
-            raise self.fail(lineno, "MISSING_HEADER",
-                            f"the first record is a {indicator!r} record, not the 100 header record")
-        if len(fields) < 5:
-            raise self.fail(lineno, "BAD_HEADER",
-                            f"100 header record has {len(fields)} fields, expected 5 (100, VersionHeader, "
-                            "DateTime, FromParticipant, ToParticipant)")
-        version = fields[1].strip()
-        if version.upper() != "NEM12":
-            raise self.fail(lineno, "NOT_NEM12",
-                            f"100 header says {version!r}: only NEM12 interval data files are accepted")
-        self.created = self.check_datetime(lineno, fields[2], 12, "100 header DateTime")
-        return parse_100_row([f.strip() for f in fields], self.source)
 
     # -- 200 ---------------------------------------------------------------------------------------
 
@@ -410,7 +362,7 @@ class _Nem12Parser:
             raise self.fail(lineno, "BAD_QUALITY",
                             f"{what} has QualityMethod {quality_method!r}; expected a quality flag A, E, S, F,"
                             " N or V optionally followed by a 2-digit method flag")
-        reason = self.check_reason(lineno, reason_code, what)
+        reason = self.check_reason(lineno, reason_code, f"{what} ReasonCode")
         if update_text:
             version = self.check_datetime(lineno, update_text, 14, f"{what} UpdateDateTime")
             version_source = "UpdateDateTime"
@@ -460,7 +412,7 @@ class _Nem12Parser:
             raise self.fail(lineno, "BAD_QUALITY",
                             f"{what} has QualityMethod {fields[3]!r}; expected A, E, S, F or N optionally "
                             "followed by a 2-digit method flag (V is not allowed in a 400 record)")
-        reason = self.check_reason(lineno, fields[4], what)
+        reason = self.check_reason(lineno, fields[4], f"{what} ReasonCode")
         event = parse_400_row(fields, day.channel.minutes)
         day.events.append((event.start_interval, event.end_interval, event.quality_method[0], reason, lineno))
 
@@ -503,30 +455,6 @@ class _Nem12Parser:
             make(nmi, suffix, uom, s, e, v, q, r, version, vsource, src, line)
             for (s, e), v, q, r in zip(bounds, day.values, qualities, reasons, strict=True)
         )
-
-    # -- field checks ------------------------------------------------------------------------------
-
-    def check_reason(self, lineno: int, text: str, what: str) -> str | None:
-        if not text:
-            return None
-        if not _REASON_CODE_RE.fullmatch(text):
-            raise self.fail(lineno, "BAD_REASON_CODE", f"{what} has ReasonCode {text!r}, not a number")
-        return text
-
-    def check_date(self, lineno: int, text: str, what: str) -> date:
-        parsed = parse_datetime(text) if len(text) == 8 and text.isdigit() else None
-        if parsed is None:
-            raise self.fail(lineno, "BAD_DATE", f"{what} {text!r} is not a valid date yyyymmdd")
-        return parsed.date()
-
-    def check_datetime(self, lineno: int, text: str, width: int, what: str) -> datetime:
-        """An MDFF DateTime(12) or DateTime(14) in NEM time, returned in UTC."""
-        text = text.strip()
-        parsed = parse_datetime(text) if len(text) == width and text.isdigit() else None
-        if parsed is None:
-            layout = "yyyymmddhhmm" if width == 12 else "yyyymmddhhmmss"
-            raise self.fail(lineno, "BAD_DATE", f"{what} {text!r} is not a valid datetime {layout}")
-        return parsed.replace(tzinfo=AEST).astimezone(UTC)
 
 
 def _csv_fields(line: str) -> list[str]:

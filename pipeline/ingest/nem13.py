@@ -74,9 +74,8 @@ from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
 from nemreader.nem_objects import BasicMeterData
-from nemreader.nem_reader import parse_100_row, parse_datetime
 
-from pipeline.ingest.nem12 import AEST
+from pipeline.ingest.mdff import AEST, MdffError, MdffParser, decode_text
 from pipeline.records import MeterReading
 
 __all__ = [
@@ -131,7 +130,6 @@ _FIELDS_250 = (
 )  # the 250 fields after the record indicator, in the order of nemreader's BasicMeterData
 assert len(_FIELDS_250) == len(BasicMeterData._fields)
 _QUALITY_RE = re.compile(r"[AESFN](?:[0-9]{2})?")
-_REASON_CODE_RE = re.compile(r"[0-9]{1,3}")
 _READ_RE = re.compile(r"([0-9]{1,15})(?:\.([0-9]{1,15}))?")  # at most 15 digits each side: exact in Decimal
 _QUANTITY_RE = re.compile(r"-?[0-9]{1,15}(?:\.[0-9]{1,15})?")
 _ID_RE = re.compile(r"[A-Za-z0-9]{1,10}")
@@ -149,26 +147,8 @@ _OTHER_UOMS = frozenset(
 )
 
 
-class Nem13Error(ValueError):
-    """A NEM13 file was rejected.
-
-    Attributes:
-        file: the file's base name (``zip!member`` for a member of a zip).
-        line: 1-based line number of the offending record, or ``None`` for whole-file problems.
-        reason: short machine code, one of ``REASONS``.
-        problem: the human explanation, naming the record and what is wrong with it.
-    """
-
-    def __init__(self, file: str, line: int | None, reason: str, problem: str) -> None:
-        self.file = file
-        self.line = line
-        self.reason = reason
-        self.problem = problem
-        where = f"{file} line {line}" if line is not None else file
-        super().__init__(f"{where}: {problem}")
-
-    def __reduce__(self):  # keep it picklable
-        return (type(self), (self.file, self.line, self.reason, self.problem))
+class Nem13Error(MdffError):
+    """A NEM13 file was rejected (attributes of ``MdffError``; ``reason`` is one of ``REASONS``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,20 +246,11 @@ def parse_nem13(data: bytes, name: str) -> Nem13File:
             raise Nem13Error(name, None, "EMPTY_FILE", "the zip has no files in it")
     else:
         members = [(name, data)]
-    parsed = [_Nem13Parser(_decode(body, source), source).parse() for source, body in members]
+    parsed = [_Nem13Parser(decode_text(body, source, Nem13Error), source).parse() for source, body in members]
     first = parsed[0]
     reads = tuple(r for p in parsed for r in p.reads)
     return Nem13File(name, first.created, first.from_participant, first.to_participant, reads,
                      tuple(x for r in reads for x in r.readings))
-
-
-def _decode(data: bytes, source: str) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise Nem13Error(source, line, "BAD_ENCODING",
-                         f"byte 0x{data[exc.start]:02x} is not UTF-8/ASCII text") from exc
 
 
 @dataclass(slots=True)
@@ -290,19 +261,18 @@ class _Parsed:
     reads: list[RegisterRead]
 
 
-class _Nem13Parser:
+class _Nem13Parser(MdffParser):
     """One pass over the lines of one NEM13 CSV: validates the structure and builds the reads."""
 
+    error = Nem13Error
+    version = "NEM13"
+
     def __init__(self, text: str, source: str) -> None:
+        super().__init__(source)
         self.text = text
-        self.source = source
-        self.created: datetime | None = None
         self.reads: list[RegisterRead] = []
         # (nmi, suffix) -> [(first day, last day, line)] to refuse overlapping read periods
         self.periods: dict[tuple[str, str], list[tuple[date, date, int]]] = {}
-
-    def fail(self, line: int | None, reason: str, problem: str) -> Nem13Error:
-        return Nem13Error(self.source, line, reason, problem)
 
     def parse(self) -> _Parsed:
         header = None
@@ -346,24 +316,6 @@ class _Nem13Parser:
             raise self.fail(None, "NO_DATA", "no 250 basic meter data records: header and end record only")
         assert self.created is not None
         return _Parsed(self.created, header.from_participant, header.to_participant, self.reads)
-
-    # -- 100 ---------------------------------------------------------------------------------------
-
-    def header(self, lineno: int, fields: list[str]):
-        indicator = fields[0].strip()
-        if indicator != "100":
-            raise self.fail(lineno, "MISSING_HEADER",
-                            f"the first record is a {indicator!r} record, not the 100 header record")
-        if len(fields) < 5:
-            raise self.fail(lineno, "BAD_HEADER",
-                            f"100 header record has {len(fields)} fields, expected 5 (100, VersionHeader, "
-                            "DateTime, FromParticipant, ToParticipant)")
-        version = fields[1].strip()
-        if version.upper() != "NEM13":
-            raise self.fail(lineno, "NOT_NEM13",
-                            f"100 header says {version!r}: only NEM13 accumulation data files are accepted")
-        self.created = self.check_datetime(lineno, fields[2], 12, "100 header DateTime")
-        return parse_100_row([f.strip() for f in fields], self.source)
 
     # -- 250 ---------------------------------------------------------------------------------------
 
@@ -485,27 +437,6 @@ class _Nem13Parser:
                             f"{what} {text!r} is not an unsigned decimal number (at most 15 digits)")
         return Decimal(text)
 
-    def check_reason(self, lineno: int, text: str, what: str) -> str | None:
-        if not text:
-            return None
-        if not _REASON_CODE_RE.fullmatch(text):
-            raise self.fail(lineno, "BAD_REASON_CODE", f"{what} {text!r} is not a number")
-        return text
-
-    def check_date(self, lineno: int, text: str, what: str) -> date:
-        parsed = parse_datetime(text) if len(text) == 8 and text.isdigit() else None
-        if parsed is None:
-            raise self.fail(lineno, "BAD_DATE", f"{what} {text!r} is not a valid date yyyymmdd")
-        return parsed.date()
-
-    def check_datetime(self, lineno: int, text: str, width: int, what: str) -> datetime:
-        """An MDFF DateTime(12) or DateTime(14) in NEM time, returned in UTC."""
-        text = text.strip()
-        parsed = parse_datetime(text) if len(text) == width and text.isdigit() else None
-        if parsed is None:
-            layout = "yyyymmddhhmm" if width == 12 else "yyyymmddhhmmss"
-            raise self.fail(lineno, "BAD_DATE", f"{what} {text!r} is not a valid datetime {layout}")
-        return parsed.replace(tzinfo=AEST).astimezone(UTC)
 
 
 def _nem_midnight(day: date) -> datetime:
