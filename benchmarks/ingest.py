@@ -25,6 +25,8 @@ from decimal import Decimal
 from pathlib import Path
 from tempfile import mkdtemp
 
+from common import run_passthrough, wait_committed
+
 from pipeline.codec import default_codec
 from pipeline.config import Settings
 from pipeline.ingest import processor as ingest
@@ -33,9 +35,6 @@ from pipeline.records import MeterReading
 from pipeline.reference import BUNDLED_REFERENCE, Account, ReferenceData, ReferenceFile, ServicePoint, TelemetrySubject
 from pipeline.runtime.kafka import (
     IdempotentProducer,
-    Incoming,
-    StageClients,
-    committed_offsets,
     create_topics,
     delete_topics,
 )
@@ -88,41 +87,6 @@ def produce_events(settings: Settings, topics: Topics, n: int) -> None:
     producer.flush()
 
 
-def wait_committed(settings: Settings, group: str, topic: str, n: int, timeout_s: float = 900) -> float:
-    tps = [(topic, p) for p in range(PARTITIONS)]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done = sum(max(o, 0) for o in committed_offsets(settings.kafka_bootstrap, group, tps).values())
-        if done >= n:
-            return time.monotonic()
-        time.sleep(0.2)
-    raise TimeoutError(f"{group} did not commit {n} records")
-
-
-def run_passthrough(settings: Settings, topics: Topics, n: int) -> float:
-    """Consume → produce the same bytes to another topic, transactionally, offsets in the transaction."""
-    group = topics.group("passthrough")
-    clients = StageClients(settings.kafka_bootstrap, group, f"{group}-bench")
-    clients.subscribe([topics.meter_readings], lambda tps: {}, lambda tps: None)
-    first = None
-    seen = 0
-    offsets: dict[tuple[str, int], int] = {}
-    while seen < n:
-        batch: list[Incoming] = clients.poll_batch(settings.batch_max_records, settings.commit_interval_ms / 1000)
-        if batch and first is None:
-            first = time.monotonic()
-        for rec in batch:
-            clients.produce(topics.usage_events, rec.key, rec.value)
-            offsets[(rec.topic, rec.partition)] = rec.offset + 1
-        seen += len(batch)
-        if batch:
-            clients.commit(offsets)
-            offsets = {}
-    end = time.monotonic()
-    clients.close()
-    return end - (first or end)
-
-
 def run_ingest(settings: Settings, topic: str, n: int, processor: ingest.IngestProcessor) -> float:
     enc, dec = ingest.state_codec(default_codec())
     topics = Topics(settings)
@@ -140,7 +104,7 @@ def run_ingest(settings: Settings, topic: str, n: int, processor: ingest.IngestP
     result: list[float] = []
 
     def watch() -> None:
-        result.append(wait_committed(settings, topics.group("ingest"), topic, n))
+        result.append(wait_committed(settings, topics.group("ingest"), topic, n, PARTITIONS))
         runner.stop()
 
     threading.Thread(target=watch, daemon=True).start()
@@ -174,7 +138,7 @@ def run_all(settings: Settings, topics: Topics, args: argparse.Namespace) -> Non
     n = (args.readings // NMIS) * NMIS
     print(f"input: {n} meter readings on {PARTITIONS} partitions, produced in {time.monotonic() - t0:.1f}s; "
           f"batch ≤ {args.batch} records, commit interval 250 ms")
-    pt = run_passthrough(settings, topics, n)
+    pt, _cpu = run_passthrough(settings, topics, n, topics.meter_readings, topics.usage_events)
     print(f"passthrough (transactional consume→produce): {n / pt:,.0f} readings/s ({pt:.1f}s)")
     rules = ingest.IngestRules.from_settings(settings)
     proc = ingest.IngestProcessor(topics, default_codec(), lambda: ref, rules=rules)

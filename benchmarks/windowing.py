@@ -22,10 +22,12 @@ from decimal import Decimal
 from pathlib import Path
 from tempfile import mkdtemp
 
+from common import run_passthrough, wait_committed
+
 from pipeline.codec import default_codec
 from pipeline.config import Settings
 from pipeline.records import UsageEvent
-from pipeline.runtime.kafka import IdempotentProducer, Incoming, StageClients, committed_offsets, create_topics
+from pipeline.runtime.kafka import IdempotentProducer, create_topics
 from pipeline.runtime.loop import StageRunner
 from pipeline.stages import build_stage
 from pipeline.topology import Topics
@@ -49,44 +51,6 @@ def produce_input(settings: Settings, topics: Topics, n: int, series: int = 1000
     producer.flush()
 
 
-def wait_committed(settings: Settings, group: str, topic: str, n: int, timeout_s: float = 900) -> float:
-    tps = [(topic, p) for p in range(PARTITIONS)]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done = sum(max(o, 0) for o in committed_offsets(settings.kafka_bootstrap, group, tps).values())
-        if done >= n:
-            return time.monotonic()
-        time.sleep(0.2)
-    raise TimeoutError(f"{group} did not commit {n} records")
-
-
-def run_passthrough(settings: Settings, topics: Topics, n: int) -> float:
-    """Consume → produce the same bytes to another topic, transactionally, offsets in the transaction."""
-    cpu0 = time.thread_time()
-    group = topics.group("passthrough")
-    clients = StageClients(settings.kafka_bootstrap, group, f"{group}-bench")
-    clients.subscribe([topics.usage_events], lambda tps: {}, lambda tps: None)
-    out_topic = topics.usage_windows
-    first = None
-    seen = 0
-    offsets: dict[tuple[str, int], int] = {}
-    while seen < n:
-        batch: list[Incoming] = clients.poll_batch(settings.batch_max_records, settings.commit_interval_ms / 1000)
-        if batch and first is None:
-            first = time.monotonic()
-        for rec in batch:
-            clients.produce(out_topic, rec.key, rec.value)
-            offsets[(rec.topic, rec.partition)] = rec.offset + 1
-        seen += len(batch)
-        if batch:
-            clients.commit(offsets)
-            offsets = {}
-    end = time.monotonic()
-    CPU["passthrough"] = time.thread_time() - cpu0
-    clients.close()
-    return end - (first or end)
-
-
 def run_windowing(settings: Settings, n: int) -> float:
     spec = build_stage("windowing", settings)
     runner = StageRunner(settings, spec)
@@ -103,7 +67,7 @@ def run_windowing(settings: Settings, n: int) -> float:
     result: list[float] = []
 
     def watch() -> None:
-        result.append(wait_committed(settings, topics.group("windowing"), topics.usage_events, n))
+        result.append(wait_committed(settings, topics.group("windowing"), topics.usage_events, n, PARTITIONS))
         runner.stop()
 
     threading.Thread(target=watch, daemon=True).start()
@@ -129,7 +93,7 @@ def main() -> None:
     n = (args.events // 1000) * 1000
     print(f"input: {n} usage events on {PARTITIONS} partitions, produced in {time.monotonic() - t0:.1f}s; "
           f"batch ≤ {args.batch} records, commit interval 250 ms")
-    pt = run_passthrough(settings, topics, n)
+    pt, CPU["passthrough"] = run_passthrough(settings, topics, n, topics.usage_events, topics.usage_windows)
     print(f"passthrough (transactional consume→produce): {n / pt:,.0f} events/s ({pt:.1f}s)")
     wt = run_windowing(settings, n)
     print(f"windowing stage (exactly-once, RocksDB + changelog): {n / wt:,.0f} events/s ({wt:.1f}s)")

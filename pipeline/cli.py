@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -190,6 +191,23 @@ def pricebook_show(
 
 
 # --- gateway ------------------------------------------------------------------------------------
+def _publish_files(publish: Callable[..., Any], paths: list[Path], progress: bool) -> None:
+    """Run a file gateway (``publish_nem12`` / ``publish_nem13``) to meter.readings and report; exit 1
+    if any file was rejected."""
+    from pipeline.codec import default_codec
+    from pipeline.runtime.kafka import IdempotentProducer
+    from pipeline.topology import Topics
+
+    settings = get_settings()
+    producer = IdempotentProducer(settings.kafka_bootstrap)
+    report = publish(paths, producer, default_codec(), Topics(settings).meter_readings, progress)
+    typer.echo(f"published {report.readings_published} readings from {report.files_published} files")
+    for err in report.rejected:
+        typer.echo(f"rejected [{err.reason}] {err}", err=True)
+    if report.rejected:
+        raise typer.Exit(1)
+
+
 @publish_app.command("nem12")
 def publish_nem12_cmd(
     paths: Annotated[list[Path], typer.Argument(help="NEM12 files (.csv or .zip) or folders of them")],
@@ -200,19 +218,9 @@ def publish_nem12_cmd(
     A malformed file is rejected whole (nothing from it is published) with a message naming the
     problem; the exit code is then 1.
     """
-    from pipeline.codec import default_codec
     from pipeline.ingest.gateway import publish_nem12
-    from pipeline.runtime.kafka import IdempotentProducer
-    from pipeline.topology import Topics
 
-    settings = get_settings()
-    producer = IdempotentProducer(settings.kafka_bootstrap)
-    report = publish_nem12(paths, producer, default_codec(), Topics(settings).meter_readings, progress)
-    typer.echo(f"published {report.readings_published} readings from {report.files_published} files")
-    for err in report.rejected:
-        typer.echo(f"rejected [{err.reason}] {err}", err=True)
-    if report.rejected:
-        raise typer.Exit(1)
+    _publish_files(publish_nem12, paths, progress)
 
 
 @publish_app.command("telemetry")
@@ -260,19 +268,9 @@ def publish_nem13_cmd(
     A malformed file (or one whose Quantity disagrees with its register reads) is rejected whole,
     nothing from it published, with a message naming the problem; the exit code is then 1.
     """
-    from pipeline.codec import default_codec
     from pipeline.ingest.gateway import publish_nem13
-    from pipeline.runtime.kafka import IdempotentProducer
-    from pipeline.topology import Topics
 
-    settings = get_settings()
-    producer = IdempotentProducer(settings.kafka_bootstrap)
-    report = publish_nem13(paths, producer, default_codec(), Topics(settings).meter_readings, progress)
-    typer.echo(f"published {report.readings_published} readings from {report.files_published} files")
-    for err in report.rejected:
-        typer.echo(f"rejected [{err.reason}] {err}", err=True)
-    if report.rejected:
-        raise typer.Exit(1)
+    _publish_files(publish_nem13, paths, progress)
 
 
 @serve_app.command("http")

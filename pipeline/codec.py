@@ -128,16 +128,23 @@ class Codec:
 
     def decode_dict(self, data: bytes, schema_name: str) -> dict[str, Any]:
         """Decode to the plain Avro datum (dict), resolved to the current schema ``schema_name``."""
+        return self._read(data, schema_name, self._fingerprints, self._by_name)
+
+    @staticmethod
+    def _read(data: bytes, schema_name: str, writers: dict[bytes, Any], readers: dict[str, Any]) -> dict[str, Any]:
+        """Check the single-object marker, find the writer schema by fingerprint in ``writers`` and
+        read the body resolved to ``readers[schema_name]``; ``DecodeError`` on anything unreadable."""
         if not isinstance(data, bytes | bytearray) or len(data) < 10 or data[:2] != MAGIC:
             raise DecodeError("not an Avro single-object record (missing C3 01 marker)")
-        writer = self._fingerprints.get(bytes(data[2:10]))
+        fp = bytes(data[2:10])
+        writer = writers.get(fp)
         if writer is None:
-            raise DecodeError(f"unknown schema fingerprint {bytes(data[2:10]).hex()}")
-        reader = self._by_name[schema_name]
+            raise DecodeError(f"unknown schema fingerprint {fp.hex()}")
+        reader = readers[schema_name]
         try:
             buf = io.BytesIO(data)
             buf.seek(10)
-            datum = fastavro.schemaless_reader(buf, writer, reader)
+            datum = fastavro.schemaless_reader(buf, writer, None if writer is reader else reader)
             if buf.tell() != len(data):
                 raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after the record")
             return datum  # type: ignore[return-value]
@@ -169,24 +176,7 @@ class Codec:
         Values are not range-checked: a timestamp after year 9999, which ``decode`` refuses, is
         returned as is (Avro 1.11 specification, "Logical Types").
         """
-        if not isinstance(data, bytes | bytearray) or len(data) < 10 or data[:2] != MAGIC:
-            raise DecodeError("not an Avro single-object record (missing C3 01 marker)")
-        fp = bytes(data[2:10])
-        writer = self._plain_by_fingerprint.get(fp)
-        if writer is None:
-            raise DecodeError(f"unknown schema fingerprint {fp.hex()}")
-        reader = self._plain_by_name[schema_name]
-        try:
-            buf = io.BytesIO(data)
-            buf.seek(10)
-            datum = fastavro.schemaless_reader(buf, writer, None if writer is reader else reader)
-            if buf.tell() != len(data):
-                raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after the record")
-            return datum  # type: ignore[return-value]
-        except DecodeError:
-            raise
-        except Exception as exc:  # fastavro raises many kinds on corrupt bodies
-            raise DecodeError(f"cannot decode as {schema_name}: {type(exc).__name__}: {exc}") from exc
+        return self._read(data, schema_name, self._plain_by_fingerprint, self._plain_by_name)
 
     def decode(self, data: bytes, cls: type[T]) -> T:
         """Decode bytes into an instance of the record dataclass ``cls``.
