@@ -55,14 +55,14 @@ def run_windowing(settings: Settings, n: int) -> float:
     spec = build_stage("windowing", settings)
     runner = StageRunner(settings, spec)
     first: list[float] = []
-    original = spec.processor.process
+    original = spec.processor.process_batch  # type: ignore[attr-defined]
 
-    def timed(record, ctx):  # type: ignore[no-untyped-def]
+    def timed(records, ctx):  # type: ignore[no-untyped-def]
         if not first:
             first.append(time.monotonic())
-        original(record, ctx)
+        original(records, ctx)
 
-    spec.processor.process = timed  # type: ignore[method-assign]
+    spec.processor.process_batch = timed  # type: ignore[attr-defined]
     topics = Topics(settings)
     result: list[float] = []
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -37,12 +37,12 @@ class KafkaIOError(RuntimeError):
     """A Kafka operation failed in a way the stage cannot recover from in-process."""
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
+class Incoming(NamedTuple):
     """One consumed record, decoupled from the client library.
 
     Attributes: topic, partition, offset; key/value as raw bytes (``None`` when absent);
     headers as (name, bytes) pairs; timestamp_ms as set by the producer (CreateTime, ms UTC).
+    An immutable tuple: built once per consumed record, so its construction is kept cheap.
     """
 
     topic: str
@@ -54,11 +54,15 @@ class Incoming:
     timestamp_ms: int
 
 
+_new = tuple.__new__
+
+
 def _incoming(msg: Message) -> Incoming:
-    headers = tuple((k, v if v is not None else b"") for k, v in (msg.headers() or []))
-    return Incoming(
-        msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), headers, msg.timestamp()[1]
-    )
+    headers = msg.headers()
+    return _new(Incoming, (  # Incoming(...) without the cost of its Python-level constructor
+        msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+        tuple((k, v if v is not None else b"") for k, v in headers) if headers else (), msg.timestamp()[1],
+    ))
 
 
 def _retrying(fn: Callable[[], T], timeout_s: float = 30.0) -> T:
@@ -339,6 +343,22 @@ class StageClients:
                 return
             except BufferError:
                 self.producer.poll(0.05)
+
+    def produce_all(self, topic: str, records: Iterable[tuple[bytes, bytes | None]], partition: int) -> None:
+        """Produce (key, value) ``records`` to one partition inside the current transaction (begun on
+        first use): ``produce`` for many records, e.g. a batch of changelog records."""
+        assert self.producer is not None, "stage has no transactional producer"
+        if not self._in_txn:
+            self.producer.begin_transaction()
+            self._in_txn = True
+        produce = self.producer.produce
+        for key, value in records:
+            while True:
+                try:
+                    produce(topic, value, key, partition)
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
 
     def commit(self, offsets: dict[TP, int]) -> None:
         """Commit the transaction together with the next offsets to consume (exactly-once v2).

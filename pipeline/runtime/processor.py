@@ -19,6 +19,7 @@ class Store(Protocol):
 
     def get(self, key: bytes, default: Any = None) -> Any: ...
     def put(self, key: bytes, value: Any) -> None: ...
+    def put_raw(self, key: bytes, raw: bytes) -> None: ...
     def delete(self, key: bytes) -> None: ...
     def scan(self, prefix: bytes) -> Any: ...
 
@@ -38,7 +39,10 @@ class Context(Protocol):
 class Processor(Protocol):
     """A stage's domain logic.
 
-    ``process`` handles one record; ``punctuate`` runs after every batch (and when idle) with
+    ``process`` handles one record; a processor may also define ``process_batch(records, ctx)``,
+    which the runtime then calls with each consumed batch instead (it must have the effect of
+    ``process`` on each record in order: it exists to hoist per-record work out of the loop);
+    ``punctuate`` runs after every batch (and when idle) with
     the wall-clock time in epoch milliseconds, for time-driven work such as closing windows;
     ``on_assign``/``on_revoke`` bracket ownership of an input partition (after its state has
     been restored / before it is handed over). With several input topics one store serves a
@@ -119,6 +123,9 @@ class DictStore:
 
     def put(self, key: bytes, value: Any) -> None:
         self.data[key] = value
+
+    def put_raw(self, key: bytes, raw: bytes) -> None:
+        self.data[key] = raw
 
     def delete(self, key: bytes) -> None:
         self.data.pop(key, None)

@@ -22,12 +22,20 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 _DELETED = object()
 
 
+class _Raw(bytes):
+    """A value staged with ``put_raw``: already encoded, written as it is, never cached."""
+
+    __slots__ = ()
+
+
 class PartitionStore:
     """The state of one input partition of one stage.
 
     Keys are ``bytes`` (design them so that byte order is the scan order you need); values are
     Python objects, turned into bytes with ``encode``/``decode`` only when they reach RocksDB or
-    the changelog.
+    the changelog. Values staged with ``put_raw`` are bytes already: they go to the changelog and
+    RocksDB as they are and are not kept in the read cache (``decode`` must give such bytes back
+    as they are).
     """
 
     def __init__(
@@ -73,6 +81,11 @@ class PartitionStore:
         """Stage ``value`` for ``key``; it becomes durable with the next commit."""
         self._pending[key] = value
 
+    def put_raw(self, key: bytes, raw: bytes) -> None:
+        """Stage already-encoded ``raw`` bytes for ``key`` (no ``encode``; not cached after the
+        commit): for write-mostly entries that are read back only by ``scan``."""
+        self._pending[key] = _Raw(raw)
+
     def delete(self, key: bytes) -> None:
         """Stage the deletion of ``key`` (a tombstone in the changelog)."""
         self._pending[key] = _DELETED
@@ -97,8 +110,14 @@ class PartitionStore:
     # --- transaction lifecycle --------------------------------------------------------------
     def pending_changes(self) -> Iterator[tuple[bytes, bytes | None]]:
         """The staged writes as changelog records: (key, encoded value) or (key, None) for deletes."""
+        encode = self._encode
         for key, value in self._pending.items():
-            yield key, None if value is _DELETED else self._encode(key, value)
+            if value is _DELETED:
+                yield key, None
+            elif type(value) is _Raw:
+                yield key, value
+            else:
+                yield key, encode(key, value)
 
     def has_pending(self) -> bool:
         """Whether anything was written since the last flush/discard."""
@@ -120,7 +139,7 @@ class PartitionStore:
         if len(cache) + len(self._pending) > self._cache_max:
             cache.clear()
         for key, value in self._pending.items():
-            if value is _DELETED:
+            if value is _DELETED or type(value) is _Raw:
                 cache.pop(key, None)
             else:
                 cache[key] = value

@@ -5,8 +5,10 @@ each batch's outputs, state changes and input offsets one Kafka transaction. The
 pure functions of ``pipeline.windowing.windows`` (SPEC §3); the records (fastavro through
 ``pipeline.codec``, plain datums) are ``pipeline.windowing.wire``.
 
-Hot path (one call per event): decode to a plain datum, find the window, fold the interval into
-the window state in place, stage the state for the changelog (encoded once per batch, at commit).
+Hot path (``process_batch``, per event): decode to a plain datum, find the window, fold the interval into
+the window state in place. What a batch changed is staged for the changelog: per window, one
+entry holding the events it accepted, as consumed, and the window's head only when it changed
+(encoded at commit).
 Metrics are counted locally and published once per batch (``punctuate``).
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -27,7 +29,15 @@ from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import Context, dead_letter
 from pipeline.topology import Topics
 from pipeline.windowing import windows as w
-from pipeline.windowing.wire import WIN_PREFIX, WM_KEY, EventReader, WindowWire, state_codec
+from pipeline.windowing.wire import (
+    WIN_PREFIX,
+    WM_KEY,
+    EventReader,
+    WindowWire,
+    events_key,
+    events_prefix,
+    state_codec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +85,10 @@ def policies_from_settings(settings: Settings) -> Callable[[str], w.WindowPolicy
 class WindowingProcessor:
     """Accumulates usage events into tumbling windows per input partition; emits revisions.
 
-    State per partition: ``wm`` → the watermark; ``w|<window id>`` → ``WindowState`` (changed in
-    place, then put back: the store's transaction cache holds the live object).
+    State per partition: ``wm`` → the watermark; ``w|<window id>`` → ``WindowState`` (its head:
+    changed in place, then put back: the store's transaction cache holds the live object);
+    ``i|<window id>|<first offset>`` → the events a batch added to the window, as consumed
+    (``pipeline.windowing.wire``).
     """
 
     def __init__(
@@ -125,41 +137,85 @@ class WindowingProcessor:
 
     # --- records --------------------------------------------------------------------------------
     def process(self, record: Incoming, ctx: Context) -> None:
-        p = record.partition
-        self._last_activity[p] = self.clock_ms()
-        raw = record.value or b""
-        try:
-            (event_id, account, series, metric, unit, event_ms, value, version, quality, source,
-             key_prefix) = self._read(raw)
-        except DecodeError as exc:
-            dead_letter(ctx, self.codec, self.topics.dlq_ingest, "windowing", record, "UNDECODABLE", str(exc))
-            self._count("dead_lettered")
+        """Fold one usage event into its window (see ``process_batch``)."""
+        self.process_batch((record,), ctx)
+
+    def process_batch(self, records: Sequence[Incoming], ctx: Context) -> None:
+        """Fold each usage event, in order, into its window (SPEC §3): decode (undecodable →
+        ``dlq.ingest``, UNDECODABLE), route too-late events to ``usage.late``, apply the interval
+        (accepted, superseded or duplicate), stage what changed for the changelog and advance the
+        partition's watermark. Windows are emitted by ``punctuate``."""
+        if not records:
             return
-        policy = self._policies.get(metric) or self._policy_of(metric)
-        wm = self._wm[p]
-        size = policy.size_ms
-        start = event_ms - event_ms % size  # w.window_bounds
-        end = start + size
-        if wm.watermark_ms >= end + policy.allowed_lateness_ms:  # w.is_too_late
-            self._too_late(raw, end, wm, policy, ctx)
-        else:
-            key = key_prefix + b"%d" % start  # WIN_PREFIX + w.window_id(account, series, start)
-            store = ctx.store(p)
-            state = store.get(key)
-            if state is None:
-                state = w.new_window(account, series, metric, unit, event_ms, policy)
-                heapq.heappush(self._expiry[p], (end + policy.allowed_lateness_ms, key))
-            # _new(w.Interval, (...)): w.Interval(...) without the cost of its Python-level constructor
-            iv = _new(w.Interval, (version, value, quality, source, event_ms))
-            outcome = w.apply_interval(state, event_id, iv, wm, policy)
-            if outcome is not _DUPLICATE:
-                store.put(key, state)
-                if state.dirty:
-                    self._due[p][key] = end
-            self.outcomes[outcome] += 1
-        if event_ms > wm.max_event_ms or wm.watermark_ms < wm.max_event_ms - policy.out_of_orderness_ms:
-            self._wm[p] = w.advance(wm, event_ms, policy)
-            self._wm_dirty.add(p)
+        now = self.clock_ms()
+        read, policies, wms, outcomes, apply = self._read, self._policies, self._wm, self.outcomes, w.apply_interval
+        stores: dict[int, Any] = {}
+        chunks: dict[bytes, tuple[Any, int, list[bytes]]] = {}  # window key → (store, first offset, events)
+        for record in records:
+            p = record.partition
+            raw = record.value or b""
+            try:
+                (event_id, account, series, metric, unit, event_ms, value, version, quality, source,
+                 key_prefix) = read(raw)
+            except DecodeError as exc:
+                dead_letter(ctx, self.codec, self.topics.dlq_ingest, "windowing", record, "UNDECODABLE", str(exc))
+                self._count("dead_lettered")
+                continue
+            policy = policies.get(metric) or self._policy_of(metric)
+            wm = wms[p]
+            size = policy.size_ms
+            start = event_ms - event_ms % size  # w.window_bounds
+            end = start + size
+            if wm.watermark_ms >= end + policy.allowed_lateness_ms:  # w.is_too_late
+                self._too_late(raw, end, wm, policy, ctx)
+            else:
+                key = key_prefix + b"%d" % start  # WIN_PREFIX + w.window_id(account, series, start)
+                store = stores.get(p)
+                if store is None:
+                    store = stores[p] = ctx.store(p)
+                state = store.get(key)
+                if state is None:
+                    state = w.new_window(account, series, metric, unit, event_ms, policy)
+                    heapq.heappush(self._expiry[p], (end + policy.allowed_lateness_ms, key))
+                    flags = None
+                else:
+                    if state.intervals is None:
+                        self._load_intervals(store, key, state)
+                    flags = state.dirty, state.late
+                # _new(w.Interval, (...)): w.Interval(...) without the cost of its Python-level constructor
+                outcome = apply(state, event_id, _new(w.Interval, (version, value, quality, source, event_ms)), wm,
+                                policy)
+                if outcome is not _DUPLICATE:
+                    added = chunks.get(key)
+                    if added is None:
+                        chunks[key] = (store, record.offset, [raw])
+                    else:
+                        added[2].append(raw)
+                    if flags != (state.dirty, state.late):
+                        store.put(key, state)  # the head changed
+                    if state.dirty:
+                        self._due[p][key] = end
+                outcomes[outcome] += 1
+            if event_ms > wm.max_event_ms or wm.watermark_ms < wm.max_event_ms - policy.out_of_orderness_ms:
+                wms[p] = w.advance(wm, event_ms, policy)
+                self._wm_dirty.add(p)
+        for p in {r.partition for r in records}:
+            self._last_activity[p] = now
+        events = self._wire.events
+        for key, (store, first_offset, raws) in chunks.items():  # what this batch added, as consumed
+            store.put_raw(events_key(key, first_offset), events(raws))
+
+    def _window(self, store: Any, key: bytes) -> w.WindowState | None:
+        """The window stored at ``key`` with its intervals loaded, or ``None``."""
+        state = store.get(key)
+        if state is not None and state.intervals is None:
+            self._load_intervals(store, key, state)
+        return state
+
+    def _load_intervals(self, store: Any, key: bytes, state: w.WindowState) -> None:
+        """Fill in the intervals of a window head read back from the store (in place: the store's
+        cache keeps the loaded window). ``DecodeError`` on an entry that is not a ``UsageEvent``."""
+        state.intervals = self._wire.intervals(raw for _k, raw in store.scan(events_prefix(key)))
 
     def _policy_of(self, metric: str) -> w.WindowPolicy:
         """``policy(metric)``, asked once per metric: a window's size must not change under it."""
@@ -199,7 +255,7 @@ class WindowingProcessor:
         topic = self.topics.usage_windows
         for _end, key in ready:
             del due[key]
-            state = store.get(key)
+            state = self._window(store, key)
             if state is None or not w.is_due(state, wm):
                 continue
             rev = w.emit(state, wm)
@@ -211,9 +267,11 @@ class WindowingProcessor:
         heap = self._expiry[p]
         while heap and heap[0][0] <= wm.watermark_ms:
             _exp, key = heapq.heappop(heap)
-            state = store.get(key)
+            state = self._window(store, key)
             if state is not None and w.is_expired(state, wm, self._policy_of(state.metric)):
                 store.delete(key)
+                for events_entry, _raw in list(store.scan(events_prefix(key))):
+                    store.delete(events_entry)
             elif state is not None:  # still pending emission: look again later
                 heapq.heappush(heap, (wm.watermark_ms + 1, key))
                 break

@@ -97,7 +97,9 @@ class WindowState:
         window_id: ``account|series|start`` (see ``window_id``).
         start_ms / end_ms: the window ``[start, end)``, epoch ms UTC.
         aggregation: one of ``AGGREGATIONS``.
-        intervals: event id → the highest version held of that interval.
+        intervals: event id → the highest version held of that interval; ``None`` for a window
+            read back from the state store before its interval entries are loaded (the store
+            keeps them apart, see ``pipeline.windowing.wire``): the pure functions here need them.
         revision: last emitted revision, −1 before the first emission.
         emitted: the value (micro-units) carried by that revision (0 before).
         dirty: changed since the last emission.
@@ -112,7 +114,7 @@ class WindowState:
     start_ms: int
     end_ms: int
     aggregation: str = "sum"
-    intervals: dict[str, Interval] = field(default_factory=dict)
+    intervals: dict[str, Interval] | None = field(default_factory=dict)
     revision: int = -1
     emitted: int = 0
     dirty: bool = False

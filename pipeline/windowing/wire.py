@@ -15,7 +15,7 @@ This module only converts values; it writes and reads no Avro bytes itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from pipeline.codec import Codec, DecodeError
@@ -27,6 +27,7 @@ _MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _MAX_UNSCALED = 10**28
 WM_KEY = b"wm"
 WIN_PREFIX = b"w|"
+IV_PREFIX = b"i|"
 
 
 def key_prefix(account: str, series: str) -> bytes:
@@ -94,43 +95,72 @@ class EventReader:
 
 
 # --- window state ⇄ changelog, window revisions out ---------------------------------------------------
+def events_key(window_key: bytes, first_offset: int) -> bytes:
+    """The store key of the events a batch added to the window stored at ``window_key``
+    (``w|<window id>``): ``i|<window id>|<first input offset, 20 digits>``, so a window's entries
+    share the prefix ``events_prefix`` and sort in input order. A replayed batch writes the same key."""
+    return b"i" + window_key[1:] + b"|%020d" % first_offset
+
+
+def events_prefix(window_key: bytes) -> bytes:
+    """The key prefix of every events entry of the window stored at ``window_key``."""
+    return b"i" + window_key[1:] + b"|"
+
+
 class WindowWire:
     """Window state (changelog) and window revisions (``usage.windows``) as plain datums for the codec.
 
-    ``state``/``read_state``: ``WindowState`` ⇄ a ``WindowState`` record (``schemas/window_state.avsc``).
-    ``revision``: the ``UsageWindow`` record of a revision: the same bytes as ``Codec.encode`` of the
-    equivalent ``UsageWindow``. ``ValueError`` (from the codec or ``unscaled_of``) for values the
-    schemas cannot hold.
+    A window is stored as a head, ``state``/``read_state``: ``WindowState`` without its intervals
+    ⇄ a ``WindowHead`` record (``schemas/window_head.avsc``), written only when it changes; and
+    one ``WindowEvents`` entry (``schemas/window_events.avsc``) per batch that changed it,
+    ``events``: the ``UsageEvent`` records it accepted, exactly as consumed. ``intervals`` folds
+    a window's entries back into its intervals. So a batch costs one small entry per window it
+    touched, however many intervals the window holds.
+
+    ``revision``: the ``UsageWindow`` record of a revision: the same bytes as ``Codec.encode`` of
+    the equivalent ``UsageWindow``. ``ValueError`` (from the codec or ``unscaled_of``) for values
+    the schemas cannot hold.
     """
 
     def __init__(self, codec: Codec) -> None:
         self._encode = codec.encode_plain
         self._decode = codec.decode_plain
+        self._read = EventReader(codec)
 
     def state(self, s: w.WindowState) -> bytes:
-        """The changelog value of a window."""
+        """The changelog value of a window's head (everything but its intervals)."""
         return self._encode({
             "window_id": s.window_id, "account": s.account, "series": s.series, "metric": s.metric, "unit": s.unit,
             "start_ms": s.start_ms, "end_ms": s.end_ms, "aggregation": s.aggregation, "revision": s.revision,
             "emitted_value": unscaled_of(s.emitted), "dirty": s.dirty, "late": s.late,
-            "intervals": [
-                {"event_id": eid, "event_time": iv.event_ms, "value": unscaled_of(iv.value), "version": iv.version_ms,
-                 "quality": iv.quality, "source": iv.source}
-                for eid, iv in s.intervals.items()
-            ],
-        }, "WindowState")
+        }, "WindowHead")
 
     def read_state(self, raw: bytes) -> w.WindowState:
-        """The ``WindowState`` of a changelog value; ``DecodeError`` if it is not one."""
-        d = self._decode(raw, "WindowState")
-        intervals = {
-            h["event_id"]: w.Interval(h["version"], micro_of(h["value"]), h["quality"], h["source"], h["event_time"])
-            for h in d["intervals"]
-        }
+        """The ``WindowState`` of a head, its ``intervals`` ``None`` (not loaded); ``DecodeError``
+        if it is not one."""
+        d = self._decode(raw, "WindowHead")
         return w.WindowState(
             d["window_id"], d["account"], d["series"], d["metric"], d["unit"], d["start_ms"], d["end_ms"],
-            d["aggregation"], intervals, d["revision"], micro_of(d["emitted_value"]), d["dirty"], d["late"],
+            d["aggregation"], None, d["revision"], micro_of(d["emitted_value"]), d["dirty"], d["late"],
         )
+
+    def events(self, raws: list[bytes]) -> bytes:
+        """The ``WindowEvents`` entry of the ``UsageEvent`` records ``raws`` (as consumed, in order)."""
+        return self._encode({"events": raws}, "WindowEvents")
+
+    def intervals(self, entries: Iterable[bytes]) -> dict[str, w.Interval]:
+        """A window's intervals from its ``WindowEvents`` entries in key (input) order: each event
+        as the processor takes it (``EventReader``), the highest version of each event id kept
+        (SPEC §2), in first-seen order. ``DecodeError`` on an entry or event that is not one."""
+        read = self._read
+        held: dict[str, w.Interval] = {}
+        for entry in entries:
+            for raw in self._decode(entry, "WindowEvents")["events"]:
+                ev = read(raw)
+                old = held.get(ev.event_id)
+                if old is None or old.version_ms < ev.version:
+                    held[ev.event_id] = w.Interval(ev.version, ev.value, ev.quality, ev.source, ev.event_time)
+        return held
 
     def revision(self, rev: w.Revision) -> bytes:
         """The ``UsageWindow`` record of ``rev``."""
@@ -144,9 +174,11 @@ class WindowWire:
 
 def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[bytes, bytes], Any]]:
     """``(encode, decode)`` for the windowing store: ``wm`` → ``Watermark`` (``WatermarkState``),
-    ``w|<window id>`` → ``WindowState`` (``schemas/window_state.avsc``, see ``WindowWire``).
+    ``w|<window id>`` → ``WindowState`` head (``WindowHead``, see ``WindowWire``), ``i|…`` → the
+    bytes of a ``WindowEvents`` entry, unchanged (encoded by the processor, staged with ``put_raw``).
 
-    ``decode`` raises ``DecodeError`` on bytes that are not such a state.
+    ``decode`` raises ``DecodeError`` on bytes that are not such a state (a head of an older
+    format included, see ``docs/semantics.md``).
     """
     wire = WindowWire(codec)
 
@@ -154,12 +186,20 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         if key == WM_KEY:
             return codec.encode({"max_event_ms": value.max_event_ms, "watermark_ms": value.watermark_ms},
                                 "WatermarkState")
+        if key[:2] == IV_PREFIX:
+            return value  # type: ignore[no-any-return]
         return wire.state(value)
 
     def decode(key: bytes, raw: bytes) -> Any:
         if key == WM_KEY:
             d = codec.decode_dict(raw, "WatermarkState")
             return w.Watermark(d["max_event_ms"], d["watermark_ms"])
-        return wire.read_state(raw)
+        if key[:2] == IV_PREFIX:
+            return raw
+        try:
+            return wire.read_state(raw)
+        except DecodeError as exc:
+            raise DecodeError(f"windowing state entry {key!r} is not a window head of format 3 ({exc}); a "
+                              "changelog of an older format cannot be restored (docs/semantics.md)") from exc
 
     return encode, decode

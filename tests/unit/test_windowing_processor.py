@@ -43,11 +43,13 @@ class Harness:
         self.offset = 0
 
     def send(self, *items: UsageEvent | bytes) -> None:
+        """One batch, as the runtime hands it over, then the punctuation after it."""
+        batch = []
         for item in items:
             raw = item if isinstance(item, bytes) else CODEC.encode(item)
-            self.proc.process(Incoming(TOPICS.usage_events, 0, self.offset, b"ACC-1", raw, (("h", b"1"),), 0),
-                              self.ctx)
+            batch.append(Incoming(TOPICS.usage_events, 0, self.offset, b"ACC-1", raw, (("h", b"1"),), 0))
             self.offset += 1
+        self.proc.process_batch(batch, self.ctx)
         self.proc.punctuate(self.clock[0], self.ctx)
 
     def close_all(self) -> None:
@@ -105,10 +107,14 @@ def test_too_late_events_are_routed_with_their_lateness() -> None:
 def test_state_is_purged_once_no_event_can_reach_it() -> None:
     h = Harness()
     h.send(event(0, "1"))
+    h.send(event(1, "2"), event(2, "3"))
     key = WIN_PREFIX + f"ACC-1|NMI1/E1|{w._ms(T0)}".encode()
-    assert key in h.ctx.stores[0].data
+    added = [b"i|" + key[2:] + b"|%020d" % offset for offset in (0, 1)]  # one entry per batch, first offset
+    assert {key, *added} <= set(h.ctx.stores[0].data)
+    events = CODEC.decode_dict(h.ctx.stores[0].data[added[1]], "WindowEvents")["events"]
+    assert events == [CODEC.encode(event(1, "2")), CODEC.encode(event(2, "3"))]  # as consumed, in order
     h.send(event(12 * 26, "1"))  # watermark 25 h ≥ end (0:30) + 24 h: emitted, then purged
-    assert key not in h.ctx.stores[0].data
+    assert not {key, *added} & set(h.ctx.stores[0].data)
     assert [x.window_start for x in h.windows()] == [T0]
 
 
