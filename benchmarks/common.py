@@ -4,6 +4,7 @@ compared with, and waiting for a consumer group's committed offsets."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from pipeline.config import Settings
 from pipeline.runtime.kafka import Incoming, StageClients, committed_offsets
@@ -24,13 +25,16 @@ def wait_committed(settings: Settings, group: str, topic: str, n: int, partition
     raise TimeoutError(f"{group} did not commit {n} records")
 
 
-def run_passthrough(settings: Settings, topics: Topics, n: int, in_topic: str, out_topic: str) -> tuple[float, float]:
+def run_passthrough(settings: Settings, topics: Topics, n: int, in_topic: str, out_topic: str | None,
+                    each: Callable[[bytes], object] | None = None, group: str = "passthrough") -> tuple[float, float]:
     """Consume ``n`` records of ``in_topic`` and produce the same bytes to ``out_topic``, transactionally,
     offsets in the transaction, with the stages' batch size and commit interval.
 
+    ``each``: also call it on every value (e.g. a decoder); ``out_topic`` ``None``: produce nothing
+    (only the offsets are committed, in the transaction). ``group``: the consumer group's stem.
     Returns (seconds from the first record consumed to the last commit, CPU seconds of this thread)."""
     cpu0 = time.thread_time()
-    group = topics.group("passthrough")
+    group = topics.group(group)
     clients = StageClients(settings.kafka_bootstrap, group, f"{group}-bench")
     clients.subscribe([in_topic], lambda tps: {}, lambda tps: None)
     first = None
@@ -41,7 +45,10 @@ def run_passthrough(settings: Settings, topics: Topics, n: int, in_topic: str, o
         if batch and first is None:
             first = time.monotonic()
         for rec in batch:
-            clients.produce(out_topic, rec.key, rec.value)
+            if each is not None:
+                each(rec.value)  # type: ignore[arg-type]
+            if out_topic is not None:
+                clients.produce(out_topic, rec.key, rec.value)
             offsets[(rec.topic, rec.partition)] = rec.offset + 1
         seen += len(batch)
         if batch:

@@ -33,7 +33,8 @@ class PartitionStore:
 
     Keys are ``bytes`` (design them so that byte order is the scan order you need); values are
     Python objects, turned into bytes with ``encode``/``decode`` only when they reach RocksDB or
-    the changelog. Values staged with ``put_raw`` are bytes already: they go to the changelog and
+    the changelog. A value read during a transaction is the same object until the commit, so it
+    can be changed in place. Values staged with ``put_raw`` are bytes already: they go to the changelog and
     RocksDB as they are and are not kept in the read cache (``decode`` must give such bytes back
     as they are).
     """
@@ -73,8 +74,9 @@ class PartitionStore:
         return value
 
     def _remember(self, key: bytes, value: Any) -> None:
-        if len(self._cache) >= self._cache_max:
-            self._cache.clear()
+        # never trimmed here: a value read during a transaction must stay the live object until the
+        # commit (processors change values in place and may ``put`` them only when something they
+        # keep apart changed); ``flush`` trims the cache, at most one batch of reads above its size
         self._cache[key] = value
 
     def put(self, key: bytes, value: Any) -> None:

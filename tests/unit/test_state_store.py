@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.runtime.state import open_fresh_store
+from pipeline.runtime.state import PartitionStore, open_fresh_store
 
 DECODED: list[bytes] = []  # keys decode was called for
 
@@ -57,4 +57,21 @@ def test_a_changelog_restore_gives_the_committed_state(tmp_path: Path) -> None:
     records = [(b"v|1", b'{"n": 1}'), (b"r|1", b"raw"), (b"v|2", b"[2]"), (b"v|2", None)]
     assert store.apply_changelog(iter(records)) == 4
     assert dict(store.scan(b"")) == {b"r|1": b"raw", b"v|1": {"n": 1}}
+    store.close()
+
+
+def test_a_value_read_during_a_transaction_stays_the_live_object_until_the_commit(tmp_path: Path) -> None:
+    store = open_fresh_store(tmp_path / "s", encode, decode)
+    for i in range(10):
+        store.put(b"v|%d" % i, {"n": i})
+    store.flush()
+    store.close()
+    store = PartitionStore(tmp_path / "s", encode, decode, cache_max=3)  # reopened: nothing cached
+    live = store.get(b"v|0")
+    live["n"] = 100  # changed in place, not put (e.g. kept apart through put_raw)
+    store.put_raw(b"r|0", b"the change")
+    assert [store.get(b"v|%d" % i)["n"] for i in range(1, 10)] == list(range(1, 10))  # more reads than cache_max
+    assert store.get(b"v|0") is live and live["n"] == 100
+    store.flush()
+    assert len(store._cache) <= 3  # trimmed after the commit
     store.close()

@@ -14,7 +14,7 @@ from pipeline.config import Settings
 from pipeline.records import DeadLetter, LateEvent, UsageEvent, UsageWindow
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import FakeContext
-from pipeline.runtime.state import open_fresh_store
+from pipeline.runtime.state import PartitionStore, open_fresh_store
 from pipeline.topology import Topics
 from pipeline.windowing import windows as w
 from pipeline.windowing.processor import WIN_PREFIX, WindowingProcessor, state_codec
@@ -183,3 +183,28 @@ def test_restore_through_rocksdb_and_the_changelog_continues_exactly(tmp_path: P
         (T0 + timedelta(minutes=30 * i), r) for i, r in ((0, 0), (1, 0), (0, 1), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0))
     ]
     restored.close()
+
+
+def test_windows_read_back_during_a_batch_stay_live_whatever_the_store_cache_size(tmp_path: Path) -> None:
+    enc, dec = state_codec(CODEC)
+    first = [event(s, "1") for s in (0, 6, 12, 18)]  # four windows of 30 minutes
+    second = [event(1, "2"), event(7, "2"), event(13, "2"), event(19, "2"), event(2, "4")]
+    reference = Harness()
+    reference.send(*first)
+    reference.send(*second)
+    reference.close_all()
+
+    store = open_fresh_store(tmp_path / "s", enc, dec)
+    h = Harness(ctx=StoreContext(store))
+    h.send(*first)
+    store.flush()  # committed
+    store.close()
+    reopened = PartitionStore(tmp_path / "s", enc, dec, cache_max=2)  # nothing cached, a tiny cache
+    h2 = Harness(ctx=StoreContext(reopened))
+    h2.send(*second)  # window 0 is read back, changed in place (its head unchanged), then read again
+    h2.close_all()
+    assert h.ctx.forwarded + h2.ctx.forwarded == reference.ctx.forwarded
+    assert [(x.window_start, x.revision, x.value) for x in h2.windows()][:2] == [
+        (T0, 1, Decimal("7")), (T0 + timedelta(minutes=30), 0, Decimal("3"))
+    ]
+    reopened.close()
