@@ -37,6 +37,14 @@ class KafkaIOError(RuntimeError):
     """A Kafka operation failed in a way the stage cannot recover from in-process."""
 
 
+class TransactionAborted(KafkaIOError):
+    """The transaction could not commit and has been aborted, but the clients stay usable: an
+    abortable error (librdkafka ``txn_requires_abort``), typically ``ILLEGAL_GENERATION`` when the
+    group rebalanced while the offsets were on their way. The caller throws its work since the last
+    commit away and resumes from the committed offsets and the changelog (as Kafka Streams does on
+    ``TaskMigratedException``)."""
+
+
 class Incoming(NamedTuple):
     """One consumed record, decoupled from the client library.
 
@@ -326,6 +334,16 @@ class StageClients:
                 log.warning("retriable consumer error: %s", err)
         return out
 
+    def rewind_to_committed(self, tps: list[TP]) -> None:
+        """Seek each owned partition back to the group's committed offset (its beginning when the
+        group has none): what was fetched beyond it is consumed again."""
+        if not tps:
+            return
+        for part in self.consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=30):
+            if part.offset < 0:
+                part.offset = OFFSET_BEGINNING
+            self.consumer.seek(part)
+
     # --- producing in a transaction -----------------------------------------------------
     def produce(
         self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
@@ -363,7 +381,9 @@ class StageClients:
     def commit(self, offsets: dict[TP, int]) -> None:
         """Commit the transaction together with the next offsets to consume (exactly-once v2).
 
-        Raises ``KafkaIOError`` if the transaction cannot commit (the caller must abort/exit).
+        Raises ``TransactionAborted`` when the transaction hit an abortable error (it is aborted
+        here; the next one can begin) and ``KafkaIOError`` when it cannot commit at all (the caller
+        must exit).
         """
         assert self.producer is not None
         if not offsets and not self._in_txn:
@@ -379,7 +399,14 @@ class StageClients:
                 )
             self.producer.commit_transaction(60)
         except KafkaException as exc:
-            raise KafkaIOError(f"transaction commit failed: {exc}") from exc
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if err is None or not err.txn_requires_abort():
+                raise KafkaIOError(f"transaction commit failed: {exc}") from exc
+            try:
+                self.producer.abort_transaction(30)
+            except KafkaException as abort_exc:
+                raise KafkaIOError(f"transaction commit failed ({exc}), then its abort: {abort_exc}") from exc
+            raise TransactionAborted(f"transaction aborted: {exc}") from exc
         finally:
             self._in_txn = False
 

@@ -193,8 +193,8 @@ class WindowingProcessor:
                         added[2].append(raw)
                     if flags != (state.dirty, state.late):
                         store.put(key, state)  # the head changed
-                    if state.dirty:
-                        self._due[p][key] = end
+                        if state.dirty:  # it became dirty: due once the watermark passes its end
+                            self._due[p][key] = end
                 outcomes[outcome] += 1
             if event_ms > wm.max_event_ms or wm.watermark_ms < wm.max_event_ms - policy.out_of_orderness_ms:
                 wms[p] = w.advance(wm, event_ms, policy)

@@ -28,7 +28,9 @@ from pipeline.codec import default_codec
 from pipeline.ingest.nem12 import read_nem12
 from pipeline.records import UsageWindow
 from pipeline.reference import BUNDLED_REFERENCE, ReferenceData, ReferenceFile
-from pipeline.runtime.kafka import read_all
+from pipeline.runtime.kafka import TransactionAborted, read_all
+from pipeline.runtime.loop import StageRunner
+from pipeline.stages import build_stage
 from tests.batchbill import expected_bills, latest_readings
 from tests.integration.conftest import DATA, Env, publish_files
 
@@ -216,6 +218,46 @@ def test_survivor_restores_partitions_of_a_killed_peer(pipeline_env: Env) -> Non
     out = wait_windows_quiet(env, min_wait_s=17)
     assert_exactly_once_and_converged(out, CRASH_FILES)
     assert "restored partition" in env.log_tail("windowing", 200_000)
+
+
+def test_an_aborted_transaction_is_redone_from_the_last_commit_without_a_restart(pipeline_env: Env) -> None:
+    """An abortable commit error (e.g. ILLEGAL_GENERATION when the group rebalances while a commit is
+    on its way) aborts the transaction; the runner drops what it did since the last commit, rebuilds
+    its stores from the changelog, seeks back to the committed offsets and carries on in-process.
+
+    The failure is injected at the client boundary: on two commits the transaction (holding that
+    batch's windows and changelog records) is really aborted on the broker and ``TransactionAborted``
+    raised, as ``StageClients.commit`` does on an abortable error."""
+    env = pipeline_env
+    env.start("ingest")
+    files = CRASH_FILES[:12]
+    publish_files(env, files)
+    env.wait_consumed("ingest", env.topics.meter_readings)
+    settings = env.settings.model_copy(update={"batch_max_records": 150, "idle_timeout_s": 15,
+                                               "allowed_lateness_days": 20000, "instance_id": "inproc"})
+    runner = StageRunner(settings, build_stage("windowing", settings))
+    real_commit = runner.clients.commit
+    calls: list[int] = []
+
+    def commit(offsets: dict) -> None:
+        calls.append(len(offsets))
+        if len(calls) in (3, 7):
+            runner.clients.abort()  # the broker drops the batch's output and changelog records
+            raise TransactionAborted("injected: ILLEGAL_GENERATION")
+        real_commit(offsets)
+
+    runner.clients.commit = commit  # type: ignore[method-assign]
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        env.wait_consumed("windowing", env.topics.usage_events)
+        out = wait_windows_quiet(env, min_wait_s=17)
+    finally:
+        runner.stop()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert len(calls) > 7
+    assert_exactly_once_and_converged(out, files)
 
 
 def _free_port() -> int:
