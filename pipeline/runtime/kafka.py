@@ -378,8 +378,16 @@ class StageClients:
                 except BufferError:
                     self.producer.poll(0.05)
 
-    def commit(self, offsets: dict[TP, int]) -> None:
+    def group_metadata(self) -> object:
+        """The consumer's group metadata (member id, generation) for ``commit``: take it on the
+        consuming thread, as the client serializes calls to the consumer."""
+        return self.consumer.consumer_group_metadata()
+
+    def commit(self, offsets: dict[TP, int], group_metadata: object | None = None) -> None:
         """Commit the transaction together with the next offsets to consume (exactly-once v2).
+
+        ``group_metadata``: from ``group_metadata()``; taken here when ``None`` (then this must run
+        on the consuming thread: a call to the consumer waits while another thread polls).
 
         Raises ``TransactionAborted`` when the transaction hit an abortable error (it is aborted
         here; the next one can begin) and ``KafkaIOError`` when it cannot commit at all (the caller
@@ -395,7 +403,7 @@ class StageClients:
             if offsets:
                 tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
                 self.producer.send_offsets_to_transaction(
-                    tps, self.consumer.consumer_group_metadata(), 60
+                    tps, group_metadata if group_metadata is not None else self.group_metadata(), 60
                 )
             self.producer.commit_transaction(60)
         except KafkaException as exc:

@@ -7,8 +7,9 @@ Commit order of a batch (transactional stages), all inside one Kafka transaction
 3. the input offsets are sent to the transaction with the consumer's group metadata and the
    transaction is committed (exactly-once v2).
 
-Step 3 runs on a committer thread (the client waits for the broker without holding the GIL) while
-the loop writes the batch's state changes to the local RocksDB stores and polls the next batch;
+Step 3 runs on a committer thread (the client waits for the broker without holding the GIL; the
+group metadata is taken before, on the consuming thread) while the loop writes the batch's state
+changes to the local RocksDB stores and polls the next batch;
 the loop waits for the commit before it processes that batch, and a rebalance callback waits for
 it before it hands a partition over or restores one. So a transaction is never open while the
 next batch is processed, and a partition's changelog and offsets are complete before anyone else
@@ -242,7 +243,10 @@ class StageRunner:
         if not self.offsets and not encoded and not self.produced:
             return
         assert self._committer is not None and self._inflight is None
-        self._inflight = (self._committer.submit(self.clients.commit, dict(self.offsets)), t0)
+        # the group metadata is taken here: the client serializes calls to the consumer, and the
+        # committer thread must not wait for a poll whose rebalance callback waits for it
+        metadata = self.clients.group_metadata()
+        self._inflight = (self._committer.submit(self.clients.commit, dict(self.offsets), metadata), t0)
         self.offsets.clear()
         for partition, changes in encoded.items():  # while the commit is in flight (see the module doc)
             self.stores[partition].flush(changes)

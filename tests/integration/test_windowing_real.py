@@ -239,12 +239,12 @@ def test_an_aborted_transaction_is_redone_from_the_last_commit_without_a_restart
     real_commit = runner.clients.commit
     calls: list[int] = []
 
-    def commit(offsets: dict) -> None:
+    def commit(offsets: dict, group_metadata: object = None) -> None:
         calls.append(len(offsets))
         if len(calls) in (3, 7):
             runner.clients.abort()  # the broker drops the batch's output and changelog records
             raise TransactionAborted("injected: ILLEGAL_GENERATION")
-        real_commit(offsets)
+        real_commit(offsets, group_metadata)
 
     runner.clients.commit = commit  # type: ignore[method-assign]
     thread = threading.Thread(target=runner.run)
