@@ -35,6 +35,7 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ COMMITS = Counter("pipeline_commits_total", "transactions committed", ["stage"])
 COMMIT_SECONDS = Histogram("pipeline_commit_seconds", "time to commit one transaction", ["stage"])
 RESTORE_SECONDS = Gauge("pipeline_state_restore_seconds", "last state restore time", ["stage", "partition"])
 ASSIGNED = Gauge("pipeline_assigned_partitions", "input partitions owned", ["stage"])
+_COMMIT_WAIT_S = 180  # longest wait for a commit in flight (send offsets + commit: 60 s each at most)
 REWINDS = Counter("pipeline_transactions_aborted_total",
                   "transactions aborted by an abortable error (work redone from the last commit)", ["stage"])
 
@@ -261,7 +263,9 @@ class StageRunner:
             return
         (future, t0), self._inflight = self._inflight, None
         try:
-            future.result()
+            future.result(timeout=_COMMIT_WAIT_S)
+        except FutureTimeout as exc:  # the client's own timeouts are 60 s per call: never wait forever
+            raise KafkaIOError(f"{self.spec.name}: the transaction commit did not end in {_COMMIT_WAIT_S} s") from exc
         except TransactionAborted as exc:
             log.warning("%s: %s; resuming from the last commit", self.spec.name, exc)
             REWINDS.labels(self.spec.name).inc()
