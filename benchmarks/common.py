@@ -3,12 +3,39 @@ compared with, and waiting for a consumer group's committed offsets."""
 
 from __future__ import annotations
 
+import argparse
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from tempfile import mkdtemp
 
 from pipeline.config import Settings
-from pipeline.runtime.kafka import Incoming, StageClients, committed_offsets
+from pipeline.runtime.kafka import Incoming, StageClients, committed_offsets, create_topics, delete_topics
 from pipeline.topology import Topics
+
+
+def batch_argument(parser: argparse.ArgumentParser) -> None:
+    """``--batch``: max records per transaction, the same for every run of a benchmark."""
+    parser.add_argument("--batch", type=int, default=Settings().batch_max_records,
+                        help="max records per transaction, for every run (PIPELINE_BATCH_MAX_RECORDS)")
+
+
+@contextmanager
+def bench_topics(batch: int, partitions: int) -> Iterator[tuple[Settings, Topics]]:
+    """Settings and created topics for one benchmark: a fresh topic prefix and state folder, the
+    stages' commit interval (250 ms), ``batch`` records per transaction at most, no idle timeout.
+    The topics are deleted afterwards (the broker is shared: leave nothing behind)."""
+    settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", partitions=partitions,
+                        state_dir=Path(mkdtemp(prefix="bench-state-")), commit_interval_ms=250,
+                        batch_max_records=batch, idle_timeout_s=3600)
+    topics = Topics(settings)
+    create_topics(settings.kafka_bootstrap, topics.specs())
+    try:
+        yield settings, topics
+    finally:
+        delete_topics(settings.kafka_bootstrap, [spec.name for spec in topics.specs()])
 
 
 def wait_committed(settings: Settings, group: str, topic: str, n: int, partitions: int,
@@ -58,3 +85,10 @@ def run_passthrough(settings: Settings, topics: Topics, n: int, in_topic: str, o
     cpu = time.thread_time() - cpu0
     clients.close()
     return end - (first or end), cpu
+
+
+def warm_up(settings: Settings, topics: Topics, topic: str) -> None:
+    """An untimed transactional pass over the first 1,000 records of ``topic``, so the broker's
+    transaction and group coordinators are loaded before the first timed run (right after
+    ``pipeline stack up`` the first run would otherwise pay for it)."""
+    run_passthrough(settings, topics, 1000, topic, None, group="warm-up")

@@ -19,13 +19,10 @@ import argparse
 import shutil
 import threading
 import time
-import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
-from tempfile import mkdtemp
 
-from common import run_passthrough, wait_committed
+from common import batch_argument, bench_topics, run_passthrough, wait_committed, warm_up
 
 from pipeline.codec import default_codec
 from pipeline.config import Settings
@@ -35,8 +32,6 @@ from pipeline.records import MeterReading
 from pipeline.reference import BUNDLED_REFERENCE, Account, ReferenceData, ReferenceFile, ServicePoint, TelemetrySubject
 from pipeline.runtime.kafka import (
     IdempotentProducer,
-    create_topics,
-    delete_topics,
 )
 from pipeline.runtime.loop import StageRunner, StageSpec
 from pipeline.topology import Topics
@@ -116,18 +111,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readings", type=int, default=200_000)
     parser.add_argument("--events", type=int, default=0, help="also time N telemetry CloudEvents (0 = skip)")
-    parser.add_argument("--batch", type=int, default=Settings().batch_max_records,
-                        help="max records per transaction, for both runs (PIPELINE_BATCH_MAX_RECORDS)")
+    batch_argument(parser)
     args = parser.parse_args()
-    tag = f"bench{uuid.uuid4().hex[:6]}."
-    settings = Settings(topic_prefix=tag, partitions=PARTITIONS, state_dir=Path(mkdtemp(prefix="bench-state-")),
-                        commit_interval_ms=250, batch_max_records=args.batch, idle_timeout_s=3600)
-    topics = Topics(settings)
-    create_topics(settings.kafka_bootstrap, topics.specs())
-    try:
+    with bench_topics(args.batch, PARTITIONS) as (settings, topics):
         run_all(settings, topics, args)
-    finally:  # the broker is shared: leave nothing behind
-        delete_topics(settings.kafka_bootstrap, [spec.name for spec in topics.specs()])
         shutil.rmtree(settings.state_dir, ignore_errors=True)
 
 
@@ -138,6 +125,7 @@ def run_all(settings: Settings, topics: Topics, args: argparse.Namespace) -> Non
     n = (args.readings // NMIS) * NMIS
     print(f"input: {n} meter readings on {PARTITIONS} partitions, produced in {time.monotonic() - t0:.1f}s; "
           f"batch ≤ {args.batch} records, commit interval 250 ms")
+    warm_up(settings, topics, topics.meter_readings)
     pt, _cpu = run_passthrough(settings, topics, n, topics.meter_readings, topics.usage_events)
     print(f"passthrough (transactional consume→produce): {n / pt:,.0f} readings/s ({pt:.1f}s)")
     rules = ingest.IngestRules.from_settings(settings)

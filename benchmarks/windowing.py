@@ -6,7 +6,9 @@ consume → produce passthrough over the same input, on the local stack.
 Both runs read the same pre-produced topic of UsageEvents (4 partitions, 1,000 series of 5-minute
 intervals), use the same batch size, commit interval and transactional producer settings, and are
 timed from the first record consumed to the last input offset committed. Prints the figures and,
-last, ``windowing/passthrough throughput ratio: X``. A third run bounds what any windowing stage on
+last, ``windowing/passthrough throughput ratio: X``. The passthrough runs twice, first and last
+(a run right after the input was produced can find the broker still busy), and X is taken against
+the faster of the two. A third run bounds what any windowing stage on
 this stack can reach: it consumes the same input and decodes every event with the stage's fastavro
 reader, committing offsets in the same transactions, with no state and no output. The CPU time of
 the thread that consumes (per event, start-up and the idle polls at the end included) is printed
@@ -18,18 +20,15 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
-from tempfile import mkdtemp
 
-from common import run_passthrough, wait_committed
+from common import batch_argument, bench_topics, run_passthrough, wait_committed, warm_up
 
 from pipeline.codec import default_codec
 from pipeline.config import Settings
 from pipeline.records import UsageEvent
-from pipeline.runtime.kafka import IdempotentProducer, create_topics
+from pipeline.runtime.kafka import IdempotentProducer
 from pipeline.runtime.loop import StageRunner
 from pipeline.stages import build_stage
 from pipeline.topology import Topics
@@ -83,30 +82,35 @@ def run_windowing(settings: Settings, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--batch", type=int, default=Settings().batch_max_records,
-                        help="max records per transaction, for both runs (PIPELINE_BATCH_MAX_RECORDS)")
+    batch_argument(parser)
     args = parser.parse_args()
-    tag = f"bench{uuid.uuid4().hex[:6]}."
-    settings = Settings(topic_prefix=tag, partitions=PARTITIONS, state_dir=Path(mkdtemp(prefix="bench-state-")),
-                        commit_interval_ms=250, batch_max_records=args.batch, idle_timeout_s=3600)
-    topics = Topics(settings)
-    create_topics(settings.kafka_bootstrap, topics.specs())
+    with bench_topics(args.batch, PARTITIONS) as (settings, topics):
+        run_all(settings, topics, args.events, args.batch)
+
+
+def run_all(settings: Settings, topics: Topics, events: int, batch: int) -> None:
     t0 = time.monotonic()
-    produce_input(settings, topics, args.events)
-    n = (args.events // 1000) * 1000
+    produce_input(settings, topics, events)
+    n = (events // 1000) * 1000
     print(f"input: {n} usage events on {PARTITIONS} partitions, produced in {time.monotonic() - t0:.1f}s; "
-          f"batch ≤ {args.batch} records, commit interval 250 ms")
+          f"batch ≤ {batch} records, commit interval 250 ms")
+    warm_up(settings, topics, topics.usage_events)
     pt, CPU["passthrough"] = run_passthrough(settings, topics, n, topics.usage_events, topics.usage_windows)
     print(f"passthrough (transactional consume→produce): {n / pt:,.0f} events/s ({pt:.1f}s)")
     bound, CPU["decode only"] = run_passthrough(settings, topics, n, topics.usage_events, None,
                                                 each=EventReader(default_codec()), group="decode-only")
     print(f"bound: consume + fastavro decode of each event + offsets in the transaction, no state, no output: "
-          f"{n / bound:,.0f} events/s ({bound:.1f}s), ratio {(n / bound) / (n / pt):.2f}")
+          f"{n / bound:,.0f} events/s ({bound:.1f}s)")
     wt = run_windowing(settings, n)
     print(f"windowing stage (exactly-once, RocksDB + changelog): {n / wt:,.0f} events/s ({wt:.1f}s)")
+    again, _cpu = run_passthrough(settings, topics, n, topics.usage_events, topics.usage_windows,
+                                  group="passthrough-again")
+    print(f"passthrough again, after the stage: {n / again:,.0f} events/s ({again:.1f}s)")
     print(f"CPU of the consuming thread per event: passthrough {CPU['passthrough'] / n * 1e6:.1f} µs, "
           f"decode only {CPU['decode only'] / n * 1e6:.1f} µs, windowing {CPU['windowing'] / n * 1e6:.1f} µs")
-    print(f"windowing/passthrough throughput ratio: {(n / wt) / (n / pt):.2f}")
+    best = min(pt, again)
+    print(f"decode-only bound/passthrough throughput ratio: {best / bound:.2f}")
+    print(f"windowing/passthrough throughput ratio: {best / wt:.2f}")
 
 
 if __name__ == "__main__":

@@ -350,10 +350,7 @@ class StageClients:
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Produce inside the current transaction (begun on first use)."""
-        assert self.producer is not None, "stage has no transactional producer"
-        if not self._in_txn:
-            self.producer.begin_transaction()
-            self._in_txn = True
+        self._begin()
         kwargs = {} if partition is None else {"partition": partition}
         while True:
             try:
@@ -362,14 +359,18 @@ class StageClients:
             except BufferError:
                 self.producer.poll(0.05)
 
-    def produce_all(self, topic: str, records: Iterable[tuple[bytes, bytes | None]], partition: int) -> None:
-        """Produce (key, value) ``records`` to one partition inside the current transaction (begun on
-        first use): ``produce`` for many records, e.g. a batch of changelog records."""
+    def _begin(self) -> None:
+        """Begin the transaction unless one is open."""
         assert self.producer is not None, "stage has no transactional producer"
         if not self._in_txn:
             self.producer.begin_transaction()
             self._in_txn = True
-        produce = self.producer.produce
+
+    def produce_all(self, topic: str, records: Iterable[tuple[bytes, bytes | None]], partition: int) -> None:
+        """Produce (key, value) ``records`` to one partition inside the current transaction (begun on
+        first use): ``produce`` for many records, e.g. a batch of changelog records."""
+        self._begin()
+        produce = self.producer.produce  # type: ignore[union-attr]
         for key, value in records:
             while True:
                 try:
@@ -396,9 +397,7 @@ class StageClients:
         assert self.producer is not None
         if not offsets and not self._in_txn:
             return
-        if not self._in_txn:
-            self.producer.begin_transaction()
-            self._in_txn = True
+        self._begin()
         try:
             if offsets:
                 tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]

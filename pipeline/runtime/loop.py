@@ -294,12 +294,10 @@ class StageRunner:
         self.clients.rewind_to_committed(tps)
 
     def _abort(self) -> None:
-        if self._inflight is not None:
-            (future, _t0), self._inflight = self._inflight, None
-            try:
-                future.result()  # never abort under a commit in flight
-            except Exception as exc:  # it is what we are aborting
-                log.error("commit failed: %s", exc)
+        try:
+            self._await_commit()  # never abort under a commit in flight
+        except Exception as exc:  # it is what we are aborting
+            log.error("commit failed: %s", exc)
         try:
             self.clients.abort()
         except KafkaIOError as exc:  # pragma: no cover - best effort

@@ -203,6 +203,13 @@ def new_window(account: str, series: str, metric: str, unit: str, event_ms: int,
                        start + policy.size_ms, policy.aggregation)
 
 
+def supersedes(held: Interval | None, iv: Interval) -> bool:
+    """Whether ``iv`` takes the place of ``held``, the version held of the same interval identity
+    (``None``: none): a new identity, or a strictly higher version (SPEC §2). Otherwise ``iv`` is a
+    duplicate."""
+    return held is None or held.version_ms < iv.version_ms
+
+
 def apply_interval(state: WindowState, event_id: str, iv: Interval, wm: Watermark, policy: WindowPolicy) -> Outcome:
     """Fold one event (identity ``event_id``, its version and value as ``iv``) into its window,
     changing ``state`` in place unless the outcome is ``DUPLICATE`` or ``TOO_LATE``.
@@ -217,11 +224,11 @@ def apply_interval(state: WindowState, event_id: str, iv: Interval, wm: Watermar
         return Outcome.TOO_LATE
     intervals = state.intervals
     held = intervals.get(event_id)
+    if not supersedes(held, iv):
+        return Outcome.DUPLICATE
     if held is None:
         intervals[event_id] = iv
         outcome = Outcome.ACCEPTED
-    elif held.version_ms >= iv.version_ms:
-        return Outcome.DUPLICATE
     else:
         intervals[event_id] = iv
         outcome = Outcome.SUPERSEDED

@@ -27,7 +27,7 @@ _MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _MAX_UNSCALED = 10**28
 WM_KEY = b"wm"
 WIN_PREFIX = b"w|"
-IV_PREFIX = b"i|"
+EVENTS_PREFIX = b"i|"  # + <window id>|<first input offset>: a WindowEvents entry
 
 
 def key_prefix(account: str, series: str) -> bytes:
@@ -99,12 +99,12 @@ def events_key(window_key: bytes, first_offset: int) -> bytes:
     """The store key of the events a batch added to the window stored at ``window_key``
     (``w|<window id>``): ``i|<window id>|<first input offset, 20 digits>``, so a window's entries
     share the prefix ``events_prefix`` and sort in input order. A replayed batch writes the same key."""
-    return b"i" + window_key[1:] + b"|%020d" % first_offset
+    return events_prefix(window_key) + b"%020d" % first_offset
 
 
 def events_prefix(window_key: bytes) -> bytes:
     """The key prefix of every events entry of the window stored at ``window_key``."""
-    return b"i" + window_key[1:] + b"|"
+    return EVENTS_PREFIX + window_key[len(WIN_PREFIX):] + b"|"
 
 
 class WindowWire:
@@ -157,9 +157,9 @@ class WindowWire:
         for entry in entries:
             for raw in self._decode(entry, "WindowEvents")["events"]:
                 ev = read(raw)
-                old = held.get(ev.event_id)
-                if old is None or old.version_ms < ev.version:
-                    held[ev.event_id] = w.Interval(ev.version, ev.value, ev.quality, ev.source, ev.event_time)
+                iv = w.Interval(ev.version, ev.value, ev.quality, ev.source, ev.event_time)
+                if w.supersedes(held.get(ev.event_id), iv):
+                    held[ev.event_id] = iv
         return held
 
     def revision(self, rev: w.Revision) -> bytes:
@@ -186,7 +186,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         if key == WM_KEY:
             return codec.encode({"max_event_ms": value.max_event_ms, "watermark_ms": value.watermark_ms},
                                 "WatermarkState")
-        if key[:2] == IV_PREFIX:
+        if key[:2] == EVENTS_PREFIX:
             return value  # type: ignore[no-any-return]
         return wire.state(value)
 
@@ -194,7 +194,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         if key == WM_KEY:
             d = codec.decode_dict(raw, "WatermarkState")
             return w.Watermark(d["max_event_ms"], d["watermark_ms"])
-        if key[:2] == IV_PREFIX:
+        if key[:2] == EVENTS_PREFIX:
             return raw
         try:
             return wire.read_state(raw)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict, replace
 from datetime import UTC, date, datetime
@@ -12,8 +11,9 @@ from pathlib import Path
 import pytest
 from fastavro import schema as avro_schema
 
-from pipeline.codec import MAGIC, SCHEMA_DIR, Codec, DecodeError
+from pipeline.codec import MAGIC, Codec, DecodeError
 from pipeline.records import DeadLetter, LateEvent, MeterReading, RatedCharge, UsageEvent, UsageWindow
+from tests.evolution import evolved_schema_dir
 
 
 def utc(*args: int) -> datetime:
@@ -175,22 +175,8 @@ def test_decode_rejects_record_invariants(codec: Codec) -> None:
 
 
 # --- evolution --------------------------------------------------------------------------------------------
-def _evolved_schema_dir(tmp_path: Path) -> Path:
-    """A schema dir whose current UsageEvent has one more field (with a default); the real one is history."""
-    out = tmp_path / "schemas"
-    (out / "history").mkdir(parents=True)
-    for p in SCHEMA_DIR.glob("*.avsc"):
-        shutil.copy(p, out / p.name)
-    shutil.copy(SCHEMA_DIR / "usage_event.avsc", out / "history" / "UsageEvent.v1.avsc")
-    raw = json.loads((SCHEMA_DIR / "usage_event.avsc").read_text())
-    raw["fields"].append({"name": "tariff_hint", "type": "string", "default": "none"})
-    raw["fields"].append({"name": "weight", "type": ["null", "int"], "default": None})
-    (out / "usage_event.avsc").write_text(json.dumps(raw))
-    return out
-
-
 def test_new_reader_resolves_old_writer_with_defaults(codec: Codec, tmp_path: Path) -> None:
-    new = Codec(_evolved_schema_dir(tmp_path))
+    new = Codec(evolved_schema_dir(tmp_path))
     old_bytes = codec.encode(EVENT)
     assert new.encode({**asdict(EVENT), "tariff_hint": "x", "weight": 1}, "UsageEvent")[2:10] != old_bytes[2:10]
 
@@ -205,7 +191,7 @@ def test_new_reader_resolves_old_writer_with_defaults(codec: Codec, tmp_path: Pa
 
 
 def test_old_fingerprint_unknown_without_history(codec: Codec, tmp_path: Path) -> None:
-    schemas = _evolved_schema_dir(tmp_path)
+    schemas = evolved_schema_dir(tmp_path)
     shutil.rmtree(schemas / "history")
     with pytest.raises(DecodeError, match="unknown schema fingerprint"):
         Codec(schemas).decode_dict(codec.encode(EVENT), "UsageEvent")

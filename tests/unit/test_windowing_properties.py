@@ -70,15 +70,12 @@ def run(events: list[UsageEvent], punctuate_at: set[int], lateness_ms: int):
     return proc, windows, late, ctx
 
 
-def check(events: list[UsageEvent], windows: list[UsageWindow], late: list[LateEvent], proc) -> None:
-    # every event counted exactly once
-    assert sum(proc.outcomes.values()) == len(events)
-    assert proc.outcomes["too_late"] == len(late)
-    late_ids = [(le.event.event_id, le.event.version) for le in late]
-    # batch aggregate over the events that were not too late: highest version per identity
+def batch_aggregate(events: list[UsageEvent], late: list[LateEvent]) -> dict[str, Decimal]:
+    """window id → the sum, over the events that were not too late, of the highest version of each
+    identity (30-minute windows): what the last revision of each window must carry."""
     kept = list(events)
-    for lid in late_ids:
-        kept.remove(next(e for e in kept if (e.event_id, e.version) == lid))
+    for le in late:
+        kept.remove(next(e for e in kept if (e.event_id, e.version) == (le.event.event_id, le.event.version)))
     best: dict[str, UsageEvent] = {}
     for e in kept:
         if e.event_id not in best or e.version > best[e.event_id].version:
@@ -87,6 +84,14 @@ def check(events: list[UsageEvent], windows: list[UsageWindow], late: list[LateE
     for e in best.values():
         start, _ = w.window_bounds(int(e.event_time.timestamp() * 1000), 30 * 60_000)
         expected[w.window_id(e.account, e.series, start)] += e.value
+    return expected
+
+
+def check(events: list[UsageEvent], windows: list[UsageWindow], late: list[LateEvent], proc) -> None:
+    # every event counted exactly once
+    assert sum(proc.outcomes.values()) == len(events)
+    assert proc.outcomes["too_late"] == len(late)
+    expected = batch_aggregate(events, late)
     by_window: dict[str, list[UsageWindow]] = defaultdict(list)
     for out in windows:
         by_window[out.window_id].append(out)
@@ -248,19 +253,6 @@ def test_restores_and_crashes_change_nothing(plan, lateness_ms: int) -> None:
     assert changelog == ref_changelog
     windows = [CODEC.decode(v, UsageWindow) for t, _, v in out if t == TOPICS.usage_windows]
     late = [CODEC.decode(v, LateEvent) for t, _, v in out if t == TOPICS.usage_late]
-    everything = [e for batch in evs for e in batch]
     # the final revisions are still the batch aggregate (outcome counts: see the tests above)
-    best: dict[str, UsageEvent] = {}
-    late_ids = [(le.event.event_id, le.event.version) for le in late]
-    kept = list(everything)
-    for lid in late_ids:
-        kept.remove(next(e for e in kept if (e.event_id, e.version) == lid))
-    for e in kept:
-        if e.event_id not in best or e.version > best[e.event_id].version:
-            best[e.event_id] = e
-    expected: dict[str, Decimal] = defaultdict(Decimal)
-    for e in best.values():
-        start, _ = w.window_bounds(int(e.event_time.timestamp() * 1000), 30 * 60_000)
-        expected[w.window_id(e.account, e.series, start)] += e.value
     final = {x.window_id: x.value for x in windows}
-    assert final == expected
+    assert final == batch_aggregate([e for batch in evs for e in batch], late)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
-import shutil
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -24,7 +22,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import SCHEMA_DIR, Codec, DecodeError, default_codec
+from pipeline.codec import Codec, DecodeError, default_codec
 from pipeline.records import UsageEvent, UsageWindow
 from pipeline.windowing import windows as w
 from pipeline.windowing.wire import (
@@ -37,6 +35,7 @@ from pipeline.windowing.wire import (
     state_codec,
     unscaled_of,
 )
+from tests.evolution import evolved_schema_dir
 
 CODEC = default_codec()
 READER = EventReader(CODEC)
@@ -138,25 +137,12 @@ def test_reader_refuses_what_is_not_a_usage_event() -> None:
             READER(raw)
 
 
-def _evolved_schema_dir(tmp_path: Path) -> Path:
-    """Schemas whose current UsageEvent has one more field (with a default); today's is history."""
-    out = tmp_path / "schemas"
-    (out / "history").mkdir(parents=True)
-    for p in SCHEMA_DIR.glob("*.avsc"):
-        shutil.copy(p, out / p.name)
-    shutil.copy(SCHEMA_DIR / "usage_event.avsc", out / "history" / "UsageEvent.v1.avsc")
-    raw = json.loads((SCHEMA_DIR / "usage_event.avsc").read_text())
-    raw["fields"].append({"name": "tariff_hint", "type": "string", "default": "none"})
-    (out / "usage_event.avsc").write_text(json.dumps(raw))
-    return out
-
-
 def test_other_usage_event_schemas_are_resolved_as_the_codec_resolves_them(tmp_path: Path) -> None:
-    evolved = Codec(_evolved_schema_dir(tmp_path))
+    evolved = Codec(evolved_schema_dir(tmp_path))
     reader = EventReader(evolved)
     ev = UsageEvent("e1", "ACC", "NMI1/E1", "energy_import", "kWh", EPOCH, EPOCH, Decimal("1.5"), EPOCH, "A", "f#1")
     old = CODEC.encode(ev)  # written with today's schema, now a history version
-    new = evolved.encode({**asdict(ev), "tariff_hint": "x"}, "UsageEvent")
+    new = evolved.encode({**asdict(ev), "tariff_hint": "x", "weight": 2}, "UsageEvent")
     assert tuple(reader(old)[:10]) == tuple(reader(new)[:10]) == plain_of(ev)
     with pytest.raises(DecodeError, match="unknown schema fingerprint"):
         READER(new)  # today's codec does not know tomorrow's schema: the same as Codec.decode
