@@ -49,12 +49,18 @@ def _strip_logical_types(raw: Any) -> Any:
     return raw
 
 
-def _load_schema_files(paths: list[Path], plain: bool = False) -> dict[str, Any]:
+def _load_schema_files(paths: list[Path], plain: bool = False, base: list[Path] | None = None) -> dict[str, Any]:
     """Parse schema files in dependency order (named types may reference each other).
 
-    ``plain``: parse them with logical types stripped (see ``Codec.decode_plain``).
+    ``plain``: parse them with logical types stripped (see ``Codec.decode_plain``). ``base``: schema
+    files whose named types the ``paths`` may reference (a retired version refers to the current
+    types it used by name); each of ``paths`` is then parsed on its own, without the current
+    definition of its own name, and adds no type the others could reference.
     """
     named: dict[str, Any] = {}
+    if base:
+        for parsed_base in _load_schema_files(base, plain).values():
+            avro_schema.parse_schema(parsed_base, named_schemas=named)
     pending = {p: json.loads(p.read_text()) for p in paths}
     if plain:
         pending = {p: _strip_logical_types(raw) for p, raw in pending.items()}
@@ -62,8 +68,10 @@ def _load_schema_files(paths: list[Path], plain: bool = False) -> dict[str, Any]
     while pending:
         progress = False
         for path, raw in list(pending.items()):
+            own = f"{raw.get('namespace', '')}.{raw['name']}".lstrip(".") if isinstance(raw, dict) else None
+            scope = {k: v for k, v in named.items() if k != own} if base else named
             try:
-                parsed_schema = avro_schema.parse_schema(raw, named_schemas=named)
+                parsed_schema = avro_schema.parse_schema(raw, named_schemas=scope)
             except avro_schema.UnknownType:
                 continue
             parsed[path.stem] = parsed_schema
@@ -100,8 +108,8 @@ class Codec:
         history = schema_dir / "history"
         if history.is_dir():
             old_files = sorted(history.glob("*.avsc"))
-            old_plain = _load_schema_files(old_files, plain=True)
-            for stem, old in _load_schema_files(old_files).items():
+            old_plain = _load_schema_files(old_files, plain=True, base=files)
+            for stem, old in _load_schema_files(old_files, base=files).items():
                 fp = self._fingerprint(old)
                 self._fingerprints[fp] = old
                 self._plain_by_fingerprint[fp] = old_plain[stem]
@@ -111,6 +119,15 @@ class Codec:
     def _fingerprint(parsed: Any) -> bytes:
         canonical = avro_schema.to_parsing_canonical_form(parsed)
         return bytes.fromhex(avro_schema.fingerprint(canonical, "CRC-64-AVRO"))
+
+    def record_name(self, data: bytes) -> str | None:
+        """The short name of the writer schema of single-object ``data`` (e.g. ``"SeriesMarker"``), from
+        its fingerprint alone (nothing decoded); ``None`` when ``data`` is not a single object of a
+        known schema. Lets a consumer of a topic carrying several record types dispatch cheaply."""
+        if len(data) < 10 or data[:2] != MAGIC:
+            return None
+        writer = self._fingerprints.get(bytes(data[2:10]))
+        return None if writer is None else writer["name"].rsplit(".", 1)[-1]
 
     def schema(self, name: str) -> Any:
         """The current parsed schema named ``name`` (e.g. ``"UsageWindow"``)."""

@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     window_minutes_telemetry: int = Field(60, description="tumbling window size for telemetry metrics")
     out_of_orderness_s: int = Field(3600, ge=0, description="watermark = max event time − this")
     allowed_lateness_days: float = Field(
-        450.0, ge=0, description="late events re-emit a window while watermark < window end + this"
+        7.0, ge=0, description="a window keeps its full state hot until its series' clock passes its end + this; "
+        "then it is archived (compact) and brought back if data for it arrives: nothing is ever too late to bill",
     )
     metric_policies: dict[str, MetricPolicy] = Field(
         default_factory=dict,
@@ -82,13 +83,24 @@ class Settings(BaseSettings):
         '"allowed_lateness_days": 2}}',
     )
     idle_timeout_s: float = Field(
-        30.0, gt=0, description="after this long without records a partition's watermark follows wall clock"
+        30.0, gt=0, description="a series with pending windows and no event for this long (processing time) has "
+        "them emitted; never refuses later data (it re-emits a LATE revision)",
+    )
+    back_billing_limit_days: float | None = Field(
+        None, ge=0, description="refuse (usage.late, BACK_BILLING_LIMIT) a reading that would raise the bill of a "
+        "window ended more than this many days before the account's billing clock; unset = never (NERR rule 30 "
+        "caps undercharge recovery at 9 months, about 274 days); a correction that lowers a bill is always credited",
     )
 
     # --- ingest: duplicates and bad input (SPEC §1, §2; issue 6) ---------------------------------
     telemetry_dedupe_horizon_s: int = Field(
         7 * 86_400, ge=0,
         description="ingest drops a repeated telemetry (source, id) seen within this many seconds of event time",
+    )
+    meter_dedupe_horizon_days: float = Field(
+        450.0, ge=0, description="ingest remembers a meter interval's highest version until its partition's meter "
+        "clock (highest interval start seen) passes the interval end + this; older repeats go on to windowing, "
+        "which deduplicates them against its windows",
     )
     future_bound_s: int = Field(
         86_400, ge=0, description="ingest dead-letters (FUTURE_EVENT) a reading or event later than now + this"
@@ -113,11 +125,17 @@ class Settings(BaseSettings):
     )
     invoice_clock: Literal["event", "wall"] = Field(
         "event",
-        description="what closes invoices: `event` = the highest usage watermark carried by the charges of the "
-        "account's partition (replays of old data bill as they did then), `wall` = the wall clock",
+        description="what closes invoices: `event` = the account's own billing clock, the highest usage watermark "
+        "carried by its charges (replays of old data bill as they did then; see also invoice_idle_close_s), "
+        "`wall` = the wall clock",
     )
     invoice_series: str = Field(
         "INV-{year}", description="invoice number series; {year} = bill date year, {currency} = ISO 4217 code"
+    )
+    invoice_idle_close_s: float | None = Field(
+        600.0, gt=0, description="with the event clock, an invoice whose close time the wall clock has passed is also "
+        "finalized once no new line reached its account for this long (its own data stopped short of the close "
+        "time); unset = only the account's own event clock closes it",
     )
     invoice_close_check_s: float = Field(5.0, gt=0, description="how often invoicing looks for invoices to close")
     relay_batch: int = Field(500, ge=1, description="outbox rows published per relay round")

@@ -155,14 +155,27 @@ class UsageWindow:
 
 @dataclass(frozen=True, slots=True)
 class LateEvent:
-    """A usage event that arrived after its window's allowed lateness (topic ``usage.late``).
+    """A reading an explicit billing rule refused (topic ``usage.late``, key = account), SPEC §3.
+
+    Nothing is refused for arriving late; the only reasons are billing rules:
+    ``OUTSIDE_SERVICE_DATES`` (ingest: no service point covered the reading's date) and
+    ``BACK_BILLING_LIMIT`` (windowing: an undercharge older than the back-billing limit). Records of
+    the first version carry ``TOO_LATE`` and no original bytes.
 
     Attributes:
-        event: the event as received.
-        reason: machine-readable reason, e.g. ``TOO_LATE``.
-        window_end: end of the window it belonged to (UTC).
-        watermark: the partition watermark when it arrived (UTC).
-        lateness_ms: ``watermark − (window_end + allowed lateness)`` in milliseconds (≥ 0).
+        event: the reading as a usage event (for ``OUTSIDE_SERVICE_DATES`` its account is that of the
+            nearest service point of the meter, or subject).
+        reason: machine-readable reason code.
+        window_end: end of the window the reading belongs to (UTC).
+        watermark: the clock the rule was judged against (UTC): the account's billing clock for
+            ``BACK_BILLING_LIMIT``, the reading's start for ``OUTSIDE_SERVICE_DATES``.
+        lateness_ms: how far past the rule's bound, in milliseconds (0 when the rule has none).
+        stage: the stage that refused it (``ingest`` or ``windowing``).
+        message: the reason for a person.
+        input_topic: the topic the original record was consumed from: ``pipeline late replay``
+            re-submits ``original`` there.
+        original_key / original / headers: the original record (``original`` empty in records of the
+            first version: replay then re-submits ``event`` to ``usage.events``).
     """
 
     event: UsageEvent
@@ -170,6 +183,43 @@ class LateEvent:
     window_end: datetime
     watermark: datetime
     lateness_ms: int
+    stage: str = "windowing"
+    message: str = ""
+    input_topic: str = ""
+    original_key: bytes | None = None
+    original: bytes = b""
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesComplete:
+    """A gateway's completion marker (topic ``meter.readings``, key = NMI), SPEC §3: the delivery
+    ``source_file`` carried every interval of channel (``nmi``, ``suffix``) up to ``complete_through``
+    (UTC, exclusive). Windows of the channel ending by then close at once; later data for them is
+    still billed."""
+
+    nmi: str
+    suffix: str
+    complete_through: datetime
+    source_file: str
+
+    def __post_init__(self) -> None:
+        _require_utc("complete_through", self.complete_through)
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesMarker:
+    """A completion marker resolved to its account (topic ``usage.events``, key = account), SPEC §3:
+    ``series`` (``NMI/suffix`` or ``metric/subject``) of ``account`` is complete through
+    ``complete_through`` (UTC, exclusive); ``source`` names the delivery."""
+
+    account: str
+    series: str
+    complete_through: datetime
+    source: str
+
+    def __post_init__(self) -> None:
+        _require_utc("complete_through", self.complete_through)
 
 
 @dataclass(frozen=True, slots=True)

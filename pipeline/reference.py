@@ -175,6 +175,16 @@ class ReferenceData:
             return points[i].account
         return None
 
+    def nearest_account(self, nmi: str, day: date) -> str | None:
+        """The account of the service point of ``nmi`` nearest to ``day`` (by days to its range), or
+        ``None`` when the NMI has no service point at all. Names whose data a reading outside every
+        service period would have been, for the record that refuses it (SPEC §3)."""
+        return _nearest(self.service_points.get(nmi, ()), day)
+
+    def nearest_subject_account(self, subject: str, day: date) -> str | None:
+        """As ``nearest_account``, for a telemetry ``subject`` (UTC ``day``)."""
+        return _nearest(self.subjects.get(subject, ()), day)
+
     def account_of_subject(self, subject: str, day: date) -> str | None:
         """The account a telemetry ``subject`` belongs to on UTC ``day`` (issue 6), or ``None``."""
         for ts in self.subjects.get(subject, ()):
@@ -200,6 +210,19 @@ class ReferenceData:
         if plan is None:
             return None
         return book_in_effect(list(self.price_books), plan.price_book_id, day)
+
+
+def _nearest(ranges: tuple[ServicePoint | TelemetrySubject, ...], day: date) -> str | None:
+    """The account of the range of ``ranges`` nearest to ``day`` (0 days when it covers it; ties: the
+    earlier range), or ``None`` when there is none."""
+    def distance(r: ServicePoint | TelemetrySubject) -> int:
+        if day < r.effective_from:
+            return (r.effective_from - day).days
+        if r.effective_to is not None and day >= r.effective_to:
+            return (day - r.effective_to).days + 1
+        return 0
+
+    return min(ranges, key=distance).account if ranges else None
 
 
 def _grouped(items: Iterable[TelemetrySubject], key: Callable[[TelemetrySubject], str]) -> dict[str, tuple]:

@@ -43,7 +43,9 @@ def build_stage(name: str, settings: Settings) -> StageSpec:
             return lazy[0]
 
         policy = policies_from_catalog(settings, lambda: reference().get().metrics, lambda: reference().refresh())
-        proc = windowing.WindowingProcessor(topics, codec, policy)
+        limit = settings.back_billing_limit_days
+        proc = windowing.WindowingProcessor(topics, codec, policy,
+                                            back_billing_limit_ms=None if limit is None else int(limit * 86_400_000))
         return StageSpec("windowing", [topics.usage_events], proc, enc, dec)
     if name == "rating":
         cache = ReferenceCache(postgres_loader(settings.database_url), settings.reference_refresh_s)

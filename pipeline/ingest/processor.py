@@ -13,19 +13,25 @@ Every input record gets exactly one outcome (counted in ``counts`` and in the Pr
   version: forwarded too, windowing replaces the value (SPEC §2);
 - ``duplicate``: a meter interval with an equal or lower version than one forwarded, or a
   telemetry (source, id) already forwarded: dropped, it would change nothing (SPEC §2);
+- ``refused``: an explicit billing rule refused it: ``OUTSIDE_SERVICE_DATES`` (the meter or subject
+  is known, but no service point of any account covered the reading's date): sent to ``usage.late``
+  with the original record, so that ``pipeline late replay`` re-submits it once the service point is
+  fixed (SPEC §3);
 - ``dead_lettered``: sent to ``dlq.ingest`` with the original bytes, headers, a reason code and the
-  stage; nothing stops the stage (SPEC §1).
+  stage; nothing stops the stage (SPEC §1);
+- ``marker``: a gateway's completion marker (``SeriesComplete``), forwarded to ``usage.events`` as a
+  ``SeriesMarker`` of the meter channel's account (SPEC §3).
 
 Duplicate detection keeps state through ``ctx.store`` (RocksDB + the compacted changelog
 ``ingest.state.changelog``, committed in the batch's Kafka transaction like windowing):
 ``t|<identity bytes>`` → first-seen event time, ``m|<nmi>\\0<suffix>\\0<start ms>`` → (interval end,
 highest version), ``c|m`` / ``c|t`` → the partition's event-time clock of meter readings / telemetry.
-The clock is the windowing watermark rule (SPEC §3): highest event time − out-of-orderness, never
-backwards, following the wall clock after an idle timeout (once this process has read that kind of
-input in the partition: a fresh partition waits for its first record, however old). An identity is
-forgotten once the clock passes its horizon: a telemetry id ``dedupe horizon`` after its event time,
-a meter interval ``allowed lateness`` after its end. An input older than its horizon is forwarded as ``accepted``:
-windowing then decides (duplicate in a window it still holds, or too late).
+The clock is highest event time − out-of-orderness, never backwards, moved only by data (never by
+processing time: a paused gateway or a restart changes nothing). An identity is forgotten once the
+clock passes its horizon: a telemetry id ``dedupe horizon`` after its event time, a meter interval
+``PIPELINE_METER_DEDUPE_HORIZON_DAYS`` after its end. An input older than its horizon is forwarded
+as ``accepted``: windowing, which keeps every window (hot or archived), then finds it a duplicate or
+bills it.
 """
 
 from __future__ import annotations
@@ -44,10 +50,10 @@ from prometheus_client import Counter
 
 from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
-from pipeline.ingest.telemetry import RejectedInput, identity_bytes, read_cloudevent
+from pipeline.ingest.telemetry import OutsideServiceDates, RejectedInput, identity_bytes, read_cloudevent
 from pipeline.ingest.telemetry import to_usage_event as telemetry_usage_event
 from pipeline.money import quantity
-from pipeline.records import MeterReading, UsageEvent
+from pipeline.records import LateEvent, MeterReading, SeriesComplete, SeriesMarker, UsageEvent
 from pipeline.reference import ReferenceData
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import Context, ProcessorBase, dead_letter
@@ -63,7 +69,7 @@ MS = timedelta(milliseconds=1)
 MAX_ABS_VALUE = Decimal(10) ** 15  # no interval measures this much: a corrupt or hostile value
 OUTCOMES = Counter("pipeline_ingest_records_total", "ingest records by input, outcome and dead-letter reason",
                    ["input", "outcome", "reason"])
-OUTCOME_NAMES = ("accepted", "duplicate", "superseded", "dead_lettered")
+OUTCOME_NAMES = ("accepted", "duplicate", "superseded", "refused", "dead_lettered", "marker")
 
 # NMI suffix first letter → metric (MDFF / NEM12: E import, B export active energy; Q, K reactive)
 CHANNEL_METRICS = {"E": "energy_import", "B": "energy_export", "Q": "reactive_import", "K": "reactive_export"}
@@ -113,13 +119,17 @@ def check_reading(reading: MeterReading, now_ms: int, future_bound_ms: int) -> N
 def to_usage_event(reading: MeterReading, ref: ReferenceData) -> UsageEvent:
     """Map one reading to a usage event (pure).
 
-    Raises ``RejectedReading`` with reason ``UNKNOWN_NMI`` (no service point on the interval's
-    NEM date), ``UNSUPPORTED_CHANNEL``, ``UNSUPPORTED_UNIT`` or ``NEGATIVE_VALUE``.
+    Raises ``RejectedReading`` with reason ``UNKNOWN_NMI`` (no service point ever),
+    ``UNSUPPORTED_CHANNEL``, ``UNSUPPORTED_UNIT`` or ``NEGATIVE_VALUE``, and ``OutsideServiceDates``
+    when the NMI has service points but none on the interval's NEM date (a billing rule, not bad input).
     """
     nem_day = reading.interval_start.astimezone(NEM_TIME).date()
     account = ref.account_of(reading.nmi, nem_day)
-    if account is None:
-        raise RejectedReading("UNKNOWN_NMI", f"NMI {reading.nmi!r} has no service point on {nem_day}")
+    outside = account is None
+    if outside:
+        account = ref.nearest_account(reading.nmi, nem_day)
+        if account is None:
+            raise RejectedReading("UNKNOWN_NMI", f"NMI {reading.nmi!r} has no service point")
     metric = CHANNEL_METRICS.get(reading.suffix[:1].upper())
     if metric is None:
         raise RejectedReading("UNSUPPORTED_CHANNEL", f"channel suffix {reading.suffix!r} is not billed")
@@ -128,7 +138,7 @@ def to_usage_event(reading: MeterReading, ref: ReferenceData) -> UsageEvent:
         raise RejectedReading("UNSUPPORTED_UNIT", f"unit of measure {reading.uom!r} is not supported")
     if reading.value < 0:
         raise RejectedReading("NEGATIVE_VALUE", f"interval value {reading.value} is negative")
-    return UsageEvent(
+    event = UsageEvent(
         event_id=reading.identity,
         account=account,
         series=f"{reading.nmi}/{reading.suffix}",
@@ -141,6 +151,10 @@ def to_usage_event(reading: MeterReading, ref: ReferenceData) -> UsageEvent:
         quality=reading.quality,
         source=f"{reading.source_file}#{reading.source_record}",
     )
+    if outside:
+        raise OutsideServiceDates(event, f"NMI {reading.nmi} had no service point on {nem_day} (nearest: account "
+                                  f"{account}); re-submit with `pipeline late replay` once the service point covers it")
+    return event
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,20 +163,18 @@ class IngestRules:
 
     future_bound_ms: int = DAY_MS
     telemetry_horizon_ms: int = 7 * DAY_MS
-    meter_lateness_ms: int = 450 * DAY_MS
+    meter_horizon_ms: int = 450 * DAY_MS
     out_of_orderness_ms: int = 3_600_000
-    idle_timeout_ms: int = 30_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IngestRules:
         """``PIPELINE_FUTURE_BOUND_S``, ``PIPELINE_TELEMETRY_DEDUPE_HORIZON_S``,
-        ``PIPELINE_ALLOWED_LATENESS_DAYS``, ``PIPELINE_OUT_OF_ORDERNESS_S``, ``PIPELINE_IDLE_TIMEOUT_S``."""
+        ``PIPELINE_METER_DEDUPE_HORIZON_DAYS``, ``PIPELINE_OUT_OF_ORDERNESS_S``."""
         return cls(
             future_bound_ms=settings.future_bound_s * 1000,
             telemetry_horizon_ms=settings.telemetry_dedupe_horizon_s * 1000,
-            meter_lateness_ms=int(settings.allowed_lateness_days * DAY_MS),
+            meter_horizon_ms=int(settings.meter_dedupe_horizon_days * DAY_MS),
             out_of_orderness_ms=settings.out_of_orderness_s * 1000,
-            idle_timeout_ms=int(settings.idle_timeout_s * 1000),
         )
 
 
@@ -189,7 +201,6 @@ class Seen:
 @dataclass
 class _Partition:
     clocks: dict[str, Clock]
-    active_ms: dict[str, int]  # wall clock of the last record of each kind
     expiry: dict[str, list[tuple[int, bytes]]]  # heap of (horizon end, key) per kind
     dirty: set[str] = field(default_factory=set)
     live: set[str] = field(default_factory=set)  # kinds this process has read here since it (re)loaded the state
@@ -218,7 +229,7 @@ class IngestProcessor(ProcessorBase):
         self.counts: dict[str, int] = {}
         self.reasons: dict[str, int] = {}
         self._parts: dict[int, _Partition] = {}
-        self._horizon = {METER: self.rules.meter_lateness_ms, TELEMETRY: self.rules.telemetry_horizon_ms}
+        self._horizon = {METER: self.rules.meter_horizon_ms, TELEMETRY: self.rules.telemetry_horizon_ms}
 
     # --- ownership ----------------------------------------------------------------------------------
     def on_assign(self, partition: int, ctx: Context) -> None:
@@ -235,14 +246,13 @@ class IngestProcessor(ProcessorBase):
         part = self._parts.get(partition)
         if part is None:  # rebuild the in-memory view of the store (after a restore)
             store = ctx.store(partition)
-            now = self.clock_ms()
             clocks = {kind: store.get(CLOCK_PREFIX + kind.encode()) or NO_CLOCK for kind in (METER, TELEMETRY)}
             expiry: dict[str, list[tuple[int, bytes]]] = {}
             for kind, prefix in ((METER, METER_PREFIX), (TELEMETRY, TELEMETRY_PREFIX)):
                 heap = [(seen.time_ms + self._horizon[kind], key) for key, seen in store.scan(prefix)]
                 heapq.heapify(heap)
                 expiry[kind] = heap
-            part = self._parts[partition] = _Partition(clocks, {METER: now, TELEMETRY: now}, expiry)
+            part = self._parts[partition] = _Partition(clocks, expiry)
         return part
 
     # --- records ------------------------------------------------------------------------------------------
@@ -254,12 +264,15 @@ class IngestProcessor(ProcessorBase):
             self._meter(record, part, ctx)
 
     def _meter(self, record: Incoming, part: _Partition, ctx: Context) -> None:
-        part.active_ms[METER] = now = self.clock_ms()
+        now = self.clock_ms()
         part.live.add(METER)
         try:
             datum = self.codec.decode_dict(record.value or b"", "MeterReading")
         except DecodeError as exc:
-            self._reject(record, METER, "UNDECODABLE", str(exc), ctx)
+            if self.codec.record_name(record.value or b"") == "SeriesComplete":
+                self._completion(record, ctx)
+            else:
+                self._reject(record, METER, "UNDECODABLE", str(exc), ctx)
             return
         try:
             reading = MeterReading(**datum)
@@ -270,11 +283,14 @@ class IngestProcessor(ProcessorBase):
             check_reading(reading, now, self.rules.future_bound_ms)
             try:
                 event = to_usage_event(reading, self.reference())
-            except RejectedReading as exc:
-                if exc.reason != "UNKNOWN_NMI" or not self.refresh():
+            except RejectedInput as exc:
+                if exc.reason not in ("UNKNOWN_NMI", "OUTSIDE_SERVICE_DATES") or not self.refresh():
                     raise
                 event = to_usage_event(reading, self.reference())  # the registry may have just changed
-        except RejectedReading as exc:
+        except OutsideServiceDates as exc:
+            self._refuse(record, METER, exc, _ms(reading.interval_end), ctx)
+            return
+        except RejectedInput as exc:
             self._reject(record, METER, exc.reason, str(exc), ctx)
             return
         start_ms, end_ms, version_ms = _ms(reading.interval_start), _ms(reading.interval_end), _ms(reading.version)
@@ -285,17 +301,37 @@ class IngestProcessor(ProcessorBase):
         self._advance(part, METER, start_ms)
         self._count(METER, outcome, "")
 
+    def _completion(self, record: Incoming, ctx: Context) -> None:
+        """A gateway's completion marker: forwarded as a ``SeriesMarker`` of the channel's account on the
+        last day it covers (SPEC §3); a marker of a meter with no service point that day closes nothing
+        (the windows of the channel close on their own) and is counted as a marker too."""
+        try:
+            done = self.codec.decode(record.value or b"", SeriesComplete)
+        except DecodeError as exc:
+            self._reject(record, METER, "UNDECODABLE", str(exc), ctx)
+            return
+        last_day = (done.complete_through - MS).astimezone(NEM_TIME).date()
+        account = self.reference().account_of(done.nmi, last_day)
+        if account is not None:
+            marker = SeriesMarker(account, f"{done.nmi}/{done.suffix}", done.complete_through, done.source_file)
+            ctx.forward(self.topics.usage_events, account, self.codec.encode(marker))
+        self._count(METER, "marker", "")
+
     def _telemetry(self, record: Incoming, part: _Partition, ctx: Context) -> None:
-        part.active_ms[TELEMETRY] = now = self.clock_ms()
+        now = self.clock_ms()
         part.live.add(TELEMETRY)
         try:
             ce = read_cloudevent(record.headers, record.value)
             try:
                 event = telemetry_usage_event(ce, self.reference(), now, self.rules.future_bound_ms)
             except RejectedInput as exc:
-                if exc.reason not in ("UNKNOWN_SUBJECT", "UNKNOWN_EVENT_TYPE") or not self.refresh():
+                if exc.reason not in ("UNKNOWN_SUBJECT", "UNKNOWN_EVENT_TYPE", "OUTSIDE_SERVICE_DATES") \
+                        or not self.refresh():
                     raise
                 event = telemetry_usage_event(ce, self.reference(), now, self.rules.future_bound_ms)
+        except OutsideServiceDates as exc:
+            self._refuse(record, TELEMETRY, exc, ce.time_ms, ctx)
+            return
         except RejectedInput as exc:
             self._reject(record, TELEMETRY, exc.reason, str(exc), ctx)
             return
@@ -336,20 +372,12 @@ class IngestProcessor(ProcessorBase):
 
     # --- time ------------------------------------------------------------------------------------------------
     def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
-        """Idle clocks follow the wall clock; identities past their horizon are forgotten; clocks moved
-        by records are saved (in the same transaction as the batch)."""
-        idle_ms = self.rules.idle_timeout_ms
+        """Identities past their horizon are forgotten; clocks moved by records are saved (in the same
+        transaction as the batch). Processing time moves nothing here."""
         for p, part in self._parts.items():
             store = ctx.store(p)
             for kind in part.live:
                 clock = part.clocks[kind]
-                # idle: follow the wall clock, once this kind has been read here (a fresh partition waits for
-                # its first record, however old its data). Not saved: an idle stage writes nothing (after a
-                # restart the clock goes idle again); only what it forgets is
-                if wallclock_ms - part.active_ms[kind] >= idle_ms:
-                    idle = wallclock_ms - self.rules.out_of_orderness_ms
-                    if idle > clock.watermark_ms:
-                        part.clocks[kind] = clock = Clock(clock.max_event_ms, idle)
                 heap = part.expiry[kind]
                 while heap and heap[0][0] <= clock.watermark_ms:
                     store.delete(heapq.heappop(heap)[1])
@@ -358,6 +386,16 @@ class IngestProcessor(ProcessorBase):
             part.dirty.clear()
 
     # --- outcomes -------------------------------------------------------------------------------------------
+    def _refuse(self, record: Incoming, kind: str, exc: OutsideServiceDates, window_end_ms: int, ctx: Context) -> None:
+        """Route a reading refused by a billing rule to ``usage.late`` with the original record (SPEC §3)."""
+        event = exc.event
+        late = LateEvent(event, exc.reason, datetime.fromtimestamp(window_end_ms / 1000, UTC), event.event_time, 0,
+                         stage="ingest", message=str(exc)[:1000], input_topic=record.topic, original_key=record.key,
+                         original=record.value or b"", headers=record.headers)
+        ctx.forward(self.topics.usage_late, event.account, self.codec.encode(late))
+        self.reasons[exc.reason] = self.reasons.get(exc.reason, 0) + 1
+        self._count(kind, "refused", exc.reason)
+
     def _reject(self, record: Incoming, kind: str, reason: str, message: str, ctx: Context) -> None:
         text = message.encode("utf-8", "backslashreplace").decode("utf-8")[:1000]
         dead_letter(ctx, self.codec, self.topics.dlq_ingest, "ingest", record, reason, text)

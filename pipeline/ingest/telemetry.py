@@ -58,6 +58,16 @@ class RejectedInput(ValueError):
         self.reason = reason
 
 
+class OutsideServiceDates(RejectedInput):
+    """A billing rule refused the reading (SPEC §3): its meter (or subject) is known, but no service
+    point covered its date. ``event`` is the reading as it would be billed to the nearest service
+    point's account (for the record on ``usage.late``)."""
+
+    def __init__(self, event: UsageEvent, message: str) -> None:
+        super().__init__("OUTSIDE_SERVICE_DATES", message)
+        self.event = event
+
+
 @dataclass(frozen=True, slots=True)
 class TelemetryEvent:
     """What ingest takes from one CloudEvent.
@@ -233,8 +243,9 @@ def to_usage_event(event: TelemetryEvent, ref: ReferenceData, now_ms: int, futur
     The event's ``type`` selects the metric definition; ``subject`` on the event's UTC date gives the
     account; the value comes from ``extract_value``. The usage event is instantaneous
     (``event_end = event_time = time``), its version is its time, its quality ``A`` (actual) and its
-    source the CloudEvents ``source``. Raises ``RejectedInput``: ``UNKNOWN_EVENT_TYPE``,
-    ``UNKNOWN_SUBJECT`` (absent or not mapped on that date), ``FUTURE_EVENT`` (time later than
+    source the CloudEvents ``source``. Raises ``OutsideServiceDates`` when the subject is mapped, but
+    not on that date (a billing rule), and ``RejectedInput``: ``UNKNOWN_EVENT_TYPE``,
+    ``UNKNOWN_SUBJECT`` (absent or never mapped), ``FUTURE_EVENT`` (time later than
     ``now_ms + future_bound_ms``), or a value problem (see ``extract_value``).
     """
     definition = ref.event_types.get(event.type)
@@ -243,13 +254,16 @@ def to_usage_event(event: TelemetryEvent, ref: ReferenceData, now_ms: int, futur
     if event.subject is None:
         raise RejectedInput("UNKNOWN_SUBJECT", "the event has no subject attribute: no account to bill")
     account = ref.account_of_subject(event.subject, event.time.date())
-    if account is None:
-        raise RejectedInput("UNKNOWN_SUBJECT", f"subject {event.subject!r} has no account on {event.time.date()}"[:300])
+    outside = account is None
+    if outside:
+        account = ref.nearest_subject_account(event.subject, event.time.date())
+        if account is None:
+            raise RejectedInput("UNKNOWN_SUBJECT", f"subject {event.subject!r} has no account"[:300])
     if event.time_ms > now_ms + future_bound_ms:
         raise RejectedInput("FUTURE_EVENT", f"event time {event.time.isoformat()} is more than "
                             f"{future_bound_ms // 1000} s ahead of the clock")
     value = extract_value(definition, event.data)
-    return UsageEvent(
+    usage = UsageEvent(
         event_id=telemetry_event_id(event.source, event.id),
         account=account,
         series=f"{definition.metric}/{event.subject}",
@@ -262,6 +276,10 @@ def to_usage_event(event: TelemetryEvent, ref: ReferenceData, now_ms: int, futur
         quality="A",
         source=event.source,
     )
+    if outside:
+        raise OutsideServiceDates(usage, f"subject {event.subject} had no account on {event.time.date()} (nearest: "
+                                  f"{account}); re-submit with `pipeline late replay` once it is mapped that day")
+    return usage
 
 
 # --- producing (gateways, the sample generator, tests, benchmarks) ------------------------------------------------

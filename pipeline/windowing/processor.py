@@ -1,15 +1,24 @@
-"""The windowing stage: usage events → window revisions (``usage.windows``), too-late → ``usage.late``.
+"""The windowing stage: usage events → window revisions (``usage.windows``); refusals → ``usage.late``.
 
 Domain code only: state through ``ctx.store``, output through ``ctx.forward``; the runtime makes
 each batch's outputs, state changes and input offsets one Kafka transaction. The rules are the
 pure functions of ``pipeline.windowing.windows`` (SPEC §3); the records (fastavro through
 ``pipeline.codec``, plain datums) are ``pipeline.windowing.wire``.
 
-Hot path (``process_batch``, per event): decode to a plain datum, find the window, fold the interval into
-the window state in place. What a batch changed is staged for the changelog: per window, one
-entry holding the events it accepted, as consumed, and the window's head only when it changed
-(encoded at commit).
-Metrics are counted locally and published once per batch (``punctuate``).
+Event-time progress is per series (account + meter channel or metric): a window closes when its
+own series' clock passes its end, when a completion marker covers it, or when its series has been
+quiet for the idle timeout (processing time). Nothing is ever too late: a window whose state was
+archived is brought back and re-emitted as a LATE revision. The one refusal is the back-billing
+rule (``Settings.back_billing_limit_days``, off by default).
+
+Hot path (``process_batch``, per event): decode to a plain datum, find the window (hot, or brought
+back from its archive), fold the interval into the window state in place, advance the series
+clock. What a batch changed is staged for the changelog: per window, one entry holding the events
+it accepted, as consumed, and the window's head only when it changed. ``punctuate`` emits what is
+due, archives what is old enough and saves the series clocks that moved.
+
+The tables kept in memory are bounded by the *pending* windows (changed, not yet emitted): every
+other window lives only in the store.
 """
 
 from __future__ import annotations
@@ -18,37 +27,45 @@ import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter, Gauge
 
 from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
-from pipeline.records import LateEvent, UsageEvent
+from pipeline.records import LateEvent, SeriesMarker, UsageEvent
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import Context, dead_letter
 from pipeline.topology import Topics
 from pipeline.windowing import windows as w
 from pipeline.windowing.wire import (
+    CLOCK_PREFIX,
+    OLD_WM_KEY,
     WIN_PREFIX,
-    WM_KEY,
     EventReader,
     WindowWire,
+    archive_key,
+    clock_key,
     events_key,
     events_prefix,
+    key_prefix,
     state_codec,
 )
 
 log = logging.getLogger(__name__)
 
 EVENTS = Counter("pipeline_windowing_events_total", "usage events by outcome", ["outcome"])
-EMITTED = Counter("pipeline_windowing_windows_emitted_total", "window revisions emitted", ["timing"])
-WATERMARK_LAG = Gauge("pipeline_windowing_watermark_lag_seconds", "wall clock − watermark", ["partition"])
-OPEN_WINDOWS = Gauge("pipeline_windowing_open_windows", "windows held in state", ["partition"])
+EMITTED = Counter("pipeline_windowing_windows_emitted_total", "window revisions emitted", ["timing", "trigger"])
+ARCHIVED = Counter("pipeline_windowing_windows_archived_total", "windows whose hot state was archived")
+REVIVED = Counter("pipeline_windowing_windows_revived_total", "archived windows brought back by late data")
+PENDING = Gauge("pipeline_windowing_pending_windows", "windows changed and not yet emitted", ["partition"])
 
-__all__ = ["WIN_PREFIX", "WM_KEY", "WindowingProcessor", "policies_from_settings", "state_codec"]
+__all__ = ["WIN_PREFIX", "WindowingProcessor", "policies_from_settings", "state_codec"]
 _DUPLICATE = w.Outcome.DUPLICATE
 _new = tuple.__new__
+_MISSING = object()
+SWEEP_STEP_MS = 86_400_000  # a series' archive sweep runs once its clock moved a day past the last one
 
 
 def policies_from_settings(settings: Settings) -> Callable[[str], w.WindowPolicy]:
@@ -82,13 +99,46 @@ def policies_from_settings(settings: Settings) -> Callable[[str], w.WindowPolicy
     return policy
 
 
-class WindowingProcessor:
-    """Accumulates usage events into tumbling windows per input partition; emits revisions.
+@dataclass
+class _Tables:
+    """What one partition's processor keeps in memory, rebuilt from the store on assignment.
 
-    State per partition: ``wm`` → the watermark; ``w|<window id>`` → ``WindowState`` (its head:
-    changed in place, then put back: the store's transaction cache holds the live object);
-    ``i|<window id>|<first offset>`` → the events a batch added to the window, as consumed
-    (``pipeline.windowing.wire``).
+    Attributes:
+        pending: series key (``s|account|series|``) → {window key: window end (ms)} of its windows
+            changed and not yet emitted.
+        active: series key → processing time (ms) of its last event, for series with pending windows.
+        idle: heap of (deadline ms, series key): when to look whether a series went quiet.
+        check: series whose clock moved or that got events since the last punctuation.
+        clocks: series clocks read or changed during the current batch (the store is the truth).
+        moved: series keys whose clock changed since the last punctuation (saved by it).
+        accounts: account → its billing clock (highest event time of its series), back-billing only.
+    """
+
+    pending: dict[bytes, dict[bytes, int]] = field(default_factory=dict)
+    active: dict[bytes, int] = field(default_factory=dict)
+    idle: list[tuple[int, bytes]] = field(default_factory=list)
+    check: set[bytes] = field(default_factory=set)
+    clocks: dict[bytes, w.SeriesClock] = field(default_factory=dict)
+    moved: set[bytes] = field(default_factory=set)
+    accounts: dict[str, int] = field(default_factory=dict)
+
+
+class WindowingProcessor:
+    """Accumulates usage events into tumbling windows per (account, series); emits revisions.
+
+    State per partition (format 4, ``pipeline.windowing.wire``): ``s|<account>|<series>|`` → the
+    series clock; ``w|<window id>`` → a hot window's head (``WindowState`` without intervals: changed
+    in place, then put back: the store's transaction cache holds the live object);
+    ``i|<window id>|<first offset>`` → the events a batch added to the window, as consumed;
+    ``x|<window id>`` → the archive of a window (what it last emitted and its intervals).
+
+    Args:
+        topics, codec: where and how records go.
+        policy: metric → ``WindowPolicy`` (size, out-of-orderness, allowed lateness, idle timeout,
+            aggregation).
+        clock_ms: processing time in epoch ms (tests pass a fake one).
+        back_billing_limit_ms: refuse undercharges to windows that ended more than this before the
+            account's billing clock (SPEC §3); ``None``: refuse nothing.
     """
 
     def __init__(
@@ -97,43 +147,42 @@ class WindowingProcessor:
         codec: Codec,
         policy: Callable[[str], w.WindowPolicy],
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        back_billing_limit_ms: int | None = None,
     ) -> None:
         self.topics = topics
         self.codec = codec
         self.policy = policy
         self.clock_ms = clock_ms
+        self.back_billing_limit_ms = back_billing_limit_ms
         self._read = EventReader(codec)
         self._wire = WindowWire(codec)
         self._policies: dict[str, w.WindowPolicy] = {}  # policy(metric), asked once per metric
-        self._wm: dict[int, w.Watermark] = {}
-        self._wm_dirty: set[int] = set()
-        self._last_activity: dict[int, int] = {}
-        self._due: dict[int, dict[bytes, int]] = {}  # dirty windows: key → end_ms
-        self._expiry: dict[int, list[tuple[int, bytes]]] = {}  # heap of (end + lateness, key)
+        self._t: dict[int, _Tables] = {}
         self.outcomes: dict[str, int] = {o.value: 0 for o in w.Outcome}
         self._published: dict[str, int] = {}  # outcome → count already added to Prometheus
-        self._emitted: dict[str, int] = {}  # timing → revisions emitted since the last publication
+        self._emitted: dict[tuple[str, str], int] = {}  # (timing, trigger) → revisions since the last publication
 
     # --- ownership ---------------------------------------------------------------------------
     def on_assign(self, partition: int, ctx: Context) -> None:
         store = ctx.store(partition)
-        self._wm[partition] = store.get(WM_KEY) or w.NO_WATERMARK
-        self._last_activity[partition] = self.clock_ms()
-        due: dict[bytes, int] = {}
-        expiry: list[tuple[int, bytes]] = []
+        if store.get(OLD_WM_KEY, _MISSING) is not _MISSING:  # format 3: series clocks replace it
+            store.delete(OLD_WM_KEY)
+            log.info("windowing: partition %d upgraded from state format 3 (partition watermark dropped)", partition)
+        t = self._t[partition] = _Tables()
+        now = self.clock_ms()
         for key, state in store.scan(WIN_PREFIX):
             if state.dirty:
-                due[key] = state.end_ms
-            expiry.append((state.end_ms + self._policy_of(state.metric).allowed_lateness_ms, key))
-        heapq.heapify(expiry)
-        self._due[partition] = due
-        self._expiry[partition] = expiry
-        OPEN_WINDOWS.labels(str(partition)).set(len(expiry))
+                ck = clock_key(key_prefix(state.account, state.series))
+                if ck not in t.pending:
+                    t.pending[ck] = {}
+                    t.active[ck] = now
+                    heapq.heappush(t.idle, (now + self._policy_of(state.metric).idle_timeout_ms, ck))
+                t.pending[ck][key] = state.end_ms
+                t.check.add(ck)
+        PENDING.labels(str(partition)).set(sum(map(len, t.pending.values())))
 
     def on_revoke(self, partition: int) -> None:
-        for table in (self._wm, self._last_activity, self._due, self._expiry):
-            table.pop(partition, None)
-        self._wm_dirty.discard(partition)
+        self._t.pop(partition, None)
 
     # --- records --------------------------------------------------------------------------------
     def process(self, record: Incoming, ctx: Context) -> None:
@@ -141,72 +190,142 @@ class WindowingProcessor:
         self.process_batch((record,), ctx)
 
     def process_batch(self, records: Sequence[Incoming], ctx: Context) -> None:
-        """Fold each usage event, in order, into its window (SPEC §3): decode (undecodable →
-        ``dlq.ingest``, UNDECODABLE), route too-late events to ``usage.late``, apply the interval
-        (accepted, superseded or duplicate), stage what changed for the changelog and advance the
-        partition's watermark. Windows are emitted by ``punctuate``."""
+        """Fold each usage event, in order, into its window (SPEC §3): decode (a completion marker
+        closes its series; anything else undecodable → ``dlq.ingest``, UNDECODABLE), bring an
+        archived window back, apply the back-billing rule if one is set (refused → ``usage.late``),
+        apply the interval (accepted, superseded or duplicate), stage what changed for the changelog
+        and advance the series clock. Windows are emitted by ``punctuate``."""
         if not records:
             return
         now = self.clock_ms()
-        read, policies, wms, outcomes, apply = self._read, self._policies, self._wm, self.outcomes, w.apply_interval
+        read, policies, outcomes, apply = self._read, self._policies, self.outcomes, w.apply_interval
+        limit = self.back_billing_limit_ms
         stores: dict[int, Any] = {}
         chunks: dict[bytes, tuple[Any, int, list[bytes]]] = {}  # window key → (store, first offset, events)
         for record in records:
             p = record.partition
             raw = record.value or b""
+            store = stores.get(p)
+            if store is None:
+                store = stores[p] = ctx.store(p)
+            t = self._t[p]
             try:
                 (event_id, account, series, metric, unit, event_ms, value, version, quality, source,
-                 key_prefix) = read(raw)
+                 prefix) = read(raw)
             except DecodeError as exc:
-                dead_letter(ctx, self.codec, self.topics.dlq_ingest, "windowing", record, "UNDECODABLE", str(exc))
-                self._count("dead_lettered")
+                if self.codec.record_name(raw) == "SeriesMarker":
+                    self._marker(record, raw, t, store, ctx)
+                else:
+                    dead_letter(ctx, self.codec, self.topics.dlq_ingest, "windowing", record, "UNDECODABLE", str(exc))
+                    self._count("dead_lettered")
                 continue
             policy = policies.get(metric) or self._policy_of(metric)
-            wm = wms[p]
+            ck = b"s|" + prefix[2:]  # clock_key(prefix)
+            clock = t.clocks.get(ck) or self._load_clock(t, store, ck)
             size = policy.size_ms
             start = event_ms - event_ms % size  # w.window_bounds
             end = start + size
-            if wm.watermark_ms >= end + policy.allowed_lateness_ms:  # w.is_too_late
-                self._too_late(raw, end, wm, policy, ctx)
-            else:
-                key = key_prefix + b"%d" % start  # WIN_PREFIX + w.window_id(account, series, start)
-                store = stores.get(p)
-                if store is None:
-                    store = stores[p] = ctx.store(p)
-                state = store.get(key)
+            key = prefix + b"%d" % start  # WIN_PREFIX + w.window_id(account, series, start)
+            state = store.get(key)
+            if state is None:
+                state = self._revive(store, key)
                 if state is None:
                     state = w.new_window(account, series, metric, unit, event_ms, policy)
-                    heapq.heappush(self._expiry[p], (end + policy.allowed_lateness_ms, key))
-                    flags = None
+                flags = None
+            else:
+                if state.intervals is None:
+                    self._load_intervals(store, key, state)
+                flags = state.dirty, state.late
+            # _new(w.Interval, (...)): w.Interval(...) without the cost of its Python-level constructor
+            iv = _new(w.Interval, (version, value, quality, source, event_ms))
+            if limit is not None and self._refuses(t, store, state, event_id, iv, account, metric, end, limit,
+                                                   record, raw, ctx):
+                outcome = w.Outcome.REFUSED
+            else:
+                outcome = apply(state, event_id, iv, clock)
+            if outcome is not _DUPLICATE and outcome is not w.Outcome.REFUSED:
+                added = chunks.get(key)
+                if added is None:
+                    chunks[key] = (store, record.offset, [raw])
                 else:
-                    if state.intervals is None:
-                        self._load_intervals(store, key, state)
-                    flags = state.dirty, state.late
-                # _new(w.Interval, (...)): w.Interval(...) without the cost of its Python-level constructor
-                outcome = apply(state, event_id, _new(w.Interval, (version, value, quality, source, event_ms)), wm,
-                                policy)
-                if outcome is not _DUPLICATE:
-                    added = chunks.get(key)
-                    if added is None:
-                        chunks[key] = (store, record.offset, [raw])
-                    else:
-                        added[2].append(raw)
-                    if flags != (state.dirty, state.late):
-                        store.put(key, state)  # the head changed
-                        if state.dirty:  # it became dirty: due once the watermark passes its end
-                            self._due[p][key] = end
-                outcomes[outcome] += 1
-            if event_ms > wm.max_event_ms or wm.watermark_ms < wm.max_event_ms - policy.out_of_orderness_ms:
-                wms[p] = w.advance(wm, event_ms, policy)
-                self._wm_dirty.add(p)
-        for p in {r.partition for r in records}:
-            self._last_activity[p] = now
+                    added[2].append(raw)
+                if flags != (state.dirty, state.late):
+                    store.put(key, state)  # the head changed (or was created, or brought back)
+                    if state.dirty:  # it became dirty: pending until its series closes past it or goes quiet
+                        pending = t.pending.get(ck)
+                        if pending is None:
+                            pending = t.pending[ck] = {}
+                            heapq.heappush(t.idle, (now + policy.idle_timeout_ms, ck))
+                        pending[key] = end
+            outcomes[outcome] += 1
+            if event_ms > clock.max_event_ms or clock.metric != metric:
+                t.clocks[ck] = clock = w.advance(clock._replace(metric=metric), event_ms, policy)
+                t.moved.add(ck)
+                if limit is not None and event_ms > t.accounts.get(account, event_ms):
+                    t.accounts[account] = event_ms  # a billing clock already known moves with its series
+            t.active[ck] = now
+            t.check.add(ck)
         events = self._wire.events
         for key, (store, first_offset, raws) in chunks.items():  # what this batch added, as consumed
             store.put_raw(events_key(key, first_offset), events(raws))
 
+    def _load_clock(self, t: _Tables, store: Any, ck: bytes) -> w.SeriesClock:
+        clock = t.clocks[ck] = store.get(ck) or w.NO_CLOCK
+        return clock
+
+    def _marker(self, record: Incoming, raw: bytes, t: _Tables, store: Any, ctx: Context) -> None:
+        """A completion marker: its series is complete through its time; windows ending by then close
+        at the next punctuation (SPEC §3). Later data for them is still billed."""
+        try:
+            marker = self.codec.decode(raw, SeriesMarker)
+        except DecodeError as exc:
+            dead_letter(ctx, self.codec, self.topics.dlq_ingest, "windowing", record, "UNDECODABLE", str(exc))
+            self._count("dead_lettered")
+            return
+        ck = clock_key(key_prefix(marker.account, marker.series))
+        clock = t.clocks.get(ck) or self._load_clock(t, store, ck)
+        moved = w.close_through(clock, w._ms(marker.complete_through))
+        if moved is not clock:
+            t.clocks[ck] = moved
+            t.moved.add(ck)
+        t.check.add(ck)
+        self._count("marker")
+
+    def _refuses(self, t: _Tables, store: Any, state: w.WindowState, event_id: str, iv: w.Interval, account: str,
+                 metric: str, end: int, limit: int, record: Incoming, raw: bytes, ctx: Context) -> bool:
+        """The back-billing rule (``windows.refuses_back_billing``); a refused event goes to
+        ``usage.late`` (BACK_BILLING_LIMIT) with its original bytes."""
+        account_clock = t.accounts.get(account)
+        if account_clock is None:  # the highest event time of the account's series, saved or moved in this batch
+            prefix = CLOCK_PREFIX + f"{account}|".encode()
+            clocks = [c.max_event_ms for _k, c in store.scan(prefix)]
+            clocks += [c.max_event_ms for k, c in t.clocks.items() if k.startswith(prefix)]
+            account_clock = t.accounts[account] = max(clocks, default=w.NEVER)
+        if account_clock - end <= limit or not w.supersedes(state.intervals.get(event_id), iv):
+            return False
+        before = w.aggregate(state.aggregation, state.intervals)
+        after = w.aggregate(state.aggregation, {**state.intervals, event_id: iv})
+        if not w.refuses_back_billing(limit, account_clock, end, metric, before, after):
+            return False
+        event = self.codec.decode(raw, UsageEvent)
+        late = LateEvent(event, "BACK_BILLING_LIMIT", w._dt(end), w._dt(account_clock), account_clock - end - limit,
+                         stage="windowing",
+                         message=f"raises the bill of a window that ended {(account_clock - end) / 86_400_000:.1f} "
+                                 f"days before the account's billing clock (limit {limit / 86_400_000:g} days)",
+                         input_topic=record.topic, original_key=record.key, original=raw, headers=record.headers)
+        ctx.forward(self.topics.usage_late, account, self.codec.encode(late))
+        return True
+
+    def _revive(self, store: Any, key: bytes) -> w.WindowState | None:
+        """The archived window of ``key`` brought back (intervals loaded, clean), or ``None``."""
+        raw = store.get(archive_key(key))
+        if raw is None:
+            return None
+        REVIVED.inc()
+        return self._wire.read_archive(raw)
+
     def _window(self, store: Any, key: bytes) -> w.WindowState | None:
-        """The window stored at ``key`` with its intervals loaded, or ``None``."""
+        """The hot window stored at ``key`` with its intervals loaded, or ``None``."""
         state = store.get(key)
         if state is not None and state.intervals is None:
             self._load_intervals(store, key, state)
@@ -214,8 +333,11 @@ class WindowingProcessor:
 
     def _load_intervals(self, store: Any, key: bytes, state: w.WindowState) -> None:
         """Fill in the intervals of a window head read back from the store (in place: the store's
-        cache keeps the loaded window). ``DecodeError`` on an entry that is not a ``UsageEvent``."""
-        state.intervals = self._wire.intervals(raw for _k, raw in store.scan(events_prefix(key)))
+        cache keeps the loaded window): its archive's, if it was brought back from one, then its
+        events entries folded on top. ``DecodeError`` on an entry that is not a ``UsageEvent``."""
+        archived = store.get(archive_key(key))
+        base = self._wire.read_archive(archived).intervals if archived is not None else {}
+        state.intervals = self._wire.intervals((raw for _k, raw in store.scan(events_prefix(key))), base)
 
     def _policy_of(self, metric: str) -> w.WindowPolicy:
         """``policy(metric)``, asked once per metric: a window's size must not change under it."""
@@ -224,58 +346,91 @@ class WindowingProcessor:
             found = self._policies[metric] = self.policy(metric)
         return found
 
-    def _too_late(self, raw: bytes, end: int, wm: w.Watermark, policy: w.WindowPolicy, ctx: Context) -> None:
-        event = self.codec.decode(raw, UsageEvent)
-        late = LateEvent(event, "TOO_LATE", w._dt(end), w._dt(wm.watermark_ms),
-                         wm.watermark_ms - (end + policy.allowed_lateness_ms))
-        ctx.forward(self.topics.usage_late, event.account, self.codec.encode(late))
-        self._count(w.Outcome.TOO_LATE)
-
+    # --- time ---------------------------------------------------------------------------------
     def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
-        for p in list(self._wm):
-            wm = self._wm[p]
-            # idle timeout is the same for every metric (Settings.idle_timeout_s)
-            idle = w.idle_advance(wm, wallclock_ms, self._last_activity[p], self._policy_of("energy"))
-            if idle != wm:
-                self._wm[p] = wm = idle
-                self._wm_dirty.add(p)
+        """After every batch (and when idle): emit every pending window whose series has closed past
+        its end (watermark or completion marker) or has been quiet for the idle timeout, archive
+        windows old enough, and save the series clocks that moved, in the batch's transaction."""
+        for p, t in self._t.items():
             store = ctx.store(p)
-            self._emit_due(p, wm, store, ctx)
-            self._purge(p, wm, store)
-            if p in self._wm_dirty:
-                store.put(WM_KEY, wm)
-                self._wm_dirty.discard(p)
-            WATERMARK_LAG.labels(str(p)).set(max(0, wallclock_ms - wm.watermark_ms) / 1000)
-            OPEN_WINDOWS.labels(str(p)).set(len(self._expiry[p]))
+            due: list[tuple[int, bytes, bytes, str]] = []  # (end, window key, series key, trigger)
+            for ck in t.check:
+                pending = t.pending.get(ck)
+                if pending:
+                    closed = w.closes_at(t.clocks.get(ck) or self._load_clock(t, store, ck))
+                    due += [(end, key, ck, "closed") for key, end in pending.items() if end <= closed]
+            idle = t.idle
+            while idle and idle[0][0] <= wallclock_ms:
+                _deadline, ck = heapq.heappop(idle)
+                pending = t.pending.get(ck)
+                if not pending:
+                    continue
+                quiet_until = t.active.get(ck, wallclock_ms) + self._idle_ms(store, t, ck)
+                if quiet_until <= wallclock_ms:
+                    due += [(end, key, ck, "idle") for key, end in pending.items()]
+                else:
+                    heapq.heappush(idle, (quiet_until, ck))
+            for _end, key, ck, trigger in sorted(set(due)):
+                pending = t.pending.get(ck)
+                if pending is None or pending.pop(key, None) is None:
+                    continue  # already emitted (both triggers)
+                if not pending:
+                    del t.pending[ck]
+                    t.active.pop(ck, None)
+                self._emit(store, t, key, ck, trigger, ctx)
+            for ck in sorted(t.check):
+                self._sweep(store, t, ck)
+            for ck in t.moved:
+                store.put(ck, t.clocks[ck])
+            t.moved.clear()
+            t.check.clear()
+            t.clocks.clear()
+            PENDING.labels(str(p)).set(sum(map(len, t.pending.values())))
         self._publish()
 
-    def _emit_due(self, p: int, wm: w.Watermark, store: Any, ctx: Context) -> None:
-        due = self._due[p]
-        ready = sorted((end, key) for key, end in due.items() if end <= wm.watermark_ms)
-        topic = self.topics.usage_windows
-        for _end, key in ready:
-            del due[key]
-            state = self._window(store, key)
-            if state is None or not w.is_due(state, wm):
-                continue
-            rev = w.emit(state, wm)
+    def _idle_ms(self, store: Any, t: _Tables, ck: bytes) -> int:
+        clock = t.clocks.get(ck) or self._load_clock(t, store, ck)
+        return self._policy_of(clock.metric).idle_timeout_ms if clock.metric else 0
+
+    def _emit(self, store: Any, t: _Tables, key: bytes, ck: bytes, trigger: str, ctx: Context) -> None:
+        state = self._window(store, key)
+        if state is None or not state.dirty:
+            return
+        clock = t.clocks.get(ck) or self._load_clock(t, store, ck)
+        rev = w.emit(state, clock)
+        ctx.forward(self.topics.usage_windows, rev.account, self._wire.revision(rev))
+        self._emitted[(rev.timing, trigger)] = self._emitted.get((rev.timing, trigger), 0) + 1
+        if w.is_archivable(state, clock, self._policy_of(state.metric)):
+            self._archive(store, key, state)
+        else:
             store.put(key, state)
-            ctx.forward(topic, rev.account, self._wire.revision(rev))
-            self._emitted[rev.timing] = self._emitted.get(rev.timing, 0) + 1
 
-    def _purge(self, p: int, wm: w.Watermark, store: Any) -> None:
-        heap = self._expiry[p]
-        while heap and heap[0][0] <= wm.watermark_ms:
-            _exp, key = heapq.heappop(heap)
-            state = self._window(store, key)
-            if state is not None and w.is_expired(state, wm, self._policy_of(state.metric)):
-                store.delete(key)
-                for events_entry, _raw in list(store.scan(events_prefix(key))):
-                    store.delete(events_entry)
-            elif state is not None:  # still pending emission: look again later
-                heapq.heappush(heap, (wm.watermark_ms + 1, key))
-                break
+    def _archive(self, store: Any, key: bytes, state: w.WindowState) -> None:
+        """Replace a clean window's hot state (head and events entries) by its archive."""
+        store.put_raw(archive_key(key), self._wire.archive(state))
+        store.delete(key)
+        for entry, _raw in list(store.scan(events_prefix(key))):
+            store.delete(entry)
+        ARCHIVED.inc()
 
+    def _sweep(self, store: Any, t: _Tables, ck: bytes) -> None:
+        """Archive the series' hot windows that became eligible (``windows.is_archivable``) once its
+        clock has moved ``SWEEP_STEP_MS`` past the last sweep: bounded state (SPEC §3)."""
+        clock = t.clocks.get(ck) or self._load_clock(t, store, ck)
+        if not clock.metric:
+            return
+        through = w.closes_at(clock) - self._policy_of(clock.metric).allowed_lateness_ms
+        if through < clock.archived_through_ms + SWEEP_STEP_MS:
+            return
+        prefix = WIN_PREFIX + ck[2:]
+        for key, head in list(store.scan(prefix)):
+            if head.end_ms <= through and not head.dirty and head.revision >= 0:
+                self._load_intervals(store, key, head)
+                self._archive(store, key, head)
+        t.clocks[ck] = clock._replace(archived_through_ms=through)
+        t.moved.add(ck)
+
+    # --- metrics ------------------------------------------------------------------------------
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
@@ -286,6 +441,6 @@ class WindowingProcessor:
             if n != published.get(outcome, 0):
                 EVENTS.labels(outcome).inc(n - published.get(outcome, 0))
                 published[outcome] = n
-        for timing, n in self._emitted.items():
-            EMITTED.labels(timing).inc(n)
+        for (timing, trigger), n in self._emitted.items():
+            EMITTED.labels(timing, trigger).inc(n)
         self._emitted.clear()

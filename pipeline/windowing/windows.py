@@ -1,15 +1,25 @@
-"""Event-time tumbling windows, watermarks, late data and supersession: pure functions (SPEC §3).
+"""Event-time tumbling windows, per-series watermarks, closing and late revisions: pure functions
+(SPEC §3). Nothing here does I/O or reads a clock; the processor passes times in epoch
+milliseconds (UTC) and quantities in integer micro-units (value × 10⁶: every quantity has at
+most 6 decimal places, SPEC §4, so integer arithmetic is exact and gives the same results as
+``Decimal``).
 
-Nothing here does I/O or reads a clock; the processor passes times in epoch milliseconds (UTC)
-and quantities in integer micro-units (value × 10⁶: every quantity has at most 6 decimal places,
-SPEC §4, so integer arithmetic is exact and gives the same results as ``Decimal``).
+Rules (SPEC §3, as rewritten for "every accepted reading is billed exactly once"):
 
-Rules (SPEC §3, the Flink/Beam convention):
-- a window is ``[start, end)``, aligned to the epoch, ``size`` long;
-- the partition watermark is the highest event time seen − allowed out-of-orderness and never
-  moves backwards; after an idle timeout it follows processing time (see ``idle_advance``);
-- ``watermark ≥ end``: the window is due; it is emitted once per change (revision n+1);
-- an event is too late when ``watermark ≥ end + allowed lateness``;
+- a window is ``[start, end)``, aligned to the epoch, ``size`` long, per (account, series);
+- event-time progress is tracked **per series** (account + meter channel or metric), never per
+  partition: ``SeriesClock.watermark_ms`` = the highest event time seen in the series − allowed
+  out-of-orderness, never backwards; a gateway's completion marker ("complete through T")
+  raises ``closed_through_ms``. Other series' data and processing-time pauses never move it;
+- a window **closes** (is emitted) when ``closes_at(clock) ≥ end``, or when its series has been
+  quiet for the idle timeout in processing time (the processor decides that), so a meter that
+  stops reporting is still billed. Closing never refuses later data;
+- a change to an emitted window gives revision n+1, LATE, with the new value and the delta;
+  all changes within one commit interval give one revision;
+- **nothing is too late**: there is no lateness refusal. ``allowed_lateness_ms`` only says how
+  long after its end (on its series' clock) a window keeps its full state hot; then it is
+  archived in a compact form and brought back when data for it arrives (``is_archivable``);
+- the only refusal here is the explicit back-billing rule (``refuses_back_billing``);
 - inside a window an interval's identity keeps its highest version: a higher version
   supersedes (the aggregate changes by new − old), an equal or lower one is a duplicate.
 
@@ -41,7 +51,11 @@ class Outcome(StrEnum):
     ACCEPTED = "accepted"  # a new interval in its window
     SUPERSEDED = "superseded"  # replaced a lower version of the same interval
     DUPLICATE = "duplicate"  # equal or lower version than the one held: no change
-    TOO_LATE = "too_late"  # watermark ≥ window end + allowed lateness
+    REFUSED = "refused"  # an explicit billing rule refused it (usage.late, with its reason)
+
+
+# metrics whose quantity is credited to the customer (feed-in): a higher value lowers the bill
+CREDIT_METRICS = frozenset({"energy_export"})
 
 
 AGGREGATIONS = ("sum", "count", "min", "max", "latest", "unique_count")
@@ -49,11 +63,20 @@ AGGREGATIONS = ("sum", "count", "min", "max", "latest", "unique_count")
 
 @dataclass(frozen=True, slots=True)
 class WindowPolicy:
-    """Window size, lateness bounds (milliseconds) and the aggregation of one metric.
+    """Window size, time bounds (milliseconds) and the aggregation of one metric.
 
-    ``aggregation`` is one of ``AGGREGATIONS``: ``sum`` of values, ``count`` of distinct
-    intervals/events, ``min``, ``max``, ``latest`` (value of the latest event time) or
-    ``unique_count`` (number of distinct values). Raises ``ValueError`` on bad values.
+    Attributes:
+        size_ms: tumbling window length.
+        out_of_orderness_ms: a series' watermark trails its highest event time by this.
+        allowed_lateness_ms: how long after its end (on its series' clock) a window keeps its full
+            state hot before it is archived (``is_archivable``); data later than that is still billed.
+        idle_timeout_ms: processing time without events after which a series' pending windows are
+            emitted anyway (a meter that stops reporting is billed).
+        aggregation: one of ``AGGREGATIONS``: ``sum`` of values, ``count`` of distinct
+            intervals/events, ``min``, ``max``, ``latest`` (value of the latest event time) or
+            ``unique_count`` (number of distinct values).
+
+    Raises ``ValueError`` on bad values.
     """
 
     size_ms: int
@@ -103,7 +126,8 @@ class WindowState:
         revision: last emitted revision, −1 before the first emission.
         emitted: the value (micro-units) carried by that revision (0 before).
         dirty: changed since the last emission.
-        late: a pending change arrived when the watermark had already passed ``end_ms``.
+        late: the pending change makes the next revision LATE (the window was emitted before,
+            or its series had closed past ``end_ms`` when the change arrived).
     """
 
     window_id: str
@@ -152,15 +176,34 @@ def aggregate(kind: str, intervals: dict[str, Interval]) -> int:
     raise ValueError(f"unknown aggregation {kind!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class Watermark:
-    """A partition's event-time progress (epoch ms). ``watermark_ms`` never decreases."""
+class SeriesClock(NamedTuple):
+    """Event-time progress of one series (account + meter channel or metric), epoch ms UTC.
+
+    Attributes:
+        max_event_ms: the highest event time seen in the series.
+        watermark_ms: ``max_event_ms − out-of-orderness``; never decreases (SPEC §3).
+        closed_through_ms: the latest "complete through" time a gateway's completion marker gave
+            for the series (files end, a meter's data is complete up to it); never decreases.
+        archived_through_ms: windows of the series ending at or before this were archived when
+            eligible (``is_archivable``) by a sweep; bookkeeping of the processor.
+        metric: the series' metric ("" before its first event): its policy decides the sweeps.
+    """
 
     max_event_ms: int
     watermark_ms: int
+    closed_through_ms: int
+    archived_through_ms: int = -(2**62)
+    metric: str = ""
 
 
-NO_WATERMARK = Watermark(max_event_ms=-(2**62), watermark_ms=-(2**62))
+NEVER = -(2**62)
+NO_CLOCK = SeriesClock(NEVER, NEVER, NEVER)
+
+
+def closes_at(clock: SeriesClock) -> int:
+    """Up to when (epoch ms, exclusive) the series' windows are closed: the later of its watermark
+    and its completion markers. A window with ``end ≤ closes_at`` is emitted (SPEC §3)."""
+    return clock.watermark_ms if clock.watermark_ms >= clock.closed_through_ms else clock.closed_through_ms
 
 
 def window_bounds(event_ms: int, size_ms: int) -> tuple[int, int]:
@@ -174,26 +217,22 @@ def window_id(account: str, series: str, start_ms: int) -> str:
     return f"{account}|{series}|{start_ms}"
 
 
-def advance(wm: Watermark, event_ms: int, policy: WindowPolicy) -> Watermark:
-    """The watermark after seeing an event at ``event_ms``; never moves backwards."""
-    max_event = max(wm.max_event_ms, event_ms)
-    return Watermark(max_event, max(wm.watermark_ms, max_event - policy.out_of_orderness_ms))
+def advance(clock: SeriesClock, event_ms: int, policy: WindowPolicy) -> SeriesClock:
+    """The series clock after seeing an event at ``event_ms``; never moves backwards. Only the
+    series' own events move it: no other series, no processing time (SPEC §3)."""
+    if event_ms <= clock.max_event_ms:
+        return clock
+    watermark = event_ms - policy.out_of_orderness_ms
+    return clock._replace(max_event_ms=event_ms,
+                          watermark_ms=watermark if watermark > clock.watermark_ms else clock.watermark_ms)
 
 
-def idle_advance(wm: Watermark, wallclock_ms: int, last_activity_ms: int, policy: WindowPolicy) -> Watermark:
-    """After ``idle_timeout`` without records, the watermark follows processing time (SPEC §3).
-
-    It moves to ``wallclock − out-of-orderness`` (never backwards), so quiet partitions still
-    close their windows.
-    """
-    if wallclock_ms - last_activity_ms < policy.idle_timeout_ms:
-        return wm
-    return Watermark(wm.max_event_ms, max(wm.watermark_ms, wallclock_ms - policy.out_of_orderness_ms))
-
-
-def is_too_late(end_ms: int, wm: Watermark, policy: WindowPolicy) -> bool:
-    """SPEC §3: too late when ``watermark ≥ window end + allowed lateness``."""
-    return wm.watermark_ms >= end_ms + policy.allowed_lateness_ms
+def close_through(clock: SeriesClock, through_ms: int) -> SeriesClock:
+    """The series clock after a completion marker "complete through ``through_ms``" (epoch ms, exclusive):
+    windows ending at or before it close now. Later data for them is still billed (a LATE revision)."""
+    if through_ms <= clock.closed_through_ms:
+        return clock
+    return clock._replace(closed_through_ms=through_ms)
 
 
 def new_window(account: str, series: str, metric: str, unit: str, event_ms: int, policy: WindowPolicy) -> WindowState:
@@ -210,39 +249,36 @@ def supersedes(held: Interval | None, iv: Interval) -> bool:
     return held is None or held.version_ms < iv.version_ms
 
 
-def apply_interval(state: WindowState, event_id: str, iv: Interval, wm: Watermark, policy: WindowPolicy) -> Outcome:
+def apply_interval(state: WindowState, event_id: str, iv: Interval, clock: SeriesClock) -> Outcome:
     """Fold one event (identity ``event_id``, its version and value as ``iv``) into its window,
-    changing ``state`` in place unless the outcome is ``DUPLICATE`` or ``TOO_LATE``.
+    changing ``state`` in place unless the outcome is ``DUPLICATE``. Never refuses: no event is too
+    late (SPEC §3); the back-billing rule is checked by the caller first (``refuses_back_billing``).
 
-    The caller checks ``is_too_late`` first only to route the event; this function also refuses
-    too-late events (``Outcome.TOO_LATE``, state unchanged). A higher version of a held identity
-    supersedes it; when its value and quality are the same, the newer version is kept but the
-    window has nothing new to emit (not marked dirty).
+    A higher version of a held identity supersedes it; when its value and quality are the same, the
+    newer version is kept but the window has nothing new to emit (not marked dirty). A change to a
+    window that was already emitted, or whose series has closed past its end, makes the next
+    revision LATE.
     """
-    end = state.end_ms
-    if wm.watermark_ms >= end + policy.allowed_lateness_ms:
-        return Outcome.TOO_LATE
     intervals = state.intervals
     held = intervals.get(event_id)
     if not supersedes(held, iv):
         return Outcome.DUPLICATE
+    intervals[event_id] = iv
     if held is None:
-        intervals[event_id] = iv
         outcome = Outcome.ACCEPTED
     else:
-        intervals[event_id] = iv
         outcome = Outcome.SUPERSEDED
         if held.value == iv.value and held.quality == iv.quality:
             return outcome  # identical content: keep the newer version, nothing to re-emit
     state.dirty = True
-    if wm.watermark_ms >= end:
+    if state.revision >= 0 or closes_at(clock) >= state.end_ms:
         state.late = True
     return outcome
 
 
-def is_due(state: WindowState, wm: Watermark) -> bool:
-    """Whether the window has an unemitted change and the watermark has reached its end."""
-    return state.dirty and wm.watermark_ms >= state.end_ms
+def is_due(state: WindowState, clock: SeriesClock) -> bool:
+    """Whether the window has an unemitted change and its series has closed past its end."""
+    return state.dirty and closes_at(clock) >= state.end_ms
 
 
 class Revision(NamedTuple):
@@ -272,12 +308,14 @@ class Revision(NamedTuple):
 _VALUE, _QUALITY, _SOURCE = attrgetter("value"), attrgetter("quality"), attrgetter("source")
 
 
-def emit(state: WindowState, wm: Watermark) -> Revision:
+def emit(state: WindowState, clock: SeriesClock) -> Revision:
     """The next revision of a due window; ``state`` records it (revision, emitted value, clean).
 
-    Revision 0 is ON_TIME unless its data arrived after the watermark passed the window end;
+    Revision 0 is ON_TIME unless its data arrived after the series had closed past the window end;
     every later revision is LATE (SPEC §3). ``delta`` is the change from the previous revision.
-    The reported watermark is clamped at 0 (the epoch).
+    The reported watermark is the series' ``closes_at`` (the account's event clock downstream,
+    SPEC §5), clamped at 0 (the epoch). Emitting does not need the series to have closed: a quiet
+    series' windows are emitted too (the caller decides when).
     """
     ivs = state.intervals.values()
     value = aggregate(state.aggregation, state.intervals)
@@ -288,7 +326,7 @@ def emit(state: WindowState, wm: Watermark) -> Revision:
         state.window_id, state.account, state.series, state.metric, state.unit, state.start_ms, state.end_ms,
         revision, "ON_TIME" if revision == 0 and not state.late else "LATE", value, value - state.emitted,
         len(ivs), sorted(qualities) if len(qualities) > 1 else list(qualities),
-        sorted(sources) if len(sources) > 1 else list(sources), max(wm.watermark_ms, 0),
+        sorted(sources) if len(sources) > 1 else list(sources), max(closes_at(clock), 0),
     ))
     state.revision = revision
     state.emitted = value
@@ -296,9 +334,33 @@ def emit(state: WindowState, wm: Watermark) -> Revision:
     return out
 
 
-def is_expired(state: WindowState, wm: Watermark, policy: WindowPolicy) -> bool:
-    """State can be purged: no pending change and no event can reach it any more."""
-    return not state.dirty and is_too_late(state.end_ms, wm, policy)
+def is_archivable(state: WindowState, clock: SeriesClock, policy: WindowPolicy) -> bool:
+    """Whether the window's hot state may be archived (SPEC §3 "state stays bounded"): emitted,
+    nothing pending, and its series has closed ``allowed lateness`` past its end. An archived
+    window is brought back, whole, when data for it arrives: archiving never refuses anything."""
+    return not state.dirty and state.revision >= 0 and closes_at(clock) >= state.end_ms + policy.allowed_lateness_ms
+
+
+def raises_bill(metric: str, before: int, after: int) -> bool:
+    """Whether changing a window of ``metric`` from ``before`` to ``after`` (micro-units) raises
+    the customer's bill: more usage does, except on a credited metric (``CREDIT_METRICS``: feed-in
+    export), where less does. Rule of the back-billing limit (SPEC §3): only an *undercharge* may be
+    refused; a correction that lowers a bill is always credited (NERR rules 30 and 31; see
+    ``docs/semantics.md``)."""
+    if metric in CREDIT_METRICS:
+        return after < before
+    return after > before
+
+
+def refuses_back_billing(limit_ms: int | None, account_clock_ms: int, end_ms: int, metric: str,
+                         before: int, after: int) -> bool:
+    """The back-billing rule (SPEC §3): refuse a change to a window that ended more than
+    ``limit_ms`` before the account's billing clock (``account_clock_ms``: the highest event time
+    of the account's own series) when it would raise the bill (``raises_bill``). ``limit_ms``
+    ``None`` (the default): nothing is ever refused."""
+    if limit_ms is None or account_clock_ms - end_ms <= limit_ms:
+        return False
+    return raises_bill(metric, before, after)
 
 
 # --- conversions ------------------------------------------------------------------------------------

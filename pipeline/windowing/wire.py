@@ -25,14 +25,37 @@ from pipeline.windowing import windows as w
 _MIN_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 _MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _MAX_UNSCALED = 10**28
-WM_KEY = b"wm"
-WIN_PREFIX = b"w|"
+OLD_WM_KEY = b"wm"  # format 3: the partition watermark; dropped on upgrade (series clocks replace it)
+WIN_PREFIX = b"w|"  # + <window id>: the head of a hot window
 EVENTS_PREFIX = b"i|"  # + <window id>|<first input offset>: a WindowEvents entry
+ARCHIVE_PREFIX = b"x|"  # + <window id>: an archived window (WindowArchive)
+CLOCK_PREFIX = b"s|"  # + <account>|<series>|: a series clock (SeriesClockState)
 
 
 def key_prefix(account: str, series: str) -> bytes:
     """The store key of a window of (account, series) without its start: ``WIN_PREFIX`` + ``account|series|``."""
     return WIN_PREFIX + f"{account}|{series}|".encode()
+
+
+def clock_key(window_key_prefix: bytes) -> bytes:
+    """The store key of the clock of the series whose windows' keys start with ``window_key_prefix``
+    (``key_prefix``): ``s|account|series|``. It also names the series in the processor's tables."""
+    return CLOCK_PREFIX + window_key_prefix[len(WIN_PREFIX):]
+
+
+def archive_key(window_key: bytes) -> bytes:
+    """The store key of the archive of the window whose head is (or was) at ``window_key``."""
+    return ARCHIVE_PREFIX + window_key[len(WIN_PREFIX):]
+
+
+def nem12_event_id(series: str, event_ms: int) -> str | None:
+    """The event id ingest gives a NEM12/NEM13 interval of ``series`` (``NMI/suffix``) starting at
+    ``event_ms``: ``nem12:<NMI>:<suffix>:<start, YYYY-MM-DDTHH:MMZ>`` (``MeterReading.identity``);
+    ``None`` for a series that is not a meter channel. Archives leave such ids out."""
+    nmi, sep, suffix = series.partition("/")
+    if not sep or "/" in suffix or ":" in series:
+        return None
+    return f"nem12:{nmi}:{suffix}:{w._dt(event_ms):%Y-%m-%dT%H:%MZ}"
 
 
 def micro_of(unscaled: bytes, from_bytes: Callable[..., int] = int.from_bytes) -> int:
@@ -144,16 +167,57 @@ class WindowWire:
             d["aggregation"], None, d["revision"], micro_of(d["emitted_value"]), d["dirty"], d["late"],
         )
 
+    def archive(self, s: w.WindowState) -> bytes:
+        """The ``WindowArchive`` record of a window with its intervals loaded: its head and the
+        highest version of each interval, compactly (NEM12 ids left out, sources listed once)."""
+        sources: dict[str, int] = {}
+        intervals = []
+        previous = 0
+        for event_id, iv in s.intervals.items():
+            intervals.append({
+                "id": None if event_id == nem12_event_id(s.series, iv.event_ms) else event_id,
+                "offset_ms": iv.event_ms - s.start_ms, "version_step_ms": iv.version_ms - previous,
+                "value": unscaled_of(iv.value), "quality": iv.quality,
+                "source": sources.setdefault(iv.source, len(sources)),
+            })
+            previous = iv.version_ms
+        return self._encode({
+            "account": s.account, "series": s.series, "metric": s.metric, "unit": s.unit, "start_ms": s.start_ms,
+            "end_ms": s.end_ms, "aggregation": s.aggregation, "revision": s.revision,
+            "emitted_value": unscaled_of(s.emitted), "sources": list(sources), "intervals": intervals,
+        }, "WindowArchive")
+
+    def read_archive(self, raw: bytes) -> w.WindowState:
+        """The clean ``WindowState`` (intervals loaded) of a ``WindowArchive`` record; ``DecodeError``
+        if it is not one."""
+        d = self._decode(raw, "WindowArchive")
+        series, start, sources = d["series"], d["start_ms"], d["sources"]
+        held: dict[str, w.Interval] = {}
+        version = 0
+        for iv in d["intervals"]:
+            event_ms = start + iv["offset_ms"]
+            event_id = iv["id"] if iv["id"] is not None else nem12_event_id(series, event_ms)
+            if event_id is None:
+                raise DecodeError(f"archived interval of {series!r} has no id")
+            version += iv["version_step_ms"]
+            held[event_id] = w.Interval(version, micro_of(iv["value"]), iv["quality"], sources[iv["source"]],
+                                        event_ms)
+        return w.WindowState(
+            w.window_id(d["account"], series, start), d["account"], series, d["metric"], d["unit"], start,
+            d["end_ms"], d["aggregation"], held, d["revision"], micro_of(d["emitted_value"]), False, False,
+        )
+
     def events(self, raws: list[bytes]) -> bytes:
         """The ``WindowEvents`` entry of the ``UsageEvent`` records ``raws`` (as consumed, in order)."""
         return self._encode({"events": raws}, "WindowEvents")
 
-    def intervals(self, entries: Iterable[bytes]) -> dict[str, w.Interval]:
-        """A window's intervals from its ``WindowEvents`` entries in key (input) order: each event
-        as the processor takes it (``EventReader``), the highest version of each event id kept
-        (SPEC §2), in first-seen order. ``DecodeError`` on an entry or event that is not one."""
+    def intervals(self, entries: Iterable[bytes], base: dict[str, w.Interval] | None = None) -> dict[str, w.Interval]:
+        """A window's intervals from its ``WindowEvents`` entries in key (input) order, folded onto
+        ``base`` (the intervals of its archive, if it was brought back from one): each event as the
+        processor takes it (``EventReader``), the highest version of each event id kept (SPEC §2), in
+        first-seen order. ``DecodeError`` on an entry or event that is not one."""
         read = self._read
-        held: dict[str, w.Interval] = {}
+        held: dict[str, w.Interval] = dict(base) if base else {}
         for entry in entries:
             for raw in self._decode(entry, "WindowEvents")["events"]:
                 ev = read(raw)
@@ -173,33 +237,39 @@ class WindowWire:
 
 
 def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[bytes, bytes], Any]]:
-    """``(encode, decode)`` for the windowing store: ``wm`` → ``Watermark`` (``WatermarkState``),
-    ``w|<window id>`` → ``WindowState`` head (``WindowHead``, see ``WindowWire``), ``i|…`` → the
-    bytes of a ``WindowEvents`` entry, unchanged (encoded by the processor, staged with ``put_raw``).
+    """``(encode, decode)`` for the windowing store (format 4): ``s|<account>|<series>|`` →
+    ``SeriesClock`` (``SeriesClockState``), ``w|<window id>`` → ``WindowState`` head (``WindowHead``,
+    see ``WindowWire``), ``i|…`` (``WindowEvents``) and ``x|…`` (``WindowArchive``) → their bytes,
+    unchanged (encoded by the processor, staged with ``put_raw``). The format 3 partition watermark
+    (``wm``) decodes to ``None``: the processor drops it (series clocks replace it).
 
-    ``decode`` raises ``DecodeError`` on bytes that are not such a state (a head of an older
-    format included, see ``docs/semantics.md``).
+    ``decode`` raises ``DecodeError`` on bytes that are not such a state (a head of format 2
+    included, see ``docs/semantics.md``).
     """
     wire = WindowWire(codec)
 
     def encode(key: bytes, value: Any) -> bytes:
-        if key == WM_KEY:
-            return codec.encode({"max_event_ms": value.max_event_ms, "watermark_ms": value.watermark_ms},
-                                "WatermarkState")
-        if key[:2] == EVENTS_PREFIX:
+        prefix = key[:2]
+        if prefix == CLOCK_PREFIX:
+            return codec.encode_plain(value._asdict(), "SeriesClockState")
+        if prefix in (EVENTS_PREFIX, ARCHIVE_PREFIX):
             return value  # type: ignore[no-any-return]
         return wire.state(value)
 
     def decode(key: bytes, raw: bytes) -> Any:
-        if key == WM_KEY:
-            d = codec.decode_dict(raw, "WatermarkState")
-            return w.Watermark(d["max_event_ms"], d["watermark_ms"])
-        if key[:2] == EVENTS_PREFIX:
+        prefix = key[:2]
+        if prefix == CLOCK_PREFIX:
+            d = codec.decode_plain(raw, "SeriesClockState")
+            return w.SeriesClock(d["max_event_ms"], d["watermark_ms"], d["closed_through_ms"], d["archived_through_ms"],
+                                 d["metric"])
+        if prefix in (EVENTS_PREFIX, ARCHIVE_PREFIX):
             return raw
+        if key == OLD_WM_KEY:
+            return None
         try:
             return wire.read_state(raw)
         except DecodeError as exc:
-            raise DecodeError(f"windowing state entry {key!r} is not a window head of format 3 ({exc}); a "
+            raise DecodeError(f"windowing state entry {key!r} is not a window head of format 3 or 4 ({exc}); a "
                               "changelog of an older format cannot be restored (docs/semantics.md)") from exc
 
     return encode, decode

@@ -24,7 +24,7 @@ def fold(kind: str, events: list[UsageEvent]) -> Decimal:
     first = events[0]
     state = w.new_window(first.account, first.series, first.metric, first.unit, w._ms(first.event_time), policy)
     for e in events:
-        w.apply_interval(state, e.event_id, w.interval_of(e), w.NO_WATERMARK, policy)
+        w.apply_interval(state, e.event_id, w.interval_of(e), w.NO_CLOCK)
     return state.value
 
 

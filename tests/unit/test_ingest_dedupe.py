@@ -12,7 +12,7 @@ from pipeline.codec import default_codec
 from pipeline.config import Settings
 from pipeline.ingest.processor import Clock, IngestProcessor, IngestRules, Seen, state_codec
 from pipeline.ingest.telemetry import encode_cloudevent
-from pipeline.records import DeadLetter, MeterReading, UsageEvent
+from pipeline.records import DeadLetter, LateEvent, MeterReading, SeriesComplete, SeriesMarker, UsageEvent
 from pipeline.reference import BUNDLED_REFERENCE, ReferenceData, ReferenceFile
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import FakeContext
@@ -24,8 +24,8 @@ DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 NOW = datetime(2026, 11, 20, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)
-RULES = IngestRules(future_bound_ms=DAY_MS, telemetry_horizon_ms=2 * DAY_MS, meter_lateness_ms=10 * DAY_MS,
-                    out_of_orderness_ms=HOUR_MS, idle_timeout_ms=30_000)
+RULES = IngestRules(future_bound_ms=DAY_MS, telemetry_horizon_ms=2 * DAY_MS, meter_horizon_ms=10 * DAY_MS,
+                    out_of_orderness_ms=HOUR_MS)
 REF = ReferenceData.from_file(ReferenceFile.read(BUNDLED_REFERENCE))
 
 
@@ -91,7 +91,7 @@ def test_meter_duplicate_supersession_and_stale_version() -> None:
         ("NEM1201002/B1", Decimal("0.731"), "E")]
 
 
-def test_meter_identity_is_forgotten_after_allowed_lateness_and_older_inputs_pass_through() -> None:
+def test_meter_identity_is_forgotten_after_its_horizon_and_older_inputs_pass_through() -> None:
     h = Harness()
     h.reading(READING)
     # a reading 11 days later moves the meter clock to its start − 1 h: the first interval's end + 10 days lateness
@@ -102,7 +102,7 @@ def test_meter_identity_is_forgotten_after_allowed_lateness_and_older_inputs_pas
     store = h.ctx.store(0)
     far_ms = int(far.interval_start.timestamp() * 1000)
     assert [k for k, _ in store.scan(b"m|")] == [b"m|NEM1201002\x00E1\x00%d" % far_ms]
-    h.reading(READING)  # beyond the horizon: not deduplicated here, windowing routes it (too late)
+    h.reading(READING)  # beyond the horizon: not deduplicated here, windowing finds it a duplicate
     assert h.proc.counts == {"accepted": 3}
     assert store.get(b"c|m") == Clock(far_ms, far_ms - HOUR_MS)
 
@@ -121,7 +121,7 @@ def test_telemetry_repeat_is_a_duplicate_in_either_mode() -> None:
     assert len({u.event_id for u in h.usage()}) == 3
 
 
-def test_telemetry_dedupe_horizon_and_idle_clock() -> None:
+def test_telemetry_dedupe_horizon_moves_with_data_only() -> None:
     h = Harness()
     h.event(id="old", time=NOW - timedelta(days=3))  # held until its time + 2 days
     h.event(id="new", time=NOW - timedelta(hours=2))
@@ -132,20 +132,20 @@ def test_telemetry_dedupe_horizon_and_idle_clock() -> None:
     assert h.proc.counts == {"accepted": 3, "duplicate": 1}
     h.tick(29_000)
     assert h.ctx.store(0).get(b"c|t") == Clock(NOW_MS - 2 * HOUR_MS, NOW_MS - 3 * HOUR_MS)
-    # without telemetry the clock follows the wall clock − out-of-orderness ...
-    h.tick(NOW_MS + 2 * DAY_MS - HOUR_MS - 1 - h.now)  # (clock = "new"'s time + 2 days − 1 ms)
-    assert len(list(h.ctx.store(0).scan(b"t|"))) == 1
-    h.tick(1)  # ... and forgets "new" when it reaches its event time + 2 days
-    assert list(h.ctx.store(0).scan(b"t|")) == []
-    # the idle clock is not saved (an idle stage writes nothing); after a restart it goes idle again
-    assert h.ctx.store(0).get(b"c|t") == Clock(NOW_MS - 2 * HOUR_MS, NOW_MS - 3 * HOUR_MS)
+    # processing time moves nothing: a week without telemetry forgets nothing and writes nothing
     writes = dict(h.ctx.store(0).data)
-    h.tick(60_000)
+    h.tick(7 * DAY_MS)
     assert h.ctx.store(0).data == writes
+    h.event(id="new", time=NOW - timedelta(hours=2))
+    assert h.proc.counts["duplicate"] == 2
+    # only data does: an event 2 days after "new" moves the clock past its horizon
+    h.event(id="later", time=NOW + timedelta(days=2, hours=1))
+    h.tick()
+    assert sorted(k for k, _ in h.ctx.store(0).scan(b"t|")) == [b"t|3:/gwlater"]
 
 
 def test_a_fresh_partition_keeps_old_data_deduplicated_however_long_it_waited() -> None:
-    """The idle clock starts with the first record: a quiet start does not push old data past its horizon."""
+    """A quiet start does not push old data past its horizon: only data moves the clock."""
     h = Harness()
     h.tick(10 * DAY_MS)  # nothing has arrived yet: no clock to advance
     h.reading(READING)  # 2005
@@ -170,9 +170,10 @@ def test_state_survives_a_restart_through_the_store() -> None:
     second.event(id="a", mode="structured")
     second.reading(READING)
     assert second.proc.counts == {"duplicate": 2}
-    second.tick(3 * DAY_MS)  # idle: wall clock passes the telemetry horizon of "a"
-    assert list(second.ctx.store(0).scan(b"t|")) == [] and len(list(second.ctx.store(0).scan(b"m|"))) == 0
-    # the 2005 interval was forgotten as well: its end + 10 days is far behind the idle meter clock
+    second.tick(3 * DAY_MS)  # three days of processing time forget nothing
+    assert len(list(second.ctx.store(0).scan(b"t|"))) == 1 and len(list(second.ctx.store(0).scan(b"m|"))) == 1
+    second.event(id="a", mode="structured")
+    assert second.proc.counts == {"duplicate": 3}
 
 
 def test_partitions_keep_separate_state() -> None:
@@ -259,3 +260,59 @@ def test_unknown_subject_is_retried_once_after_a_reference_refresh() -> None:
     assert proc.counts == {"accepted": 1}
     assert CODEC.decode(ctx.forwarded[0][2], UsageEvent).account == "TEL-3002"
 
+
+
+# --- billing rules and completion markers (SPEC §3) ---------------------------------------------------------------
+def test_a_reading_outside_the_meters_service_dates_is_refused_to_usage_late_with_its_original() -> None:
+    h = Harness()
+    before = replace(READING, interval_start=utc(2005, 3, 13, 0, 0), interval_end=utc(2005, 3, 13, 0, 30))
+    original = CODEC.encode(before)  # NEM1201002 is ACC-1002's from 2005-03-15 (NEM date 2005-03-13 is before)
+    h.send(TOPICS.meter_readings, original, [("gw", b"1")])
+    h.reading(READING)  # inside: accepted
+    late = [CODEC.decode(v, LateEvent) for t, _k, v in h.ctx.forwarded if t == TOPICS.usage_late]
+    assert [(x.reason, x.stage, x.event.account, x.event.event_id, x.input_topic, x.original_key, x.original,
+             x.headers, x.lateness_ms) for x in late] == [
+        ("OUTSIDE_SERVICE_DATES", "ingest", "ACC-1002", before.identity, TOPICS.meter_readings, b"k", original,
+         (("gw", b"1"),), 0)]
+    assert "no service point on 2005-03-13" in late[0].message
+    assert h.proc.counts == {"refused": 1, "accepted": 1} and h.proc.reasons == {"OUTSIDE_SERVICE_DATES": 1}
+    assert [u.event_id for u in h.usage()] == [READING.identity]
+    start, end, version = (int(t.timestamp() * 1000) for t in (READING.interval_start, READING.interval_end,
+                                                                READING.version))
+    assert list(h.ctx.store(0).scan(b"m|")) == [(b"m|NEM1201002\x00E1\x00%d" % start, Seen(end, version))]
+    # the refused reading was not remembered: once the service point covers it, it is billed
+    extended = ReferenceData.build(list(REF.accounts.values()),
+                                   [sp.model_copy(update={"effective_from": sp.effective_from - timedelta(days=30)})
+                                    if sp.nmi == "NEM1201002" else sp
+                                    for sps in REF.service_points.values() for sp in sps],
+                                   [p for ps in REF.plans.values() for p in ps], REF.price_books)
+    h.proc.reference = lambda: extended
+    h.send(TOPICS.meter_readings, original)
+    assert h.proc.counts == {"refused": 1, "accepted": 2}
+    assert h.usage()[-1].event_id == before.identity
+
+
+def test_a_never_registered_meter_is_still_bad_input() -> None:
+    h = Harness()
+    h.reading(replace(READING, nmi="NOSUCHNMI1"))
+    (dead,) = h.dead()
+    assert dead.reason == "UNKNOWN_NMI" and h.proc.counts == {"dead_lettered": 1}
+
+
+def test_telemetry_outside_its_subjects_dates_is_refused() -> None:
+    h = Harness()
+    h.event(time=datetime(2023, 12, 31, 12, tzinfo=UTC))  # tenant-b is TEL-3002's from 2024-01-01
+    (late,) = [CODEC.decode(v, LateEvent) for t, _k, v in h.ctx.forwarded if t == TOPICS.usage_late]
+    assert (late.reason, late.event.account, late.input_topic) == ("OUTSIDE_SERVICE_DATES", "TEL-3002",
+                                                                   TOPICS.telemetry_events)
+    assert h.proc.counts == {"refused": 1}
+
+
+def test_a_completion_marker_is_forwarded_to_the_channels_account() -> None:
+    h = Harness()
+    done = SeriesComplete("NEM1201002", "E1", utc(2005, 3, 16, 14, 0), "NEM12#x.csv")
+    h.send(TOPICS.meter_readings, CODEC.encode(done))
+    h.send(TOPICS.meter_readings, CODEC.encode(replace(done, nmi="NOSUCHNMI1")))  # no account: nothing to close
+    markers = [CODEC.decode(v, SeriesMarker) for t, _k, v in h.ctx.forwarded if t == TOPICS.usage_events]
+    assert markers == [SeriesMarker("ACC-1002", "NEM1201002/E1", utc(2005, 3, 16, 14, 0), "NEM12#x.csv")]
+    assert h.proc.counts == {"marker": 2} and h.dead() == []

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from pipeline.codec import default_codec
 from pipeline.config import Settings
 from pipeline.ingest.processor import IngestProcessor, IngestRules
-from pipeline.records import DeadLetter, UsageEvent
+from pipeline.records import DeadLetter, LateEvent, UsageEvent
 from pipeline.reference import BUNDLED_REFERENCE, ReferenceData, ReferenceFile
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import FakeContext
@@ -34,7 +34,7 @@ NOW = datetime(2026, 11, 20, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)
 DAY_MS = 86_400_000
 # horizons longer than any time generated here, so the duplicate model needs no clock
-RULES = IngestRules(future_bound_ms=DAY_MS, telemetry_horizon_ms=3650 * DAY_MS, meter_lateness_ms=20_000 * DAY_MS)
+RULES = IngestRules(future_bound_ms=DAY_MS, telemetry_horizon_ms=3650 * DAY_MS, meter_horizon_ms=20_000 * DAY_MS)
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -79,6 +79,8 @@ def meter_inputs(draw: Any) -> Input:
     suffix = draw(st.sampled_from(["E1", "B1"]))
     length = draw(st.sampled_from([30, 30, 15, 5]))
     start = BASE + timedelta(minutes=30 * draw(st.integers(0, 2)))
+    if draw(st.integers(0, 9)) == 0:
+        start -= timedelta(days=30)  # before NEM1201002's service point starts: refused (OUTSIDE_SERVICE_DATES)
     version = BASE + timedelta(days=draw(st.integers(1, 3)))
     datum = {
         "nmi": nmi, "suffix": suffix, "uom": "kWh", "interval_start": start,
@@ -184,11 +186,17 @@ def run(inputs: list[Input], model: bool = False) -> None:
             assert (dead.stage, dead.topic, dead.offset, dead.key, dead.value, dead.headers) == (
                 "ingest", inp.topic, offset, inp.key, inp.value, inp.headers)
             assert dead.reason and dead.message
+        elif outcome == "refused":  # a billing rule (SPEC §3): the original record kept for `late replay`
+            ((topic, key, raw),) = new
+            late = CODEC.decode(raw, LateEvent)
+            assert (topic, key) == (TOPICS.usage_late, late.event.account)
+            assert (late.stage, late.reason, late.input_topic, late.original_key, late.original, late.headers) == (
+                "ingest", "OUTSIDE_SERVICE_DATES", inp.topic, inp.key, inp.value, inp.headers)
         else:
             ((topic, key, raw),) = new
             event = CODEC.decode(raw, UsageEvent)
             assert topic == TOPICS.usage_events and key == event.account
-        if not model or outcome == "dead_lettered":
+        if not model or outcome in ("dead_lettered", "refused"):
             continue
         # SPEC §2, independently (state is per partition): telemetry (source, id) once; a meter identity
         # by increasing version
@@ -208,7 +216,9 @@ def run(inputs: list[Input], model: bool = False) -> None:
     assert sum(counts.values()) == len(inputs)
     outputs = [t for t, _, _ in ctx.forwarded]
     assert outputs.count(TOPICS.usage_events) == counts.get("accepted", 0) + counts.get("superseded", 0)
-    assert outputs.count(TOPICS.dlq_ingest) == counts.get("dead_lettered", 0) == sum(proc.reasons.values())
+    assert outputs.count(TOPICS.dlq_ingest) == counts.get("dead_lettered", 0)
+    assert outputs.count(TOPICS.usage_late) == counts.get("refused", 0)
+    assert counts.get("dead_lettered", 0) + counts.get("refused", 0) == sum(proc.reasons.values())
 
 
 @FUZZ
@@ -230,8 +240,8 @@ def test_mixed_streams_are_accounted_for(inputs: list[Input]) -> None:
 
 
 def test_near_valid_generators_reach_every_outcome() -> None:
-    """The generators are not all noise: they produce accepted, duplicate, superseded and dead-lettered
-    records, for most reasons (every reason has its own deterministic test in test_ingest_dedupe.py,
+    """The generators are not all noise: they produce accepted, duplicate, superseded, refused and
+    dead-lettered records, for most reasons (every reason has its own deterministic test in test_ingest_dedupe.py,
     test_ingest_processor.py and test_telemetry.py)."""
     seen: set[str] = set()
 
@@ -246,6 +256,6 @@ def test_near_valid_generators_reach_every_outcome() -> None:
         seen.update(proc.reasons)
 
     collect()
-    assert {"accepted", "duplicate", "superseded", "dead_lettered"} <= seen
+    assert {"accepted", "duplicate", "superseded", "dead_lettered", "refused"} <= seen
     assert {"UNDECODABLE", "SCHEMA_VIOLATION", "UNKNOWN_NMI", "UNKNOWN_SUBJECT", "UNKNOWN_EVENT_TYPE",
             "MISALIGNED_INTERVAL", "FUTURE_EVENT"} <= seen, seen

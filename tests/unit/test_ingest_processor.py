@@ -11,7 +11,7 @@ import pytest
 from pipeline.codec import default_codec
 from pipeline.config import Settings
 from pipeline.ingest.processor import IngestProcessor
-from pipeline.records import DeadLetter, MeterReading, UsageEvent
+from pipeline.records import DeadLetter, LateEvent, MeterReading, UsageEvent
 from pipeline.reference import BUNDLED_REFERENCE, ReferenceData, ReferenceFile
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import FakeContext
@@ -121,8 +121,6 @@ def test_first_nem_day_of_service_point_is_accepted(processor: IngestProcessor) 
 # --- dead-lettered -------------------------------------------------------------------------------------------
 REJECTS = [
     ("UNKNOWN_NMI", replace(READING, nmi="NEM1209999")),
-    # 2005-03-14 13:30 UTC is 23:30 AEST on the 14th, the day before the service point starts
-    ("UNKNOWN_NMI", replace(READING, interval_start=utc(2005, 3, 14, 13, 30), interval_end=utc(2005, 3, 14, 14, 0))),
     ("UNSUPPORTED_CHANNEL", replace(READING, suffix="X1")),
     ("UNSUPPORTED_UNIT", replace(READING, uom="kW")),
     ("UNSUPPORTED_UNIT", replace(READING, uom="litres")),
@@ -194,6 +192,23 @@ def test_unknown_nmi_retried_after_reference_refresh(reference: ReferenceData) -
     assert refreshed == [True] and key == "ACC-1002" and event.account == "ACC-1002"
 
 
+# --- refused by a billing rule (SPEC §3) ------------------------------------------------------------------------
+def test_the_day_before_the_service_point_starts_is_refused_not_dead_lettered(processor: IngestProcessor) -> None:
+    """2005-03-14 13:30 UTC is 23:30 AEST on the 14th, the day before NEM1201002's service point starts: the
+    meter is known, so this is not bad input but a billing rule, kept on usage.late for `late replay`."""
+    reading = replace(READING, interval_start=utc(2005, 3, 14, 13, 30), interval_end=utc(2005, 3, 14, 14, 0))
+    original = CODEC.encode(reading)
+    ctx = run(processor, incoming(original, offset=5))
+    ((topic, key, value),) = ctx.forwarded
+    late = CODEC.decode(value, LateEvent)
+    assert (topic, key) == ("usage.late", "ACC-1002")
+    assert (late.reason, late.stage, late.input_topic, late.original, late.original_key, late.headers) == (
+        "OUTSIDE_SERVICE_DATES", "ingest", "meter.readings", original, b"NEM1201002", HEADERS)
+    assert (late.event.account, late.event.event_time, late.window_end, late.lateness_ms) == (
+        "ACC-1002", utc(2005, 3, 14, 13, 30), utc(2005, 3, 14, 14, 0), 0)
+    assert processor.counts == {"refused": 1} and processor.reasons == {"OUTSIDE_SERVICE_DATES": 1}
+
+
 # --- counts -------------------------------------------------------------------------------------------------------
 def test_every_input_is_accounted_for(processor: IngestProcessor) -> None:
     good = [
@@ -203,8 +218,9 @@ def test_every_input_is_accounted_for(processor: IngestProcessor) -> None:
                 interval_end=utc(2005, 3, 16, 1, 30)),
         replace(READING, interval_start=utc(2005, 3, 16, 0, 30), interval_end=utc(2005, 3, 16, 1, 0)),
     ]
+    outside = replace(READING, interval_start=utc(2005, 3, 14, 13, 30), interval_end=utc(2005, 3, 14, 14, 0))
     bad = [r for _, r in REJECTS]
-    inputs = [incoming(CODEC.encode(r), offset=i) for i, r in enumerate(good + bad)]
+    inputs = [incoming(CODEC.encode(r), offset=i) for i, r in enumerate([*good, *bad, outside])]
     inputs.append(incoming(b"\xc3\x01garbage", offset=len(inputs)))
     ctx = run(processor, *inputs)
 
@@ -212,16 +228,17 @@ def test_every_input_is_accounted_for(processor: IngestProcessor) -> None:
     for topic, _key, value in ctx.forwarded:
         by_topic.setdefault(topic, []).append(value)
     assert len(by_topic["usage.events"]) == 4
-    assert len(by_topic["dlq.ingest"]) == 7
+    assert len(by_topic["dlq.ingest"]) == 6
+    assert len(by_topic["usage.late"]) == 1
     assert len(ctx.forwarded) == len(inputs) == 11
-    assert processor.counts == {"accepted": 4, "dead_lettered": 7}
+    assert processor.counts == {"accepted": 4, "dead_lettered": 6, "refused": 1}
     reasons = sorted(CODEC.decode(v, DeadLetter).reason for v in by_topic["dlq.ingest"])
     assert reasons == [
-        "NEGATIVE_VALUE", "UNDECODABLE", "UNKNOWN_NMI", "UNKNOWN_NMI",
+        "NEGATIVE_VALUE", "UNDECODABLE", "UNKNOWN_NMI",
         "UNSUPPORTED_CHANNEL", "UNSUPPORTED_UNIT", "UNSUPPORTED_UNIT",
     ]
     offsets = sorted(CODEC.decode(v, DeadLetter).offset for v in by_topic["dlq.ingest"])
-    assert offsets == [4, 5, 6, 7, 8, 9, 10]
+    assert offsets == [4, 5, 6, 7, 8, 10]
     assert [CODEC.decode(v, UsageEvent).value for v in by_topic["usage.events"]] == [
         Decimal("0.731"), Decimal("0.731"), Decimal("0.25"), Decimal("0.731")
     ]

@@ -234,7 +234,8 @@ def test_subject_mapping_is_effective_dated() -> None:
     assert usage(moved, subject="s", time=last_day).account == "TEL-3001"
     assert usage(moved, subject="s").account == "TEL-3003"
     before = datetime(2025, 12, 31, tzinfo=UTC)
-    assert rejected(lambda: usage(moved, subject="s", time=before)) == "UNKNOWN_SUBJECT"
+    assert rejected(lambda: usage(moved, subject="s", time=before)) == "OUTSIDE_SERVICE_DATES"  # a billing rule
+    assert rejected(lambda: usage(moved, subject="never-mapped", time=before)) == "UNKNOWN_SUBJECT"  # bad input
     assert [s.subject for s in moved.service_ranges("TEL-3003")] == ["s"]  # subject days are service days
 
 

@@ -1,5 +1,6 @@
 """The windowing processor case by case (SPEC §3), exact outputs: supersession with identical content,
-dead letters, too-late events, purge, aggregations, and a restore through the real RocksDB store."""
+dead letters, per-series clocks, idle and marker closing, late data never refused, archive and revival,
+the back-billing rule, aggregations, and a restore through the real RocksDB store."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from pipeline.codec import default_codec
 from pipeline.config import Settings
-from pipeline.records import DeadLetter, LateEvent, UsageEvent, UsageWindow
+from pipeline.records import DeadLetter, LateEvent, SeriesMarker, UsageEvent, UsageWindow
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import FakeContext
 from pipeline.runtime.state import PartitionStore, open_fresh_store
@@ -28,9 +29,9 @@ POLICY = w.WindowPolicy(size_ms=HOUR // 2, out_of_orderness_ms=HOUR, allowed_lat
 
 
 def event(slot: int, value: str, version: int = 1, quality: str = "A", source: str = "f1#1",
-          metric: str = "energy_import") -> UsageEvent:
+          metric: str = "energy_import", account: str = "ACC-1", series: str = "NMI1/E1") -> UsageEvent:
     start = T0 + timedelta(minutes=5 * slot)
-    return UsageEvent(f"nem12:NMI1:E1:{slot}", "ACC-1", "NMI1/E1", metric, "kWh", start, start + timedelta(minutes=5),
+    return UsageEvent(f"nem12:{series}:{slot}", account, series, metric, "kWh", start, start + timedelta(minutes=5),
                       Decimal(value), T0 + timedelta(days=version), quality, source)
 
 
@@ -42,7 +43,7 @@ class Harness:
         self.proc.on_assign(0, self.ctx)
         self.offset = 0
 
-    def send(self, *items: UsageEvent | bytes) -> None:
+    def send(self, *items: UsageEvent | SeriesMarker | bytes) -> None:
         """One batch, as the runtime hands it over, then the punctuation after it."""
         batch = []
         for item in items:
@@ -76,7 +77,7 @@ def test_a_newer_version_with_identical_content_is_kept_but_not_re_emitted() -> 
         (0, "ON_TIME", Decimal("3.5"), Decimal("3.5"), ("A",), ("f1#1",)),
         (1, "LATE", Decimal("3.5"), Decimal("0"), ("A", "S"), ("f1#1", "f3#1")),
     ]
-    assert h.proc.outcomes == {"accepted": 3, "superseded": 2, "duplicate": 1, "too_late": 0}
+    assert h.proc.outcomes == {"accepted": 3, "superseded": 2, "duplicate": 1, "refused": 0}
 
 
 def test_undecodable_records_go_to_the_dead_letter_topic_with_their_bytes() -> None:
@@ -92,19 +93,107 @@ def test_undecodable_records_go_to_the_dead_letter_topic_with_their_bytes() -> N
     assert h.ctx.stores[0].data == {}  # no window, no watermark
 
 
-def test_too_late_events_are_routed_with_their_lateness() -> None:
+def revisions(h: Harness, series: str = "NMI1/E1", start: datetime = T0) -> list[tuple]:
+    return [(x.revision, x.timing, x.value, x.delta) for x in h.windows()
+            if x.series == series and x.window_start == start]
+
+
+def test_nothing_is_too_late_a_change_long_after_the_window_closed_is_a_late_revision() -> None:
     h = Harness()
     h.send(event(0, "1"))
-    h.send(event(12 * 40, "1"))  # 40 hours later: watermark = 39 h
-    late = event(1, "7")
-    h.send(late)  # its window ends at 0:30, + 24 h lateness: too late by 14.5 h
-    (le,) = h.out(TOPICS.usage_late, LateEvent)
-    assert le == LateEvent(late, "TOO_LATE", T0 + timedelta(minutes=30), T0 + timedelta(hours=39),
-                           39 * HOUR - (HOUR // 2 + 24 * HOUR))
-    assert h.proc.outcomes["too_late"] == 1
+    h.send(event(12 * 24 * 400, "1"))  # 400 days later: window 0 closed long ago (and was archived)
+    h.send(event(1, "7"))  # a reading of the first window arrives now
+    assert revisions(h) == [(0, "ON_TIME", Decimal(1), Decimal(1)), (1, "LATE", Decimal(8), Decimal(7))]
+    assert h.out(TOPICS.usage_late, LateEvent) == []
+    assert h.proc.outcomes["accepted"] == 3
 
 
-def test_state_is_purged_once_no_event_can_reach_it() -> None:
+def test_one_series_clock_never_closes_another_series_window() -> None:
+    """Account B's newer data (same partition) neither closes nor refuses anything of account A (SPEC §3)."""
+    h = Harness()
+    h.send(event(0, "1", account="A", series="A1/E1"))
+    h.send(event(12 * 24 * 365 * 15, "1", account="B", series="B1/E1"))  # 15 years newer, another account
+    h.send(event(1, "2", account="A", series="A1/E1"))
+    assert revisions(h, "A1/E1") == []  # A's own clock has not passed the end of its window
+    h.send(event(20, "0", account="A", series="A1/E1"))  # A's clock moves past it
+    assert revisions(h, "A1/E1") == [(0, "ON_TIME", Decimal(3), Decimal(3))]
+
+
+def test_a_quiet_series_is_emitted_after_the_idle_timeout_and_later_data_revises_it() -> None:
+    h = Harness()
+    h.send(event(0, "1"), event(1, "2"))
+    h.clock[0] = POLICY.idle_timeout_ms - 1
+    h.send()  # not quiet long enough yet
+    assert revisions(h) == []
+    h.clock[0] = POLICY.idle_timeout_ms
+    h.send()
+    assert revisions(h) == [(0, "ON_TIME", Decimal(3), Decimal(3))]
+    h.send(event(2, "4"))  # the meter's next reading of the same window: a LATE revision, nothing refused
+    h.clock[0] += POLICY.idle_timeout_ms
+    h.send()
+    assert revisions(h) == [(0, "ON_TIME", Decimal(3), Decimal(3)), (1, "LATE", Decimal(7), Decimal(4))]
+    # the series' own clock (its latest event − out-of-orderness) had not reached the window's end
+    assert [x.watermark for x in h.windows()] == [T0 + timedelta(minutes=m) - timedelta(hours=1) for m in (5, 10)]
+
+
+def test_an_active_series_is_not_idle() -> None:
+    h = Harness()
+    h.send(event(0, "1"))
+    for step in range(1, 4):  # an event every half idle timeout keeps the series active
+        h.clock[0] = step * POLICY.idle_timeout_ms // 2
+        h.send(event(step, "1"))
+    assert revisions(h) == []
+    h.clock[0] += POLICY.idle_timeout_ms
+    h.send()
+    assert revisions(h) == [(0, "ON_TIME", Decimal(4), Decimal(4))]
+
+
+def test_a_completion_marker_closes_its_series_windows_at_once() -> None:
+    h = Harness()
+    h.send(event(0, "1"), event(6, "2"), event(7, "3"), event(7, "4", series="NMI1/B1", metric="energy_export"))
+    h.send(SeriesMarker("ACC-1", "NMI1/E1", T0 + timedelta(minutes=30), "NEM12#f.csv"))
+    assert [(x.series, x.window_start, x.value) for x in h.windows()] == [("NMI1/E1", T0, Decimal(1))]
+    h.send(SeriesMarker("ACC-1", "NMI1/E1", T0 + timedelta(minutes=60), "NEM12#f.csv"))
+    assert [(x.series, x.window_start, x.value, x.timing) for x in h.windows()][1:] == [
+        ("NMI1/E1", T0 + timedelta(minutes=30), Decimal(5), "ON_TIME")]
+    assert h.windows()[1].watermark == T0 + timedelta(minutes=60)  # the account's clock downstream
+    h.send(event(1, "10"))  # data after the marker is still billed
+    h.close_all()
+    assert revisions(h) == [(0, "ON_TIME", Decimal(1), Decimal(1)), (1, "LATE", Decimal(11), Decimal(10))]
+    assert h.proc.outcomes["marker"] == 2 and h.out(TOPICS.dlq_ingest, DeadLetter) == []
+
+
+def test_the_back_billing_limit_refuses_only_undercharges_older_than_it() -> None:
+    day = 86_400_000
+    h = Harness()
+    h.proc = WindowingProcessor(TOPICS, CODEC, lambda _m: POLICY, clock_ms=lambda: h.clock[0],
+                                back_billing_limit_ms=270 * day)
+    h.proc.on_assign(0, h.ctx)
+    h.send(event(0, "5"), event(1, "1", series="NMI1/B1", metric="energy_export"))
+    h.send(*(SeriesMarker("ACC-1", s, T0 + timedelta(hours=1), "f") for s in ("NMI1/E1", "NMI1/B1")))
+    h.send(event(12 * 24 * 300, "1", series="NMI1/B2", metric="energy_export"))  # the account's clock: 300 days on
+    undercharge = event(2, "3")  # more import in a window 300 days behind: refused
+    h.send(undercharge)
+    h.send(event(0, "4", version=2))  # less import: an overcharge, always credited
+    h.send(event(1, "2", version=2, series="NMI1/B1", metric="energy_export"))  # more export: a credit
+    h.send(event(1, "0.5", version=3, series="NMI1/B1", metric="energy_export"))  # less export: undercharge
+    h.close_all()
+    (late, less_export) = h.out(TOPICS.usage_late, LateEvent)
+    assert (late.reason, late.stage, late.event, late.original, late.window_end) == (
+        "BACK_BILLING_LIMIT", "windowing", undercharge, CODEC.encode(undercharge), T0 + timedelta(minutes=30))
+    assert late.watermark == T0 + timedelta(minutes=5 * 12 * 24 * 300)
+    assert late.lateness_ms == 300 * day - 30 * 60_000 - 270 * day
+    assert less_export.event.value == Decimal("0.5")
+    assert revisions(h) == [(0, "ON_TIME", Decimal(5), Decimal(5)), (1, "LATE", Decimal(4), Decimal(-1))]
+    assert revisions(h, "NMI1/B1") == [(0, "ON_TIME", Decimal(1), Decimal(1)), (1, "LATE", Decimal(2), Decimal(1))]
+    assert h.proc.outcomes["refused"] == 2
+    # within the limit nothing is refused: an undercharge 200 days behind the account's clock is billed
+    h.send(event(12 * 24 * 100, "1"))
+    h.send(event(12 * 24 * 100, "2", version=2))
+    assert h.proc.outcomes["refused"] == 2
+
+
+def test_old_windows_are_archived_and_brought_back_whole_by_late_data() -> None:
     h = Harness()
     h.send(event(0, "1"))
     h.send(event(1, "2"), event(2, "3"))
@@ -113,9 +202,22 @@ def test_state_is_purged_once_no_event_can_reach_it() -> None:
     assert {key, *added} <= set(h.ctx.stores[0].data)
     events = CODEC.decode_dict(h.ctx.stores[0].data[added[1]], "WindowEvents")["events"]
     assert events == [CODEC.encode(event(1, "2")), CODEC.encode(event(2, "3"))]  # as consumed, in order
-    h.send(event(12 * 26, "1"))  # watermark 25 h ≥ end (0:30) + 24 h: emitted, then purged
-    assert not {key, *added} & set(h.ctx.stores[0].data)
-    assert [x.window_start for x in h.windows()] == [T0]
+    h.send(event(12 * 40, "1"))  # 40 h later: the series' clock (39 h) passes end (0:30) + 24 h, then a sweep
+    archive = b"x|" + key[2:]
+    assert not {key, *added} & set(h.ctx.stores[0].data)  # the hot state is gone ...
+    assert archive in h.ctx.stores[0].data  # ... replaced by one compact record
+    assert [(x.window_start, x.value) for x in h.windows()] == [(T0, Decimal(6))]
+    h.send(event(1, "2", version=1, source="again#1"))  # a repeat of an archived interval: a duplicate
+    h.send(event(2, "5", version=2))  # a correction of an archived interval: brought back, revised
+    h.send(event(3, "1"))  # a new interval of it
+    revs = [x for x in h.windows() if x.window_start == T0]
+    assert [(x.revision, x.timing, x.value, x.delta, x.count, x.sources) for x in revs] == [
+        (0, "ON_TIME", Decimal(6), Decimal(6), 3, ("f1#1",)),
+        (1, "LATE", Decimal(8), Decimal(2), 3, ("f1#1",)),
+        (2, "LATE", Decimal(9), Decimal(1), 4, ("f1#1",)),
+    ]
+    assert h.proc.outcomes == {"accepted": 5, "superseded": 1, "duplicate": 1, "refused": 0}
+    assert key not in h.ctx.stores[0].data  # archived again right after each revision (its clock is far ahead)
 
 
 @pytest.mark.parametrize(
