@@ -26,6 +26,7 @@ publish_app = typer.Typer(help="Meter gateways: publish readings.", no_args_is_h
 invoice_app = typer.Typer(help="Invoices in the ledger.", no_args_is_help=True)
 pricebook_app = typer.Typer(help="Immutable, versioned price books.", no_args_is_help=True)
 serve_app = typer.Typer(help="Servers: HTTP ingestion for gateways that do not speak Kafka.", no_args_is_help=True)
+late_app = typer.Typer(help="Readings refused by a billing rule (topic usage.late).", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
@@ -34,6 +35,7 @@ app.add_typer(publish_app, name="publish")
 app.add_typer(invoice_app, name="invoice")
 app.add_typer(pricebook_app, name="pricebook")
 app.add_typer(serve_app, name="serve")
+app.add_typer(late_app, name="late")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_NEM12 = REPO_ROOT / "tests" / "data" / "nem12"
@@ -413,6 +415,75 @@ def show_config() -> None:
     typer.echo(get_settings().model_dump_json(indent=1))
 
 
+# --- refused readings, reconciliation ---------------------------------------------------------------
+def _utc(text: str | None, what: str) -> Any:
+    from datetime import UTC, datetime
+
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        typer.echo(f"{what} must be an ISO 8601 date or time, got {text!r}", err=True)
+        raise typer.Exit(2) from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@late_app.command("list")
+def late_list() -> None:
+    """Count the refused readings on usage.late by reason, stage and account."""
+    from collections import Counter
+
+    from pipeline.codec import default_codec
+    from pipeline.records import LateEvent
+    from pipeline.runtime.kafka import read_all
+    from pipeline.topology import Topics
+
+    settings = get_settings()
+    codec = default_codec()
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for m in read_all(settings.kafka_bootstrap, Topics(settings).usage_late, timeout_s=120):
+        late = codec.decode(m.value, LateEvent)
+        counts[(late.reason, late.stage, late.event.account)] += 1
+    for (reason, stage, account), n in sorted(counts.items()):
+        typer.echo(f"{reason:22} {stage:10} {account:12} {n:>8,}")
+    typer.echo(f"{sum(counts.values()):,} refused readings")
+
+
+@late_app.command("replay")
+def late_replay(
+    account: Annotated[str | None, typer.Option(help="only this account's refusals")] = None,
+    reason: Annotated[str | None, typer.Option(help="only this reason, e.g. OUTSIDE_SERVICE_DATES")] = None,
+    since: Annotated[str | None, typer.Option("--from", help="readings starting at or after (ISO 8601, UTC)")] = None,
+    until: Annotated[str | None, typer.Option("--to", help="readings starting before (ISO 8601, UTC)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="count what would be re-submitted, send nothing")] = False,
+) -> None:
+    """Re-submit refused readings after the cause was fixed (e.g. a service point extended): each goes back
+    to where it was first consumed and is checked again. Billed once: running it again adds nothing."""
+    from pipeline.operations.late_replay import Filter, replay
+
+    which = Filter(account, reason, _utc(since, "--from"), _utc(until, "--to"))
+    report = replay(get_settings(), which, dry_run)
+    for (why, topic), n in sorted((report.resubmitted or {}).items()):
+        typer.echo(f"{'would re-submit' if dry_run else 're-submitted'} {n:,} {why} to {topic}")
+    typer.echo(f"{report.selected:,} refused readings selected" + (" (dry run: nothing sent)" if dry_run else ""))
+
+
+@app.command("reconcile")
+def reconcile_cmd() -> None:
+    """Account for every reading: in = billed + dead-lettered + refused (exit 1 while any is pending, naming
+    the stage it waits on)."""
+    from pipeline.operations.reconcile import reconcile, take_snapshot
+    from pipeline.stages import window_policies
+
+    settings = get_settings()
+    report = reconcile(take_snapshot(settings), window_policies(settings))
+    for line in report.lines():
+        typer.echo(line)
+    if not report.complete:
+        raise typer.Exit(1)
+
+
 # --- demo --------------------------------------------------------------------------------------------
 def start_stage_processes(settings: Settings, extra_env: dict[str, str] | None = None,
                           log_dir: Path | None = None) -> dict[str, subprocess.Popen]:
@@ -445,55 +516,113 @@ def stop_stage_processes(procs: dict[str, subprocess.Popen], timeout_s: float = 
     return codes
 
 
-def ledger_line_count(url: str) -> int:
-    """Number of lines in the ledger."""
-    from pipeline.runtime import postgres
-
-    with postgres.connect(url) as conn:
-        return conn.execute("SELECT count(*) FROM invoice_lines").fetchone()[0]
+class DemoFailed(Exception):
+    """The demo cannot finish; the message names the stage and the count (printed without a traceback)."""
 
 
-def wait_until_quiet(settings: Settings, procs: dict[str, subprocess.Popen], min_wait_s: float,
-                     quiet_s: float, timeout_s: float = 600) -> int:
-    """Wait until the ledger has not changed for ``quiet_s`` (after ``min_wait_s``); returns the line count.
+def wait_until_accounted(settings: Settings, procs: dict[str, subprocess.Popen], published: int,
+                         stall_s: float = 180.0, log_dir: Path | None = None,
+                         echo: Callable[[str], None] = typer.echo) -> Any:
+    """Wait until every published reading is billed, dead-lettered or refused (``operations.reconcile``),
+    printing each stage's progress; returns the final ``Report``.
 
-    Raises ``RuntimeError`` if a stage process dies or the ledger keeps changing past ``timeout_s``.
+    Raises ``DemoFailed`` when a stage process exits, or when nothing moved for ``stall_s`` seconds while
+    readings are still pending (naming the stage they wait on and how many).
     """
-    start = time.monotonic()
-    last, since = -1, time.monotonic()
+    from pipeline.operations.reconcile import progress, reconcile, take_snapshot
+    from pipeline.stages import window_policies
+
+    policy = window_policies(settings)
+    log_dir = log_dir or settings.stack_dir / "logs"
+    last_state: Any = None
+    last_move = time.monotonic()
+    last_line = ""
     while True:
         for name, p in procs.items():
             if p.poll() is not None:
-                raise RuntimeError(f"stage {name} exited with code {p.returncode}; see its log")
-        n = ledger_line_count(settings.database_url)
-        now = time.monotonic()
-        if n != last:
-            last, since = n, now
-        elif now - start >= min_wait_s and now - since >= quiet_s and n > 0:
-            return n
-        if now - start > timeout_s:
-            raise RuntimeError(f"ledger still changing after {timeout_s}s ({n} lines)")
-        time.sleep(1)
+                raise DemoFailed(f"stage {name} exited with code {p.returncode}; see {log_dir / (name + '.log')}")
+        state = progress(settings)
+        line = "  ".join(f"{stage} {done:,}/{end:,}" for stage, (done, end) in state.items())
+        if line != last_line:
+            echo(f"progress: {line}")
+            last_line = line
+        if state != last_state:
+            last_state, last_move = state, time.monotonic()
+        behind = {stage: end - done for stage, (done, end) in state.items()}
+        if all(n <= 2 * settings.partitions for n in behind.values()):  # at most transaction markers left
+            report = reconcile(take_snapshot(settings), policy)
+            if report.inputs >= published and report.complete:
+                return report
+            if time.monotonic() - last_move > stall_s:
+                stage = next((s for s in ("ingest", "windowing", "rating", "invoicing") if report.pending.get(s)),
+                             "ingest")
+                raise DemoFailed(f"{report.pending.get(stage, published - report.inputs):,} readings are still "
+                                 f"pending at {stage} after {stall_s:.0f} s without progress; see "
+                                 f"{log_dir / (stage + '.log')}\n" + "\n".join(report.lines()))
+        elif time.monotonic() - last_move > stall_s:
+            stage = max(behind, key=lambda s: behind[s])
+            raise DemoFailed(f"{stage} has {behind[stage]:,} records to consume and committed nothing for "
+                             f"{stall_s:.0f} s; see {log_dir / (stage + '.log')}")
+        time.sleep(1.0)
+
+
+def wait_finalized(settings: Settings, timeout_s: float) -> int:
+    """Wait (at most ``timeout_s``) until no invoice is OPEN whose close time the wall clock has passed;
+    returns how many are still OPEN."""
+    from pipeline.runtime import postgres
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with postgres.connect(settings.database_url) as conn:
+            waiting = conn.execute("SELECT count(*) FROM invoices WHERE status = 'OPEN' AND close_at <= now()"
+                                   ).fetchone()[0]
+        if waiting == 0 or time.monotonic() > deadline:
+            return waiting
+        time.sleep(1.0)
 
 
 @app.command("demo")
 def demo(
     data: Annotated[list[Path] | None, typer.Argument(help="NEM12 files/folders; default: bundled real data")] = None,
 ) -> None:
-    """Stack up, topics, reference data, the four stages, publish the bundled real NEM12 files, wait for
-    the ledger to go quiet, print every invoice, stop the stages."""
+    """Stack up, topics, reference data, the four stages; publish the bundled real NEM12 files; wait until every
+    reading is billed, dead-lettered or refused (progress per stage, then the accounting); print every invoice;
+    stop the stages. Exits 1 with the stage and count when something cannot finish."""
     _logging("WARNING")
+    os.environ.setdefault("PIPELINE_IDLE_TIMEOUT_S", "5")  # historic data: a quiet meter's last windows close soon
+    os.environ.setdefault("PIPELINE_INVOICE_IDLE_CLOSE_S", "10")  # ... and its last invoices are finalized
+    get_settings.cache_clear()
     settings = get_settings()
-    os.environ.setdefault("PIPELINE_IDLE_TIMEOUT_S", "5")  # historic data: close windows soon after input stops
+    t0 = time.monotonic()
     stack_up()
     load_reference(None)
     procs = start_stage_processes(settings)
+    failed: str | None = None
     try:
-        publish_nem12_cmd(data or [BUNDLED_NEM12], progress=True)
-        idle = float(os.environ["PIPELINE_IDLE_TIMEOUT_S"])
-        lines = wait_until_quiet(settings, procs, min_wait_s=idle + 5, quiet_s=max(8.0, idle + 3))
-        typer.echo(f"\nledger quiet: {lines} lines\n")
+        from pipeline.codec import default_codec
+        from pipeline.ingest.gateway import publish_nem12
+        from pipeline.runtime.kafka import IdempotentProducer
+        from pipeline.topology import Topics
+
+        report = publish_nem12(data or [BUNDLED_NEM12], IdempotentProducer(settings.kafka_bootstrap),
+                               default_codec(), Topics(settings).meter_readings, progress=True)
+        typer.echo(f"published {report.readings_published:,} readings from {report.files_published} files "
+                   f"(+{report.markers_published} completion markers)")
+        for err in report.rejected:
+            typer.echo(f"rejected [{err.reason}] {err}", err=True)
+        accounted = wait_until_accounted(settings, procs, report.readings_published)
+        typer.echo("")
+        for line in accounted.lines():
+            typer.echo(line)
+        still_open = wait_finalized(settings, timeout_s=float(os.environ["PIPELINE_INVOICE_IDLE_CLOSE_S"]) + 60)
+        typer.echo(f"every reading accounted for in {time.monotonic() - t0:.0f} s"
+                   + (f"; {still_open} invoices past their close time still open" if still_open else "") + "\n")
         invoice_show(None, None)
+    except DemoFailed as exc:
+        failed = str(exc)
     finally:
         codes = stop_stage_processes(procs)
         typer.echo(f"stages stopped: {codes}")
+    if failed:
+        typer.echo(f"demo failed: {failed}", err=True)
+        raise typer.Exit(1)

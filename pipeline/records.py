@@ -172,8 +172,8 @@ class LateEvent:
         lateness_ms: how far past the rule's bound, in milliseconds (0 when the rule has none).
         stage: the stage that refused it (``ingest`` or ``windowing``).
         message: the reason for a person.
-        input_topic: the topic the original record was consumed from: ``pipeline late replay``
-            re-submits ``original`` there.
+        input_topic / input_partition / input_offset: where the original record was consumed
+            (``pipeline late replay`` re-submits ``original`` to ``input_topic``); −1: unknown.
         original_key / original / headers: the original record (``original`` empty in records of the
             first version: replay then re-submits ``event`` to ``usage.events``).
     """
@@ -186,6 +186,8 @@ class LateEvent:
     stage: str = "windowing"
     message: str = ""
     input_topic: str = ""
+    input_partition: int = -1
+    input_offset: int = -1
     original_key: bytes | None = None
     original: bytes = b""
     headers: tuple[tuple[str, bytes], ...] = ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 from pipeline.codec import default_codec
@@ -15,10 +16,25 @@ from pipeline.refstore import ReferenceCache, postgres_loader
 from pipeline.runtime.loop import StageSpec
 from pipeline.topology import Topics
 from pipeline.windowing import processor as windowing
+from pipeline.windowing.windows import WindowPolicy
 
 STAGES = ("ingest", "windowing", "rating", "invoicing")
 # every long-running process of a deployment: the four stages and the outbox relay
 PROCESSES = (*STAGES, "relay")
+
+
+def window_policies(settings: Settings) -> Callable[[str], WindowPolicy]:
+    """metric → window policy, as the windowing stage uses it: window size and aggregation of telemetry
+    metrics come from their definitions in the reference data, read only once a metric that is not a
+    meter channel shows up (``metrics_catalog.policies_from_catalog``)."""
+    lazy: list[ReferenceCache] = []
+
+    def reference() -> ReferenceCache:
+        if not lazy:
+            lazy.append(ReferenceCache(postgres_loader(settings.database_url), settings.reference_refresh_s))
+        return lazy[0]
+
+    return policies_from_catalog(settings, lambda: reference().get().metrics, lambda: reference().refresh())
 
 
 def build_stage(name: str, settings: Settings) -> StageSpec:
@@ -33,16 +49,7 @@ def build_stage(name: str, settings: Settings) -> StageSpec:
         return StageSpec("ingest", [topics.meter_readings, topics.telemetry_events], proc, enc, dec)
     if name == "windowing":
         enc, dec = windowing.state_codec(codec)
-        # window size and aggregation of telemetry metrics come from their definitions in the reference
-        # data, read only once a metric that is not a meter channel shows up
-        lazy: list[ReferenceCache] = []
-
-        def reference() -> ReferenceCache:
-            if not lazy:
-                lazy.append(ReferenceCache(postgres_loader(settings.database_url), settings.reference_refresh_s))
-            return lazy[0]
-
-        policy = policies_from_catalog(settings, lambda: reference().get().metrics, lambda: reference().refresh())
+        policy = window_policies(settings)
         limit = settings.back_billing_limit_days
         proc = windowing.WindowingProcessor(topics, codec, policy,
                                             back_billing_limit_ms=None if limit is None else int(limit * 86_400_000))
@@ -54,7 +61,7 @@ def build_stage(name: str, settings: Settings) -> StageSpec:
     if name == "invoicing":
         store = LedgerStore(settings.database_url, topics.group("invoicing"), codec,
                             timedelta(hours=settings.invoice_close_delay_hours), settings.invoice_clock,
-                            settings.invoice_series)
+                            settings.invoice_series, idle_close_s=settings.invoice_idle_close_s)
         proc = InvoicingProcessor(codec, store, topics.payments, settings.invoice_close_check_s)
         return StageSpec("invoicing", [topics.charges_rated, topics.payments], proc, external_sink=True)
     raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")

@@ -5,7 +5,10 @@ Every file is parsed and validated whole before anything from it is sent (``read
 ``read_nem13``); a rejected file publishes nothing and is reported with the reason. Valid files
 are published in the event-time order of their first interval (less out-of-order data for the
 windowing stage), each one flushed (acknowledged by the broker, idempotent producer) before the
-next starts.
+next starts. After a file's readings come its completion markers (``SeriesComplete``, SPEC §3):
+one per meter channel in the file, "complete through" the end of its last interval, so windowing
+closes those windows at once instead of waiting for later data or the idle timeout. A marker never
+makes later data unbillable.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from tqdm import tqdm
 from pipeline.codec import Codec
 from pipeline.ingest.nem12 import Nem12Error, Nem12File, read_nem12
 from pipeline.ingest.nem13 import Nem13Error, Nem13File, read_nem13
+from pipeline.records import MeterReading, SeriesComplete
 from pipeline.runtime.kafka import IdempotentProducer
 
 
@@ -28,6 +32,7 @@ class PublishReport:
 
     files_published: int = 0
     readings_published: int = 0
+    markers_published: int = 0
     rejected: list[Nem12Error | Nem13Error] = field(default_factory=list)
 
 
@@ -63,6 +68,17 @@ def publish_nem13(
     return _publish(paths, read_nem13, Nem13Error, producer, codec, topic, progress)
 
 
+def completion_markers(name: str, readings: Iterable[MeterReading]) -> list[SeriesComplete]:
+    """The completion markers of a delivery ``name``: per (NMI, suffix) of ``readings``, complete through
+    the end of its last interval (UTC), in (NMI, suffix) order (SPEC §3)."""
+    through: dict[tuple[str, str], MeterReading] = {}
+    for r in readings:
+        held = through.get((r.nmi, r.suffix))
+        if held is None or r.interval_end > held.interval_end:
+            through[(r.nmi, r.suffix)] = r
+    return [SeriesComplete(nmi, suffix, r.interval_end, name) for (nmi, suffix), r in sorted(through.items())]
+
+
 def _publish(paths, read, error, producer, codec, topic, progress) -> PublishReport:
     """Read every file with ``read`` (rejections, ``error`` instances, into the report), then publish."""
     report = PublishReport()
@@ -79,10 +95,14 @@ def _publish(paths, read, error, producer, codec, topic, progress) -> PublishRep
     total = sum(len(f.readings) for f in parsed)
     with tqdm(total=total, unit="reading", disable=not progress, desc="publishing") as bar:
         for f in parsed:
+            headers = [("source_file", f.name.encode())]
             for reading in f.readings:
-                producer.send(topic, reading.nmi.encode(), codec.encode(reading),
-                              headers=[("source_file", f.name.encode())])
+                producer.send(topic, reading.nmi.encode(), codec.encode(reading), headers=headers)
+            markers = completion_markers(f.name, f.readings)
+            for marker in markers:  # after the readings, in their partitions (key NMI): they come after them
+                producer.send(topic, marker.nmi.encode(), codec.encode(marker), headers=headers)
             producer.flush()
+            report.markers_published += len(markers)
             report.files_published += 1
             report.readings_published += len(f.readings)
             bar.update(len(f.readings))

@@ -390,7 +390,8 @@ class IngestProcessor(ProcessorBase):
         """Route a reading refused by a billing rule to ``usage.late`` with the original record (SPEC §3)."""
         event = exc.event
         late = LateEvent(event, exc.reason, datetime.fromtimestamp(window_end_ms / 1000, UTC), event.event_time, 0,
-                         stage="ingest", message=str(exc)[:1000], input_topic=record.topic, original_key=record.key,
+                         stage="ingest", message=str(exc)[:1000], input_topic=record.topic,
+                         input_partition=record.partition, input_offset=record.offset, original_key=record.key,
                          original=record.value or b"", headers=record.headers)
         ctx.forward(self.topics.usage_late, event.account, self.codec.encode(late))
         self.reasons[exc.reason] = self.reasons.get(exc.reason, 0) + 1

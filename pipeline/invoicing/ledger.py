@@ -5,8 +5,8 @@ Pure rules live in ``pipeline.invoicing.lifecycle``; this module runs them insid
 
 - ``LedgerStore.commit``: ONE transaction per batch appends the new lines (each placed on its own
   OPEN invoice, or as a prior-period adjustment on the account's next open invoice when its own
-  is FINALIZED), records new payments, dead letters, the consumed offsets, the billing clock, and
-  an outbox event for every line appended and payment applied. Line and payment ids are unique,
+  is FINALIZED), records new payments, dead letters, the consumed offsets, each account's billing
+  clock, and an outbox event for every line appended and payment applied. Line and payment ids are unique,
   so a re-delivered record inserts nothing and announces nothing.
 - ``LedgerStore.finalize_due``: ONE transaction finalizes every OPEN invoice whose close time has
   passed the billing clock, in close order: gap-free number from its series, bill and due dates,
@@ -28,7 +28,6 @@ from pipeline.runtime import postgres
 
 log = logging.getLogger(__name__)
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # a transaction-level advisory lock: one finalizer at a time keeps each account's balance chain in order
 FINALIZE_LOCK = 0x1E5D6E6
 
@@ -86,10 +85,11 @@ ON CONFLICT (event_id) DO NOTHING"""
 UPSERT_OFFSET = """
 INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset) VALUES (%s, %s, %s, %s)
 ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset"""
-ADVANCE_CLOCK = """
-INSERT INTO billing_clock (consumer_group, partition, clock) VALUES (%s, %s, %s)
-ON CONFLICT (consumer_group, partition) DO UPDATE SET clock = EXCLUDED.clock
-WHERE billing_clock.clock < EXCLUDED.clock RETURNING clock"""
+CLOCKS = "SELECT account, clock FROM account_clock WHERE consumer_group = %s AND account = ANY(%s)"
+UPSERT_CLOCK = """
+INSERT INTO account_clock (consumer_group, account, clock, last_line_at) VALUES (%s, %s, %s, now())
+ON CONFLICT (consumer_group, account) DO UPDATE SET clock = GREATEST(account_clock.clock, EXCLUDED.clock),
+  last_line_at = CASE WHEN %s THEN now() ELSE account_clock.last_line_at END"""
 INSERT_DEAD = """
 INSERT INTO dead_letters (stage, reason, message, topic, partition, "offset", key, value)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (topic, partition, "offset") DO NOTHING"""
@@ -119,14 +119,18 @@ class LedgerStore:
         group: the invoicing consumer group (key of stored offsets and of the billing clock).
         codec: kept for callers that encode records; outbox payloads are JSON (the relay encodes Avro).
         close_delay: period end + this = an invoice's close time (SPEC §5).
-        clock: ``event``: an invoice closes by the highest usage watermark seen on the charges of its
-            account's partition of charges.rated (the windowing watermark, SPEC §3); ``wall``: by
-            the wall clock.
+        clock: ``event``: an invoice closes when its account's own billing clock, the highest usage
+            watermark carried by the account's charges (its series' event-time progress, SPEC §3),
+            passes its close time; or, with ``idle_close_s``, once the wall clock has passed its close
+            time and no new line reached the account for ``idle_close_s`` seconds. ``wall``: by the
+            wall clock alone.
         series: invoice number series template (``lifecycle.series_of``).
+        idle_close_s: see ``clock``; ``None``: only the account's event clock closes its invoices.
     """
 
     def __init__(self, url: str, group: str, codec: Codec, close_delay: timedelta = timedelta(days=3),
-                 clock: str = "event", series: str = "INV-{year}", give_up_s: float = 600.0) -> None:
+                 clock: str = "event", series: str = "INV-{year}", give_up_s: float = 600.0,
+                 idle_close_s: float | None = None) -> None:
         if clock not in ("event", "wall"):
             raise ValueError(f"clock must be 'event' or 'wall', got {clock!r}")
         self.group = group
@@ -134,6 +138,7 @@ class LedgerStore:
         self.close_delay = close_delay
         self.clock_mode = clock
         self.series = series
+        self.idle_close_s = idle_close_s
         self._db = postgres.Reconnecting(url, give_up_s)
         self._run = self._db.run
 
@@ -174,17 +179,26 @@ class LedgerStore:
                 if dead:
                     cur.executemany(INSERT_DEAD, dead)
                 cur.executemany(UPSERT_OFFSET, [(self.group, t, p, o) for (t, p), o in sorted(offsets.items())])
-                watermarks: dict[int, datetime] = {}
-                for p in lines:
-                    if p.charge.watermark is not None and p.charge.watermark > watermarks.get(p.partition, _EPOCH):
-                        watermarks[p.partition] = p.charge.watermark
-                advanced = False
-                for partition, wm in sorted(watermarks.items()):
-                    advanced |= cur.execute(ADVANCE_CLOCK, (self.group, partition, wm)).fetchone() is not None
+                advanced = self._advance_clocks(cur, lines, {p.charge.account for p in new_lines})
             adjustments = sum(1 for p in placements.values() if p.line_kind == "ADJUSTMENT")
             return CommitResult(len(new_lines), adjustments, recorded, advanced)
 
         return self._run(work)
+
+    def _advance_clocks(self, cur: Any, lines: list[PendingLine], fresh: set[str]) -> bool:
+        """Move each account's billing clock to the highest watermark of its charges in ``lines`` and
+        mark the accounts in ``fresh`` (new lines appended) as just active; returns whether a clock
+        moved. One account's charges never move another's clock (SPEC §5)."""
+        watermarks: dict[str, datetime | None] = {}
+        for p in lines:
+            wm, held = p.charge.watermark, watermarks.get(p.charge.account)
+            if p.charge.account not in watermarks or (wm is not None and (held is None or wm > held)):
+                watermarks[p.charge.account] = wm
+        if not watermarks:
+            return False
+        before = dict(cur.execute(CLOCKS, (self.group, sorted(watermarks))).fetchall())
+        cur.executemany(UPSERT_CLOCK, [(self.group, a, wm, a in fresh) for a, wm in sorted(watermarks.items())])
+        return any(wm is not None and (before.get(a) is None or wm > before[a]) for a, wm in watermarks.items())
 
     def _outbox(self, event: InvoiceEvent) -> tuple[Any, ...]:
         return (event.event_id, event.event_type, event.account, lc.event_to_json(event))
@@ -290,8 +304,9 @@ class LedgerStore:
 
     # --- closing ----------------------------------------------------------------------------------
     def finalize_due(self, limit: int = 1000) -> list[str]:
-        """Finalize the OPEN invoices whose close time is at or before their billing clock, in close
-        order; returns their invoice numbers. Invoices being appended to right now are skipped (and
+        """Finalize the OPEN invoices whose close time their account's billing clock has passed (see
+        the class: its event clock, or quiet past the close time by the wall clock), in close order;
+        returns their invoice numbers. Invoices being appended to right now are skipped (and
         so are later invoices of the same account and currency) and closed on the next call; when
         another process is finalizing, this call does nothing."""
 
@@ -303,13 +318,15 @@ class LedgerStore:
                     "SELECT invoice_id, account, currency, period_start, period_end FROM invoices "
                     "WHERE status = 'OPEN' AND close_at <= now() ORDER BY close_at, account, period_start, currency "
                     "LIMIT %s FOR UPDATE SKIP LOCKED", (limit,)).fetchall()
-            else:  # the clock of the partition the account's charges come through
+            else:  # the account's own clock; or, quiet past the close time by the wall clock
                 due = conn.execute(
                     "SELECT i.invoice_id, i.account, i.currency, i.period_start, i.period_end FROM invoices i "
-                    "JOIN billing_clock c ON c.consumer_group = %s AND c.partition = i.clock_partition "
-                    "WHERE i.status = 'OPEN' AND i.close_at <= c.clock "
+                    "JOIN account_clock c ON c.consumer_group = %s AND c.account = i.account "
+                    "WHERE i.status = 'OPEN' AND (i.close_at <= c.clock OR (%s::float8 IS NOT NULL "
+                    "AND i.close_at <= now() AND c.last_line_at <= now() - make_interval(secs => %s::float8))) "
                     "ORDER BY i.close_at, i.account, i.period_start, i.currency "
-                    "LIMIT %s FOR UPDATE OF i SKIP LOCKED", (self.group, limit)).fetchall()
+                    "LIMIT %s FOR UPDATE OF i SKIP LOCKED",
+                    (self.group, self.idle_close_s, self.idle_close_s, limit)).fetchall()
             numbers: list[str] = []
             held_back: set[tuple[str, str]] = set()
             with conn.cursor() as cur:

@@ -312,7 +312,8 @@ class WindowingProcessor:
                          stage="windowing",
                          message=f"raises the bill of a window that ended {(account_clock - end) / 86_400_000:.1f} "
                                  f"days before the account's billing clock (limit {limit / 86_400_000:g} days)",
-                         input_topic=record.topic, original_key=record.key, original=raw, headers=record.headers)
+                         input_topic=record.topic, input_partition=record.partition, input_offset=record.offset,
+                         original_key=record.key, original=raw, headers=record.headers)
         ctx.forward(self.topics.usage_late, account, self.codec.encode(late))
         return True
 

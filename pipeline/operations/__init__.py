@@ -1,0 +1,1 @@
+"""Operations that read across stages: reconciliation of every reading, re-submitting refused readings."""
