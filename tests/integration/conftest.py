@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,6 +118,11 @@ class Env:
         with postgres.connect(self.settings.database_url) as conn:
             return conn.execute(query, params).fetchall()
 
+    def execute(self, statement: str, params: tuple = ()) -> int:
+        """Run one statement that returns no rows (committed); returns the rows it changed."""
+        with postgres.connect(self.settings.database_url) as conn:
+            return conn.execute(statement, params).rowcount
+
     def line_count(self) -> int:
         return self.sql("SELECT count(*) FROM invoice_lines")[0][0]
 
@@ -134,6 +140,23 @@ class Env:
                 return n
             assert now - start < timeout_s, f"ledger still changing after {timeout_s}s"
             time.sleep(0.5)
+
+    def wait_accounted(self, timeout_s: float = 300, published: int | None = None) -> Any:
+        """Wait until every input reading is billed, dead-lettered or refused (``operations.reconcile``;
+        stages alive throughout) and, if given, at least ``published`` inputs are on the topics; returns
+        the report. Fails with the report (what is pending, at which stage) after ``timeout_s``."""
+        from pipeline.operations.reconcile import reconcile, take_snapshot
+        from pipeline.stages import window_policies
+
+        policy = window_policies(self.settings)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_alive()
+            report = reconcile(take_snapshot(self.settings), policy)
+            if report.complete and report.inputs >= (published or 0):
+                return report
+            assert time.monotonic() < deadline, "\n".join(report.lines())
+            time.sleep(1.0)
 
     def wait_all_finalized(self, timeout_s: float = 120) -> None:
         """Wait until no invoice is OPEN (the billing clock passed every close time)."""
@@ -285,3 +308,15 @@ def publish_files(env: Env, files: list[Path]) -> int:
     report = publish_nem12(files, env.producer(), default_codec(), env.topics.meter_readings, progress=False)
     assert not report.rejected, report.rejected
     return report.readings_published
+
+
+@pytest.fixture
+def cpu_hog() -> Iterator[list[subprocess.Popen]]:
+    """Both cores kept busy (one spinning process per core) for the length of the test: timing is input."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield hogs
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()

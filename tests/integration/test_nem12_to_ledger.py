@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.codec import default_codec
 from pipeline.ingest.nem12 import read_nem12
-from pipeline.records import LateEvent
 from pipeline.reference import BUNDLED_REFERENCE
-from pipeline.runtime.kafka import end_offsets, read_all
+from pipeline.runtime.kafka import end_offsets
 from tests.batchbill import expected_bills
 from tests.integration.conftest import DATA, Env, publish_files
 
@@ -42,16 +40,19 @@ def _assert_ledger_matches(env: Env, files: list[Path]) -> None:
 
 def test_real_nem12_files_bill_to_the_cent_and_replay_changes_nothing(pipeline_env: Env) -> None:
     env = pipeline_env
+    env.env["PIPELINE_INVOICE_IDLE_CLOSE_S"] = "5"  # 2005 data: an account quiet for 5 s has its invoices closed
     env.start_all()
     published = publish_files(env, FILES)
     assert len(FILES) >= 10
     assert published == sum(len(read_nem12(f).readings) for f in FILES)
-    lines = env.wait_quiet(min_wait_s=10)
+    report = env.wait_accounted(published=published)
+    assert (report.billed, report.dead_lettered, report.refused) == (published, 0, {})
+    lines = env.line_count()
     assert lines > 0
     _assert_ledger_matches(env, FILES)
     # every (account, billing period) billed has its invoice; data that arrived after its period closed
-    # (the partition's watermark had passed period end + close delay) sits on a later invoice as a
-    # prior-period adjustment; once the idle watermark follows the wall clock every invoice is finalized
+    # (its account's clock had passed period end + close delay, or it had been quiet past that time) sits
+    # on a later invoice as a prior-period adjustment; every invoice is finalized once its account is quiet
     env.wait_all_finalized()
     env.assert_invoice_structure()
     homes = {(a, p) for a, p in env.sql("SELECT account, period_start::text FROM invoices")}
@@ -72,19 +73,15 @@ def test_real_nem12_files_bill_to_the_cent_and_replay_changes_nothing(pipeline_e
     assert real_file in {f.name for f in FILES}
     assert f"from {sources[0]}" in res.stdout and "rev 0 " in res.stdout and "ACTEWAGL-HOME-TOU v1" in res.stdout
 
-    # publishing the same files again changes nothing in the ledger: every reading is now too late
-    # (the idle watermark has followed the wall clock) and lands, counted, on usage.late
+    # publishing the same files again changes nothing in the ledger: every reading is a duplicate of one
+    # billed already, accounted for as billed; nothing is refused or dead-lettered
     snapshot = env.sql("SELECT line_id, amount FROM invoice_lines ORDER BY line_id")
     again = publish_files(env, FILES)
-    assert env.wait_quiet(min_wait_s=8) == lines
+    report = env.wait_accounted(published=published + again)
+    assert (report.billed, report.dead_lettered, report.refused) == (published + again, 0, {})
     assert env.sql("SELECT line_id, amount FROM invoice_lines ORDER BY line_id") == snapshot
-    late = read_all(env.settings.kafka_bootstrap, env.topics.usage_late, timeout_s=60)
-    codec = default_codec()
-    assert len(late) == again
-    assert {codec.decode(m.value, LateEvent).reason for m in late} == {"TOO_LATE"}
-    assert end_offsets(env.settings.kafka_bootstrap, [(env.topics.dlq_ingest, p) for p in range(3)]) == {
-        (env.topics.dlq_ingest, p): 0 for p in range(3)
-    }
+    tps = [(t, p) for t in (env.topics.usage_late, env.topics.dlq_ingest) for p in range(3)]
+    assert end_offsets(env.settings.kafka_bootstrap, tps) == dict.fromkeys(tps, 0)
     assert env.stop_all() == {s: [0] for s in ("ingest", "windowing", "rating", "invoicing")}
 
 
@@ -105,7 +102,7 @@ def test_sigterm_mid_stream_loses_and_duplicates_nothing(pipeline_env: Env) -> N
         assert env.stop(running, signal.SIGTERM) == 0, env.log_tail(stage)
         env.start(stage, instance="0")
     assert publisher.wait(120) == 0
-    env.wait_quiet(min_wait_s=12)
+    env.wait_accounted(published=sum(len(read_nem12(f).readings) for f in files))
     _assert_ledger_matches(env, files)
     dupes = env.sql("SELECT count(*) - count(DISTINCT line_id) FROM invoice_lines")[0][0]
     assert dupes == 0

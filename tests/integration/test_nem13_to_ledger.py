@@ -3,10 +3,9 @@ through `pipeline publish nem13`, the four stages and the ledger; every account'
 register advances in the files, one account's bill is checked line by line to the cent, and the lines
 say the kWh were spread from register reads.
 
-The expectations are computed here from the CSV text, independently of ``pipeline.ingest.nem13``.
-The sample spans 2004-02-12 .. 2005-06-18 (492 days): the stages run with an allowed lateness of 600
-days so that no read is too late whatever order the ingest partitions interleave in (with the default
-450 days the oldest days could land, counted, on ``usage.late``).
+The expectations are computed from the CSV text (``tests.batchbill``), independently of
+``pipeline.ingest.nem13``. The sample spans 2004-02-12 .. 2005-06-18 (492 days), in whatever order the
+ingest partitions interleave: nothing is ever too late to bill.
 """
 
 from __future__ import annotations
@@ -14,16 +13,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import zipfile
-from collections import defaultdict
 from datetime import date, timedelta
-from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
-from pathlib import Path
+from decimal import Decimal
 
 import pytest
 
 from pipeline.reference import BUNDLED_REFERENCE
 from pipeline.runtime.kafka import end_offsets
+from tests.batchbill import advance, cents, monthly_kwh, register_reads, yyyymmdd
 from tests.integration.conftest import DATA, Env
 
 pytestmark = pytest.mark.integration
@@ -32,44 +29,6 @@ FOLDER = DATA / "nem13"
 INCONSISTENT = "NEM13#000000000000011#CNRGYMDP#NEMMCO.zip"  # says Quantity 31, registers advanced 172
 ENERGY, SUPPLY, FEED_IN = Decimal("0.255379"), Decimal("0.9375"), Decimal("0.0750")  # ACTEWAGL-HOME, $ excl. GST
 BOOK = "ACTEWAGL-HOME"
-STAGE_ENV = {"PIPELINE_ALLOWED_LATENESS_DAYS": "600"}
-
-
-def cents(x: Decimal) -> Decimal:
-    return x.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
-
-
-def _d(text14: str) -> date:
-    return date(int(text14[:4]), int(text14[4:6]), int(text14[6:8]))
-
-
-def register_reads(path: Path) -> list[list[str]]:
-    """The fields of every 250 record of a published NEM13 zip, straight from the CSV."""
-    with zipfile.ZipFile(path) as zf:
-        (member,) = zf.namelist()
-        text = zf.read(member).decode("ascii")
-    return [line.split(",") for line in text.splitlines() if line.startswith("250,")]
-
-
-def advance(f: list[str]) -> Decimal:
-    """CurrentRegisterRead − PreviousRegisterRead; a lower current read wrapped at 10**digits."""
-    p, c = Decimal(f[8]), Decimal(f[13])
-    return c - p if c >= p else Decimal(10) ** max(len(f[8]), len(f[13])) - p + c
-
-
-def monthly_kwh(files: list[Path]) -> dict[tuple[str, str], dict[date, Decimal]]:
-    """(NMI, E|I) → month → kWh: each read's advance spread evenly over the days from the previous
-    read's date to the day before the current read's date, 6 decimals, the remainder on the last day."""
-    out: dict[tuple[str, str], dict[date, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
-    for path in files:
-        for f in register_reads(path):
-            total, first = advance(f), _d(f[9])
-            days = max((_d(f[14]) - first).days, 1)
-            daily = (total / days).quantize(Decimal("0.000001"), rounding=ROUND_DOWN)
-            for i in range(days):
-                day = first + timedelta(days=i)
-                out[(f[1], f[7])][day.replace(day=1)] += daily if i < days - 1 else total - daily * (days - 1)
-    return out
 
 
 def final_lines(env: Env, accounts: list[str]) -> dict[tuple[str, date, str], tuple[Decimal, Decimal, Decimal]]:
@@ -86,21 +45,21 @@ def final_lines(env: Env, accounts: list[str]) -> dict[tuple[str, date, str], tu
 
 def test_real_nem13_files_bill_the_register_advances_to_the_cent(pipeline_env: Env) -> None:
     env = pipeline_env
-    for stage in ("ingest", "windowing", "rating", "invoicing"):
-        env.start(stage, **STAGE_ENV)
+    env.start_all()
     files = sorted(FOLDER.glob("*.zip"))
     accepted = [f for f in files if f.name != INCONSISTENT]
     assert len(files) == 8 and len(accepted) == 7
 
     res = subprocess.run([sys.executable, "-m", "pipeline", "publish", "nem13", "--no-progress", str(FOLDER)],
                          env=env.env, capture_output=True, text=True, timeout=120)
-    days = sum(max((_d(f[14]) - _d(f[9])).days, 1) for p in accepted for f in register_reads(p))
+    days = sum(max((yyyymmdd(f[14]) - yyyymmdd(f[9])).days, 1) for p in accepted for f in register_reads(p))
     assert res.returncode == 1, (res.stdout, res.stderr)  # one file rejected, the rest published
     assert f"published {days} readings from 7 files" in res.stdout, res.stdout
     assert f"rejected [QUANTITY_MISMATCH] {INCONSISTENT}!" in res.stderr, res.stderr
     assert "says Quantity 31 KWH but the register advanced 172 (38841 -> 39013)" in res.stderr
 
-    env.wait_quiet(min_wait_s=12)
+    report = env.wait_accounted(published=days)
+    assert (report.billed, report.dead_lettered, report.refused) == (days, 0, {})
     tps = [(t, p) for t in (env.topics.usage_late, env.topics.dlq_ingest) for p in range(3)]
     assert end_offsets(env.settings.kafka_bootstrap, tps) == dict.fromkeys(tps, 0)  # nothing late, nothing refused
 

@@ -36,8 +36,8 @@ def test_superseding_price_book_re_rates_with_exact_difference_lines(pipeline_en
     env = pipeline_env
     env.env["PIPELINE_REFERENCE_REFRESH_S"] = "1"
     env.start_all()
-    publish_files(env, FILES)
-    before_count = env.wait_quiet(min_wait_s=10)
+    env.wait_accounted(published=publish_files(env, FILES))
+    before_count = env.line_count()
     assert env.ledger_totals() == _expected()
     before_ids = {r[0] for r in env.sql("SELECT line_id FROM invoice_lines")}
 

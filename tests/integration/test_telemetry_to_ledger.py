@@ -96,9 +96,9 @@ def test_telemetry_stream_bills_exactly_like_the_batch_computation(pipeline_env:
         env.start(stage)
 
     now = datetime.now(UTC)
-    # nine days up to a UTC midnight at least an hour old: once the watermarks follow the wall clock
-    # (now − 1 h out-of-orderness) every hourly and daily window has closed. Relative to today, so the
-    # test does not age; the accounts' periods start on the 1st (UTC, Sydney) and the 15th (New York)
+    # nine days up to a UTC midnight at least an hour old; every hourly and daily window closes once its
+    # series is quiet. Relative to today, so the test does not age; the accounts' periods start on the 1st
+    # (UTC, Sydney) and the 15th (New York)
     end = (now - timedelta(hours=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     stream, repeats = sample_stream(end - timedelta(days=9), end, seed=6)
     bad = _bad_records(now)
@@ -112,7 +112,7 @@ def test_telemetry_stream_bills_exactly_like_the_batch_computation(pipeline_env:
     modes = Counter(e.mode for e in stream)
     assert repeats > 100 and modes["binary"] > 1000 and modes["structured"] > 1000
     _wait_consumed(env, "ingest", env.topics.telemetry_events)
-    env.wait_quiet(min_wait_s=10)
+    env.wait_accounted(published=len(stream) + len(bad))
 
     # the ledger equals the batch computation, per account, period and component
     want = expected_telemetry_bills([(e.attributes, e.data) for e in stream], BUNDLED_REFERENCE)
@@ -194,7 +194,6 @@ def test_two_ingest_processes_share_both_topics_and_survive_a_dead_peer(pipeline
     forwarded once, however often it was published."""
     env = pipeline_env
     env.env["PIPELINE_TELEMETRY_DEDUPE_HORIZON_S"] = str(30 * 86_400)
-    env.env["PIPELINE_ALLOWED_LATENESS_DAYS"] = "20000"  # the 2005 meter data stays within its horizon
     files = sorted((DATA / "nem12").glob("*.zip"))[:6]
     end = (datetime.now(UTC) - timedelta(hours=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     stream, repeats = sample_stream(end - timedelta(days=3), end, seed=5, duplicate_share=0.2)
@@ -230,7 +229,10 @@ def test_two_ingest_processes_share_both_topics_and_survive_a_dead_peer(pipeline
     consumed()
 
     codec = default_codec()
-    usage = [codec.decode(m.value, UsageEvent) for m in read_all(env.settings.kafka_bootstrap, env.topics.usage_events)]
+    records = read_all(env.settings.kafka_bootstrap, env.topics.usage_events)
+    usage = [codec.decode(m.value, UsageEvent) for m in records if codec.record_name(m.value) == "UsageEvent"]
+    markers = [m for m in records if codec.record_name(m.value) == "SeriesMarker"]
+    assert len(markers) + len(usage) == len(records) and markers  # each file's completion markers, too
     meter = [u for u in usage if u.event_id.startswith("nem12:")]
     telemetry = [u for u in usage if u.event_id.startswith("ce:")]
     assert len(meter) + len(telemetry) == len(usage)

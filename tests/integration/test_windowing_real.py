@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.codec import default_codec
+from pipeline.ingest.gateway import completion_markers
 from pipeline.ingest.nem12 import read_nem12
 from pipeline.records import UsageWindow
 from pipeline.reference import BUNDLED_REFERENCE, ReferenceData, ReferenceFile
@@ -116,8 +117,6 @@ def actuals_delivery(tmp: Path) -> Path:
 
 def test_estimates_then_actuals_re_emit_late_revisions_and_re_rate_exactly(pipeline_env: Env, tmp_path: Path) -> None:
     env = pipeline_env
-    # the sample data is from 2005 and the idle watermark follows the wall clock: allow lateness to reach it
-    env.env["PIPELINE_ALLOWED_LATENESS_DAYS"] = "20000"
     actuals = actuals_delivery(tmp_path)
     est = read_nem12(ESTIMATED).readings
     act = read_nem12(actuals).readings
@@ -127,8 +126,8 @@ def test_estimates_then_actuals_re_emit_late_revisions_and_re_rate_exactly(pipel
     env.start_all()
     publish_files(env, [ESTIMATED])
     first = wait_windows_quiet(env, min_wait_s=8)
-    assert {(w.revision, w.timing) for w in first} == {(0, "ON_TIME")}
-    env.wait_quiet(min_wait_s=2)
+    assert {(w.revision, w.timing) for w in first} == {(0, "ON_TIME")}  # closed by the file's completion markers
+    env.wait_accounted(published=len(est))
     ledger_before = env.ledger_totals()
     assert ledger_before == {
         (a, p.isoformat()): {k: v for k, v in lines.items() if v}
@@ -146,7 +145,7 @@ def test_estimates_then_actuals_re_emit_late_revisions_and_re_rate_exactly(pipel
         assert w1.qualities == ("A",)
     assert_exactly_once_and_converged(out, [ESTIMATED, actuals])
 
-    env.wait_quiet(min_wait_s=2)
+    env.wait_accounted(published=len(est) + len(act))
     after = env.ledger_totals()
     want = {(a, p.isoformat()): {k: v for k, v in lines.items() if v}
             for (a, p), lines in expected_bills([ESTIMATED, actuals], BUNDLED_REFERENCE).items()}
@@ -177,7 +176,6 @@ def _publish_slowly(env: Env, files: list[Path], done: threading.Event) -> None:
 def test_windowing_survives_sigkill_at_random_points(pipeline_env: Env) -> None:
     env = pipeline_env
     env.env["PIPELINE_IDLE_TIMEOUT_S"] = "10"
-    env.env["PIPELINE_ALLOWED_LATENESS_DAYS"] = "20000"  # 2005 data: nothing may become too late here
     env.start("ingest")
     env.start("windowing")
     done = threading.Event()
@@ -202,7 +200,6 @@ def test_windowing_survives_sigkill_at_random_points(pipeline_env: Env) -> None:
 def test_survivor_restores_partitions_of_a_killed_peer(pipeline_env: Env) -> None:
     env = pipeline_env
     env.env["PIPELINE_IDLE_TIMEOUT_S"] = "15"
-    env.env["PIPELINE_ALLOWED_LATENESS_DAYS"] = "20000"
     env.start("ingest")
     a = env.start("windowing", instance="a")
     env.start("windowing", instance="b")
@@ -234,7 +231,7 @@ def test_an_aborted_transaction_is_redone_from_the_last_commit_without_a_restart
     publish_files(env, files)
     env.wait_consumed("ingest", env.topics.meter_readings)
     settings = env.settings.model_copy(update={"batch_max_records": 150, "idle_timeout_s": 15,
-                                               "allowed_lateness_days": 20000, "instance_id": "inproc"})
+                                               "instance_id": "inproc"})
     runner = StageRunner(settings, build_stage("windowing", settings))
     real_commit = runner.clients.commit
     calls: list[int] = []
@@ -290,8 +287,12 @@ def test_windowing_exports_prometheus_metrics(pipeline_env: Env) -> None:
     out = wait_windows_quiet(env, min_wait_s=8)
     m = _scrape(port)
     assert m['pipeline_windowing_events_total{outcome="accepted"}'] == n
-    assert m['pipeline_windowing_windows_emitted_total{timing="ON_TIME"}'] == len(out) == len(expected_windows(files))
-    assert m['pipeline_records_in_total{stage="windowing"}'] == n
-    assert any(k.startswith("pipeline_windowing_watermark_lag_seconds") for k in m)
+    emitted = {k: v for k, v in m.items() if k.startswith("pipeline_windowing_windows_emitted_total{")}
+    assert sum(emitted.values()) == len(out) == len(expected_windows(files))
+    assert all('timing="ON_TIME"' in k for k in emitted)  # closed by their series' clocks and the file's markers
+    assert m['pipeline_records_in_total{stage="windowing"}'] == n + len(completion_markers(ESTIMATED.name,
+                                                                                         read_nem12(ESTIMATED).readings))
+    pending = [v for k, v in m.items() if k.startswith("pipeline_windowing_pending_windows{")]
+    assert len(pending) == env.settings.partitions and not any(pending)
     assert any(k.startswith("pipeline_state_restore_seconds") for k in m)
     assert m['pipeline_commits_total{stage="windowing"}'] >= 1
