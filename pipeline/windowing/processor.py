@@ -41,6 +41,7 @@ from pipeline.topology import Topics
 from pipeline.windowing import windows as w
 from pipeline.windowing.wire import (
     CLOCK_PREFIX,
+    EVENTS_PREFIX,
     OLD_WM_KEY,
     WIN_PREFIX,
     EventReader,
@@ -65,7 +66,8 @@ __all__ = ["WIN_PREFIX", "WindowingProcessor", "policies_from_settings", "state_
 _DUPLICATE = w.Outcome.DUPLICATE
 _new = tuple.__new__
 _MISSING = object()
-SWEEP_STEP_MS = 86_400_000  # a series' archive sweep runs once its clock moved a day past the last one
+_REFUSED = w.Outcome.REFUSED
+CLOCKS_HELD = 200_000  # series clocks kept between batches, per partition (beyond: read from the store again)
 
 
 def policies_from_settings(settings: Settings) -> Callable[[str], w.WindowPolicy]:
@@ -109,8 +111,15 @@ class _Tables:
         active: series key → processing time (ms) of its last event, for series with pending windows.
         idle: heap of (deadline ms, series key): when to look whether a series went quiet.
         check: series whose clock moved or that got events since the last punctuation.
-        clocks: series clocks read or changed during the current batch (the store is the truth).
-        moved: series keys whose clock changed since the last punctuation (saved by it).
+        clocks: series clocks read or changed lately, as saved: each moves only when it reaches another
+            window boundary (every decision reads a clock at its boundary, ``windows.SeriesClock``).
+        moved: series keys whose clock must be saved by the next punctuation (it reached another window
+            boundary, got its metric or a completion marker; with a back-billing limit, any move).
+        oldest: series key → when (ms, on the series' clock) its oldest hot window that was emitted and
+            not archived may be archived (its end + allowed lateness): the series is swept (``_sweep``)
+            then, and only then.
+        fresh: window key → the live state of a window created on time and never emitted: its head is
+            not written (its events entries say it exists; ``on_assign`` rebuilds it from them).
         accounts: account → its billing clock (highest event time of its series), back-billing only.
     """
 
@@ -120,6 +129,8 @@ class _Tables:
     check: set[bytes] = field(default_factory=set)
     clocks: dict[bytes, w.SeriesClock] = field(default_factory=dict)
     moved: set[bytes] = field(default_factory=set)
+    oldest: dict[bytes, int] = field(default_factory=dict)
+    fresh: dict[bytes, w.WindowState] = field(default_factory=dict)
     accounts: dict[str, int] = field(default_factory=dict)
 
 
@@ -170,16 +181,45 @@ class WindowingProcessor:
             log.info("windowing: partition %d upgraded from state format 3 (partition watermark dropped)", partition)
         t = self._t[partition] = _Tables()
         now = self.clock_ms()
+        heads = set()
         for key, state in store.scan(WIN_PREFIX):
+            heads.add(key)
+            ck = clock_key(key_prefix(state.account, state.series))
             if state.dirty:
-                ck = clock_key(key_prefix(state.account, state.series))
-                if ck not in t.pending:
-                    t.pending[ck] = {}
-                    t.active[ck] = now
-                    heapq.heappush(t.idle, (now + self._policy_of(state.metric).idle_timeout_ms, ck))
-                t.pending[ck][key] = state.end_ms
-                t.check.add(ck)
+                self._pending(t, ck, key, state.end_ms, now, self._policy_of(state.metric))
+            elif state.revision >= 0:
+                self._await_archive(t, ck, state)
+            t.check.add(ck)
+        # windows created on time and never emitted have events entries and no head: rebuild them
+        entries: dict[bytes, list[bytes]] = {}
+        for entry_key, raw in store.scan(EVENTS_PREFIX):
+            window_key = WIN_PREFIX + entry_key[len(EVENTS_PREFIX):entry_key.rindex(b"|")]
+            if window_key not in heads:
+                entries.setdefault(window_key, []).append(raw)
+        for key, raws in entries.items():
+            state = self._wire.fresh_window(raws, self._policy_of)
+            t.fresh[key] = state
+            ck = clock_key(key_prefix(state.account, state.series))
+            self._pending(t, ck, key, state.end_ms, now, self._policy_of(state.metric))
+            t.check.add(ck)
         PENDING.labels(str(partition)).set(sum(map(len, t.pending.values())))
+
+    @staticmethod
+    def _pending(t: _Tables, ck: bytes, key: bytes, end: int, now: int, policy: w.WindowPolicy) -> None:
+        """Record that the window at ``key`` (ending at ``end``) of series ``ck`` has a change to emit."""
+        pending = t.pending.get(ck)
+        if pending is None:
+            pending = t.pending[ck] = {}
+            t.active[ck] = now
+            heapq.heappush(t.idle, (now + policy.idle_timeout_ms, ck))
+        pending[key] = end
+
+    def _await_archive(self, t: _Tables, ck: bytes, state: w.WindowState) -> None:
+        """Record a hot window that was emitted and is not archived: it is due for the archive at its end
+        + allowed lateness on its series' clock (``t.oldest``)."""
+        due = state.end_ms + self._policy_of(state.metric).allowed_lateness_ms
+        if due < t.oldest.get(ck, due + 1):
+            t.oldest[ck] = due
 
     def on_revoke(self, partition: int) -> None:
         self._t.pop(partition, None)
@@ -202,6 +242,7 @@ class WindowingProcessor:
         limit = self.back_billing_limit_ms
         stores: dict[int, Any] = {}
         chunks: dict[bytes, tuple[Any, int, list[bytes]]] = {}  # window key → (store, first offset, events)
+        touched: set[bytes] = set()
         for record in records:
             p = record.partition
             raw = record.value or b""
@@ -209,6 +250,7 @@ class WindowingProcessor:
             if store is None:
                 store = stores[p] = ctx.store(p)
             t = self._t[p]
+            fresh = t.fresh
             try:
                 (event_id, account, series, metric, unit, event_ms, value, version, quality, source,
                  prefix) = read(raw)
@@ -226,9 +268,16 @@ class WindowingProcessor:
             start = event_ms - event_ms % size  # w.window_bounds
             end = start + size
             key = prefix + b"%d" % start  # WIN_PREFIX + w.window_id(account, series, start)
-            state = store.get(key)
-            if state is None:
-                state = self._revive(store, key)
+            state = fresh.get(key)
+            if state is not None:  # created on time in an earlier batch, not emitted yet
+                flags = True, False
+            elif (state := store.get(key)) is None:
+                # a window is archived only once its series closed allowed lateness past its end: one that
+                # could not have been is new, without looking for its archive
+                closed = clock.watermark_ms if clock.watermark_ms >= clock.closed_through_ms \
+                    else clock.closed_through_ms  # w.closes_at(clock)
+                if end + policy.allowed_lateness_ms <= closed:
+                    state = self._revive(store, key)
                 if state is None:
                     state = w.new_window(account, series, metric, unit, event_ms, policy)
                 flags = None
@@ -240,31 +289,44 @@ class WindowingProcessor:
             iv = _new(w.Interval, (version, value, quality, source, event_ms))
             if limit is not None and self._refuses(t, store, state, event_id, iv, account, metric, end, limit,
                                                    record, raw, ctx):
-                outcome = w.Outcome.REFUSED
+                outcome = _REFUSED
             else:
                 outcome = apply(state, event_id, iv, clock)
-            if outcome is not _DUPLICATE and outcome is not w.Outcome.REFUSED:
+            if outcome is not _DUPLICATE and outcome is not _REFUSED:
                 added = chunks.get(key)
                 if added is None:
                     chunks[key] = (store, record.offset, [raw])
                 else:
                     added[2].append(raw)
-                if flags != (state.dirty, state.late):
-                    store.put(key, state)  # the head changed (or was created, or brought back)
-                    if state.dirty:  # it became dirty: pending until its series closes past it or goes quiet
-                        pending = t.pending.get(ck)
-                        if pending is None:
-                            pending = t.pending[ck] = {}
-                            heapq.heappush(t.idle, (now + policy.idle_timeout_ms, ck))
-                        pending[key] = end
+                if flags != (state.dirty, state.late):  # the head changed (or was created, or brought back)
+                    if state.revision < 0 and not state.late:
+                        fresh[key] = state  # a new window, on time: its events entries say it exists
+                    else:
+                        fresh.pop(key, None)
+                        store.put(key, state)
+                    if state.dirty:  # pending until its series closes past its end or goes quiet
+                        self._pending(t, ck, key, end, now, policy)
             outcomes[outcome] += 1
-            if event_ms > clock.max_event_ms or clock.metric != metric:
-                t.clocks[ck] = clock = w.advance(clock._replace(metric=metric), event_ms, policy)
-                t.moved.add(ck)
+            if event_ms > clock.max_event_ms:  # w.advance, inline; the clock is kept at the window boundary it
+                watermark = event_ms - policy.out_of_orderness_ms  # reached (windows.SeriesClock), exactly
+                if watermark < clock.watermark_ms:  # when a back-billing limit needs its highest event time
+                    watermark = clock.watermark_ms
+                closed = clock.closed_through_ms
+                before = clock.watermark_ms if clock.watermark_ms >= closed else closed
+                after = watermark if watermark >= closed else closed
+                if limit is not None or clock.metric != metric or before // size != after // size:
+                    t.clocks[ck] = clock = _new(w.SeriesClock, (event_ms, watermark, closed, metric))
+                    t.moved.add(ck)
                 if limit is not None and event_ms > t.accounts.get(account, event_ms):
                     t.accounts[account] = event_ms  # a billing clock already known moves with its series
-            t.active[ck] = now
-            t.check.add(ck)
+            elif clock.metric != metric:
+                t.clocks[ck] = clock = clock._replace(metric=metric)
+                t.moved.add(ck)
+            touched.add(ck)
+        for t in self._t.values():  # every series that had an event is active now, and checked at punctuation
+            mine = touched & t.clocks.keys()
+            t.check |= mine
+            t.active.update(dict.fromkeys(mine, now))
         events = self._wire.events
         for key, (store, first_offset, raws) in chunks.items():  # what this batch added, as consumed
             store.put_raw(events_key(key, first_offset), events(raws))
@@ -325,8 +387,12 @@ class WindowingProcessor:
         REVIVED.inc()
         return self._wire.read_archive(raw)
 
-    def _window(self, store: Any, key: bytes) -> w.WindowState | None:
-        """The hot window stored at ``key`` with its intervals loaded, or ``None``."""
+    def _window(self, store: Any, key: bytes, t: _Tables | None = None) -> w.WindowState | None:
+        """The hot window at ``key`` (among ``t``'s fresh windows, or stored) with its intervals loaded, or
+        ``None``."""
+        state = t.fresh.get(key) if t is not None else None
+        if state is not None:
+            return state
         state = store.get(key)
         if state is not None and state.intervals is None:
             self._load_intervals(store, key, state)
@@ -355,11 +421,18 @@ class WindowingProcessor:
         for p, t in self._t.items():
             store = ctx.store(p)
             due: list[tuple[int, bytes, bytes, str]] = []  # (end, window key, series key, trigger)
+            sweep: list[bytes] = []
+            clocks, oldest = t.clocks, t.oldest
             for ck in t.check:
+                clock = clocks.get(ck) or self._load_clock(t, store, ck)
+                closed = clock.watermark_ms if clock.watermark_ms >= clock.closed_through_ms \
+                    else clock.closed_through_ms  # w.closes_at(clock): a window with end ≤ it has closed
                 pending = t.pending.get(ck)
                 if pending:
-                    closed = w.closes_at(t.clocks.get(ck) or self._load_clock(t, store, ck))
                     due += [(end, key, ck, "closed") for key, end in pending.items() if end <= closed]
+                archivable = oldest.get(ck)
+                if archivable is not None and archivable <= closed:
+                    sweep.append(ck)
             idle = t.idle
             while idle and idle[0][0] <= wallclock_ms:
                 _deadline, ck = heapq.heappop(idle)
@@ -379,13 +452,14 @@ class WindowingProcessor:
                     del t.pending[ck]
                     t.active.pop(ck, None)
                 self._emit(store, t, key, ck, trigger, ctx)
-            for ck in sorted(t.check):
+            for ck in sorted(sweep):
                 self._sweep(store, t, ck)
             for ck in t.moved:
                 store.put(ck, t.clocks[ck])
             t.moved.clear()
             t.check.clear()
-            t.clocks.clear()
+            if len(t.clocks) > CLOCKS_HELD:
+                t.clocks.clear()  # the store keeps them; every decision reads a clock at its window boundary
             PENDING.labels(str(p)).set(sum(map(len, t.pending.values())))
         self._publish()
 
@@ -394,7 +468,8 @@ class WindowingProcessor:
         return self._policy_of(clock.metric).idle_timeout_ms if clock.metric else 0
 
     def _emit(self, store: Any, t: _Tables, key: bytes, ck: bytes, trigger: str, ctx: Context) -> None:
-        state = self._window(store, key)
+        state = self._window(store, key, t)
+        t.fresh.pop(key, None)  # its head is written now
         if state is None or not state.dirty:
             return
         clock = t.clocks.get(ck) or self._load_clock(t, store, ck)
@@ -405,6 +480,7 @@ class WindowingProcessor:
             self._archive(store, key, state)
         else:
             store.put(key, state)
+            self._await_archive(t, ck, state)
 
     def _archive(self, store: Any, key: bytes, state: w.WindowState) -> None:
         """Replace a clean window's hot state (head and events entries) by its archive."""
@@ -415,21 +491,20 @@ class WindowingProcessor:
         ARCHIVED.inc()
 
     def _sweep(self, store: Any, t: _Tables, ck: bytes) -> None:
-        """Archive the series' hot windows that became eligible (``windows.is_archivable``) once its
-        clock has moved ``SWEEP_STEP_MS`` past the last sweep: bounded state (SPEC §3)."""
+        """Archive the series' hot windows that became eligible (``windows.is_archivable``) as its clock
+        moved: bounded state (SPEC §3). Runs only once the oldest emitted hot window may be archived."""
         clock = t.clocks.get(ck) or self._load_clock(t, store, ck)
-        if not clock.metric:
+        policy = self._policy_of(clock.metric) if clock.metric else None
+        if policy is None or t.oldest[ck] > w.closed_window(clock, policy.size_ms):
             return
-        through = w.closes_at(clock) - self._policy_of(clock.metric).allowed_lateness_ms
-        if through < clock.archived_through_ms + SWEEP_STEP_MS:
-            return
-        prefix = WIN_PREFIX + ck[2:]
-        for key, head in list(store.scan(prefix)):
-            if head.end_ms <= through and not head.dirty and head.revision >= 0:
-                self._load_intervals(store, key, head)
+        del t.oldest[ck]
+        for key, head in list(store.scan(WIN_PREFIX + ck[2:])):
+            if w.is_archivable(head, clock, policy):
+                if head.intervals is None:
+                    self._load_intervals(store, key, head)
                 self._archive(store, key, head)
-        t.clocks[ck] = clock._replace(archived_through_ms=through)
-        t.moved.add(ck)
+            elif not head.dirty and head.revision >= 0:
+                self._await_archive(t, ck, head)
 
     # --- metrics ------------------------------------------------------------------------------
     def _count(self, outcome: str) -> None:

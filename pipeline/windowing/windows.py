@@ -184,15 +184,16 @@ class SeriesClock(NamedTuple):
         watermark_ms: ``max_event_ms − out-of-orderness``; never decreases (SPEC §3).
         closed_through_ms: the latest "complete through" time a gateway's completion marker gave
             for the series (files end, a meter's data is complete up to it); never decreases.
-        archived_through_ms: windows of the series ending at or before this were archived when
-            eligible (``is_archivable``) by a sweep; bookkeeping of the processor.
-        metric: the series' metric ("" before its first event): its policy decides the sweeps.
+        metric: the series' metric ("" before its first event): its policy (window size, idle
+            timeout, allowed lateness) applies to the whole series.
+
+    Every decision taken from a clock depends only on ``closed_window(clock, size)``, the window
+    boundary it has reached, so a clock need only be saved when that moves (the processor does so).
     """
 
     max_event_ms: int
     watermark_ms: int
     closed_through_ms: int
-    archived_through_ms: int = -(2**62)
     metric: str = ""
 
 
@@ -204,6 +205,14 @@ def closes_at(clock: SeriesClock) -> int:
     """Up to when (epoch ms, exclusive) the series' windows are closed: the later of its watermark
     and its completion markers. A window with ``end ≤ closes_at`` is emitted (SPEC §3)."""
     return clock.watermark_ms if clock.watermark_ms >= clock.closed_through_ms else clock.closed_through_ms
+
+
+def closed_window(clock: SeriesClock, size_ms: int) -> int:
+    """``closes_at`` rounded down to a window boundary of ``size_ms``: the end of the last window of the
+    series that has closed. Window ends are multiples of the size, so ``end ≤ closes_at`` exactly when
+    ``end ≤ closed_window``; every rule here reads the clock through it."""
+    at = closes_at(clock)
+    return at - at % size_ms
 
 
 def window_bounds(event_ms: int, size_ms: int) -> tuple[int, int]:
@@ -223,8 +232,8 @@ def advance(clock: SeriesClock, event_ms: int, policy: WindowPolicy) -> SeriesCl
     if event_ms <= clock.max_event_ms:
         return clock
     watermark = event_ms - policy.out_of_orderness_ms
-    return clock._replace(max_event_ms=event_ms,
-                          watermark_ms=watermark if watermark > clock.watermark_ms else clock.watermark_ms)
+    return SeriesClock(event_ms, watermark if watermark > clock.watermark_ms else clock.watermark_ms,
+                       clock.closed_through_ms, clock.metric)
 
 
 def close_through(clock: SeriesClock, through_ms: int) -> SeriesClock:
@@ -271,7 +280,7 @@ def apply_interval(state: WindowState, event_id: str, iv: Interval, clock: Serie
         if held.value == iv.value and held.quality == iv.quality:
             return outcome  # identical content: keep the newer version, nothing to re-emit
     state.dirty = True
-    if state.revision >= 0 or closes_at(clock) >= state.end_ms:
+    if state.revision >= 0 or closes_at(clock) >= state.end_ms:  # the same as closed_window(...) >= end
         state.late = True
     return outcome
 
@@ -313,7 +322,7 @@ def emit(state: WindowState, clock: SeriesClock) -> Revision:
 
     Revision 0 is ON_TIME unless its data arrived after the series had closed past the window end;
     every later revision is LATE (SPEC §3). ``delta`` is the change from the previous revision.
-    The reported watermark is the series' ``closes_at`` (the account's event clock downstream,
+    The reported watermark is the series' ``closed_window`` (the account's event clock downstream,
     SPEC §5), clamped at 0 (the epoch). Emitting does not need the series to have closed: a quiet
     series' windows are emitted too (the caller decides when).
     """
@@ -326,7 +335,8 @@ def emit(state: WindowState, clock: SeriesClock) -> Revision:
         state.window_id, state.account, state.series, state.metric, state.unit, state.start_ms, state.end_ms,
         revision, "ON_TIME" if revision == 0 and not state.late else "LATE", value, value - state.emitted,
         len(ivs), sorted(qualities) if len(qualities) > 1 else list(qualities),
-        sorted(sources) if len(sources) > 1 else list(sources), max(closes_at(clock), 0),
+        sorted(sources) if len(sources) > 1 else list(sources),
+        max(closed_window(clock, state.end_ms - state.start_ms), 0),
     ))
     state.revision = revision
     state.emitted = value
@@ -338,7 +348,8 @@ def is_archivable(state: WindowState, clock: SeriesClock, policy: WindowPolicy) 
     """Whether the window's hot state may be archived (SPEC §3 "state stays bounded"): emitted,
     nothing pending, and its series has closed ``allowed lateness`` past its end. An archived
     window is brought back, whole, when data for it arrives: archiving never refuses anything."""
-    return not state.dirty and state.revision >= 0 and closes_at(clock) >= state.end_ms + policy.allowed_lateness_ms
+    return not state.dirty and state.revision >= 0 and \
+        closed_window(clock, policy.size_ms) >= state.end_ms + policy.allowed_lateness_ms
 
 
 def raises_bill(metric: str, before: int, after: int) -> bool:

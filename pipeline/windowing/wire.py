@@ -207,6 +207,18 @@ class WindowWire:
             d["end_ms"], d["aggregation"], held, d["revision"], micro_of(d["emitted_value"]), False, False,
         )
 
+    def fresh_window(self, entries: list[bytes], policy: Callable[[str], w.WindowPolicy]) -> w.WindowState:
+        """The live state of a window created on time and never emitted, from its ``WindowEvents``
+        entries (in key order) alone: its fields from its first event, its intervals folded, pending
+        (dirty), revision −1. ``policy``: metric → its window policy (size, aggregation). ``DecodeError``
+        on an entry that is not one."""
+        first = self._read(self._decode(entries[0], "WindowEvents")["events"][0])
+        pol = policy(first.metric)
+        state = w.new_window(first.account, first.series, first.metric, first.unit, first.event_time, pol)
+        state.intervals = self.intervals(entries)
+        state.dirty = True
+        return state
+
     def events(self, raws: list[bytes]) -> bytes:
         """The ``WindowEvents`` entry of the ``UsageEvent`` records ``raws`` (as consumed, in order)."""
         return self._encode({"events": raws}, "WindowEvents")
@@ -260,8 +272,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         prefix = key[:2]
         if prefix == CLOCK_PREFIX:
             d = codec.decode_plain(raw, "SeriesClockState")
-            return w.SeriesClock(d["max_event_ms"], d["watermark_ms"], d["closed_through_ms"], d["archived_through_ms"],
-                                 d["metric"])
+            return w.SeriesClock(d["max_event_ms"], d["watermark_ms"], d["closed_through_ms"], d["metric"])
         if prefix in (EVENTS_PREFIX, ARCHIVE_PREFIX):
             return raw
         if key == OLD_WM_KEY:

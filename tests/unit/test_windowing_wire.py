@@ -227,8 +227,7 @@ def test_events_entries_are_the_events_as_consumed_and_fold_back_to_the_highest_
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.tuples(st.integers(-(2**62), 2**62), st.integers(-(2**62), 2**62), st.integers(-(2**62), 2**62),
-                 st.integers(-(2**62), 2**62), texts))
+@given(st.tuples(st.integers(-(2**62), 2**62), st.integers(-(2**62), 2**62), st.integers(-(2**62), 2**62), texts))
 def test_series_clock_round_trips(fields: tuple) -> None:
     encode, decode = state_codec(CODEC)
     clock = w.SeriesClock(*fields)
