@@ -106,8 +106,8 @@ class _Tables:
     """What one partition's processor keeps in memory, rebuilt from the store on assignment.
 
     Attributes:
-        pending: series key (``s|account|series|``) → {window key: window end (ms)} of its windows
-            changed and not yet emitted.
+        pending: series key (its windows' key prefix ``w|account|series|``) → {window key: window end
+            (ms)} of its windows changed and not yet emitted.
         active: series key → processing time (ms) of its last event, for series with pending windows.
         idle: heap of (deadline ms, series key): when to look whether a series went quiet.
         check: series whose clock moved or that got events since the last punctuation.
@@ -184,7 +184,7 @@ class WindowingProcessor:
         heads = set()
         for key, state in store.scan(WIN_PREFIX):
             heads.add(key)
-            ck = clock_key(key_prefix(state.account, state.series))
+            ck = key_prefix(state.account, state.series)
             if state.dirty:
                 self._pending(t, ck, key, state.end_ms, now, self._policy_of(state.metric))
             elif state.revision >= 0:
@@ -199,7 +199,7 @@ class WindowingProcessor:
         for key, raws in entries.items():
             state = self._wire.fresh_window(raws, self._policy_of)
             t.fresh[key] = state
-            ck = clock_key(key_prefix(state.account, state.series))
+            ck = key_prefix(state.account, state.series)
             self._pending(t, ck, key, state.end_ms, now, self._policy_of(state.metric))
             t.check.add(ck)
         PENDING.labels(str(partition)).set(sum(map(len, t.pending.values())))
@@ -262,7 +262,7 @@ class WindowingProcessor:
                     self._count("dead_lettered")
                 continue
             policy = policies.get(metric) or self._policy_of(metric)
-            ck = b"s|" + prefix[2:]  # clock_key(prefix)
+            ck = prefix  # the series: its windows' key prefix (its clock's store key is clock_key(prefix))
             clock = t.clocks.get(ck) or self._load_clock(t, store, ck)
             size = policy.size_ms
             start = event_ms - event_ms % size  # w.window_bounds
@@ -332,7 +332,7 @@ class WindowingProcessor:
             store.put_raw(events_key(key, first_offset), events(raws))
 
     def _load_clock(self, t: _Tables, store: Any, ck: bytes) -> w.SeriesClock:
-        clock = t.clocks[ck] = store.get(ck) or w.NO_CLOCK
+        clock = t.clocks[ck] = store.get(clock_key(ck)) or w.NO_CLOCK
         return clock
 
     def _marker(self, record: Incoming, raw: bytes, t: _Tables, store: Any, ctx: Context) -> None:
@@ -344,7 +344,7 @@ class WindowingProcessor:
             dead_letter(ctx, self.codec, self.topics.dlq_ingest, "windowing", record, "UNDECODABLE", str(exc))
             self._count("dead_lettered")
             return
-        ck = clock_key(key_prefix(marker.account, marker.series))
+        ck = key_prefix(marker.account, marker.series)
         clock = t.clocks.get(ck) or self._load_clock(t, store, ck)
         moved = w.close_through(clock, w._ms(marker.complete_through))
         if moved is not clock:
@@ -359,9 +359,9 @@ class WindowingProcessor:
         ``usage.late`` (BACK_BILLING_LIMIT) with its original bytes."""
         account_clock = t.accounts.get(account)
         if account_clock is None:  # the highest event time of the account's series, saved or moved in this batch
-            prefix = CLOCK_PREFIX + f"{account}|".encode()
-            clocks = [c.max_event_ms for _k, c in store.scan(prefix)]
-            clocks += [c.max_event_ms for k, c in t.clocks.items() if k.startswith(prefix)]
+            prefix = f"{account}|".encode()
+            clocks = [c.max_event_ms for _k, c in store.scan(CLOCK_PREFIX + prefix)]
+            clocks += [c.max_event_ms for k, c in t.clocks.items() if k.startswith(WIN_PREFIX + prefix)]
             account_clock = t.accounts[account] = max(clocks, default=w.NEVER)
         if account_clock - end <= limit or not w.supersedes(state.intervals.get(event_id), iv):
             return False
@@ -455,7 +455,7 @@ class WindowingProcessor:
             for ck in sorted(sweep):
                 self._sweep(store, t, ck)
             for ck in t.moved:
-                store.put(ck, t.clocks[ck])
+                store.put(clock_key(ck), t.clocks[ck])
             t.moved.clear()
             t.check.clear()
             if len(t.clocks) > CLOCKS_HELD:
@@ -498,7 +498,7 @@ class WindowingProcessor:
         if policy is None or t.oldest[ck] > w.closed_window(clock, policy.size_ms):
             return
         del t.oldest[ck]
-        for key, head in list(store.scan(WIN_PREFIX + ck[2:])):
+        for key, head in list(store.scan(ck)):
             if w.is_archivable(head, clock, policy):
                 if head.intervals is None:
                     self._load_intervals(store, key, head)
