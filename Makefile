@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test unit integration bench stack-up stack-down stack-status stack-reset lint clean
+.PHONY: install demo test unit integration soak bench stack-up stack-down stack-status stack-reset lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: install  ## stack up, topics, reference data, 4 stages, bundled real NEM12
 
 test: install  ## every test; integration tests start the local Kafka + Postgres if not running
 	$(BIN)/python -m pytest -q
+
+soak: install  ## 100 SIGKILLs, a broker and a Postgres restart over the bundled data; one-line verdict
+	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit

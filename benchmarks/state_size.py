@@ -1,7 +1,7 @@
 """State size per meter-month (issue 11: "state stays bounded"): what the windowing and rating stages keep
 so that every window can be brought back and re-rated, whenever its data arrives.
 
-    .venv/bin/python benchmarks/state_size.py [--meters 20] [--days 31]
+    .venv/bin/python benchmarks/state_size.py [--meters 10] [--days 31]
 
 Runs the real windowing and rating processors in-process over ``--meters`` meters of 5-minute import data
 (288 readings a day, the SPEC's scale case), delivered a day's file at a time with its completion markers,
@@ -101,7 +101,7 @@ class Ctx:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--meters", type=int, default=20)
+    parser.add_argument("--meters", type=int, default=10)
     parser.add_argument("--days", type=int, default=31)
     args = parser.parse_args()
     import json

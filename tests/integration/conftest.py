@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,9 +256,10 @@ class Env:
         return out
 
 
-@pytest.fixture
-def pipeline_env(base_settings: Settings, tmp_path: Path) -> Iterator[Env]:
-    """A fresh, isolated pipeline on the shared real stack; stage processes are stopped afterwards."""
+@contextmanager
+def isolated_env(base_settings: Settings, folder: Path) -> Iterator[Env]:
+    """A fresh, isolated pipeline on the shared real stack (its own topic prefix, database, state and log
+    folders under ``folder``); stage processes are killed, topics and database dropped afterwards."""
     tag = "t" + uuid.uuid4().hex[:10]
     dbname = tag
     with postgres.connect(_superuser_url(base_settings), autocommit=True) as conn:
@@ -270,7 +272,7 @@ def pipeline_env(base_settings: Settings, tmp_path: Path) -> Iterator[Env]:
         "PIPELINE_DATABASE_URL": url,
         "PIPELINE_DATABASE_OWNER_URL": owner_url,
         "PIPELINE_TOPIC_PREFIX": f"{tag}.",
-        "PIPELINE_STATE_DIR": str(tmp_path / "state"),
+        "PIPELINE_STATE_DIR": str(folder / "state"),
         "PIPELINE_IDLE_TIMEOUT_S": "4",
         "PIPELINE_COMMIT_INTERVAL_MS": "200",
         "PIPELINE_PARTITIONS": "3",
@@ -278,15 +280,15 @@ def pipeline_env(base_settings: Settings, tmp_path: Path) -> Iterator[Env]:
     settings = Settings(
         kafka_bootstrap=base_settings.kafka_bootstrap, database_url=url, database_owner_url=owner_url,
         topic_prefix=f"{tag}.",
-        state_dir=tmp_path / "state", idle_timeout_s=4, partitions=3,
+        state_dir=folder / "state", idle_timeout_s=4, partitions=3,
     )
     postgres.migrate(owner_url)
     ref = ReferenceFile.read(BUNDLED_REFERENCE)
     postgres.with_reconnect(url, lambda c: load_reference_file(c, ref))
     topics = Topics(settings)
     create_topics(settings.kafka_bootstrap, topics.specs())
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
+    log_dir = folder / "logs"
+    log_dir.mkdir(parents=True)
     e = Env(settings, env, log_dir)
     try:
         yield e
@@ -299,6 +301,13 @@ def pipeline_env(base_settings: Settings, tmp_path: Path) -> Iterator[Env]:
         delete_topics(settings.kafka_bootstrap, [s.name for s in topics.specs()])
         with postgres.connect(_superuser_url(base_settings), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pipeline_env(base_settings: Settings, tmp_path: Path) -> Iterator[Env]:
+    """A fresh, isolated pipeline on the shared real stack; stage processes are stopped afterwards."""
+    with isolated_env(base_settings, tmp_path) as env:
+        yield env
 
 
 def publish_files(env: Env, files: list[Path]) -> int:
