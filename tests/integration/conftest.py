@@ -145,18 +145,22 @@ class Env:
     def wait_accounted(self, timeout_s: float = 300, published: int | None = None) -> Any:
         """Wait until every input reading is billed, dead-lettered or refused (``operations.reconcile``;
         stages alive throughout) and, if given, at least ``published`` inputs are on the topics; returns
-        the report. Fails with the report (what is pending, at which stage) after ``timeout_s``."""
-        from pipeline.operations.reconcile import reconcile, take_snapshot
+        the report. The topics are read only once every stage has (nearly) caught up with its input
+        (``reconcile.progress``). Fails with the report (what is pending, at which stage) after ``timeout_s``."""
+        from pipeline.operations.reconcile import progress, reconcile, take_snapshot
         from pipeline.stages import window_policies
 
         policy = window_policies(self.settings)
         deadline = time.monotonic() + timeout_s
+        report: Any = None
         while True:
             self.check_alive()
-            report = reconcile(take_snapshot(self.settings), policy)
-            if report.complete and report.inputs >= (published or 0):
-                return report
-            assert time.monotonic() < deadline, "\n".join(report.lines())
+            behind = {stage: end - done for stage, (done, end) in progress(self.settings).items()}
+            if all(n <= 2 * self.settings.partitions for n in behind.values()):
+                report = reconcile(take_snapshot(self.settings), policy)
+                if report.complete and report.inputs >= (published or 0):
+                    return report
+            assert time.monotonic() < deadline, "\n".join(report.lines()) if report else f"stages behind: {behind}"
             time.sleep(1.0)
 
     def wait_all_finalized(self, timeout_s: float = 120) -> None:
