@@ -151,6 +151,7 @@ def txn_error_action(err: KafkaError | None) -> str:
 # transient conditions around broker restarts: worth calling again until a deadline
 _TRANSIENT = frozenset({
     KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC,  # metadata not loaded yet after a restart
     KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._WAIT_COORD,
     KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
     KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION,
@@ -383,14 +384,16 @@ class IdempotentProducer:
 class _Txn:
     """One transactional producer instance and what the clients track about it."""
 
-    __slots__ = ("abandoned", "calls", "generation", "in_txn", "producer")
+    __slots__ = ("abandoned", "calls", "generation", "in_txn", "producer", "suspect")
 
-    def __init__(self, producer: Producer, generation: int) -> None:
+    def __init__(self, producer: Producer, generation: int, suspect: threading.Event | None = None) -> None:
         self.producer: Producer | None = producer
         self.generation = generation
         self.in_txn = False  # a transaction is open (begun, not yet committed or aborted)
         self.calls = 0  # blocking transactional calls in progress on a committer thread
         self.abandoned = False  # replaced: nothing may commit on it any more
+        # set when it lost every broker: its next coordinator request may never end
+        self.suspect = suspect or threading.Event()
 
 
 # Producers given up while a call on them was still in progress: kept referenced (destroying a
@@ -491,7 +494,7 @@ class StageClients:
                 # returns (module doc); with it off the call completes once the broker is back
                 "metadata.recovery.strategy": "none",
             }
-            self._txn = _Txn(Producer(self._producer_conf), 0)
+            self._txn = self._new_txn(0)
             self.producer = self._txn.producer
             # fences an earlier incarnation with the same id and aborts its open transaction
             self._init_transactions(Deadline(init_timeout_s), lambda: False)
@@ -520,6 +523,29 @@ class StageClients:
                 raise StaleProducer(f"producer generation {bound} was replaced by {txn.generation}")
             return txn
 
+    def _new_txn(self, generation: int) -> _Txn:
+        suspect = threading.Event()  # what the callback may reference: not the producer (no cycle, so the
+        # producer is destroyed where its last reference goes, never by the garbage collector elsewhere)
+
+        def on_error(err: KafkaError) -> None:
+            if err.code() == KafkaError._ALL_BROKERS_DOWN and not suspect.is_set():
+                suspect.set()
+                log.warning("transactional producer (generation %d) lost every broker: it is replaced before "
+                            "its next transaction", generation)
+
+        return _Txn(Producer({**self._producer_conf, "error_cb": on_error}), generation, suspect)  # type: ignore[dict-item]
+
+    def producer_suspect(self) -> bool:
+        """Whether the current transactional producer lost every broker since it was made ready
+        (``_ALL_BROKERS_DOWN``, seen by serving its callbacks here): a transaction begun on it could
+        meet a coordinator request that never ends (module doc), so the caller replaces it
+        (``replace_producer``) while no transaction is open. Cheap: call it between transactions."""
+        txn = self._txn
+        if txn is None or txn.producer is None:
+            return False
+        txn.producer.poll(0)  # serves error callbacks (and nothing else: no delivery callbacks are set)
+        return txn.suspect.is_set() and not txn.in_txn
+
     def replace_producer(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Give up the current transactional producer and make a new one with the same
         ``transactional.id`` ready: its ``init_transactions`` fences the old one (which can then
@@ -536,7 +562,7 @@ class StageClients:
             old = self._txn
             assert old is not None
             old.abandoned = True
-            self._txn = _Txn(Producer(self._producer_conf), old.generation + 1)
+            self._txn = self._new_txn(old.generation + 1)
             self.producer = self._txn.producer
             idle = old.calls == 0
             if not idle:
@@ -552,8 +578,13 @@ class StageClients:
         delays = backoff(0.5, 2.0, 5.0)
         while True:
             txn = self._bound()
+            producer = txn.producer
+            assert producer is not None
             try:
-                txn.producer.init_transactions(deadline.timeout(10.0))  # type: ignore[union-attr]
+                producer.init_transactions(deadline.timeout(10.0))
+                # brokers lost while it got ready do not count: it has no group coordinator cached yet
+                producer.poll(0)  # (the error callbacks queued meanwhile run now, before the clear)
+                txn.suspect.clear()
                 return
             except KafkaException as exc:
                 err = error_of(exc)
@@ -562,11 +593,12 @@ class StageClients:
                 log.warning("init_transactions: %s; retrying", exc)
                 if err is None or err.fatal() or not err.retriable():
                     # e.g. fenced by a zombie that raced us: start over with a fresh instance
+                    del producer  # it is destroyed on _retire's thread, never on this one
                     with self._lock:
                         old = self._txn
                         assert old is not None
                         old.abandoned = True
-                        self._txn = _Txn(Producer(self._producer_conf), old.generation + 1)  # type: ignore[arg-type]
+                        self._txn = self._new_txn(old.generation + 1)
                         self.producer = self._txn.producer
                     _retire(old)
             self._on_wait()

@@ -392,6 +392,11 @@ class StageRunner:
             if self._rewind:
                 self._recover()  # the batch is dropped: it is read again
                 continue
+            if not self.spec.external_sink and self.clients.producer_suspect():
+                # it lost every broker: a fresh one now, while no transaction is open, costs no rewind
+                self.watchdog.beat("refreshing the transactional producer")
+                self.clients.replace_producer(stop=lambda: self._stop)
+                log.info("%s: transactional producer refreshed after losing every broker", self.spec.name)
             self.watchdog.beat("processing a batch")
             try:
                 self._process(batch)
