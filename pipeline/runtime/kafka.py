@@ -199,12 +199,16 @@ def _retrying(fn: Callable[[], T], timeout_s: float = 30.0, on_wait: Callable[[]
     then the last error is raised. ``on_wait`` is called before each retry (a liveness beat)."""
     deadline = Deadline(timeout_s)
     delays = backoff(0.2, 2.0, 2.0)
+    logged = -1e9
     while True:
         try:
             return fn()
         except KafkaException as exc:
             if not is_transient(exc) or deadline.expired():
                 raise
+            if time.monotonic() - logged >= 30.0:  # a wait for the broker is visible in the log
+                logged = time.monotonic()
+                log.warning("%s; retrying for at most %.0f s more", exc, deadline.remaining())
             if on_wait is not None:
                 on_wait()
             time.sleep(min(next(delays), deadline.remaining()))
@@ -844,6 +848,31 @@ class StageClients:
         return True
 
 
+def _high_watermark(config: dict[str, object], topic: str, partition: int, deadline: Deadline,
+                    beat: Callable[[], None]) -> int:
+    """The high watermark of one partition, asked through a new client on each attempt until
+    ``deadline``: a client keeps the metadata it first got, and one made while the partition had no
+    leader (a broker just back: observed for a SIGSTOPped one) answers ``_UNKNOWN_PARTITION`` from its
+    cache for minutes without asking again. Raises ``KafkaIOError``."""
+    delays = backoff(0.2, 2.0, 2.0)
+    logged = -1e9
+    while True:
+        consumer = Consumer(config)
+        try:
+            return consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                  timeout=deadline.timeout(10.0), cached=False)[1]
+        except KafkaException as exc:
+            if not is_transient(exc) or deadline.expired():
+                raise KafkaIOError(f"end offset of {topic}[{partition}] not readable: {exc}") from exc
+            if time.monotonic() - logged >= 30.0:
+                logged = time.monotonic()
+                log.warning("end offset of %s[%d]: %s; retrying with a new client", topic, partition, exc)
+        finally:
+            consumer.close()
+        beat()
+        time.sleep(min(next(delays), deadline.remaining()))
+
+
 def read_partition_to_end(
     bootstrap: str, topic: str, partition: int, timeout_s: float = 120.0,
     on_progress: Callable[[], None] | None = None,
@@ -858,27 +887,19 @@ def read_partition_to_end(
     """
     deadline = Deadline(timeout_s)
     beat = on_progress or (lambda: None)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "restore-unused",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "fetch.max.bytes": 52_428_800,
-        }
-    )
+    config = {
+        "bootstrap.servers": bootstrap,
+        "group.id": "restore-unused",
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+        "enable.partition.eof": True,
+        "fetch.max.bytes": 52_428_800,
+    }
+    high = _high_watermark(config, topic, partition, deadline, beat)
+    if high <= 0:
+        return
+    consumer = Consumer(config)
     try:
-        try:
-            _low, high = _retrying(
-                lambda: consumer.get_watermark_offsets(TopicPartition(topic, partition),
-                                                       timeout=deadline.timeout(10.0), cached=False),
-                deadline.remaining(), beat,
-            )
-        except KafkaException as exc:
-            raise KafkaIOError(f"restore of {topic}[{partition}]: end offset not readable: {exc}") from exc
-        if high <= 0:
-            return
         consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
         while True:
             if deadline.expired():

@@ -349,6 +349,8 @@ class StageRunner:
         exit_process = threading.current_thread() is threading.main_thread()
         self.watchdog.exit_process = exit_process
         self.watchdog.start()
+        if exit_process:  # `kill -USR1 <pid>` prints every thread's stack to stderr (diagnosing a slow stage)
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
         postgres.add_wait_listener(self._waiting_for_postgres)
         failure: BaseException | None = None
         try:

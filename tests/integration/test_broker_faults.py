@@ -50,14 +50,25 @@ def test_every_stage_survives_broker_restarts_a_broker_pause_and_a_postgres_rest
     env = pipeline_env
     env.env["PIPELINE_ALLOWED_LATENESS_DAYS"] = "20000"  # 2005 data and an idle watermark on the wall clock
     env.env["PIPELINE_INVOICE_CLOSE_CHECK_S"] = "1"
-    env.start_all(relay=True)
+    env.start_all()
+    # the relay waits at most 5 s for acknowledgements, so its rounds fail while the broker is down
+    relay = env.start("relay", PIPELINE_KAFKA_CALL_TIMEOUT_S="5")
     for stage in (*STAGES, "relay"):
         env.wait_started(env.procs[stage][0], stage, timeout=120)
+    relay.send_signal(signal.SIGSTOP)  # frozen, so the outbox has rows to publish when the broker goes
     publish_files(env, CHUNKS[0])
     wait_committing(env, dict.fromkeys(STAGES, 0), time.monotonic(), 120)  # the pipeline flows end to end
 
+    def sigterm_restart_under_a_busy_relay() -> float:
+        stack.stop_kafka(base_settings, signal.SIGTERM)
+        assert env.sql("SELECT count(*) FROM outbox WHERE sent_at IS NULL")[0][0] > 0
+        relay.send_signal(signal.SIGCONT)
+        time.sleep(8)  # the broker stays down longer than the relay's acknowledgement deadline
+        stack.start_kafka(base_settings)
+        return time.monotonic()
+
     faults = [
-        ("broker SIGTERM restart", lambda: stack.restart_kafka(base_settings, signal.SIGTERM, down_s=5)),
+        ("broker SIGTERM restart", sigterm_restart_under_a_busy_relay),
         ("broker SIGKILL restart", lambda: stack.restart_kafka(base_settings, signal.SIGKILL)),
         ("broker SIGSTOP 15 s", lambda: stack.pause_kafka(base_settings, 15)),  # session timeout: 10 s
         ("Postgres restart", lambda: stack.restart_postgres(base_settings, down_s=3)),
@@ -87,6 +98,7 @@ def test_every_stage_survives_broker_restarts_a_broker_pause_and_a_postgres_rest
     assert not twice, f"line ids on charges.rated twice: {twice[:5]}"
     assert env.sql("SELECT count(*) - count(DISTINCT line_id) FROM invoice_lines")[0][0] == 0
     assert "database unavailable" in env.log_tail("invoicing", 1_000_000)  # the Postgres outage was really met
+    assert "relay: round failed" in env.log_tail("relay", 1_000_000)  # and the relay met the broker's
 
     late = len(read_all(env.settings.kafka_bootstrap, env.topics.usage_late, timeout_s=60))
     got, want = env.ledger_totals(), _expected(FILES)
