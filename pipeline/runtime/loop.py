@@ -29,7 +29,9 @@ the same ``transactional.id`` (``StageClients.replace_producer``: fencing the ol
 transaction). Then, as after an abortable error, the work since the last commit is redone in-process.
 A stale committer that returns late cannot commit: it is bound to its producer's generation and that
 producer is fenced. Rebalance callbacks wait for a commit in flight no longer than that either, and
-replace a stuck producer before a partition is handed over or restored. Bounds, in seconds (settings):
+replace a stuck producer before a partition is handed over or restored. A producer that lost every
+broker is replaced between two transactions, before it can meet the hang (no rewind needed).
+Bounds, in seconds (settings):
 
 - a commit: ``kafka_call_timeout_s`` (30) + 5;
 - a recovery step (a new producer ready, committed offsets read, one changelog partition restored):
@@ -45,7 +47,9 @@ non-zero exit: on restart the input is re-read from the last committed offsets a
 rebuilt from the changelog (a store directory is never reused, so what a failed step 3 left in RocksDB
 is gone), so nothing is lost or duplicated.
 
-SIGTERM/SIGINT: the current batch is finished and committed, the group is left, exit 0.
+SIGTERM/SIGINT: the current batch is finished and committed, the group is left, exit 0 (also when
+the stop comes while waiting for Kafka: the work since the last commit is then redone on restart).
+`kill -USR1` prints every thread's stack (a stage run by ``pipeline run``).
 """
 
 from __future__ import annotations
@@ -355,12 +359,16 @@ class StageRunner:
         failure: BaseException | None = None
         try:
             self._run()
+        except KafkaIOError as exc:
+            if not self._stop:
+                failure = exc
+            else:  # asked to stop while waiting for Kafka: nothing past the last commit counts, a clean stop
+                log.warning("%s: stopped while waiting for Kafka (%s); the work since the last commit is redone "
+                            "on restart", self.spec.name, exc)
+            self._abort_quietly()
         except BaseException as exc:
             failure = exc
-            try:
-                self._abort()
-            except Exception as abort_exc:  # the original failure is what is reported
-                log.error("%s: abort after failure: %s", self.spec.name, abort_exc)
+            self._abort_quietly()
         self.watchdog.beat("closing the clients")
         self._closing = True
         closed = self.clients.close(_CLOSE_TIMEOUT_S)
@@ -539,6 +547,12 @@ class StageRunner:
         self.watchdog.beat("reading the committed offsets")
         self.clients.rewind_to_committed(tps)
         log.info("%s: resumed from the last commit (%d partitions)", self.spec.name, len(tps))
+
+    def _abort_quietly(self) -> None:
+        try:
+            self._abort()
+        except Exception as exc:  # the original failure is what is reported
+            log.error("%s: abort after failure: %s", self.spec.name, exc)
 
     def _abort(self) -> None:
         try:
