@@ -141,6 +141,31 @@ class Settings(BaseSettings):
     relay_batch: int = Field(500, ge=1, description="outbox rows published per relay round")
     relay_poll_s: float = Field(0.5, gt=0, description="relay wait when the outbox is empty")
 
+    # --- fault tolerance (issue 12) --------------------------------------------------------------
+    kafka_call_timeout_s: float = Field(
+        30.0, gt=0,
+        description="deadline of one transaction commit (send offsets + commit, resumed calls included), of one "
+        "abort, of a committed-offsets lookup and of a relay round's acknowledgements; a commit not done by then "
+        "is given up with its producer, which is replaced in-process",
+    )
+    recovery_timeout_s: float = Field(
+        300.0, gt=0,
+        description="longest a stage waits for Kafka to recover (a new transactional producer ready, committed "
+        "offsets read, a changelog partition restored) or the relay for a round to succeed, before it exits "
+        "non-zero for a supervisor to restart it",
+    )
+    watchdog_s: float = Field(
+        180.0, gt=0,
+        description="a stage or relay whose loop makes no progress for this long (a call that never returns) "
+        "logs where it is stuck and exits at once (code 70); keep it above kafka_call_timeout_s and "
+        "postgres_statement_timeout_s",
+    )
+    postgres_statement_timeout_s: float = Field(
+        60.0, gt=0,
+        description="server-side statement_timeout of the stages' and relay's Postgres sessions; a cancelled "
+        "statement is retried on a new connection like a lost one",
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -391,11 +391,12 @@ def _wait_for_broker(
     )
 
 
-def _kafka_down(paths: _Paths) -> None:
+def _kafka_down(paths: _Paths, sig: int = signal.SIGTERM) -> None:
     pid = _kafka_pid(paths)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)  # a paused broker (pause_kafka) would never handle SIGTERM
+            os.kill(pid, sig)
         if not _wait_exit(pid, KAFKA_STOP_TIMEOUT_S):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -666,3 +667,99 @@ def start_postgres(settings: Settings | None = None) -> None:
     """Start only the local PostgreSQL of the stack again (idempotent)."""
     settings = settings or get_settings()
     _pg_up(settings, _paths(settings))
+
+
+# --- faults: broker and database restarts and pauses (failure tests, soak scripts; issue 12) -------
+
+
+def kafka_pid(settings: Settings | None = None) -> int | None:
+    """The pid of the local broker started by ``up``, or ``None`` when it is not running."""
+    settings = settings or get_settings()
+    return _kafka_pid(_paths(settings))
+
+
+def stop_kafka(settings: Settings | None = None, sig: int = signal.SIGTERM) -> None:
+    """Stop only the local broker with signal ``sig`` and wait until the process is gone.
+
+    ``SIGTERM`` is a clean shutdown (up to 60 s, then SIGKILL, as ``down``); ``SIGKILL`` a crash: the
+    broker recovers its logs on the next start. A paused broker is resumed first. A no-op when the
+    broker is not running. ``start_kafka`` (or ``up``) starts it again.
+    """
+    settings = settings or get_settings()
+    paths = _paths(settings)
+    with _lock(paths):
+        _kafka_down(paths, sig)
+
+
+def start_kafka(settings: Settings | None = None, *, timeout_s: float = KAFKA_START_TIMEOUT_S) -> None:
+    """Start only the local broker again (a no-op when it runs) and return once it answers a
+    metadata request. Raises ``StackError`` when it is not ready within ``timeout_s`` seconds."""
+    settings = settings or get_settings()
+    paths = _paths(settings)
+    with _lock(paths):
+        _kafka_up(settings, paths, timeout_s)
+
+
+def restart_kafka(
+    settings: Settings | None = None,
+    sig: int = signal.SIGTERM,
+    *,
+    down_s: float = 0.0,
+    timeout_s: float = KAFKA_START_TIMEOUT_S,
+) -> float:
+    """Stop the local broker with ``sig`` (``SIGTERM`` clean, ``SIGKILL`` crash), keep it down for
+    ``down_s`` more seconds, start it again and wait until it answers (at most ``timeout_s`` s).
+
+    Returns ``time.monotonic()`` at the moment the broker answered again, so a caller can measure
+    how long clients take to recover from then. Raises ``StackError`` when the broker does not come
+    back in time.
+    """
+    settings = settings or get_settings()
+    stop_kafka(settings, sig)
+    if down_s > 0:
+        time.sleep(down_s)
+    start_kafka(settings, timeout_s=timeout_s)
+    return time.monotonic()
+
+
+@contextlib.contextmanager
+def kafka_paused(settings: Settings | None = None) -> Iterator[int]:
+    """Freeze the local broker (SIGSTOP) for the duration of the ``with`` block, then resume it
+    (SIGCONT), also when the block raises. Open connections stay established but nothing answers:
+    a hung broker or a long GC pause, as opposed to a restart. Yields the broker's pid.
+
+    Raises ``StackError`` when the broker is not running.
+    """
+    settings = settings or get_settings()
+    pid = kafka_pid(settings)
+    if pid is None:
+        raise StackError("the local Kafka broker is not running; nothing to pause")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def pause_kafka(settings: Settings | None = None, seconds: float = 15.0) -> float:
+    """Freeze the local broker for ``seconds`` (SIGSTOP, then SIGCONT; see ``kafka_paused``).
+
+    Returns ``time.monotonic()`` right after it was resumed. Raises ``StackError`` when the broker
+    is not running.
+    """
+    with kafka_paused(settings):
+        time.sleep(seconds)
+    return time.monotonic()
+
+
+def restart_postgres(settings: Settings | None = None, *, down_s: float = 0.0) -> float:
+    """Stop the local PostgreSQL (``pg_ctl stop -m fast``: sessions are terminated), keep it down
+    for ``down_s`` seconds, start it again; returns ``time.monotonic()`` once it accepts
+    connections. Raises ``StackError`` when stopping or starting fails."""
+    settings = settings or get_settings()
+    stop_postgres(settings)
+    if down_s > 0:
+        time.sleep(down_s)
+    start_postgres(settings)
+    return time.monotonic()

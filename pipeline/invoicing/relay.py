@@ -11,12 +11,22 @@ invoice row lock, so the later one takes its ``seq`` only after the earlier one 
 
 Only one relay publishes at a time (each round is one Postgres transaction holding an advisory
 lock), so several relay processes can run for availability without reordering anything.
+
+Faults (issue 12), bounds in seconds: a round waits at most ``kafka_call_timeout_s`` (30) for Kafka's
+acknowledgements; a round that fails on Kafka is rolled back (its rows stay unsent) and retried after
+a backoff (0.5 s doubling to 10 s), and the relay exits non-zero only when no round has succeeded for
+``recovery_timeout_s`` (300). Records of a failed round may still reach the topic later, before their
+retry: a repeat of an event comes after its first copy, so deduplicating consumers still see account
+order. Postgres going away is waited out by ``Reconnecting`` for up to 600 s (statements cancelled
+after ``postgres_statement_timeout_s``). A watchdog ends the process (exit 70) when a round makes no
+progress for ``watchdog_s`` (180).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from typing import Any
 
@@ -26,7 +36,8 @@ from pipeline.codec import Codec
 from pipeline.config import Settings
 from pipeline.invoicing import lifecycle as lc
 from pipeline.runtime import postgres
-from pipeline.runtime.kafka import IdempotentProducer
+from pipeline.runtime.kafka import IdempotentProducer, KafkaIOError, backoff
+from pipeline.runtime.loop import Watchdog
 from pipeline.topology import Topics
 
 log = logging.getLogger(__name__)
@@ -44,8 +55,8 @@ def encode_row(codec: Codec, payload: dict, seq: int) -> bytes:
 class Relay:
     """Publishes outbox rows until stopped (SIGTERM/SIGINT finish the current round).
 
-    Raises ``KafkaIOError`` when Kafka does not acknowledge a round (the rows stay unsent and the
-    process exits non-zero; a restart publishes them again).
+    Raises ``KafkaIOError`` when no round has succeeded for ``recovery_timeout_s`` seconds (the rows
+    stay unsent and the process exits non-zero; a restart publishes them again).
     """
 
     def __init__(self, settings: Settings, codec: Codec) -> None:
@@ -54,25 +65,57 @@ class Relay:
         self.topic = Topics(settings).invoice_events
         self._db = postgres.Reconnecting(settings.database_url, give_up_s=600.0)
         self._stop = False
+        self.watchdog = Watchdog("relay", settings.watchdog_s)
 
     def stop(self, *_: Any) -> None:
         """Finish the current round and return from ``run``."""
         self._stop = True
 
+    def _waiting_for_postgres(self) -> None:
+        self.watchdog.beat("waiting for Postgres")
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early when stopped."""
+        deadline = time.monotonic() + seconds
+        while not self._stop and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
     def run(self) -> None:
-        """Publish rounds until stopped."""
+        """Publish rounds until stopped; a round failing on Kafka is retried (see the module doc)."""
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         if self.settings.metrics_port:
             start_http_server(self.settings.metrics_port, addr=self.settings.metrics_addr)
+        self.watchdog.exit_process = threading.current_thread() is threading.main_thread()
+        self.watchdog.start()
+        postgres.add_wait_listener(self._waiting_for_postgres)
         producer = IdempotentProducer(self.settings.kafka_bootstrap, linger_ms=5)
         log.info("relay: started (outbox → %s)", self.topic)
+        last_ok = time.monotonic()
+        delays = backoff(0.5, 2.0, 10.0)
         try:
             while not self._stop:
-                if self.round(producer) == 0:
-                    time.sleep(self.settings.relay_poll_s)
+                self.watchdog.beat("publishing a round")
+                try:
+                    n = self.round(producer)
+                except KafkaIOError as exc:
+                    if time.monotonic() - last_ok > self.settings.recovery_timeout_s:
+                        raise KafkaIOError(f"relay: no round succeeded for {self.settings.recovery_timeout_s:.0f} s; "
+                                           f"last error: {exc}") from exc
+                    if producer.fatal_error is not None:  # the idempotent producer cannot go on: a new one
+                        producer = IdempotentProducer(self.settings.kafka_bootstrap, linger_ms=5)
+                    delay = next(delays)
+                    log.warning("relay: round failed (%s); its rows stay unsent, retrying in %.1f s", exc, delay)
+                    self._sleep(delay)
+                    continue
+                last_ok = time.monotonic()
+                delays = backoff(0.5, 2.0, 10.0)
+                if n == 0:
+                    self._sleep(self.settings.relay_poll_s)
         finally:
             self._db.close()
+            postgres.remove_wait_listener(self._waiting_for_postgres)
+            self.watchdog.stop()
         log.info("relay: stopped cleanly")
 
     def round(self, producer: IdempotentProducer) -> int:
@@ -90,7 +133,8 @@ class Relay:
                 return 0
             for seq, account, payload in rows:
                 producer.send(self.topic, account.encode(), encode_row(self.codec, payload, seq))
-            producer.flush()  # every record acknowledged (or KafkaIOError: nothing is marked)
+            # every record acknowledged within kafka_call_timeout_s (or KafkaIOError: nothing is marked)
+            producer.flush(self.settings.kafka_call_timeout_s)
             conn.execute("UPDATE outbox SET sent_at = now() WHERE seq = ANY(%s)", ([r[0] for r in rows],))
             BACKLOG.set(conn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0])
             return len(rows)

@@ -25,9 +25,39 @@ DatabaseError = psycopg.Error
 IntegrityError = psycopg.errors.IntegrityError
 
 
-def connect(url: str, autocommit: bool = False) -> psycopg.Connection:
-    """Open a connection; raises ``psycopg.OperationalError`` when the server cannot be reached."""
-    return psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
+CONNECT_TIMEOUT_S = 10  # libpq connect_timeout: a server that does not answer fails the attempt after this
+# TCP keepalives: a peer that vanished without closing the connection (host down, network cut) is
+# noticed after about idle + interval × count = 25 s instead of the kernel's two hours. A server that is
+# frozen but whose host is up (SIGSTOP) still answers keepalives: only a statement timeout on the
+# client's side (the stage watchdog) bounds that.
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+_wait_listeners: list[Callable[[], None]] = []
+
+
+def add_wait_listener(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` whenever a ``Reconnecting`` waits before retrying (the database is away):
+    a process's watchdog counts that as progress, since every such wait is bounded by ``give_up_s``."""
+    _wait_listeners.append(listener)
+
+
+def remove_wait_listener(listener: Callable[[], None]) -> None:
+    """Undo ``add_wait_listener`` (no error when it is not registered)."""
+    if listener in _wait_listeners:
+        _wait_listeners.remove(listener)
+
+
+def connect(url: str, autocommit: bool = False, statement_timeout_s: float | None = None) -> psycopg.Connection:
+    """Open a connection (at most ``CONNECT_TIMEOUT_S`` = 10 s to connect, TCP keepalives on).
+
+    ``statement_timeout_s``: the session's server-side ``statement_timeout`` (none by default); a
+    statement running longer is cancelled with ``psycopg.errors.QueryCanceled``.
+    Raises ``psycopg.OperationalError`` when the server cannot be reached.
+    """
+    kwargs: dict[str, Any] = dict(_KEEPALIVES)
+    if statement_timeout_s is not None:
+        kwargs["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+    return psycopg.connect(url, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S, **kwargs)
 
 
 def is_disconnect(exc: BaseException) -> bool:
@@ -65,11 +95,20 @@ class Reconnecting:
     ``work(conn)`` in a transaction; on a lost connection it closes it, waits (0.5 s doubling to
     5 s), reconnects and runs ``work`` again; a deadlock or serialization failure runs it again.
     ``work`` must be idempotent per attempt (a failed attempt is rolled back).
-    Raises the last error after ``give_up_s`` or on any other error."""
 
-    def __init__(self, url: str, give_up_s: float = 300.0) -> None:
+    Bounds (seconds): each connection attempt ``CONNECT_TIMEOUT_S`` (10); each statement
+    ``statement_timeout_s`` (default: ``Settings.postgres_statement_timeout_s``, 60), a cancelled
+    statement being retried like a lost connection; one ``run`` retries for at most
+    ``give_up_s``. Raises the last error after ``give_up_s`` or on any other error."""
+
+    def __init__(self, url: str, give_up_s: float = 300.0, statement_timeout_s: float | None = None) -> None:
         self.url = url
         self.give_up_s = give_up_s
+        if statement_timeout_s is None:
+            from pipeline.config import get_settings
+
+            statement_timeout_s = get_settings().postgres_statement_timeout_s
+        self.statement_timeout_s = statement_timeout_s
         self._conn: psycopg.Connection | None = None
 
     def run(self, work: Callable[[psycopg.Connection], T]) -> T:
@@ -78,7 +117,7 @@ class Reconnecting:
         while True:
             try:
                 if self._conn is None or self._conn.closed:
-                    self._conn = connect(self.url)
+                    self._conn = connect(self.url, statement_timeout_s=self.statement_timeout_s)
                 with self._conn.transaction():
                     return work(self._conn)
             except Exception as exc:
@@ -89,6 +128,8 @@ class Reconnecting:
                     raise
                 log.warning("database unavailable (%s); reconnecting in %.1fs", exc, delay)
                 self.close()
+                for listener in list(_wait_listeners):
+                    listener()
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

@@ -333,3 +333,52 @@ def cpu_hog() -> Iterator[list[subprocess.Popen]]:
         for h in hogs:
             h.kill()
             h.wait()
+
+
+# --- broker and database faults (issue 12) --------------------------------------------------------------
+STAGE_INPUTS = {
+    "ingest": ("meter_readings", "telemetry_events"),
+    "windowing": ("usage_events",),
+    "rating": ("usage_windows",),
+    "invoicing": ("charges_rated", "payments"),
+}
+
+
+def stage_progress(env: Env, stage: str, timeout_s: float = 60) -> int:
+    """How far ``stage`` has committed: the sum over its input partitions of the next offsets it
+    committed (a partition without a commit counts 0), so it grows with every commit that consumed
+    input. Kafka's committed offsets of the stage's group; for invoicing, the offsets it keeps in
+    Postgres. Retried while the broker or the database is coming back, for at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if stage == "invoicing":
+                return int(env.sql("SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets WHERE "
+                                   "consumer_group = %s", (env.topics.group(stage),))[0][0])
+            tps = [(getattr(env.topics, t), p) for t in STAGE_INPUTS[stage] for p in range(env.settings.partitions)]
+            return sum(max(o, 0) for o in committed_offsets(env.settings.kafka_bootstrap, env.topics.group(stage),
+                                                            tps).values())
+        except Exception:  # the broker or database still on its way back
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def wait_committing(env: Env, since: dict[str, int], start: float, timeout_s: float) -> dict[str, float]:
+    """Wait until every stage in ``since`` has committed beyond ``since[stage]`` (``stage_progress``),
+    every stage process staying alive. Returns, per stage, the seconds from ``start``
+    (``time.monotonic()``) until its progress was seen. Raises ``AssertionError`` naming the stages
+    still not committing, with their log tails, after ``timeout_s`` seconds from ``start``."""
+    seen: dict[str, float] = {}
+    while True:
+        env.check_alive()
+        for stage in since:
+            if stage not in seen and stage_progress(env, stage) > since[stage]:
+                seen[stage] = time.monotonic() - start
+        if len(seen) == len(since):
+            return seen
+        if time.monotonic() - start > timeout_s:
+            missing = sorted(set(since) - set(seen))
+            raise AssertionError(f"not committing {timeout_s:.0f} s after the fault: {missing} (committed: {seen})\n"
+                                 + "\n".join(f"--- {s} ---\n{env.log_tail(s, 3000)}" for s in missing))
+        time.sleep(0.5)
