@@ -48,8 +48,6 @@ from tests.telemetrybill import expected_telemetry_bills
 
 STAGES = ("ingest", "windowing", "rating", "invoicing")
 VICTIMS = (*STAGES, "relay")
-STAGE_INPUTS = {"ingest": ("meter_readings", "telemetry_events"), "windowing": ("usage_events",),
-                "rating": ("usage_windows",), "invoicing": ("charges_rated",)}
 
 
 @dataclass
@@ -114,17 +112,12 @@ def publish_telemetry(env: Env, events: list) -> None:
 
 
 def stage_progress(env: Env, stage: str) -> int | None:
-    """Sum of the next offsets ``stage`` committed over its input partitions (invoicing: kept in Postgres);
-    ``None`` while the broker or the database does not answer."""
-    from pipeline.runtime.kafka import committed_offsets
+    """``conftest.stage_progress`` (the sum of the next offsets ``stage`` committed over its input
+    partitions), or ``None`` while the broker or the database does not answer."""
+    from tests.integration.conftest import stage_progress as progress
 
     try:
-        if stage == "invoicing":
-            return int(env.sql("SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets WHERE consumer_group = %s",
-                               (env.topics.group(stage),))[0][0])
-        tps = [(getattr(env.topics, t), p) for t in STAGE_INPUTS[stage] for p in range(env.settings.partitions)]
-        return sum(max(o, 0) for o in committed_offsets(env.settings.kafka_bootstrap, env.topics.group(stage),
-                                                       tps).values())
+        return progress(env, stage, timeout_s=2)
     except Exception:  # a fault in progress: no answer yet
         return None
 
@@ -255,10 +248,9 @@ def fault_and_recover(env: Env, base: Settings, what: str, rng: random.Random) -
     again to every stage committing again (given input: more is published)."""
     before = {s: stage_progress(env, s) or 0 for s in STAGES}
     if what == "broker":
-        stack.restart_kafka(base, sig=rng.choice((signal.SIGTERM, signal.SIGKILL)))
+        back = stack.restart_kafka(base, sig=rng.choice((signal.SIGTERM, signal.SIGKILL)))
     else:
-        stack.restart_postgres(base)
-    back = time.monotonic()
+        back = stack.restart_postgres(base)
     latest = 0.0
     for stage in STAGES:
         took = wait_progress(env, stage, before[stage], back, 180)
