@@ -540,14 +540,19 @@ class StageClients:
         return _Txn(Producer({**self._producer_conf, "error_cb": on_error}), generation, suspect)  # type: ignore[dict-item]
 
     def producer_suspect(self) -> bool:
-        """Whether the current transactional producer lost every broker since it was made ready
-        (``_ALL_BROKERS_DOWN``, seen by serving its callbacks here): a transaction begun on it could
-        meet a coordinator request that never ends (module doc), so the caller replaces it
-        (``replace_producer``) while no transaction is open. Cheap: call it between transactions."""
+        """Whether the current transactional producer should be replaced (``replace_producer``) while
+        no transaction is open: it lost every broker since it was made ready (``_ALL_BROKERS_DOWN``,
+        seen by serving its callbacks here; a transaction begun on it could meet a coordinator request
+        that never ends, module doc), or it is in a fatal state (e.g. an abort failed). Cheap: call it
+        between transactions."""
         txn = self._txn
         if txn is None or txn.producer is None:
             return False
-        txn.producer.poll(0)  # serves error callbacks (and nothing else: no delivery callbacks are set)
+        try:
+            txn.producer.poll(0)  # serves error callbacks (and nothing else: no delivery callbacks are set)
+        except KafkaException as exc:  # the client raises its fatal error here
+            log.error("transactional producer (generation %d): %s", txn.generation, exc)
+            txn.suspect.set()
         return txn.suspect.is_set() and not txn.in_txn
 
     def replace_producer(self, stop: Callable[[], bool] = lambda: False) -> None:
@@ -820,7 +825,8 @@ class StageClients:
             try:
                 self._abort_txn(txn, Deadline(self.call_timeout_s))
             except ProducerUnusable as exc:
-                log.error("abort failed: %s", exc)
+                log.error("abort failed: %s; the producer will be replaced", exc)
+                txn.suspect.set()
             txn.in_txn = False
 
     def close(self, timeout_s: float = 30.0) -> bool:

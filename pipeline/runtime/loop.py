@@ -406,7 +406,7 @@ class StageRunner:
                 # it lost every broker: a fresh one now, while no transaction is open, costs no rewind
                 self.watchdog.beat("refreshing the transactional producer")
                 self.clients.replace_producer(stop=lambda: self._stop)
-                log.info("%s: transactional producer refreshed after losing every broker", self.spec.name)
+                log.info("%s: transactional producer refreshed (it had lost every broker, or failed)", self.spec.name)
             self.watchdog.beat("processing a batch")
             try:
                 self._process(batch)
