@@ -58,18 +58,21 @@ def windows_output(env: Env) -> list[UsageWindow]:
                                                                   env.topics.usage_windows, timeout_s=120)]
 
 
-def wait_windows_quiet(env: Env, min_wait_s: float, quiet_s: float = 6.0, timeout_s: float = 300) -> list[UsageWindow]:
-    start = time.monotonic()
-    last, since = -1, start
+def wait_windows_converged(env: Env, files: list[Path], timeout_s: float = 300) -> list[UsageWindow]:
+    """The revisions on usage.windows once the latest revision of every window carries the batch aggregate
+    of ``files`` (and no other window exists), or, after ``timeout_s``, whatever is there (the caller's
+    assertions then say what is missing). Waits for an outcome, not for quiet: timing is input."""
+    want = expected_windows(files)
+    deadline = time.monotonic() + timeout_s
     while True:
         env.check_alive()
         out = windows_output(env)
-        now = time.monotonic()
-        if len(out) != last:
-            last, since = len(out), now
-        elif now - start >= min_wait_s and now - since >= quiet_s:
+        latest: dict[str, UsageWindow] = {}
+        for w in out:
+            if w.window_id not in latest or w.revision > latest[w.window_id].revision:
+                latest[w.window_id] = w
+        if {wid: w.value for wid, w in latest.items()} == want or time.monotonic() > deadline:
             return out
-        assert now - start < timeout_s, "usage.windows still changing"
         time.sleep(1.0)
 
 
@@ -125,7 +128,7 @@ def test_estimates_then_actuals_re_emit_late_revisions_and_re_rate_exactly(pipel
 
     env.start_all()
     publish_files(env, [ESTIMATED])
-    first = wait_windows_quiet(env, min_wait_s=8)
+    first = wait_windows_converged(env, [ESTIMATED])
     assert {(w.revision, w.timing) for w in first} == {(0, "ON_TIME")}  # closed by the file's completion markers
     env.wait_accounted(published=len(est))
     ledger_before = env.ledger_totals()
@@ -135,7 +138,7 @@ def test_estimates_then_actuals_re_emit_late_revisions_and_re_rate_exactly(pipel
     }
 
     publish_files(env, [actuals])
-    out = wait_windows_quiet(env, min_wait_s=8)
+    out = wait_windows_converged(env, [ESTIMATED, actuals])
     rev0 = {w.window_id: w for w in out if w.revision == 0}
     rev1 = {w.window_id: w for w in out if w.revision == 1}
     assert set(rev1) == set(rev0) and max(w.revision for w in out) == 1
@@ -193,7 +196,7 @@ def test_windowing_survives_sigkill_at_random_points(pipeline_env: Env) -> None:
     assert kills >= 3
     env.wait_consumed("ingest", env.topics.meter_readings)
     env.wait_consumed("windowing", env.topics.usage_events)
-    out = wait_windows_quiet(env, min_wait_s=12)
+    out = wait_windows_converged(env, CRASH_FILES)
     assert_exactly_once_and_converged(out, CRASH_FILES)
 
 
@@ -212,7 +215,7 @@ def test_survivor_restores_partitions_of_a_killed_peer(pipeline_env: Env) -> Non
     publisher.join()
     env.wait_consumed("ingest", env.topics.meter_readings)
     env.wait_consumed("windowing", env.topics.usage_events)
-    out = wait_windows_quiet(env, min_wait_s=17)
+    out = wait_windows_converged(env, CRASH_FILES)
     assert_exactly_once_and_converged(out, CRASH_FILES)
     assert "restored partition" in env.log_tail("windowing", 200_000)
 
@@ -248,7 +251,7 @@ def test_an_aborted_transaction_is_redone_from_the_last_commit_without_a_restart
     thread.start()
     try:
         env.wait_consumed("windowing", env.topics.usage_events)
-        out = wait_windows_quiet(env, min_wait_s=17)
+        out = wait_windows_converged(env, files)
     finally:
         runner.stop()
         thread.join(60)
@@ -284,7 +287,7 @@ def test_windowing_exports_prometheus_metrics(pipeline_env: Env) -> None:
     env.start("windowing", PIPELINE_METRICS_PORT=str(port))
     files = [ESTIMATED]
     n = publish_files(env, files)
-    out = wait_windows_quiet(env, min_wait_s=8)
+    out = wait_windows_converged(env, files)
     m = _scrape(port)
     assert m['pipeline_windowing_events_total{outcome="accepted"}'] == n
     emitted = {k: v for k, v in m.items() if k.startswith("pipeline_windowing_windows_emitted_total{")}
