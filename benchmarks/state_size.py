@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 from pipeline.codec import default_codec
 from pipeline.config import Settings
@@ -28,63 +26,13 @@ from pipeline.rating.processor import state_codec as rating_codec
 from pipeline.records import SeriesMarker, UsageEvent
 from pipeline.reference import BUNDLED_REFERENCE, Account, PlanAssignment, ReferenceData, ServicePoint
 from pipeline.runtime.kafka import Incoming
+from pipeline.runtime.processor import ChangelogStore
 from pipeline.topology import Topics
 from pipeline.windowing.processor import WindowingProcessor, policies_from_settings
 from pipeline.windowing.processor import state_codec as windowing_codec
 
 CODEC = default_codec()
 TOPICS = Topics(Settings())
-
-
-class ChangelogStore:
-    """The store as its compacted changelog: committed entries as the bytes the stage's state codec makes."""
-
-    def __init__(self, codec: tuple[Any, Any]) -> None:
-        self.encode, self.decode = codec
-        self.bytes: dict[bytes, bytes] = {}
-        self.live: dict[bytes, Any] = {}
-        self.pending: dict[bytes, Any] = {}
-
-    def get(self, key: bytes, default: Any = None) -> Any:
-        if key in self.pending:
-            value = self.pending[key]
-            return default if value is None else value
-        if key not in self.live:
-            if key not in self.bytes:
-                return default
-            self.live[key] = self.decode(key, self.bytes[key])
-        return self.live[key]
-
-    def put(self, key: bytes, value: Any) -> None:
-        self.pending[key] = value
-
-    put_raw = put
-
-    def delete(self, key: bytes) -> None:
-        self.pending[key] = None
-
-    def scan(self, prefix: bytes):  # type: ignore[no-untyped-def]
-        keys = {k for k in self.bytes if k.startswith(prefix)} | {k for k in self.pending if k.startswith(prefix)}
-        for key in sorted(keys):
-            value = self.get(key)
-            if value is not None:
-                yield key, value
-
-    def commit(self) -> None:
-        for key, value in self.pending.items():
-            if value is None:
-                self.bytes.pop(key, None)
-                self.live.pop(key, None)
-            else:
-                self.bytes[key] = self.encode(key, value)
-                self.live[key] = value
-        self.pending.clear()
-
-    def sizes(self) -> Counter[str]:
-        out: Counter[str] = Counter()
-        for key, raw in self.bytes.items():
-            out[key[:2].decode()] += len(key) + len(raw)
-        return out
 
 
 class Ctx:
@@ -115,7 +63,7 @@ def main() -> None:
         [PlanAssignment(account=a.account, price_book_id=book.id, effective_from="2025-01-01") for a in accounts],
         [book])
     settings = Settings()  # 30-minute energy windows, allowed lateness 7 days
-    wstore, rstore = ChangelogStore(windowing_codec(CODEC)), ChangelogStore(rating_codec(CODEC))
+    wstore, rstore = ChangelogStore(*windowing_codec(CODEC)), ChangelogStore(*rating_codec(CODEC))
     wctx, rctx = Ctx(wstore), Ctx(rstore)
     windowing = WindowingProcessor(TOPICS, CODEC, policies_from_settings(settings), clock_ms=lambda: 0)
     rating = RatingProcessor(TOPICS, CODEC, lambda: ref)
@@ -124,7 +72,6 @@ def main() -> None:
     start = datetime(2025, 1, 31, 13, 0, tzinfo=UTC)  # 1 February 00:00 in Sydney
     offset = 0
     t0 = time.monotonic()
-    snapshot: dict[str, Counter[str]] = {}
     total_days = args.days + 10
     for day in range(total_days):
         batch = []
@@ -151,8 +98,6 @@ def main() -> None:
             rating.punctuate(0, rctx)
             rstore.commit()
             rctx.out.clear()
-        if day == args.days - 1:
-            snapshot["windowing, end of month"] = wstore.sizes()
     took = time.monotonic() - t0
     meter_months = args.meters * total_days / (365.25 / 12)
     archived_months = args.meters * (total_days - 8) / (365.25 / 12)  # the days older than lateness + a sweep step
@@ -161,11 +106,11 @@ def main() -> None:
           f"{args.meters * total_days * 48:,} windows) in {took:.0f} s")
     print("windowing state by kind of entry (bytes): " + ", ".join(f"{k} {v:,}" for k, v in sorted(w_sizes.items())))
     print("rating state by kind of entry (bytes):    " + ", ".join(f"{k} {v:,}" for k, v in sorted(r_sizes.items())))
-    archive_per = w_sizes["x|"] / archived_months
-    hot_per_day = (w_sizes["w|"] + w_sizes["i|"]) / (args.meters * 8)
+    archive_per = w_sizes.get("x|", 0) / archived_months
+    hot_per_day = (w_sizes.get("w|", 0) + w_sizes.get("i|", 0)) / (args.meters * 8)
     rating_per = sum(r_sizes.values()) / meter_months
     print(f"windowing, archived: {archive_per / 1024:,.0f} KiB per meter-month "
-          f"({w_sizes['x|'] / (archived_months * 1461):,.0f} B per 30-minute window)")
+          f"({w_sizes.get('x|', 0) / (archived_months * 1461):,.0f} B per 30-minute window)")
     print(f"windowing, hot (the last allowed-lateness days): {hot_per_day / 1024:,.0f} KiB per meter-day")
     print(f"rating (every window's latest revision + period aggregates): {rating_per / 1024:,.0f} KiB per meter-month")
     target = 1_000_000 * 13

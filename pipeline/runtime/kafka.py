@@ -568,11 +568,7 @@ class StageClients:
         """
         assert self._producer_conf is not None, "stage has no transactional producer"
         with self._lock:
-            old = self._txn
-            assert old is not None
-            old.abandoned = True
-            self._txn = self._new_txn(old.generation + 1)
-            self.producer = self._txn.producer
+            old = self._swap_locked()
             idle = old.calls == 0
             if not idle:
                 with _STUCK_LOCK:
@@ -582,6 +578,16 @@ class StageClients:
         log.warning("transactional producer replaced (generation %d -> %d)%s", old.generation,
                     old.generation + 1, "" if idle else "; the old one still has a call in progress")
         self._init_transactions(Deadline(self.init_timeout_s), stop)
+
+    def _swap_locked(self) -> _Txn:
+        """Abandon the current transactional producer and bind a new one, the next generation; returns the
+        old one. The caller holds ``self._lock``."""
+        old = self._txn
+        assert old is not None
+        old.abandoned = True
+        self._txn = self._new_txn(old.generation + 1)
+        self.producer = self._txn.producer
+        return old
 
     def _init_transactions(self, deadline: Deadline, stop: Callable[[], bool]) -> None:
         delays = backoff(0.5, 2.0, 5.0)
@@ -604,11 +610,7 @@ class StageClients:
                     # e.g. fenced by a zombie that raced us: start over with a fresh instance
                     del producer  # it is destroyed on _retire's thread, never on this one
                     with self._lock:
-                        old = self._txn
-                        assert old is not None
-                        old.abandoned = True
-                        self._txn = self._new_txn(old.generation + 1)
-                        self.producer = self._txn.producer
+                        old = self._swap_locked()
                     _retire(old)
             self._on_wait()
             time.sleep(min(next(delays), deadline.remaining()))

@@ -7,6 +7,7 @@ handling a batch becomes visible atomically with that batch's input offsets, or 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -132,3 +133,62 @@ class DictStore:
 
     def scan(self, prefix: bytes) -> Any:
         return iter(sorted((k, v) for k, v in self.data.items() if k.startswith(prefix)))
+
+
+class ChangelogStore:
+    """A ``Store`` for tests and benchmarks, kept as its compacted changelog partition would be: committed
+    values exist only as the bytes the stage's state codec (``encode``/``decode``) made of them, in
+    ``changelog`` (key → bytes); values read are decoded and may then be changed in place by a processor;
+    writes stay pending until ``commit`` (an aborted batch is simply not committed). ``sizes`` gives the
+    committed bytes (key + value) per two-byte key prefix."""
+
+    def __init__(self, encode: Callable[[bytes, Any], bytes], decode: Callable[[bytes, bytes], Any],
+                 changelog: dict[bytes, bytes] | None = None) -> None:
+        self.encode, self.decode = encode, decode
+        self.changelog: dict[bytes, bytes] = {} if changelog is None else changelog
+        self.live: dict[bytes, Any] = {}
+        self.pending: dict[bytes, Any] = {}
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        if key in self.pending:
+            value = self.pending[key]
+            return default if value is None else value
+        if key not in self.live:
+            if key not in self.changelog:
+                return default
+            self.live[key] = self.decode(key, self.changelog[key])
+        return self.live[key]
+
+    def put(self, key: bytes, value: Any) -> None:
+        self.pending[key] = value
+
+    def put_raw(self, key: bytes, raw: bytes) -> None:
+        self.pending[key] = raw  # the state codecs write such entries as they are
+
+    def delete(self, key: bytes) -> None:
+        self.pending[key] = None
+
+    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, Any]]:
+        keys = {k for k in self.changelog if k.startswith(prefix)} | {k for k in self.pending if k.startswith(prefix)}
+        for key in sorted(keys):
+            value = self.get(key)
+            if value is not None:
+                yield key, value
+
+    def commit(self) -> None:
+        """Make the pending writes committed (encoded into ``changelog``)."""
+        for key, value in self.pending.items():
+            if value is None:
+                self.changelog.pop(key, None)
+                self.live.pop(key, None)
+            else:
+                self.changelog[key] = self.encode(key, value)
+                self.live[key] = value
+        self.pending.clear()
+
+    def sizes(self) -> dict[str, int]:
+        """Committed bytes (key + value) per key prefix (the two bytes before the first ``|``, e.g. ``w|``)."""
+        out: dict[str, int] = {}
+        for key, raw in self.changelog.items():
+            out[key[:2].decode()] = out.get(key[:2].decode(), 0) + len(key) + len(raw)
+        return out

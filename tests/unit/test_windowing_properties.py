@@ -23,7 +23,7 @@ from pipeline.codec import default_codec
 from pipeline.config import Settings
 from pipeline.records import SeriesMarker, UsageEvent, UsageWindow
 from pipeline.runtime.kafka import Incoming
-from pipeline.runtime.processor import FakeContext
+from pipeline.runtime.processor import ChangelogStore, FakeContext
 from pipeline.topology import Topics
 from pipeline.windowing import windows as w
 from pipeline.windowing.processor import WindowingProcessor, state_codec
@@ -151,58 +151,10 @@ def test_late_supersession_re_emits_with_exact_delta() -> None:
 
 
 # --- restore from the changelog, crashes: through the real state codec ------------------------------------
-class ChangelogStore:
-    """The state store as the runtime keeps it, over a dict standing for the changelog partition:
-    committed values exist only as the bytes the state codec made of them; values read are decoded
-    and then changed in place by the processor; writes stay pending until ``commit``."""
-
-    def __init__(self, changelog: dict[bytes, bytes]) -> None:
-        self.encode, self.decode = state_codec(CODEC)
-        self.changelog = changelog
-        self.live: dict[bytes, object] = {}
-        self.pending: dict[bytes, object | None] = {}
-
-    def get(self, key: bytes, default: object = None) -> object:
-        if key in self.pending:
-            value = self.pending[key]
-            return default if value is None else value
-        if key not in self.live:
-            if key not in self.changelog:
-                return default
-            self.live[key] = self.decode(key, self.changelog[key])
-        return self.live[key]
-
-    def put(self, key: bytes, value: object) -> None:
-        self.pending[key] = value
-
-    def put_raw(self, key: bytes, raw: bytes) -> None:
-        self.pending[key] = raw  # the state codec writes such entries as they are
-
-    def delete(self, key: bytes) -> None:
-        self.pending[key] = None
-
-    def scan(self, prefix: bytes):
-        keys = {k for k in self.changelog if k.startswith(prefix)} | {k for k in self.pending if k.startswith(prefix)}
-        for key in sorted(keys):
-            value = self.get(key)
-            if value is not None:
-                yield key, value
-
-    def commit(self) -> None:
-        for key, value in self.pending.items():
-            if value is None:
-                self.changelog.pop(key, None)
-                self.live.pop(key, None)
-            else:
-                self.changelog[key] = self.encode(key, value)
-                self.live[key] = value
-        self.pending.clear()
-
-
 class ChangelogContext(FakeContext):
     def __init__(self, changelog: dict[bytes, bytes]) -> None:
         super().__init__()
-        self.the_store = ChangelogStore(changelog)
+        self.the_store = ChangelogStore(*state_codec(CODEC), changelog)
 
     def store(self, partition: int) -> ChangelogStore:  # type: ignore[override]
         return self.the_store
