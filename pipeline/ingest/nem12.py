@@ -338,11 +338,13 @@ class _Nem12Parser(MdffParser):
         # Layout: 300, date, N values, then 5 fields (MSATSLoadDateTime may be omitted).
         if not (len(fields) in (n + 6, n + 7) and fields[2 + n].strip()[:1].isalpha()):
             found = next((i for i in range(2, len(fields)) if fields[i].strip()[:1].isalpha()), len(fields))
-            count = found - 2
+            # the fields between the date and the QualityMethod; empty ones only ("300,20240101,,A,...") are
+            # no values at all, not one empty value
+            count = found - 2 if any(f.strip() for f in fields[2:found]) else 0
             if count != n:
                 raise self.fail(lineno, "WRONG_INTERVAL_COUNT",
-                                f"{what} has {count} interval values but the 200 record declares"
-                                f" {ch.minutes}-minute intervals ({n} expected)")
+                                f"{what} has {count} interval value{'' if count == 1 else 's'} but the 200 record "
+                                f"declares {ch.minutes}-minute intervals ({n} expected)")
             after = len(fields) - found
             raise self.fail(lineno, "BAD_RECORD",
                             f"{what} has {after} fields after its {n} interval values, expected 5 "
