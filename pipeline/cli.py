@@ -117,6 +117,7 @@ def load_reference(
 
     settings = get_settings()
     ref = ReferenceFile.read(file or BUNDLED_REFERENCE)
+    _refuse_unmeasurable_demand(list(ref.price_books), settings, file or BUNDLED_REFERENCE)
     try:
         counts = postgres.with_reconnect(settings.database_url, lambda c: load_reference_file(c, ref))
     except PriceBookConflict as exc:
@@ -132,6 +133,19 @@ def load_reference(
 
 
 # --- price books --------------------------------------------------------------------------------
+def _refuse_unmeasurable_demand(books: list[Any], settings: Any, file: Path) -> None:
+    """Exit 2 when a demand component's interval is finer than (or not a multiple of) the windows this
+    deployment makes of its metric (``pricebook.unmeasurable_demand``)."""
+    from pipeline.rating.pricebook import unmeasurable_demand
+    from pipeline.windowing.processor import policies_from_settings
+
+    policy = policies_from_settings(settings)
+    problems = [p for b in books for p in unmeasurable_demand(b, lambda m: policy(m).size_ms // 60_000)]
+    if problems:
+        typer.echo(f"error: {file}: " + "; ".join(problems), err=True)
+        raise typer.Exit(2)
+
+
 @pricebook_app.command("publish")
 def pricebook_publish(file: Annotated[Path, typer.Argument(help="JSON price book version(s)")]) -> None:
     """Validate and publish price book versions to Postgres and the compacted `pricebooks` topic.
@@ -156,6 +170,7 @@ def pricebook_publish(file: Annotated[Path, typer.Argument(help="JSON price book
     except ValidationError as exc:
         typer.echo(f"error: {file} is not a valid price book:\n{exc}", err=True)
         raise typer.Exit(2) from exc
+    _refuse_unmeasurable_demand(books, settings, file)
     try:
         new = postgres.with_reconnect(settings.database_url, lambda c: [store_price_book(c, b) for b in books])
     except PriceBookConflict as exc:
