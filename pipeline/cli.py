@@ -235,9 +235,11 @@ def publish_nem12_cmd(
     A malformed file is rejected whole (nothing from it is published) with a message naming the
     problem; the exit code is then 1.
     """
-    from pipeline.ingest.gateway import publish_nem12
+    from functools import partial
 
-    _publish_files(publish_nem12, paths, progress)
+    from pipeline.ingest.gateway import channel_windows, publish_nem12
+
+    _publish_files(partial(publish_nem12, window_minutes=channel_windows(get_settings())), paths, progress)
 
 
 @publish_app.command("telemetry")
@@ -615,12 +617,13 @@ def demo(
     failed: str | None = None
     try:
         from pipeline.codec import default_codec
-        from pipeline.ingest.gateway import publish_nem12
+        from pipeline.ingest.gateway import channel_windows, publish_nem12
         from pipeline.runtime.kafka import IdempotentProducer
         from pipeline.topology import Topics
 
         report = publish_nem12(data or [BUNDLED_NEM12], IdempotentProducer(settings.kafka_bootstrap),
-                               default_codec(), Topics(settings).meter_readings, progress=True)
+                               default_codec(), Topics(settings).meter_readings, progress=True,
+                               window_minutes=channel_windows(settings))
         typer.echo(f"published {report.readings_published:,} readings from {report.files_published} files "
                    f"(+{report.markers_published} completion markers)")
         for err in report.rejected:

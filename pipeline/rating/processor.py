@@ -14,7 +14,9 @@ which emits ``new total − emitted total`` per line, only where non-zero.
 Demand (issue 14): a window adds its kWh to the demand interval of its meter that contains it; the
 meter's peak is its highest interval total ÷ the interval's hours. A window that is longer than a
 demand component's interval, or does not divide it, cannot measure it: the revision is dead-lettered
-(``DEMAND_INTERVAL_FINER_THAN_DATA``) before it changes anything.
+(``DEMAND_INTERVAL_FINER_THAN_DATA``) before it changes anything. So is a window of NEM13 register reads
+(spread evenly over days, ``nem13.SPREAD_MARK`` in its sources) that a TOU or demand component would price
+(``ACCUMULATION_ON_INTERVAL_TARIFF``): it has no time of day.
 
 State format 2 (this version) replaced the demand of format 1 (kW per window start, where two channels
 with one start overwrote each other) and the quality flags kept as an ever-growing union: a format-1
@@ -36,6 +38,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from pipeline.codec import Codec, DecodeError
+from pipeline.ingest.nem13 import SPREAD_MARK
 from pipeline.money import ZERO
 from pipeline.rating import rate as r
 from pipeline.rating.pricebook import DemandComponent, PriceBook, TouComponent
@@ -352,6 +355,14 @@ class RatingProcessor:
         if held is not None and held.revision >= win.revision:
             REVISIONS.labels("duplicate").inc()
             return
+        if win.sources and all(src.startswith(SPREAD_MARK) for src in win.sources):
+            timed = [c.id for c in book.usage_components(win.metric) if isinstance(c, TouComponent | DemandComponent)]
+            if timed:
+                self._dead_letter(record, "ACCUMULATION_ON_INTERVAL_TARIFF",
+                                  f"{win.window_id} holds NEM13 register reads spread evenly over days: they have no "
+                                  f"time of day, and {book.id} v{book.version} prices {win.metric} by time of use or "
+                                  f"demand ({', '.join(timed)}); bill this meter on a flat or tiered plan", ctx)
+                return
         keys, demand_keys, unfit = window_keys(book, win.metric, win.window_start, end_ms - start_ms)
         if unfit:
             self._dead_letter(record, "DEMAND_INTERVAL_FINER_THAN_DATA",

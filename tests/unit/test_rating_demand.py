@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import defaultdict
+from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -23,7 +24,7 @@ from pipeline.records import DeadLetter, RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import DictStore, FakeContext
-from tests.unit.test_rating_processor import ACC, CODEC, NMI, TOPICS, amounts, book, reference, utc
+from tests.unit.test_rating_processor import ACC, CODEC, NMI, TOPICS, TOU_ENERGY, amounts, book, reference, utc
 
 D = Decimal
 CENT = D("0.01")
@@ -347,3 +348,23 @@ def test_format_1_state_is_rebuilt_by_re_rating_under_a_new_version(tmp_path: Pa
     assert all(c.cause == "pricebook:DEM:v2" for c in lines)
     upgraded = store.get(f"rp|{ACC}|2024-05-01".encode())
     assert upgraded.format == FORMAT and set(upgraded.demand_kwh) == {"DEM|1|demand|", "DEM|2|demand|"}
+
+
+# --- accumulation reads have no time of day ----------------------------------------------------------------------
+def test_nem13_day_readings_are_refused_by_time_of_use_and_demand_and_billed_by_flat_rates() -> None:
+    """A NEM13 read spread over days lands whole in the first window of each NEM day: priced by time of use
+    it would all fall in the midnight band, and as demand it would be a day's kWh in half an hour."""
+    spread = replace(win(utc(2024, 5, 5, 14, 0), "5.9", "E11"),
+                     sources=("NEM13 accumulation 06858->07462 = 604 kWh spread evenly over 102 days: f.csv#4",))
+    for priced_by in ([TOU_ENERGY], [{"id": "energy", "kind": "per_unit", "metric": "energy_import", "rate": "0.1"},
+                                     {"id": "demand", "kind": "demand", "metric": "energy_import", "rate": "1"}]):
+        h = Harness(reference([book("TIMED", priced_by)]))
+        h.feed(spread)
+        assert h.flush() == []
+        (dead,) = h.dead_letters()
+        assert dead.reason == "ACCUMULATION_ON_INTERVAL_TARIFF"
+        assert "NEM13 register reads spread evenly over days" in dead.message and "flat or tiered plan" in dead.message
+    flat = Harness(reference([book("FLAT", [{"id": "energy", "kind": "per_unit", "metric": "energy_import",
+                                              "rate": "0.10"}])]))
+    flat.feed(spread)
+    assert amounts(flat.flush()) == {"FLAT|energy|": D("0.59")} and flat.dead_letters() == []
