@@ -368,3 +368,33 @@ def test_nem13_day_readings_are_refused_by_time_of_use_and_demand_and_billed_by_
                                               "rate": "0.10"}])]))
     flat.feed(spread)
     assert amounts(flat.flush()) == {"FLAT|energy|": D("0.59")} and flat.dead_letters() == []
+
+
+# --- tiers inside TOU through the stage ----------------------------------------------------------------------------
+def test_tiers_inside_tou_through_the_stage_follow_revisions_and_name_their_windows() -> None:
+    """First 10 kWh of the month: peak 0.30, off-peak 0.15; above: peak 0.36, off-peak 0.18 (graduated)."""
+    tiered = book("TT", [{
+        "id": "energy", "kind": "tou", "metric": "energy_import", "default_band": "off_peak",
+        "bands": [{"band": "peak", "times": [{"day_types": ["weekday"], "start": "14:00", "end": "20:00"}]},
+                  {"band": "off_peak"}],
+        "tiers": [{"up_to": "10", "rates": {"peak": "0.30", "off_peak": "0.15"}},
+                  {"up_to": None, "rates": {"peak": "0.36", "off_peak": "0.18"}}]}])
+    h = Harness(reference([tiered], [("TT", utc(2024, 1, 1).date(), None)]))
+    peak, off = utc(2024, 5, 6, 5, 0), utc(2024, 5, 6, 1, 0)  # Mon 15:00 and 11:00 AEST
+    h.feed(win(peak, "4"), win(off, "12"))
+    h.flush()
+    # 16 kWh: tier 1 10, tier 2 6; peak is 1/4: 2.5 + 1.5, off-peak 7.5 + 4.5
+    # 2.5 × 0.30 = 0.75; 1.5 × 0.36 = 0.54; 7.5 × 0.15 = 1.125 → 1.13; 4.5 × 0.18 = 0.81
+    assert amounts(h.charges()) == {"TT|energy|peak, tier 1": D("0.75"), "TT|energy|peak, tier 2": D("0.54"),
+                                    "TT|energy|off_peak, tier 1": D("1.13"), "TT|energy|off_peak, tier 2": D("0.81")}
+    # the peak window is revised 4 → 8: 20 kWh, peak 2/5: 4 + 4, off-peak 6 + 6 — every line moves
+    h.feed(win(peak, "8", revision=1, previous="4"))
+    moved = h.flush()
+    assert {f"{c.component_id}|{c.band}" for c in moved} == {
+        "energy|peak, tier 1", "energy|peak, tier 2", "energy|off_peak, tier 1", "energy|off_peak, tier 2"}
+    assert amounts(h.charges()) == {"TT|energy|peak, tier 1": D("1.20"), "TT|energy|peak, tier 2": D("1.44"),
+                                    "TT|energy|off_peak, tier 1": D("0.90"), "TT|energy|off_peak, tier 2": D("1.08")}
+    off_line = next(c for c in moved if c.band == "off_peak, tier 1")
+    # the off-peak line moved because of the peak window: its explanation names it
+    windows = [w["window_id"] for w in json.loads(off_line.explanation)["windows"]]
+    assert windows == [f"{ACC}|{NMI}/E1|2024-05-06T05:00Z"]
