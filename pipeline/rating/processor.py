@@ -62,7 +62,7 @@ LEGACY_WINDOW_MS = 1_800_000  # a format-1 window state without its end: the 30-
 @dataclass
 class RatedWindowState:
     """The latest revision of one window as seen by rating: its value (in the metric's unit), the period
-    it belongs to, the quantity keys and demand keys it feeds, its bounds (epoch ms), series and flags."""
+    it belongs to, the quantity keys and demand keys it feeds, its bounds (epoch ms) and quality flags."""
 
     revision: int
     value: Decimal
@@ -74,7 +74,7 @@ class RatedWindowState:
     metric: str = ""
     window_end_ms: int = 0
     qualities: list[str] = field(default_factory=list)
-    series: str = ""  # "" in format 1: taken from the window id
+    series: str = ""  # not stored: named by the window id (the store key); set before folding
 
     @property
     def window_ms(self) -> int:
@@ -261,7 +261,7 @@ def _upgrade(store: Any, pkey: str, ps: PeriodState, intervals: Callable[[str], 
     _reset(ps)
     for key, rw in store.scan(f"rw|{ps.account}|".encode()):
         if rw.period_key == pkey:
-            rw.series = rw.series or series_of(key[3:].decode(), ps.account)
+            rw.series = series_of(key[3:].decode(), ps.account)
             fold(ps, rw, 1, intervals)
 
 
@@ -318,7 +318,7 @@ class RatingProcessor:
                 for comp in unfit:  # cannot refuse a stored revision: left out of that demand, loudly
                     UNMEASURED.inc()
                     log.error("re-rating %s: %s", key.decode(), unfit_message(book, comp, rw.window_ms))
-                rw.series = rw.series or series_of(key[3:].decode(), ps.account)
+                rw.series = series_of(key[3:].decode(), ps.account)
                 fold(ps, rw, 1, intervals)
                 store.put(key, rw)
             store.put(pkey.encode(), ps)
@@ -373,7 +373,7 @@ class RatingProcessor:
         ps: PeriodState = store.get(pkey.encode()) or PeriodState(win.account, period.start, period.end)
         _upgrade(store, pkey, ps, intervals)
         if held is not None:
-            held.series = held.series or win.series
+            held.series = win.series
             old_ps = ps if held.period_key == pkey else store.get(held.period_key.encode())
             _upgrade(store, held.period_key, old_ps, intervals)
             fold(old_ps, held, -1, intervals)
@@ -519,7 +519,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
                                  "period_key": value.period_key, "keys": value.keys,
                                  "demand_keys": value.demand_keys, "window_start_ms": value.window_start_ms,
                                  "kw": str(value.kw), "metric": value.metric, "window_end_ms": value.window_end_ms,
-                                 "qualities": value.qualities, "series": value.series}, "RatedWindowState")
+                                 "qualities": value.qualities}, "RatedWindowState")
         return codec.encode(
             {"account": value.account, "period_start": value.period_start, "period_end": value.period_end,
              "quantities": {k: v.quantize(QUANTUM) for k, v in value.quantities.items()},
@@ -540,7 +540,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
             d = codec.decode_dict(raw, "RatedWindowState")
             return RatedWindowState(d["revision"], d["value"], d["period_key"], list(d["keys"]),
                                     list(d["demand_keys"]), d["window_start_ms"], Decimal(d["kw"]), d["metric"],
-                                    d["window_end_ms"], list(d["qualities"]), d["series"])
+                                    d["window_end_ms"], list(d["qualities"]))
         d = codec.decode_dict(raw, "RatingPeriodState")
         return PeriodState(d["account"], d["period_start"], d["period_end"], dict(d["quantities"]),
                            {k: list(v) for k, v in d["qualities"].items()}, dict(d["windows"]), dict(d["emitted"]),

@@ -293,8 +293,7 @@ def format1_codec(tmp_path: Path) -> Codec:
     """The codec of the code before issue 14: today's schemas with the rating state schemas of format 1."""
     out = tmp_path / "schemas"
     shutil.copytree(SCHEMA_DIR, out)
-    for name, file in (("RatedWindowState", "rated_window_state"), ("RatingPeriodState", "rating_period_state")):
-        (out / "history" / f"{name}.v1.avsc").replace(out / f"{file}.avsc")
+    (out / "history" / "RatingPeriodState.v1.avsc").replace(out / "rating_period_state.avsc")
     return Codec(out)
 
 
