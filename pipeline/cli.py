@@ -117,6 +117,7 @@ def load_reference(
 
     settings = get_settings()
     ref = ReferenceFile.read(file or BUNDLED_REFERENCE)
+    _refuse_unmeasurable_demand(list(ref.price_books), settings, file or BUNDLED_REFERENCE)
     try:
         counts = postgres.with_reconnect(settings.database_url, lambda c: load_reference_file(c, ref))
     except PriceBookConflict as exc:
@@ -132,6 +133,19 @@ def load_reference(
 
 
 # --- price books --------------------------------------------------------------------------------
+def _refuse_unmeasurable_demand(books: list[Any], settings: Any, file: Path) -> None:
+    """Exit 2 when a demand component's interval is finer than (or not a multiple of) the windows this
+    deployment makes of its metric (``pricebook.unmeasurable_demand``)."""
+    from pipeline.rating.pricebook import unmeasurable_demand
+    from pipeline.windowing.processor import policies_from_settings
+
+    policy = policies_from_settings(settings)
+    problems = [p for b in books for p in unmeasurable_demand(b, lambda m: policy(m).size_ms // 60_000)]
+    if problems:
+        typer.echo(f"error: {file}: " + "; ".join(problems), err=True)
+        raise typer.Exit(2)
+
+
 @pricebook_app.command("publish")
 def pricebook_publish(file: Annotated[Path, typer.Argument(help="JSON price book version(s)")]) -> None:
     """Validate and publish price book versions to Postgres and the compacted `pricebooks` topic.
@@ -156,6 +170,7 @@ def pricebook_publish(file: Annotated[Path, typer.Argument(help="JSON price book
     except ValidationError as exc:
         typer.echo(f"error: {file} is not a valid price book:\n{exc}", err=True)
         raise typer.Exit(2) from exc
+    _refuse_unmeasurable_demand(books, settings, file)
     try:
         new = postgres.with_reconnect(settings.database_url, lambda c: [store_price_book(c, b) for b in books])
     except PriceBookConflict as exc:
@@ -220,9 +235,11 @@ def publish_nem12_cmd(
     A malformed file is rejected whole (nothing from it is published) with a message naming the
     problem; the exit code is then 1.
     """
-    from pipeline.ingest.gateway import publish_nem12
+    from functools import partial
 
-    _publish_files(publish_nem12, paths, progress)
+    from pipeline.ingest.gateway import channel_windows, publish_nem12
+
+    _publish_files(partial(publish_nem12, window_minutes=channel_windows(get_settings())), paths, progress)
 
 
 @publish_app.command("telemetry")
@@ -600,12 +617,13 @@ def demo(
     failed: str | None = None
     try:
         from pipeline.codec import default_codec
-        from pipeline.ingest.gateway import publish_nem12
+        from pipeline.ingest.gateway import channel_windows, publish_nem12
         from pipeline.runtime.kafka import IdempotentProducer
         from pipeline.topology import Topics
 
         report = publish_nem12(data or [BUNDLED_NEM12], IdempotentProducer(settings.kafka_bootstrap),
-                               default_codec(), Topics(settings).meter_readings, progress=True)
+                               default_codec(), Topics(settings).meter_readings, progress=True,
+                               window_minutes=channel_windows(settings))
         typer.echo(f"published {report.readings_published:,} readings from {report.files_published} files "
                    f"(+{report.markers_published} completion markers)")
         for err in report.rejected:

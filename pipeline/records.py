@@ -43,6 +43,9 @@ class MeterReading:
         version_source: which of those three the version came from.
         source_file: file name the reading came from.
         source_record: 1-based line number of the 300 record in that file.
+        correction: a NEM13 register correction (the register went down and the record's Quantity says
+            so): ``value`` is negative, a credit within the read period, not bad input. Only the NEM13
+            gateway sets it, on day-long readings (``nem13.is_register_correction``).
     """
 
     nmi: str
@@ -57,6 +60,7 @@ class MeterReading:
     version_source: str
     source_file: str
     source_record: int
+    correction: bool = False
 
     def __post_init__(self) -> None:
         _require_utc("interval_start", self.interval_start)

@@ -117,9 +117,12 @@ def register_reads(path: Path) -> list[list[str]]:
 
 
 def advance(f: list[str]) -> Decimal:
-    """CurrentRegisterRead − PreviousRegisterRead; a lower current read wrapped at 10**digits."""
+    """CurrentRegisterRead − PreviousRegisterRead; a lower current read wrapped at 10**digits, unless the
+    Quantity (field 19) is that negative difference: a correction (issue 14), billed negative."""
     p, c = Decimal(f[8]), Decimal(f[13])
-    return c - p if c >= p else Decimal(10) ** max(len(f[8]), len(f[13])) - p + c
+    if c >= p:
+        return c - p
+    return c - p if Decimal(f[18]) == c - p else Decimal(10) ** max(len(f[8]), len(f[13])) - p + c
 
 
 def read_days(f: list[str]) -> int:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pipeline.codec import Codec
-from pipeline.ingest.nem12 import Nem12Error, Nem12File, read_nem12
+from pipeline.config import Settings
+from pipeline.ingest.nem12 import Nem12Error, Nem12File, WindowMinutes, read_nem12
 from pipeline.ingest.nem13 import Nem13Error, Nem13File, read_nem13
 from pipeline.records import MeterReading, SeriesComplete
 from pipeline.runtime.kafka import IdempotentProducer
@@ -47,14 +49,34 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
     return out
 
 
+def channel_windows(settings: Settings) -> WindowMinutes:
+    """NMI suffix → minutes of the windows the windowing stage sums its readings in (the channel letter's
+    metric: ``PIPELINE_WINDOW_MINUTES_ENERGY`` or its ``PIPELINE_METRIC_POLICIES`` override); ``None`` for a
+    channel ingest does not bill. What ``read_nem12`` checks interval lengths against."""
+    from pipeline.ingest.processor import CHANNEL_METRICS
+    from pipeline.windowing.processor import policies_from_settings
+
+    policy = policies_from_settings(settings)
+
+    def minutes(suffix: str) -> int | None:
+        metric = CHANNEL_METRICS.get(suffix[:1].upper())
+        return None if metric is None else policy(metric).size_ms // 60_000
+
+    return minutes
+
+
 def publish_nem12(
-    paths: Iterable[Path], producer: IdempotentProducer, codec: Codec, topic: str, progress: bool = True
+    paths: Iterable[Path], producer: IdempotentProducer, codec: Codec, topic: str, progress: bool = True,
+    window_minutes: WindowMinutes | None = None,
 ) -> PublishReport:
     """Validate and publish NEM12 files. Never raises for a bad file: it lands in ``report.rejected``.
+    ``window_minutes`` (``channel_windows(settings)``): a file with a channel whose interval length does not
+    divide its windows is rejected (``INTERVAL_DOES_NOT_FIT_WINDOW``) rather than mis-windowed.
 
     Raises ``KafkaIOError`` if the broker does not acknowledge a file's readings.
     """
-    return _publish(paths, read_nem12, Nem12Error, producer, codec, topic, progress)
+    return _publish(paths, partial(read_nem12, window_minutes=window_minutes), Nem12Error, producer, codec, topic,
+                    progress)
 
 
 def publish_nem13(

@@ -161,8 +161,9 @@ class MeterReadingIn(BaseModel):
     def _canonical_uom(cls, v: str) -> str:
         unit = _ENERGY_UNITS.get(v.upper())
         if unit is None:
-            raise PydanticCustomError("uom", "unit of measure {uom!r} is not one of {units}",
-                                      {"uom": v, "units": ", ".join(_ENERGY_UNITS.values())})
+            # pydantic fills {name} placeholders only (no conversions such as !r): quote the value here
+            raise PydanticCustomError("uom", "unit of measure {uom} is not one of {units}",
+                                      {"uom": repr(v), "units": ", ".join(_ENERGY_UNITS.values())})
         return unit
 
     @field_validator("value", mode="before")

@@ -38,6 +38,13 @@ the 300 record in its CSV. ``source_file`` is the file's base name; for a zip it
 ``<zip base name>!<member name>``, because the line number only identifies a record within one
 member and a zip may hold several.
 
+**Readings never land in a window shorter than themselves** (issue 14): given ``window_minutes`` (NMI suffix →
+the length of the windows its readings are summed in, e.g. ``PIPELINE_WINDOW_MINUTES_ENERGY``), a channel
+whose IntervalLength does not divide its window (30-minute data in 5-minute windows, or 15-minute data in
+20-minute windows) is refused as ``INTERVAL_DOES_NOT_FIT_WINDOW`` at its 200 record: windowing puts a reading
+whole into the window of its start, so such a reading would be billed in one window instead of spread over
+the ones it covers, and demand (kWh ÷ window hours) would come out 3 or 6 times too high.
+
 The whole file is validated before anything is returned: the first problem (in line order) raises
 ``Nem12Error`` and no reading from the file is returned, so a gateway publishes nothing from a
 rejected file. ``nemreader`` supplies the field layout of the 100, 200 and 400 records and the MDFF
@@ -51,6 +58,7 @@ import csv
 import io
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -90,6 +98,8 @@ REASONS = {
     "BAD_SUFFIX": "NMI suffix not 2 alphanumeric characters",
     "BAD_UOM": "unit of measure not in the MDFF list",
     "BAD_INTERVAL_LENGTH": "interval length not 5, 15 or 30 minutes",
+    "INTERVAL_DOES_NOT_FIT_WINDOW": "interval length does not divide the window its readings would be summed in "
+                                    "(e.g. 30-minute data with 5-minute windows)",
     "WRONG_INTERVAL_COUNT": "a 300 record whose value count is not 1440 / interval length",
     "BAD_VALUE": "an interval value that is not a non-negative decimal number",
     "BAD_QUALITY": "a quality method not A/E/S/F/N/V (+ optional 2-digit method), or V in a 400",
@@ -146,27 +156,33 @@ class Nem12File:
     readings: tuple[MeterReading, ...]
 
 
-def read_nem12(path: Path) -> Nem12File:
+WindowMinutes = Callable[[str], int | None]
+"""NMI suffix (``E1``) → minutes of the windows its readings are summed in; ``None``: not checked."""
+
+
+def read_nem12(path: Path, window_minutes: WindowMinutes | None = None) -> Nem12File:
     """Read and validate a NEM12 ``.csv`` file, or a ``.zip`` holding one or more NEM12 files.
 
     Zip or not is decided by the content (zip magic bytes), not the extension; every member of a
     zip that is not a directory is read as a NEM12 CSV whatever its extension (``.csv``, ``.V01``,
-    ``.mdff``, none ...). Raises ``Nem12Error`` on the first problem anywhere; returns nothing then.
+    ``.mdff``, none ...). ``window_minutes``: refuse a channel whose interval length does not divide its
+    windows (``INTERVAL_DOES_NOT_FIT_WINDOW``). Raises ``Nem12Error`` on the first problem anywhere;
+    returns nothing then.
     """
     path = Path(path)
-    return parse_nem12(path.read_bytes(), path.name)
+    return parse_nem12(path.read_bytes(), path.name, window_minutes)
 
 
-def parse_nem12(data: bytes, name: str) -> Nem12File:
+def parse_nem12(data: bytes, name: str, window_minutes: WindowMinutes | None = None) -> Nem12File:
     """Like ``read_nem12`` for bytes already in memory; ``name`` is the file's base name."""
     if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        return _parse_zip(data, name)
-    parsed = _Nem12Parser(decode_text(data, name, Nem12Error), name).parse()
+        return _parse_zip(data, name, window_minutes)
+    parsed = _Nem12Parser(decode_text(data, name, Nem12Error), name, window_minutes).parse()
     return Nem12File(name, parsed.created, parsed.from_participant, parsed.to_participant,
                      tuple(parsed.readings))
 
 
-def _parse_zip(data: bytes, name: str) -> Nem12File:
+def _parse_zip(data: bytes, name: str, window_minutes: WindowMinutes | None = None) -> Nem12File:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             members = [(i.filename, zf.read(i)) for i in zf.infolist() if not i.is_dir()]
@@ -175,7 +191,7 @@ def _parse_zip(data: bytes, name: str) -> Nem12File:
     if not members:
         raise Nem12Error(name, None, "EMPTY_FILE", "the zip has no files in it")
     parsed = [
-        _Nem12Parser(decode_text(body, f"{name}!{member}", Nem12Error), f"{name}!{member}").parse()
+        _Nem12Parser(decode_text(body, f"{name}!{member}", Nem12Error), f"{name}!{member}", window_minutes).parse()
         for member, body in members
     ]
     readings: list[MeterReading] = []
@@ -239,9 +255,10 @@ class _Nem12Parser(MdffParser):
     error = Nem12Error
     version = "NEM12"
 
-    def __init__(self, text: str, source: str) -> None:
+    def __init__(self, text: str, source: str, window_minutes: WindowMinutes | None = None) -> None:
         super().__init__(source)
         self.text = text
+        self.window_minutes = window_minutes
         self.readings: list[MeterReading] = []
         self.channel: _Channel | None = None
         self.pending: _Day | None = None
@@ -319,6 +336,14 @@ class _Nem12Parser(MdffParser):
             raise self.fail(lineno, "BAD_INTERVAL_LENGTH",
                             f"200 record for {fields[1]}/{fields[4]} has IntervalLength {fields[8]!r}, "
                             "expected 5, 15 or 30 (minutes)")
+        minutes = int(fields[8])
+        window = self.window_minutes(fields[4].upper()) if self.window_minutes is not None else None
+        if window is not None and window % minutes:
+            raise self.fail(lineno, "INTERVAL_DOES_NOT_FIT_WINDOW",
+                            f"200 record for {fields[1]}/{fields[4]} has {minutes}-minute intervals, but its readings "
+                            f"would be summed in {window}-minute windows: each reading would land whole in the window "
+                            f"of its start instead of the {minutes} minutes it covers; windows must be a whole number "
+                            f"of intervals (PIPELINE_WINDOW_MINUTES_ENERGY a multiple of {minutes})")
         if len(fields) == 10 and fields[9]:
             self.check_date(lineno, fields[9], "200 record NextScheduledReadDate")
         details = parse_200_row(fields)
@@ -338,11 +363,13 @@ class _Nem12Parser(MdffParser):
         # Layout: 300, date, N values, then 5 fields (MSATSLoadDateTime may be omitted).
         if not (len(fields) in (n + 6, n + 7) and fields[2 + n].strip()[:1].isalpha()):
             found = next((i for i in range(2, len(fields)) if fields[i].strip()[:1].isalpha()), len(fields))
-            count = found - 2
+            # the fields between the date and the QualityMethod; empty ones only ("300,20240101,,A,...") are
+            # no values at all, not one empty value
+            count = found - 2 if any(f.strip() for f in fields[2:found]) else 0
             if count != n:
                 raise self.fail(lineno, "WRONG_INTERVAL_COUNT",
-                                f"{what} has {count} interval values but the 200 record declares"
-                                f" {ch.minutes}-minute intervals ({n} expected)")
+                                f"{what} has {count} interval value{'' if count == 1 else 's'} but the 200 record "
+                                f"declares {ch.minutes}-minute intervals ({n} expected)")
             after = len(fields) - found
             raise self.fail(lineno, "BAD_RECORD",
                             f"{what} has {after} fields after its {n} interval values, expected 5 "

@@ -23,21 +23,36 @@ Format (AEMO *Meter Data File Format Specification NEM12 & NEM13*, "MDFF"; the N
   place and field count only.
 * **900 end of data record** — must be the last non-blank record.
 
-Consumption of a read period (what is billed): ``CurrentRegisterRead − PreviousRegisterRead``; when
-the current read is lower the register rolled over, and the advance is ``10**digits − previous +
-current`` (digits = the integer digits written in the file, e.g. ``99890 → 02034`` = 2144 on a
-5-digit register). The file's ``Quantity`` must equal that advance — or its negative on an ``I``
-register (some MDPs sign generation negative) — otherwise the file is rejected as
-``QUANTITY_MISMATCH``: a file that disagrees with itself is not billed. (Registers with a meter
-multiplier, where Quantity = advance × multiplier, are therefore not accepted.)
+Consumption of a read period (what is billed) — the rule, after the MDFF specification's definitions of
+the 250 fields: the **Quantity** is "the computed quantity, after the application of any multiplier value
+and taking account of any meter rollover", i.e. the metered consumption, while the register reads are
+written "as per the physical dial format", exclusive of multipliers: rounded to the dial's resolution.
+So the Quantity wins, provided the registers agree with it within their resolution:
+
+* the registers' advance is ``CurrentRegisterRead − PreviousRegisterRead``. When the current read is
+  lower, the Quantity tells which of two things happened: the register **rolled over** (advance
+  ``10**digits − previous + current``, digits = the integer digits written in the file, e.g. ``99890 →
+  02034`` = 2144 on a 5-digit register), or the read is a **correction** (Quantity = ``current − previous``,
+  negative, e.g. ``23220 → 23210`` with Quantity ``-10``: the earlier read was too high). A correction is
+  a negative consumption: a credit spread over its own read period (the readings are negative and flagged
+  ``MeterReading.correction``); it is never taken for a 99,990 kWh roll-over;
+* the Quantity (or its negative on an ``I`` register: some MDPs sign generation negative) must be within
+  the register's resolution of that advance: ``|Quantity − advance| < 10**-d``, d = the fewest decimals
+  written in the two reads (1 kWh for whole-number dials: ``868`` against ``868.294`` is accepted). The
+  Quantity is billed, and a difference is stated in every reading's source (``the registers advanced
+  868, 0.294 less``). Further apart, the file is rejected as ``QUANTITY_MISMATCH`` with the numbers: a
+  file that disagrees with itself is not billed. (Registers with a meter multiplier, where Quantity =
+  advance × multiplier, are therefore not accepted.) The specification says a Quantity must not be
+  negative; real files carry negative Quantities for register corrections (issue 14), so this reader
+  accepts them as above rather than refusing the file.
 
 Spreading (the reading this module produces): the advance is spread **evenly over the NEM days of
 the read period** — from the previous read's date (inclusive) to the current read's date
 (exclusive), or that one day when both reads fall on the same date — as one ``MeterReading`` per day
 with ``interval_start``/``interval_end`` at NEM midnights (AEST, UTC+10, converted to UTC, as
-``nem12`` does). ``spread_evenly`` gives each day the advance ÷ days rounded *down* to 6 decimal
-places and puts the rounding remainder on the **last day**, so the daily values sum exactly to the
-register advance (``Decimal`` throughout, never float).
+``nem12`` does). ``spread_evenly`` gives each day the consumption ÷ days rounded toward zero to 6
+decimal places and puts the rounding remainder on the **last day**, so the daily values sum exactly to
+the consumption billed (``Decimal`` throughout, never float).
 
 Each daily reading:
 
@@ -50,10 +65,12 @@ Each daily reading:
   previous read's when the current one is actual; ``reason_code`` from the same read;
 * ``version``: UpdateDateTime, else MSATSLoadDateTime, else the header's DateTime (SPEC §2);
 * **marked as an accumulation spread**: ``source_file`` is
-  ``NEM13 accumulation <previous>-><current> = <advance> <uom> spread evenly over <n> days: <file>``
-  and ``source_record`` the 250 record's line, so the ingest stage's ``<source_file>#<line>`` source,
-  every window and every charge explanation (``pipeline explain``) say where the kWh came from and
-  that they were spread.
+  ``NEM13 accumulation <previous>-><current> = <consumption> <uom>[ (<note>)] spread evenly over <n> days:
+  <file>`` (the note names a correction, or the registers' difference from the Quantity) and
+  ``source_record`` the 250 record's line, so the ingest stage's ``<source_file>#<line>`` source, every
+  window and every charge explanation (``pipeline explain``) say where the kWh came from and that they
+  were spread;
+* ``correction``: set on the (negative) readings of a correction, and only there.
 
 Only energy registers accumulate (Wh/kWh/MWh, VArh/kVArh/MVArh); any other unit (demand kW, kVA...)
 is rejected as ``UNSUPPORTED_UOM``. Two read periods of one register that share a day are rejected
@@ -84,6 +101,7 @@ __all__ = [
     "Nem13Error",
     "Nem13File",
     "RegisterRead",
+    "is_register_correction",
     "parse_nem13",
     "read_nem13",
     "spread_evenly",
@@ -109,7 +127,8 @@ REASONS = {
     "UNSUPPORTED_UOM": "an MDFF unit that does not accumulate energy (kW, kVA, V, A, pf ...)",
     "BAD_REGISTER_READ": "a register read that is not an unsigned decimal number",
     "BAD_QUANTITY": "a Quantity that is not a decimal number, or with more than 6 decimal places",
-    "QUANTITY_MISMATCH": "Quantity differs from the register advance (current - previous, with roll-over)",
+    "QUANTITY_MISMATCH": "Quantity differs from the register advance (current - previous, with roll-over, or a "
+                         "correction) by the register's resolution or more",
     "BAD_QUALITY": "a quality method not A/E/S/F/N (+ optional 2-digit method)",
     "BAD_REASON_CODE": "a reason code that is not a number",
     "BAD_DATE": "a malformed or impossible date/datetime field",
@@ -135,6 +154,7 @@ _QUANTITY_RE = re.compile(r"-?[0-9]{1,15}(?:\.[0-9]{1,15})?")
 _ID_RE = re.compile(r"[A-Za-z0-9]{1,10}")
 _SUFFIX_RE = re.compile(r"[A-Za-z0-9]{2}")
 _SCALE = Decimal("0.000001")  # quantities to 6 decimal places (SPEC §4)
+_DAY = timedelta(days=1)
 # MDFF units of measure that accumulate energy (not case sensitive): canonical spelling, channel letters
 # (E direction, I direction) as NEM12 names channels: E/B active energy, Q/K reactive energy.
 _ENERGY_UOMS = {
@@ -160,7 +180,11 @@ class RegisterRead:
         direction: ``E`` (consumption) or ``I`` (generation).
         previous_read / current_read: the register values as written (``Decimal``).
         previous_read_at / current_read_at: the read datetimes, UTC.
-        advance: what the register advanced (roll-over applied), ≥ 0, in ``uom``; equals |Quantity|.
+        advance: what the registers advanced (roll-over applied), in ``uom``; negative for a correction.
+        consumption: what is billed, in ``uom``: the Quantity (its negative for an ``I`` register that
+            signs generation negative), within ``resolution`` of ``advance``; negative for a correction.
+        resolution: the registers' resolution, ``10**-d`` for the fewest decimals d written in the reads.
+        correction: the register went down and the Quantity says so (negative consumption, a credit).
         uom: canonical MDFF unit (``kWh``, ...).
         quality / reason_code: the period's quality flag and reason code (see the module docstring).
         version / version_source: supersession version (UTC) and which field it came from.
@@ -178,6 +202,9 @@ class RegisterRead:
     current_read: Decimal
     current_read_at: datetime
     advance: Decimal
+    consumption: Decimal
+    resolution: Decimal
+    correction: bool
     uom: str
     quality: str
     reason_code: str | None
@@ -211,16 +238,28 @@ class Nem13File:
 def spread_evenly(total: Decimal, days: int) -> tuple[Decimal, ...]:
     """``total`` split into ``days`` daily amounts that sum to it exactly.
 
-    Every day but the last gets ``total / days`` rounded down to 6 decimal places; the last day gets
-    the rest (the rounding remainder: at most ``(days − 1) × 0.000001`` more than the others).
-    ``total`` must be ≥ 0 with at most 6 decimal places and ``days`` ≥ 1, else ``ValueError``.
+    Every day but the last gets ``total / days`` rounded toward zero to 6 decimal places; the last day
+    gets the rest (the rounding remainder: at most ``(days − 1) × 0.000001`` further from zero than the
+    others). A negative ``total`` (a correction) spreads the same way, every day negative or zero.
+    ``total`` must have at most 6 decimal places and ``days`` be ≥ 1, else ``ValueError``.
     """
     if days < 1:
         raise ValueError(f"days must be >= 1, got {days}")
-    if total < 0 or total.quantize(_SCALE) != total:
-        raise ValueError(f"total must be >= 0 with at most 6 decimal places, got {total}")
+    if total.quantize(_SCALE) != total:
+        raise ValueError(f"total must have at most 6 decimal places, got {total}")
     daily = (total / days).quantize(_SCALE, rounding=ROUND_DOWN)
     return (*([daily] * (days - 1)), total - daily * (days - 1))
+
+
+def is_register_correction(reading: MeterReading) -> bool:
+    """Whether a (negative) reading is a day of a NEM13 register correction — a credit, not bad input: flagged
+    ``correction`` by this reader, one NEM day long from NEM midnight, its source marked as a spread register
+    read. Interval data (NEM12 files, the HTTP API) never is, so a negative interval value stays bad input
+    (ingest's ``NEGATIVE_VALUE``)."""
+    start = reading.interval_start.astimezone(AEST)
+    return (reading.correction and reading.interval_end - reading.interval_start == _DAY
+            and (start.hour, start.minute, start.second, start.microsecond) == (0, 0, 0, 0)
+            and reading.source_file.startswith(SPREAD_MARK))
 
 
 def read_nem13(path: Path) -> Nem13File:
@@ -373,18 +412,27 @@ class _Nem13Parser(MdffParser):
             quality, reason = cur_q[0], cur_reason_code
         else:
             quality, reason = prev_q[0], prev_reason_code if prev_q[0] != "A" else cur_reason_code
-        advance = self.register_advance(prev_text, cur_text, previous, current)
         if not _QUANTITY_RE.fullmatch(qty_text):
             raise self.fail(lineno, "BAD_QUANTITY",
                             f"{what} has Quantity {qty_text!r}, not a decimal number (at most 15 digits)")
         stated = Decimal(qty_text)
-        if stated.quantize(_SCALE) != stated or advance.quantize(_SCALE) != advance:
+        if stated.quantize(_SCALE) != stated or previous.quantize(_SCALE) != previous \
+                or current.quantize(_SCALE) != current:
             raise self.fail(lineno, "BAD_QUANTITY",
                             f"{what} has Quantity {qty_text} or register reads with more than 6 decimal places")
-        if not (stated == advance or (direction == "I" and stated == -advance)):
+        resolution = Decimal(1).scaleb(-min(len(_READ_RE.fullmatch(t).group(2) or "")  # type: ignore[union-attr]
+                                             for t in (prev_text, cur_text)))
+        match = self.consumption(prev_text, cur_text, previous, current, stated, direction, resolution)
+        if match is None:
+            if current >= previous:
+                said = f"the register advanced {current - previous} ({prev_text} -> {cur_text})"
+            else:
+                said = (f"the register advanced {self.rollover(prev_text, cur_text, previous, current)} "
+                        f"({prev_text} -> {cur_text}, rolled over) or, read as a correction, {current - previous}")
             raise self.fail(lineno, "QUANTITY_MISMATCH",
-                            f"{what} says Quantity {qty_text} {uom_text} but the register advanced "
-                            f"{advance} ({prev_text} -> {cur_text}{', rolled over' if current < previous else ''})")
+                            f"{what} says Quantity {qty_text} {uom_text} but {said}; they must agree within the "
+                            f"register's resolution {resolution} {uom} (the reads' last decimal place)")
+        advance, consumption, correction = match
         if next_read:
             self.check_date(lineno, next_read, f"{what} NextScheduledReadDate")
         if update_text:
@@ -409,25 +457,59 @@ class _Nem13Parser(MdffParser):
         self.periods.setdefault((nmi, suffix), []).append((first, last, lineno))
         days = tuple(first + timedelta(days=i) for i in range((last - first).days + 1))
         channel = (letter_e if direction == "E" else letter_i) + suffix
-        source_file = (f"{SPREAD_MARK} {prev_text}->{cur_text} = {advance} {uom} spread evenly over "
+        notes = []
+        if correction:
+            notes.append("a correction: the register went down, credited")
+        if consumption != advance:
+            gap = consumption - advance
+            notes.append(f"the Quantity; the registers advanced {advance}, {abs(gap)} {'less' if gap > 0 else 'more'}"
+                         f", within their resolution {resolution}")
+        note = f" ({'; '.join(notes)})" if notes else ""
+        source_file = (f"{SPREAD_MARK} {prev_text}->{cur_text} = {consumption} {uom}{note} spread evenly over "
                        f"{len(days)} days: {self.source}")
         readings = tuple(
             MeterReading(nmi, channel, uom, start, start + timedelta(days=1), value, quality, reason, version,
-                         version_source, source_file, lineno)
-            for start, value in zip((_nem_midnight(d) for d in days), spread_evenly(advance, len(days)),
+                         version_source, source_file, lineno, correction)
+            for start, value in zip((_nem_midnight(d) for d in days), spread_evenly(consumption, len(days)),
                                     strict=True)
         )
         self.reads.append(RegisterRead(
-            nmi, suffix, register_id, direction, previous, prev_at, current, cur_at, advance, uom, quality, reason,
-            version, version_source, days, lineno, readings))
+            nmi, suffix, register_id, direction, previous, prev_at, current, cur_at, advance, consumption,
+            resolution, correction, uom, quality, reason, version, version_source, days, lineno, readings))
 
     @staticmethod
-    def register_advance(prev_text: str, cur_text: str, previous: Decimal, current: Decimal) -> Decimal:
-        """``current − previous``; a lower current read means the register rolled over at 10**digits."""
-        if current >= previous:
-            return current - previous
+    def rollover(prev_text: str, cur_text: str, previous: Decimal, current: Decimal) -> Decimal:
+        """The advance of a register that rolled over at 10**digits (digits as written in the file)."""
         digits = max(len(_READ_RE.fullmatch(t).group(1)) for t in (prev_text, cur_text))  # type: ignore[union-attr]
         return Decimal(10) ** digits - previous + current
+
+    @classmethod
+    def consumption(cls, prev_text: str, cur_text: str, previous: Decimal, current: Decimal, stated: Decimal,
+                    direction: str, resolution: Decimal) -> tuple[Decimal, Decimal, bool] | None:
+        """(register advance, consumption billed, is a correction) — the reading of the registers that the
+        Quantity agrees with within ``resolution`` (see the module docstring), or ``None`` when none does.
+
+        A forward advance or a roll-over bills the Quantity (its negative on an ``I`` register that signs
+        generation negative), never below zero; a register that went down with the Quantity (either sign on
+        an ``I`` register) matching ``current − previous`` is a correction: ``current − previous`` adjusted
+        to the Quantity, negative."""
+        signs = (1, -1) if direction == "I" else (1,)
+        if current >= previous:
+            readings = [(current - previous, False)]
+        else:
+            readings = [(cls.rollover(prev_text, cur_text, previous, current), False), (current - previous, True)]
+        for advance, correction in readings:
+            for sign in signs:
+                billed = sign * stated  # in the register's orientation
+                if not correction and billed < 0:
+                    continue  # a forward advance or a roll-over is never below zero
+                if correction:
+                    if billed > 0 and direction != "I":
+                        continue  # on an E register a correction says so with a negative Quantity
+                    billed = -abs(billed)  # an I register may sign it either way
+                if abs(billed - advance) < resolution:
+                    return advance, billed, correction
+        return None
 
     # -- field checks ------------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ from prometheus_client import Counter
 
 from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
+from pipeline.ingest.nem13 import is_register_correction
 from pipeline.ingest.telemetry import OutsideServiceDates, RejectedInput, identity_bytes, read_cloudevent
 from pipeline.ingest.telemetry import to_usage_event as telemetry_usage_event
 from pipeline.money import quantity
@@ -120,8 +121,10 @@ def to_usage_event(reading: MeterReading, ref: ReferenceData) -> UsageEvent:
     """Map one reading to a usage event (pure).
 
     Raises ``RejectedReading`` with reason ``UNKNOWN_NMI`` (no service point ever),
-    ``UNSUPPORTED_CHANNEL``, ``UNSUPPORTED_UNIT`` or ``NEGATIVE_VALUE``, and ``OutsideServiceDates``
-    when the NMI has service points but none on the interval's NEM date (a billing rule, not bad input).
+    ``UNSUPPORTED_CHANNEL``, ``UNSUPPORTED_UNIT`` or ``NEGATIVE_VALUE`` (a negative value that is not a day of a
+    NEM13 register correction, ``nem13.is_register_correction``: those are credits, docs/semantics.md), and
+    ``OutsideServiceDates`` when the NMI has service points but none on the interval's NEM date (a billing
+    rule, not bad input).
     """
     nem_day = reading.interval_start.astimezone(NEM_TIME).date()
     account = ref.account_of(reading.nmi, nem_day)
@@ -136,7 +139,7 @@ def to_usage_event(reading: MeterReading, ref: ReferenceData) -> UsageEvent:
     unit = UNITS.get(reading.uom.lower())
     if unit is None:
         raise RejectedReading("UNSUPPORTED_UNIT", f"unit of measure {reading.uom!r} is not supported")
-    if reading.value < 0:
+    if reading.value < 0 and not is_register_correction(reading):
         raise RejectedReading("NEGATIVE_VALUE", f"interval value {reading.value} is negative")
     event = UsageEvent(
         event_id=reading.identity,

@@ -1,5 +1,8 @@
 """Readable invoices from the ledger: per invoice, lines by component and band with quantity, rate
-and amount; totals. Reads only (the ledger is append-only)."""
+and amount; totals. Reads only (the ledger is append-only).
+
+A line whose usage includes estimated or substituted reads (quality E, S or F, as the latest ledger line of
+that component and band says) is marked ``*``, with a footnote, as retailers' bills mark estimated reads."""
 
 from __future__ import annotations
 
@@ -27,6 +30,19 @@ class InvoiceLineSummary:
     line_kind: str = "CHARGE"
     service_period_start: Any = None
     adjusts_invoice_number: str | None = None
+    quality_flags: tuple[str, ...] = ()
+
+    @property
+    def estimated(self) -> bool:
+        """Whether the line's usage includes estimated or substituted reads (``ESTIMATED_FLAGS``)."""
+        return any(q in ESTIMATED_FLAGS for q in self.quality_flags)
+
+
+ESTIMATED_FLAGS = frozenset("ESF")
+"""MDFF quality flags of reads that are not actual: E forward estimate, S substituted, F final substituted."""
+ESTIMATED_MARK = "*"
+ESTIMATED_NOTE = ("* includes estimated or substituted meter reads (quality E, S or F); "
+                  "when the actual reads arrive the difference is billed as an adjustment")
 
 
 @dataclass(frozen=True)
@@ -67,14 +83,15 @@ WITH net AS (
   GROUP BY invoice_id, line_kind, period_start, adjusts_invoice_number, component_id, band
 ), latest AS (
   SELECT DISTINCT ON (invoice_id, line_kind, period_start, component_id, band) invoice_id, line_kind,
-         period_start AS service_start, component_id, band, component_kind, quantity, unit, rate
+         period_start AS service_start, component_id, band, component_kind, quantity, unit, rate,
+         explanation->'quality_flags' AS quality_flags
   FROM invoice_lines WHERE (%(account)s::text IS NULL OR account = %(account)s)
   ORDER BY invoice_id, line_kind, period_start, component_id, band, source_partition, source_offset DESC
 )
 SELECT i.invoice_id, i.account, i.period_start, i.period_end, i.currency, i.status, i.invoice_number, i.bill_date,
        i.due_date, i.previous_balance, i.payments_total, i.amount_due,
        l.component_id, l.component_kind, l.band, l.quantity, l.unit, l.rate, n.amount, n.n, n.line_kind,
-       n.service_start, n.adjusts_invoice_number
+       n.service_start, n.adjusts_invoice_number, l.quality_flags
 FROM invoices i JOIN net n USING (invoice_id)
      JOIN latest l USING (invoice_id, line_kind, service_start, component_id, band)
 WHERE (%(period)s::date IS NULL OR i.period_start = %(period)s)
@@ -91,7 +108,7 @@ def invoice_summaries(conn: Any, account: str | None = None, period_start: Any =
     heads: dict[str, Any] = {}
     for row in rows:
         heads.setdefault(row[0], row[:12])
-        by_invoice.setdefault(row[0], []).append(InvoiceLineSummary(*row[12:23]))
+        by_invoice.setdefault(row[0], []).append(InvoiceLineSummary(*row[12:23], tuple(row[23] or ())))
     out = []
     for inv_id, head in heads.items():
         lines = sorted(by_invoice[inv_id], key=lambda ln: (
@@ -106,7 +123,7 @@ def _money(x: Decimal) -> str:
 
 
 def _line_text(ln: InvoiceLineSummary, currency: str) -> str:
-    label = ln.component_id + (f" ({ln.band})" if ln.band else "")
+    label = ln.component_id + (f" ({ln.band})" if ln.band else "") + (f" {ESTIMATED_MARK}" if ln.estimated else "")
     if ln.component_kind == "tax":
         qty = f"{ln.rate.normalize():f}% of {ln.quantity.quantize(Decimal('0.01'))}"
     else:
@@ -139,6 +156,8 @@ def format_invoice(inv: InvoiceSummary) -> str:
         out += [f"    {'previous balance':<57} {_money(inv.previous_balance or ZERO):>10} {inv.currency}",
                 f"    {'payments received':<57} {_money(-(inv.payments_total or ZERO)):>10} {inv.currency}",
                 f"    {'AMOUNT DUE':<57} {_money(inv.amount_due):>10} {inv.currency}"]
+    if any(ln.estimated for ln in inv.lines):
+        out.append(f"  {ESTIMATED_NOTE}")
     return "\n".join(out)
 
 

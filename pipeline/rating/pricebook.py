@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal
 from functools import cached_property, lru_cache
 from itertools import pairwise
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from pipeline.money import MINOR_UNITS
 
@@ -42,7 +52,20 @@ def _minutes(hhmm: str) -> int:
 
 
 class _Frozen(BaseModel):
+    """Immutable, no unknown fields. ``_LATER_FIELDS``: fields added after books were first published; left
+    out of the serialized body while they hold their default, so a book written before they existed keeps
+    its canonical JSON and content hash (``PriceBook.content_sha256``)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+    _LATER_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_later_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        for name in self._LATER_FIELDS:
+            if isinstance(data, dict) and getattr(self, name) == type(self).model_fields[name].default:
+                data.pop(name, None)
+        return data
 
 
 class TimeRange(_Frozen):
@@ -80,15 +103,35 @@ class TimeRange(_Frozen):
 
 
 class Band(_Frozen):
-    """A TOU band: a rate and the times it applies (empty for the default band)."""
+    """A TOU band: a rate per unit and the times it applies (empty for the default band). In a tiered TOU
+    component the band has no ``rate`` of its own: each tier gives one per band."""
 
     band: str
-    rate: Rate
+    rate: Rate | None = None
     times: tuple[TimeRange, ...] = ()
 
 
+class TouTier(_Frozen):
+    """One usage tier of a tiered TOU component: ``up_to`` units of the period's total quantity over all
+    bands (``None`` = no limit), and the rate of each band inside the tier (band name → rate)."""
+
+    up_to: Rate | None
+    rates: dict[str, Rate]
+
+
 class TouComponent(_Frozen):
-    """Time-of-use energy charge: quantity per band × the band's rate."""
+    """Time-of-use energy charge: quantity per band × the band's rate.
+
+    With ``tiers`` the rates also depend on the period's cumulative usage (an inclining or declining block
+    tariff priced by time of use): the tier limits apply to the period's total quantity over all bands
+    (prorated, like ``tiered``, by the fraction of the period billed on this version), each tier gives one
+    rate per band, and each tier's quantity is allocated to the bands in proportion to each band's share
+    of the period's total (``rate.tou_tier_allocation``). ``tier_mode`` as for ``tiered``: ``graduated``
+    (each slice at its tier's rates) or ``volume`` (all of it at the rates of the tier the total falls in).
+    One charge line per band and tier: band ``"<band>, tier <n>"``.
+    """
+
+    _LATER_FIELDS: ClassVar[tuple[str, ...]] = ("tiers", "tier_mode")
 
     id: str
     kind: Literal["tou"]
@@ -96,6 +139,8 @@ class TouComponent(_Frozen):
     unit: str = "kWh"
     default_band: str
     bands: tuple[Band, ...]
+    tiers: tuple[TouTier, ...] = ()
+    tier_mode: Literal["graduated", "volume"] = "graduated"
 
     @model_validator(mode="after")
     def _check(self) -> TouComponent:
@@ -104,12 +149,36 @@ class TouComponent(_Frozen):
             raise ValueError(f"default band {self.default_band!r} is not among the bands {names}")
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate band names in {names}")
+        if any("|" in n or ", tier " in n for n in names):
+            raise ValueError(f"band names may not contain '|' or ', tier ': {names}")
+        if not self.tiers:
+            missing = [b.band for b in self.bands if b.rate is None]
+            if missing:
+                raise ValueError(f"TOU component {self.id!r}: bands {missing} have no rate (a rate per band, or tiers "
+                                 "with a rate per band in each tier)")
+            return self
+        with_rate = [b.band for b in self.bands if b.rate is not None]
+        if with_rate:
+            raise ValueError(f"TOU component {self.id!r} is tiered: bands {with_rate} must not have a rate of their "
+                             "own (give it in each tier's rates)")
+        _check_limits([t.up_to for t in self.tiers], "tiers")
+        for i, tier in enumerate(self.tiers, start=1):
+            if set(tier.rates) != set(names):
+                raise ValueError(f"TOU component {self.id!r} tier {i} gives rates for {sorted(tier.rates)}, expected "
+                                 f"one for each band {sorted(names)}")
         return self
 
-    def rate_of(self, band: str) -> Decimal:
-        """The rate of ``band``; raises ``KeyError`` for an unknown band."""
+    def rate_of(self, band: str, tier: int | None = None) -> Decimal:
+        """The rate of ``band`` (in ``tier``, 1-based, for a tiered component); ``KeyError`` for an unknown
+        band, tier, or a tier missing / given where there is none."""
+        if tier is not None:
+            if not 1 <= tier <= len(self.tiers):
+                raise KeyError(f"{self.id} has no tier {tier}")
+            return self.tiers[tier - 1].rates[band]
         for b in self.bands:
             if b.band == band:
+                if b.rate is None:
+                    raise KeyError(f"{self.id} is tiered: the rate of band {band!r} depends on the tier")
                 return b.rate
         raise KeyError(band)
 
@@ -167,13 +236,17 @@ class TieredComponent(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> TieredComponent:
-        limits = [t.up_to for t in self.tiers]
-        if not limits or limits[-1] is not None or any(x is None for x in limits[:-1]):
-            raise ValueError("tiers need increasing limits and an unlimited last tier (up_to null)")
-        finite = limits[:-1]
-        if any(a >= b for a, b in pairwise(finite)):  # type: ignore[operator]
-            raise ValueError(f"tier limits must increase: {limits}")
+        _check_limits([t.up_to for t in self.tiers], "tiers")
         return self
+
+
+def _check_limits(limits: list[Decimal | None], what: str) -> None:
+    """Tier or block limits: increasing, positive, the last one unlimited (``None``); ``ValueError`` otherwise."""
+    if not limits or limits[-1] is not None or any(x is None for x in limits[:-1]):
+        raise ValueError(f"{what} need increasing limits and an unlimited last tier (up_to null)")
+    finite = limits[:-1]
+    if any(a >= b for a, b in pairwise(finite)) or any(x <= 0 for x in finite):  # type: ignore[operator]
+        raise ValueError(f"{'tier' if what == 'tiers' else 'block'} limits must increase from above 0: {limits}")
 
 
 class PackageComponent(_Frozen):
@@ -234,15 +307,43 @@ class MinimumComponent(_Frozen):
     applies_to: tuple[str, ...]
 
 
+DEMAND_INTERVALS = (5, 10, 15, 30)
+"""Demand intervals a price book may state, in minutes: divisors of 30, so that intervals aligned to the
+epoch are aligned to every whole- or half-hour time zone's local time and to NEM time."""
+
+
+class DemandBlock(_Frozen):
+    """One block of a block demand rate: ``rate`` per kW for the demand up to ``up_to`` kW (``None`` = the rest)."""
+
+    up_to: Rate | None
+    rate: Rate
+
+
 class DemandComponent(_Frozen):
-    """A demand charge: ``rate`` per kW of the period's peak demand (kW = window kWh ÷ window hours),
-    optionally counting only windows in ``band`` of the TOU component ``tou_component`` (SPEC §4)."""
+    """A demand charge on the period's peak demand (SPEC §4), optionally counting only intervals in ``band``
+    of the TOU component ``tou_component``.
+
+    Demand is measured per meter (NMI) on its **total** import: the kWh of every channel of the metric (E1,
+    E2 ...) in one demand interval of ``interval_minutes`` are added, and kW = that total ÷ the interval's
+    hours; the period's demand is the highest such value. ``interval_minutes`` (5, 10, 15 or 30; default 30,
+    the NEM's half hour) is the tariff's demand interval: finer windows are added up to it (block average);
+    windows longer than it (or not dividing it) cannot measure it and are refused by the rating stage
+    (``DEMAND_INTERVAL_FINER_THAN_DATA``).
+
+    Charged either at one ``rate`` per kW, or in ``blocks`` (e.g. the first 10 kW at one rate, the rest at
+    another: one line per block, band ``"block <n>"``). A meter's demand goes through the blocks on its own;
+    an account with several meters pays the sum.
+    """
+
+    _LATER_FIELDS: ClassVar[tuple[str, ...]] = ("interval_minutes", "blocks")
 
     id: str
     kind: Literal["demand"]
     metric: str
     unit: str = "kW"
-    rate: Rate
+    rate: Rate | None = None
+    blocks: tuple[DemandBlock, ...] = ()
+    interval_minutes: int = 30
     tou_component: str | None = None
     band: str | None = None
 
@@ -250,7 +351,19 @@ class DemandComponent(_Frozen):
     def _check(self) -> DemandComponent:
         if (self.tou_component is None) != (self.band is None):
             raise ValueError("a demand charge limited to a TOU band needs both tou_component and band")
+        if (self.rate is None) == (not self.blocks):
+            raise ValueError(f"demand {self.id!r} needs either a rate (per kW) or blocks (kW limits with a rate each), "
+                             "not both")
+        if self.blocks:
+            _check_limits([b.up_to for b in self.blocks], "blocks")
+        if self.interval_minutes not in DEMAND_INTERVALS:
+            raise ValueError(f"demand {self.id!r} has interval_minutes {self.interval_minutes}; the demand interval "
+                             f"must be one of {', '.join(map(str, DEMAND_INTERVALS))} minutes")
         return self
+
+    @property
+    def interval_ms(self) -> int:
+        return self.interval_minutes * 60_000
 
 
 class TaxComponent(_Frozen):
@@ -277,7 +390,9 @@ class PriceBook(_Frozen):
         id / version: identity; (id, version) never changes once published.
         currency: ISO 4217 code of every rate and amount.
         timezone: IANA zone in which TOU times are read (e.g. ``Etc/GMT-10`` for AEST all year).
-        holiday_region: ``CC`` or ``CC-SUBDIV`` for the ``holidays`` package (e.g. ``AU-ACT``).
+        holiday_region: ``CC`` or ``CC-SUBDIV`` for the ``holidays`` package (e.g. ``AU-ACT``), or ``None``
+            (JSON ``null``): no public holidays, every day is a weekday or a weekend day (a TOU band may then
+            not name the ``holiday`` day type). Must be given (``null`` included).
         effective_from / effective_to: local dates, ``effective_to`` exclusive (``None`` = open).
         components: the charge components, ids unique.
     Raises ``pydantic.ValidationError`` on any inconsistency.
@@ -288,7 +403,7 @@ class PriceBook(_Frozen):
     name: str = ""
     currency: str
     timezone: str
-    holiday_region: str
+    holiday_region: str | None
     effective_from: date
     effective_to: date | None = None
     source: str = ""
@@ -320,13 +435,26 @@ class PriceBook(_Frozen):
                 tou = next((t for t in self.components if t.id == c.tou_component), None)
                 if not isinstance(tou, TouComponent) or c.band not in [b.band for b in tou.bands]:
                     raise ValueError(f"demand {c.id!r}: {c.tou_component!r} has no TOU band {c.band!r}")
+                # every band boundary on a demand interval boundary: an interval is then wholly in or out
+                edges = sorted({_minutes(x) for b in tou.bands for t in b.times for x in (t.start, t.end)})
+                off = [m for m in edges if m % c.interval_minutes]
+                if off:
+                    raise ValueError(f"demand {c.id!r} ({c.interval_minutes}-minute intervals) is limited to band "
+                                     f"{c.band!r}, but {c.tou_component!r} changes band at "
+                                     f"{', '.join(f'{m // 60:02d}:{m % 60:02d}' for m in off)}, inside an interval")
+            if isinstance(c, TouComponent) and self.holiday_region is None:
+                named = sorted({b.band for b in c.bands for t in b.times if "holiday" in t.day_types})
+                if named:
+                    raise ValueError(f"TOU component {c.id!r}: bands {named} name the day type 'holiday', but the book "
+                                     "has no public holidays (holiday_region null): use weekday and weekend only")
             if isinstance(c, TaxComponent | SurchargeComponent | MinimumComponent):
                 missing = set(c.applies_to) - set(ids)
                 if missing:
                     raise ValueError(f"tax {c.id!r} applies to unknown components {sorted(missing)}")
         if self.effective_to is not None and self.effective_to <= self.effective_from:
             raise ValueError("effective_to must be after effective_from")
-        _holiday_calendar(self.holiday_region)  # raises for an unknown region
+        if self.holiday_region is not None:
+            _holiday_calendar(self.holiday_region)  # raises for an unknown region
         return self
 
     def canonical_json(self) -> str:
@@ -349,8 +477,8 @@ class PriceBook(_Frozen):
         ]
 
     def day_type(self, day: date) -> str:
-        """``holiday`` (public holiday in the book's region), ``weekend`` or ``weekday``."""
-        if day in _holiday_calendar(self.holiday_region):
+        """``holiday`` (public holiday in the book's region; never without one), ``weekend`` or ``weekday``."""
+        if self.holiday_region is not None and day in _holiday_calendar(self.holiday_region):
             return "holiday"
         return "weekend" if day.weekday() >= 5 else "weekday"
 
@@ -372,7 +500,24 @@ def _holiday_calendar(region: str) -> holidays.HolidayBase:
     try:
         return holidays.country_holidays(country, subdiv=subdiv or None)
     except NotImplementedError as exc:
-        raise ValueError(f"unknown holiday region {region!r}") from exc
+        raise ValueError(f"unknown holiday region {region!r} ({exc}); use CC or CC-SUBDIV of the holidays package "
+                         "(e.g. AU-ACT), or null for a book without public holidays") from exc
+
+
+def unmeasurable_demand(book: PriceBook, window_minutes: Callable[[str], int]) -> list[str]:
+    """Why ``book``'s demand components cannot be measured from the windows the deployment makes: one
+    sentence per component whose ``interval_minutes`` is not a whole number of windows of its metric
+    (``window_minutes(metric)``, e.g. ``PIPELINE_WINDOW_MINUTES_ENERGY``): a demand interval finer than the
+    data. Empty when every demand can be measured. Pure; the CLI refuses to publish such a book."""
+    out = []
+    for c in book.components:
+        if isinstance(c, DemandComponent):
+            w = window_minutes(c.metric)
+            if c.interval_minutes % w:
+                out.append(f"{book.id} v{book.version} demand {c.id!r} is measured over {c.interval_minutes}-minute "
+                           f"intervals, but {c.metric} is windowed in {w}-minute windows: a demand interval must be a "
+                           f"whole number of windows (windows of {c.interval_minutes} minutes or a divisor of it)")
+    return out
 
 
 def book_in_effect(books: list[PriceBook], book_id: str, day: date) -> PriceBook | None:

@@ -2,12 +2,26 @@
 
 State per input partition:
 - ``rw|<window id>`` → the latest revision of a window seen, its value and the quantity keys it feeds;
-- ``rp|<account>|<period start>`` → the period's aggregates (quantity per price book version,
-  component and band) and the rounded totals already emitted per charge line.
+- ``rp|<account>|<period start>`` → the period's aggregates and the rounded totals already emitted per
+  charge line: quantity per (price book version, component, band), windows and quality flags per quantity
+  key (counted, so a superseded estimate stops marking the line), and per demand component the kWh of each
+  (meter, demand interval): the total of the meter's channels of the metric (E1 + E2 ...).
 
 A window revision updates the aggregates by (new − old) value; all revisions of one (account,
 period) in a batch are coalesced into one recompute with ``rate_period`` at the end of the batch,
 which emits ``new total − emitted total`` per line, only where non-zero.
+
+Demand (issue 14): a window adds its kWh to the demand interval of its meter that contains it; the
+meter's peak is its highest interval total ÷ the interval's hours. A window that is longer than a
+demand component's interval, or does not divide it, cannot measure it: the revision is dead-lettered
+(``DEMAND_INTERVAL_FINER_THAN_DATA``) before it changes anything. So is a window of NEM13 register reads
+(spread evenly over days, ``nem13.SPREAD_MARK`` in its sources) that a TOU or demand component would price
+(``ACCUMULATION_ON_INTERVAL_TARIFF``): it has no time of day.
+
+State format 2 (this version) replaced the demand of format 1 (kW per window start, where two channels
+with one start overwrote each other) and the quality flags kept as an ever-growing union: a format-1
+period is rebuilt from its windows' stored revisions the first time a revision reaches it, and its
+next recompute emits any difference (the corrected demand) as an ordinary delta.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from pipeline.codec import Codec, DecodeError
+from pipeline.ingest.nem13 import SPREAD_MARK
 from pipeline.money import ZERO
 from pipeline.rating import rate as r
 from pipeline.rating.pricebook import DemandComponent, PriceBook, TouComponent
@@ -37,11 +52,17 @@ log = logging.getLogger(__name__)
 
 REVISIONS = Counter("pipeline_rating_window_revisions_total", "window revisions by outcome", ["outcome"])
 LINES = Counter("pipeline_rating_lines_total", "delta lines emitted", ["component_kind"])
+UNMEASURED = Counter("pipeline_rating_unmeasured_demand_total",
+                     "windows left out of a demand they cannot measure while re-rating (logged)")
+
+FORMAT = 2  # the period state format this code writes (see the module docstring)
+LEGACY_WINDOW_MS = 1_800_000  # a format-1 window state without its end: the 30-minute windows of that time
 
 
 @dataclass
 class RatedWindowState:
-    """The latest revision of one window as seen by rating."""
+    """The latest revision of one window as seen by rating: its value (in the metric's unit), the period
+    it belongs to, the quantity keys and demand keys it feeds, its bounds (epoch ms) and quality flags."""
 
     revision: int
     value: Decimal
@@ -49,15 +70,27 @@ class RatedWindowState:
     keys: list[str]
     demand_keys: list[str] = field(default_factory=list)
     window_start_ms: int = 0
-    kw: Decimal = ZERO
+    kw: Decimal = ZERO  # format 1 only (the window's own kW); unused
     metric: str = ""
     window_end_ms: int = 0
     qualities: list[str] = field(default_factory=list)
+    series: str = ""  # not stored: named by the window id (the store key); set before folding
+
+    @property
+    def window_ms(self) -> int:
+        end, start = self.window_end_ms, self.window_start_ms
+        return end - start if end > start else LEGACY_WINDOW_MS
 
 
 @dataclass
 class PeriodState:
-    """Aggregates and emitted totals of one (account, billing period)."""
+    """Aggregates and emitted totals of one (account, billing period).
+
+    ``quality_counts``: quantity key → quality flag → windows (latest revisions) carrying it.
+    ``demand_kwh``: demand key → ``<meter>|<interval start ms>`` → kWh of every window of the meter in that
+    demand interval (all its channels); keys stay (possibly empty) once seen, so their lines stay rated.
+    ``qualities`` and ``demand``: format 1 (a union of flags; kW per window start), emptied by the upgrade.
+    """
 
     account: str
     period_start: date
@@ -67,10 +100,86 @@ class PeriodState:
     windows: dict[str, int] = field(default_factory=dict)
     emitted: dict[str, Decimal] = field(default_factory=dict)
     demand: dict[str, dict[str, Decimal]] = field(default_factory=dict)
+    quality_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    demand_kwh: dict[str, dict[str, Decimal]] = field(default_factory=dict)
+    format: int = FORMAT
 
-    def peaks(self) -> dict[str, Decimal]:
-        """Peak kW per demand key."""
-        return {k: max(v.values()) for k, v in self.demand.items() if v}
+    def peaks(self, interval_ms: Callable[[str], int]) -> dict[str, tuple[Decimal, ...]]:
+        """Per demand key, each meter's peak kW (meters in name order): the highest kWh of one demand
+        interval × (60 / interval minutes), 6 dp (exact: intervals are 5, 10, 15 or 30 minutes).
+        ``interval_ms(demand key)``: the demand component's interval."""
+        out: dict[str, tuple[Decimal, ...]] = {}
+        for key, slots in self.demand_kwh.items():
+            per_hour = Decimal(3_600_000 // interval_ms(key))
+            best: dict[str, Decimal] = {}
+            for slot, kwh in slots.items():
+                meter = slot.rpartition("|")[0]
+                if meter not in best or kwh > best[meter]:
+                    best[meter] = kwh
+            out[key] = tuple((best[m] * per_hour).quantize(QUANTUM) for m in sorted(best))
+        return out
+
+    def flags(self, line_inputs: set[str]) -> list[str]:
+        """The quality flags of the windows feeding a line (its inputs: ``book|component|band``)."""
+        out: set[str] = set()
+        for k, counts in self.quality_counts.items():
+            if r.line_key_of(k) in line_inputs:
+                out.update(q for q, n in counts.items() if n > 0)
+        for k, qs in self.qualities.items():  # format 1, until the period is upgraded
+            if r.line_key_of(k) in line_inputs:
+                out.update(qs)
+        return sorted(out)
+
+
+QUANTUM = Decimal("0.000001")
+
+
+def meter_of(series: str) -> str:
+    """The meter a series belongs to: the NMI of ``NMI/suffix`` (the part before the first ``/``). Demand
+    is measured per meter on the total of its channels."""
+    return series.partition("/")[0]
+
+
+def series_of(window_id: str, account: str) -> str:
+    """The series inside a window id ``account|series|start``."""
+    return window_id[len(account) + 1: window_id.rindex("|")]
+
+
+def fold(ps: PeriodState, rw: RatedWindowState, sign: int, interval_ms: Callable[[str], int]) -> None:
+    """Add (``sign`` 1) or remove (−1) one window revision's contribution to a period's aggregates:
+    its value on each quantity key, its windows and quality flags, and its kWh on the demand interval of its
+    meter for each demand key (``interval_ms(demand key)``). Exact (Decimal), so any order of adds and
+    removes of the same revisions gives the same state."""
+    value = rw.value if sign > 0 else -rw.value
+    for k in rw.keys:
+        ps.quantities[k] = ps.quantities.get(k, ZERO) + value
+        ps.windows[k] = ps.windows.get(k, 0) + sign
+        _count_flags(ps, k, rw.qualities, sign)
+    if rw.demand_keys:
+        meter = meter_of(rw.series)
+        for k in rw.demand_keys:
+            step = interval_ms(k)
+            slot = f"{meter}|{rw.window_start_ms - rw.window_start_ms % step}"
+            slots = ps.demand_kwh.setdefault(k, {})
+            kwh = slots.get(slot, ZERO) + value
+            if kwh:
+                slots[slot] = kwh
+            else:
+                slots.pop(slot, None)
+            _count_flags(ps, k, rw.qualities, sign)
+    if not rw.keys and not rw.demand_keys:  # a metric this plan does not price still activates the period
+        k = "unpriced|" + rw.metric
+        ps.windows[k] = ps.windows.get(k, 0) + sign
+
+
+def _count_flags(ps: PeriodState, key: str, qualities: list[str], sign: int) -> None:
+    counts = ps.quality_counts.setdefault(key, {})
+    for q in qualities:
+        n = counts.get(q, 0) + sign
+        if n:
+            counts[q] = n
+        else:
+            counts.pop(q, None)
 
 
 @dataclass
@@ -84,29 +193,76 @@ class _Touched:
 BOOKS_KEY = b"books"
 
 
-def window_keys(book: PriceBook, metric: str, start: datetime) -> tuple[list[str], list[str]]:
-    """The quantity keys (summed) and demand keys (peak kW) a window of ``metric`` starting at
-    ``start`` (UTC) feeds under ``book``: one per usage component pricing the metric, with its TOU band."""
-    keys, demand_keys = [], []
+def window_keys(book: PriceBook, metric: str, start: datetime, window_ms: int = LEGACY_WINDOW_MS,
+                ) -> tuple[list[str], list[str], list[DemandComponent]]:
+    """What a window of ``metric`` starting at ``start`` (UTC), ``window_ms`` long, feeds under ``book``:
+    the quantity keys (summed; one per usage component pricing the metric, with its TOU band), the demand
+    keys (band ``""``; for a band-limited demand only when the window is in the band), and the demand
+    components the window cannot measure: its length does not divide their interval (a demand interval
+    finer than the data). The caller refuses such a window."""
+    keys, demand_keys, unfit = [], [], []
     for comp in book.usage_components(metric):
         if isinstance(comp, DemandComponent):
             if comp.tou_component is None or book.band_of(book_component(book, comp.tou_component), start) == comp.band:
-                demand_keys.append(r.quantity_key(book, comp.id, ""))
+                if comp.interval_ms % window_ms:
+                    unfit.append(comp)
+                else:
+                    demand_keys.append(r.quantity_key(book, comp.id, ""))
             continue
         band = book.band_of(comp, start) if isinstance(comp, TouComponent) else ""
         keys.append(r.quantity_key(book, comp.id, band))
-    return keys, demand_keys
+    return keys, demand_keys, unfit
 
 
-def demand_kw(kwh: Decimal, start: datetime, end: datetime) -> Decimal:
-    """Average demand of a window in kW: kWh ÷ window hours (SPEC §4), 6 dp."""
-    hours = Decimal(int((end - start).total_seconds())) / 3600
-    return (kwh / hours).quantize(Decimal("0.000001"))
+def demand_interval_ms(ref: ReferenceData) -> Callable[[str], int]:
+    """Demand key (``book|version|component|``) → the component's interval in ms, memoized per snapshot."""
+    memo: dict[str, int] = ref.memo.setdefault("demand_interval_ms", {})
+    books = ref.books_by_version()
+
+    def lookup(key: str) -> int:
+        found = memo.get(key)
+        if found is None:
+            book_id, version, component_id, _band = key.split("|")
+            comp = next(c for c in books[(book_id, int(version))].components if c.id == component_id)
+            assert isinstance(comp, DemandComponent)
+            found = memo[key] = comp.interval_ms
+        return found
+
+    return lookup
+
+
+def unfit_message(book: PriceBook, comp: DemandComponent, window_ms: int) -> str:
+    return (f"a {window_ms / 60_000:g}-minute window cannot measure demand {comp.id!r} of {book.id} v{book.version}, "
+            f"stated over {comp.interval_minutes}-minute intervals: windows must divide the demand interval "
+            "(set PIPELINE_WINDOW_MINUTES_ENERGY to a divisor of it; a demand interval finer than the data cannot "
+            "be billed)")
 
 
 def _overlaps(book: PriceBook, start: date, end: date) -> bool:
     return book.effective_from < end and (book.effective_to is None or book.effective_to > start)
 
+
+
+def _reset(ps: PeriodState) -> None:
+    """Empty a period's aggregates before folding its windows again (re-rating, upgrade). Keys stay, at zero
+    (quantities) or empty (demand), so every line emitted so far is still rated."""
+    ps.quantities = {k: ZERO for k in ps.quantities}
+    ps.demand_kwh = {k: {} for k in (*ps.demand_kwh, *ps.demand)}  # format 1 kept its demand keys in ``demand``
+    ps.windows, ps.quality_counts, ps.qualities, ps.demand = {}, {}, {}, {}
+    ps.format = FORMAT
+
+
+def _upgrade(store: Any, pkey: str, ps: PeriodState, intervals: Callable[[str], int]) -> None:
+    """A format-1 period rebuilt from the stored revisions of its windows (its account's ``rw|`` entries):
+    demand per (meter, interval) over all channels instead of per window start, quality flags counted.
+    Nothing for a period already in this format."""
+    if ps.format >= FORMAT:
+        return
+    _reset(ps)
+    for key, rw in store.scan(f"rw|{ps.account}|".encode()):
+        if rw.period_key == pkey:
+            rw.series = series_of(key[3:].decode(), ps.account)
+            fold(ps, rw, 1, intervals)
 
 
 class RatingProcessor:
@@ -150,21 +306,20 @@ class RatingProcessor:
             previous = {
                 b.id: sorted(int(v.split(":")[1]) for v in applied if v.split(":")[0] == b.id) for b in new
             }
-            ps.quantities = {k: ZERO for k in ps.quantities}
-            ps.windows, ps.demand = {}, {}
+            _reset(ps)
+            intervals = demand_interval_ms(ref)
             for key, rw in rws:
                 start = datetime.fromtimestamp(rw.window_start_ms / 1000, tz=UTC)
                 account = ref.accounts[ps.account]
                 book = ref.book_on(ps.account, start.astimezone(account.tz).date())
                 if book is None:
                     continue
-                rw.keys, rw.demand_keys = window_keys(book, rw.metric, start)
-                for k in rw.keys:
-                    ps.quantities[k] = ps.quantities.get(k, ZERO) + rw.value
-                    ps.windows[k] = ps.windows.get(k, 0) + 1
-                    ps.qualities[k] = sorted(set(ps.qualities.get(k, [])) | set(rw.qualities))
-                for k in rw.demand_keys:
-                    ps.demand.setdefault(k, {})[str(rw.window_start_ms)] = rw.kw
+                rw.keys, rw.demand_keys, unfit = window_keys(book, rw.metric, start, rw.window_ms)
+                for comp in unfit:  # cannot refuse a stored revision: left out of that demand, loudly
+                    UNMEASURED.inc()
+                    log.error("re-rating %s: %s", key.decode(), unfit_message(book, comp, rw.window_ms))
+                rw.series = series_of(key[3:].decode(), ps.account)
+                fold(ps, rw, 1, intervals)
                 store.put(key, rw)
             store.put(pkey.encode(), ps)
             self._touched[pkey.encode()] = _Touched(partition, [], cause, previous)
@@ -192,39 +347,43 @@ class RatingProcessor:
                 record, "NO_PRICE_BOOK", f"no plan/price book for account {win.account} on {local_day}", ctx
             )
             return
-        keys, demand_keys = window_keys(book, win.metric, win.window_start)
-        kw = demand_kw(win.value, win.window_start, win.window_end)
-        start_ms = str(int(win.window_start.timestamp() * 1000))
-
+        start_ms = int(win.window_start.timestamp() * 1000)
+        end_ms = int(win.window_end.timestamp() * 1000)
         store = ctx.store(record.partition)
         wkey = b"rw|" + win.window_id.encode()
         held: RatedWindowState | None = store.get(wkey)
         if held is not None and held.revision >= win.revision:
             REVISIONS.labels("duplicate").inc()
             return
+        if win.sources and all(src.startswith(SPREAD_MARK) for src in win.sources):
+            timed = [c.id for c in book.usage_components(win.metric) if isinstance(c, TouComponent | DemandComponent)]
+            if timed:
+                self._dead_letter(record, "ACCUMULATION_ON_INTERVAL_TARIFF",
+                                  f"{win.window_id} holds NEM13 register reads spread evenly over days: they have no "
+                                  f"time of day, and {book.id} v{book.version} prices {win.metric} by time of use or "
+                                  f"demand ({', '.join(timed)}); bill this meter on a flat or tiered plan", ctx)
+                return
+        keys, demand_keys, unfit = window_keys(book, win.metric, win.window_start, end_ms - start_ms)
+        if unfit:
+            self._dead_letter(record, "DEMAND_INTERVAL_FINER_THAN_DATA",
+                              unfit_message(book, unfit[0], end_ms - start_ms), ctx)
+            return
+        intervals = demand_interval_ms(ref)
         pkey = f"rp|{win.account}|{period.start.isoformat()}"
         ps: PeriodState = store.get(pkey.encode()) or PeriodState(win.account, period.start, period.end)
+        _upgrade(store, pkey, ps, intervals)
         if held is not None:
+            held.series = win.series
             old_ps = ps if held.period_key == pkey else store.get(held.period_key.encode())
-            for k in held.keys:
-                old_ps.quantities[k] = old_ps.quantities.get(k, ZERO) - held.value
-                old_ps.windows[k] = old_ps.windows.get(k, 0) - 1
-            for k in held.demand_keys:
-                old_ps.demand.get(k, {}).pop(str(held.window_start_ms), None)
+            _upgrade(store, held.period_key, old_ps, intervals)
+            fold(old_ps, held, -1, intervals)
             if old_ps is not ps:
                 store.put(held.period_key.encode(), old_ps)
-        for k in keys:
-            ps.quantities[k] = ps.quantities.get(k, ZERO) + win.value
-            ps.windows[k] = ps.windows.get(k, 0) + 1
-            ps.qualities[k] = sorted(set(ps.qualities.get(k, [])) | set(win.qualities))
-        for k in demand_keys:
-            ps.demand.setdefault(k, {})[start_ms] = kw
-            ps.qualities[k] = sorted(set(ps.qualities.get(k, [])) | set(win.qualities))
-        if not keys and not demand_keys:  # a metric this plan does not price still activates the period
-            ps.windows["unpriced|" + win.metric] = ps.windows.get("unpriced|" + win.metric, 0) + 1
+        rw = RatedWindowState(win.revision, win.value, pkey, keys, demand_keys, start_ms, ZERO, win.metric, end_ms,
+                              list(win.qualities), win.series)
+        fold(ps, rw, 1, intervals)
         store.put(pkey.encode(), ps)
-        store.put(wkey, RatedWindowState(win.revision, win.value, pkey, keys, demand_keys, int(start_ms), kw,
-                                         win.metric, int(win.window_end.timestamp() * 1000), list(win.qualities)))
+        store.put(wkey, rw)
         self._touched.setdefault(pkey.encode(), _Touched(record.partition)).causes.append((win, keys + demand_keys))
         REVISIONS.labels("accepted").inc()
 
@@ -291,7 +450,8 @@ def recompute(
         ref.memo[memo_key] = service_days(ps, ref)
     days = ref.memo[memo_key]
     books = ref.books_by_version()
-    totals = r.rate_period(ps.quantities, days, books, (ps.period_end - ps.period_start).days, ps.peaks())
+    totals = r.rate_period(ps.quantities, days, books, (ps.period_end - ps.period_start).days,
+                           ps.peaks(demand_interval_ms(ref)))
     cause_ids = sorted(f"{c.window_id}@{c.revision}" for c, _ in causes)
     watermark = max((c.watermark for c, _ in causes), default=None)  # the invoicing stage's event clock
     cause = cause_override or "windows:" + hashlib.sha256("\n".join(cause_ids).encode()).hexdigest()[:24]
@@ -307,8 +467,9 @@ def recompute(
         line_id = hashlib.sha256(
             f"{ps.account}|{ps.period_start}|{key}|{cause}".encode()
         ).hexdigest()[:32]
-        related = [c for c, keys in causes if any(r.line_key_of(k) == key for k in keys)]
-        qualities = sorted({q for k, qs in ps.qualities.items() if r.line_key_of(k) == key for q in qs})
+        inputs = set(line.inputs)
+        related = [c for c, keys in causes if any(r.line_key_of(k) in inputs for k in keys)]
+        qualities = ps.flags(inputs)
         explanation = {
             "account": ps.account,
             "period": [ps.period_start.isoformat(), ps.period_end.isoformat()],
@@ -361,10 +522,14 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
                                  "qualities": value.qualities}, "RatedWindowState")
         return codec.encode(
             {"account": value.account, "period_start": value.period_start, "period_end": value.period_end,
-             "quantities": {k: v.quantize(Decimal("0.000001")) for k, v in value.quantities.items()},
+             "quantities": {k: v.quantize(QUANTUM) for k, v in value.quantities.items()},
              "qualities": value.qualities, "windows": value.windows,
              "emitted": value.emitted,
-             "demand": {k: {w: str(kw) for w, kw in v.items()} for k, v in value.demand.items()}},
+             "demand": {k: {w: str(kw) for w, kw in v.items()} for k, v in value.demand.items()},
+             "quality_counts": value.quality_counts,
+             "demand_kwh": {k: {slot: kwh.quantize(QUANTUM) for slot, kwh in v.items()}
+                            for k, v in value.demand_kwh.items()},
+             "format": value.format},
             "RatingPeriodState",
         )
 
@@ -379,6 +544,8 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         d = codec.decode_dict(raw, "RatingPeriodState")
         return PeriodState(d["account"], d["period_start"], d["period_end"], dict(d["quantities"]),
                            {k: list(v) for k, v in d["qualities"].items()}, dict(d["windows"]), dict(d["emitted"]),
-                           {k: {w: Decimal(kw) for w, kw in v.items()} for k, v in d["demand"].items()})
+                           {k: {w: Decimal(kw) for w, kw in v.items()} for k, v in d["demand"].items()},
+                           {k: dict(v) for k, v in d["quality_counts"].items()},
+                           {k: dict(v) for k, v in d["demand_kwh"].items()}, d["format"])
 
     return encode, decode

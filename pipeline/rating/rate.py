@@ -1,15 +1,27 @@
 """The pure rating function and billing periods (SPEC §4).
 
 ``rate_period`` maps a period's aggregates (quantity per price book version, component and band;
-service days per price book version) to one rounded total per charge line. A charge line is
-identified by ``book id|component id|band``; its total is the sum over the versions that priced
-part of the period, rounded half-up once to the currency's minor unit.
+service days per price book version; peak demand per demand component and meter) to one rounded total per
+charge line. A charge line is identified by ``book id|component id|band``; its total is the sum over the
+versions that priced part of the period, rounded half-up once to the currency's minor unit.
+
+Conventions stated here (and in docs/semantics.md):
+
+- **Tiers inside TOU** (``TouComponent.tiers``): the tier limits apply to the period's total quantity over
+  all bands; each tier's slice is allocated to the bands in proportion to each band's share of that
+  total (``tou_tier_allocation``), priced at the band's rate in that tier; one line per band and tier.
+- **Demand** (``DemandComponent``): one peak per meter (the highest total import of the meter's channels
+  in one demand interval, kW); a rate charges peak × rate, blocks charge each meter's peak through the
+  blocks (first ``up_to`` kW at the first rate ...); an account with several meters pays the sum. Demand
+  charges are not prorated by days (kW is a rate, not a volume).
+- A negative period quantity (a credited correction, e.g. a NEM13 register that went down) is credited
+  at the first tier's rate; packages never go below zero.
 """
 
 from __future__ import annotations
 
 import calendar
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import Decimal
@@ -123,6 +135,7 @@ class LineTotal:
     total: Decimal
     parts: tuple[Part, ...]
     formula: str
+    inputs: tuple[str, ...] = ()  # ``book id|component id|band`` of the quantities feeding the line
 
 
 def rate_period(
@@ -130,7 +143,7 @@ def rate_period(
     service_days: Mapping[tuple[str, int], int],
     books: Mapping[tuple[str, int], PriceBook],
     period_days: int | None = None,
-    peaks: Mapping[str, Decimal] | None = None,
+    peaks: Mapping[str, Decimal | Sequence[Decimal]] | None = None,
 ) -> dict[str, LineTotal]:
     """Rate one (account, period).
 
@@ -140,7 +153,9 @@ def rate_period(
         books: every price book version named in the two mappings.
         period_days: days in the billing period; fixed-per-period charges, tier thresholds and
             minimums are prorated by ``service days / period_days`` (``None``: no proration).
-        peaks: ``quantity_key`` of a demand component → the period's peak demand in kW.
+        peaks: ``quantity_key`` of a demand component (band ``""``) → the period's peak demand in kW, or
+            one peak per meter (each goes through the component's blocks on its own; negative peaks count
+            as 0).
     Returns: line key → ``LineTotal``, including zero totals for lines with zero quantity.
     Order: usage and fixed lines, then percentage surcharges, minimum charges, taxes — each
     percentage or minimum works on the ROUNDED totals of the components it names.
@@ -152,7 +167,14 @@ def rate_period(
         return Decimal(1) if not period_days else Decimal(days) / Decimal(period_days)
 
     parts: dict[str, list[tuple[PriceBook, object, Decimal, Decimal]]] = {}
+    inputs: dict[str, set[str]] = {}
+
+    def add(key: str, book: PriceBook, comp: object, qty: Decimal, rate: Decimal, fed_by: list[str]) -> None:
+        parts.setdefault(key, []).append((book, comp, qty, rate))
+        inputs.setdefault(key, set()).update(fed_by)
+
     cumulative: dict[tuple[str, int, str], Decimal] = {}
+    by_band: dict[tuple[str, int, str], dict[str, Decimal]] = {}  # tiered TOU: (book, version, comp) → band → qty
     for qkey, qty in sorted(quantities.items()):
         book_id, version, component_id, band = qkey.split("|")
         book = books[(book_id, int(version))]
@@ -163,6 +185,11 @@ def rate_period(
             k = (book_id, int(version), component_id)
             cumulative[k] = cumulative.get(k, ZERO) + qty
             continue
+        if isinstance(comp, TouComponent) and comp.tiers:
+            comp.rate_of(band, 1)  # KeyError for an unknown band
+            bands = by_band.setdefault((book_id, int(version), component_id), {})
+            bands[band] = bands.get(band, ZERO) + qty
+            continue
         if isinstance(comp, TouComponent):
             rate = comp.rate_of(band)
         elif isinstance(comp, PerUnitComponent | FeedInComponent | SurchargeComponent):
@@ -170,38 +197,55 @@ def rate_period(
         else:
             raise KeyError(f"{component_id} is not a usage component")
         sign = Decimal(-1) if isinstance(comp, FeedInComponent) else Decimal(1)
-        parts.setdefault(line_key_of(qkey), []).append((book, comp, qty, sign * rate))
+        add(line_key_of(qkey), book, comp, qty, sign * rate, [line_key_of(qkey)])
+    for (book_id, version, component_id), bands in sorted(by_band.items()):
+        book = books[(book_id, version)]
+        comp = _component(book, component_id)
+        assert isinstance(comp, TouComponent)
+        fed_by = [f"{book_id}|{component_id}|{b}" for b in bands]
+        for band, tier, qty in tou_tier_allocation(comp, bands, fraction(book_id, version)):
+            add(f"{book_id}|{component_id}|{band}, tier {tier}", book, comp, qty, comp.rate_of(band, tier), fed_by)
     for qkey, kw in sorted((peaks or {}).items()):
         book_id, version, component_id, _band = qkey.split("|")
         book = books[(book_id, int(version))]
         comp = _component(book, component_id)
-        parts.setdefault(line_key_of(qkey), []).append((book, comp, kw, comp.rate))  # type: ignore[attr-defined]
+        if not isinstance(comp, DemandComponent):
+            raise KeyError(f"{component_id} is not a demand component: its quantities go in `quantities`")
+        meters = [max(p, ZERO) for p in ([kw] if isinstance(kw, Decimal) else kw)]
+        fed_by = [line_key_of(qkey)]
+        if comp.rate is not None:
+            add(f"{book_id}|{component_id}|", book, comp, sum(meters, ZERO), comp.rate, fed_by)
+            continue
+        for i, block in enumerate(comp.blocks, start=1):
+            slices = [_block_slices(comp, peak)[i - 1] for peak in meters]
+            add(f"{book_id}|{component_id}|block {i}", book, comp, sum(slices, ZERO), block.rate, fed_by)
     for (book_id, version, component_id), qty in sorted(cumulative.items()):
         book = books[(book_id, version)]
         comp = _component(book, component_id)
+        fed_by = [f"{book_id}|{component_id}|"]
         if isinstance(comp, PackageComponent):
             # every started package: ceil(qty / size). Decimal ``//`` truncates toward zero, so the
             # ``-(-a // b)`` ceiling idiom of ints gives the floor here; divmod is exact.
             whole, rest = divmod(qty, comp.package_size)
             packages = whole + (1 if rest else 0) if qty > 0 else ZERO
-            parts.setdefault(f"{book_id}|{component_id}|", []).append((book, comp, packages, comp.package_price))
+            add(f"{book_id}|{component_id}|", book, comp, packages, comp.package_price, fed_by)
             continue
         f = fraction(book_id, version)
         for band, q, rate in _tier_slices(comp, qty, f):  # type: ignore[arg-type]
-            parts.setdefault(f"{book_id}|{component_id}|{band}", []).append((book, comp, q, rate))
+            add(f"{book_id}|{component_id}|{band}", book, comp, q, rate, fed_by)
     for (book_id, version), days in sorted(service_days.items()):
         book = books[(book_id, version)]
         for comp in book.components:
             if isinstance(comp, FixedDailyComponent):
-                parts.setdefault(f"{book_id}|{comp.id}|", []).append((book, comp, Decimal(days), comp.rate))
+                add(f"{book_id}|{comp.id}|", book, comp, Decimal(days), comp.rate, [])
             elif isinstance(comp, FixedPeriodComponent):
-                parts.setdefault(f"{book_id}|{comp.id}|", []).append(
-                    (book, comp, fraction(book_id, version), comp.rate))
+                add(f"{book_id}|{comp.id}|", book, comp, fraction(book_id, version), comp.rate, [])
 
-    lines: dict[str, LineTotal] = {key: _line(key, items) for key, items in parts.items()}
+    lines: dict[str, LineTotal] = {key: _line(key, items, tuple(sorted(inputs[key]))) for key, items in parts.items()}
     # components computed from other components' rounded totals, per book (latest version in play)
     latest: dict[str, PriceBook] = {}
-    for book_id, version in {*service_days, *((q.split("|")[0], int(q.split("|")[1])) for q in quantities)}:
+    in_play = {*service_days, *((q.split("|")[0], int(q.split("|")[1])) for q in (*quantities, *(peaks or {})))}
+    for book_id, version in in_play:
         b = books[(book_id, version)]
         if book_id not in latest or b.version > latest[book_id].version:
             latest[book_id] = b
@@ -215,24 +259,60 @@ def rate_period(
     return lines
 
 
-def _tier_slices(comp: TieredComponent, qty: Decimal, f: Decimal) -> list[tuple[str, Decimal, Decimal]]:
-    """(band, quantity, rate) per tier; thresholds scaled by ``f``. Graduated: each slice at its
-    tier's rate. Volume: the whole quantity at the rate of the tier it falls in, zero elsewhere."""
+def _slices(limits: Sequence[Decimal | None], mode: str, qty: Decimal, f: Decimal) -> list[Decimal]:
+    """``qty`` split over tiers with upper ``limits`` (``None`` = no limit) scaled by ``f``. Graduated: the
+    slice of each tier (a negative ``qty`` all in the first); volume: all of it in the tier it falls in."""
     out = []
     lower = ZERO
     placed = False
-    for i, tier in enumerate(comp.tiers, start=1):
-        upper = None if tier.up_to is None else tier.up_to * f
-        if comp.mode == "graduated":
+    for i, limit in enumerate(limits):
+        upper = None if limit is None else limit * f
+        if mode == "graduated":
             top = qty if upper is None else min(qty, upper)
-            out.append((f"tier {i}", max(top - lower, ZERO), tier.rate))
+            out.append(top if i == 0 else max(top - lower, ZERO))
         else:
             inside = not placed and (upper is None or qty <= upper)
-            out.append((f"tier {i}", qty if inside else ZERO, tier.rate))
+            out.append(qty if inside else ZERO)
             placed = placed or inside
         if upper is not None:
             lower = upper
     return out
+
+
+def _tier_slices(comp: TieredComponent, qty: Decimal, f: Decimal) -> list[tuple[str, Decimal, Decimal]]:
+    """(band, quantity, rate) per tier; thresholds scaled by ``f``. Graduated: each slice at its
+    tier's rate. Volume: the whole quantity at the rate of the tier it falls in, zero elsewhere."""
+    slices = _slices([t.up_to for t in comp.tiers], comp.mode, qty, f)
+    return [(f"tier {i}", q, t.rate) for i, (t, q) in enumerate(zip(comp.tiers, slices, strict=True), start=1)]
+
+
+def tou_tier_allocation(comp: TouComponent, bands: Mapping[str, Decimal], f: Decimal = Decimal(1),
+                        ) -> list[tuple[str, int, Decimal]]:
+    """The quantity of each (band, tier) of a tiered TOU component: (band, tier number, quantity), bands in
+    the component's order, every band of the component and every tier present (zero where nothing falls).
+
+    The tiers (limits × ``f``, ``comp.tier_mode``) slice the period's total Q = Σ ``bands``; band b's share of
+    tier i is ``slice_i × q_b / Q`` (proportional to its share of the period's total; 0 when Q = 0). Exact:
+    Σ over bands of tier i = slice_i and Σ over tiers of band b = q_b, up to Decimal's 28 digits.
+    ``bands`` must name bands of ``comp`` (``KeyError`` otherwise).
+    """
+    names = [b.band for b in comp.bands]
+    unknown = set(bands) - set(names)
+    if unknown:
+        raise KeyError(f"{comp.id} has no band {sorted(unknown)}")
+    total = sum(bands.values(), ZERO)
+    slices = _slices([t.up_to for t in comp.tiers], comp.tier_mode, total, f)
+    out = []
+    for band in names:
+        q = bands.get(band, ZERO)
+        for i, s in enumerate(slices, start=1):
+            out.append((band, i, ZERO if not total else s * q / total))
+    return out
+
+
+def _block_slices(comp: DemandComponent, kw: Decimal) -> list[Decimal]:
+    """A meter's peak ``kw`` (≥ 0) split over the component's demand blocks (graduated, never prorated)."""
+    return _slices([b.up_to for b in comp.blocks], "graduated", kw, Decimal(1))
 
 
 def _derived_line(book: PriceBook, comp: object, lines: dict[str, LineTotal], f: Decimal) -> LineTotal:
@@ -263,7 +343,7 @@ def _component(book: PriceBook, component_id: str) -> object:
     raise KeyError(f"price book {book.id} v{book.version} has no component {component_id!r}")
 
 
-def _line(key: str, items: list[tuple[PriceBook, object, Decimal, Decimal]]) -> LineTotal:
+def _line(key: str, items: list[tuple[PriceBook, object, Decimal, Decimal]], inputs: tuple[str, ...] = ()) -> LineTotal:
     latest_book, comp, _, latest_rate = max(items, key=lambda i: i[0].version)
     currency = latest_book.currency
     parts = tuple(Part(b.version, q, r, q * r) for b, _, q, r in items)
@@ -275,5 +355,5 @@ def _line(key: str, items: list[tuple[PriceBook, object, Decimal, Decimal]]) -> 
     terms = " + ".join(f"{p.quantity} {unit} × {p.rate} (v{p.version})" for p in parts)
     return LineTotal(
         key, latest_book.id, latest_book.version, currency, comp.id, comp.kind, band, unit,  # type: ignore[attr-defined]
-        qty, latest_rate, total, parts, f"{terms} = {raw} → {total} {currency}",
+        qty, latest_rate, total, parts, f"{terms} = {raw} → {total} {currency}", inputs,
     )

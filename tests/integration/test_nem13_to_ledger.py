@@ -107,3 +107,51 @@ def test_real_nem13_files_bill_the_register_advances_to_the_cent(pipeline_env: E
     assert ("from NEM13 accumulation 06858->07462 = 604 kWh spread evenly over 102 days: "
             "NEM13#000000000000015#CNRGYMDP#NEMMCO.zip!NEM13#000000000000015#CNRGYMDP#NEMMCO.csv#4") in out.stdout
     assert env.stop_all() == {s: [0] for s in ("ingest", "windowing", "rating", "invoicing")}
+
+
+# issue 14: after the real file's estimated read 06858 -> 07462 (E62, 2004-09-19), the actual read on 2004-10-20
+# finds register 41 at 07452; the MDP sends it with Quantity -10: a correction, billed as a credit
+CORRECTION = ("250,NEM1315082,1141,1,41,41,15082,E,07462,20040919000000,E62,,,07452,20041020093000,A,,,-10,KWH,"
+              "20050519,20041021103616,")
+
+
+def test_a_real_nem13_register_correction_is_credited_over_its_read_period(pipeline_env: Env, tmp_path) -> None:
+    """The real NEM13 file of NEM1315082 with a correction read added (register down 10 kWh, Quantity −10)
+    through the gateway, the four stages and the ledger: nothing dead-lettered, the account's energy over
+    all periods is its registers' net advance (1,039 − 10 kWh), and the credit is spread over the correction's
+    own read period (2004-09-19 .. 10-20: 31 days, 12 in September and 19 in October), to the cent at the
+    flat rate. Expectations from the CSV text (``tests.batchbill``), independently of the reader."""
+    import zipfile
+
+    env = pipeline_env
+    env.start_all()
+    with zipfile.ZipFile(FOLDER / "NEM13#000000000000015#CNRGYMDP#NEMMCO.zip") as zf:
+        (member,) = zf.namelist()
+        lines = zf.read(member).decode("ascii").splitlines()
+    lines.insert(len(lines) - 1, CORRECTION)  # before the 900 end record
+    edited = tmp_path / member
+    edited.write_text("\r\n".join(lines) + "\r\n", encoding="ascii")
+    reads = [ln.split(",") for ln in lines if ln.startswith("250,")]
+    days = sum(max((yyyymmdd(f[14]) - yyyymmdd(f[9])).days, 1) for f in reads)
+
+    res = subprocess.run([sys.executable, "-m", "pipeline", "publish", "nem13", "--no-progress", str(edited)],
+                         env=env.env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert f"published {days} readings from 1 files" in res.stdout, res.stdout
+    report = env.wait_accounted(published=days)
+    assert (report.billed, report.dead_lettered, report.refused) == (days, 0, {})
+
+    got = final_lines(env, ["ACC-1049"])
+    energy = {p: q for (_a, p, c), (q, _t, _s) in got.items() if c == "energy"}
+    assert sum(energy.values()) == 1039 - 10
+    # the correction alone in September: 12 days × -0.322580; October: 18 × -0.322580 - 0.322600 (the remainder)
+    sept, octo = Decimal("-0.322580") * 12, Decimal("-0.322580") * 18 + Decimal("-0.322600")
+    assert sept + octo == -10
+    expected = dict(monthly_kwh([FOLDER / "NEM13#000000000000015#CNRGYMDP#NEMMCO.zip"])[("NEM1315082", "E")])
+    expected[date(2004, 9, 1)] += sept  # the file ends with the estimate: October has only the credit
+    expected[date(2004, 10, 1)] = octo
+    assert energy == expected
+    for period in (date(2004, 9, 1), date(2004, 10, 1)):
+        _q, total, amount = got[("ACC-1049", period, "energy")]
+        assert total == amount == cents(energy[period] * ENERGY), period
+    assert env.stop_all() == {s: [0] for s in ("ingest", "windowing", "rating", "invoicing")}

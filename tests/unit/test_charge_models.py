@@ -9,10 +9,19 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from pipeline.rating.pricebook import PriceBook
-from pipeline.rating.rate import BillingPeriod, LineTotal, period_containing, quantity_key, rate_period
+from pipeline.rating.pricebook import PriceBook, TouComponent, unmeasurable_demand
+from pipeline.rating.rate import (
+    BillingPeriod,
+    LineTotal,
+    period_containing,
+    quantity_key,
+    rate_period,
+    tou_tier_allocation,
+)
 
 D = Decimal
 
@@ -350,3 +359,167 @@ def test_tou_seasons_pick_the_band_by_month() -> None:
             {"id": "energy", "kind": "tou", "metric": "energy_import", "default_band": "off_peak", "bands": [
                 {"band": "off_peak", "rate": "0.20", "times": [
                     {"day_types": ["weekday"], "start": "00:00", "end": "01:00", "months": [13]}]}]}]})
+
+
+# --- tiers inside TOU (issue 14) ---------------------------------------------------------------------------------
+def tiered_tou_book(mode: str = "graduated") -> PriceBook:
+    """First 1,000 kWh of the month: peak 0.30, off-peak 0.15; above: peak 0.36, off-peak 0.18."""
+    return make_book([{
+        "id": "energy", "kind": "tou", "metric": "energy_import", "default_band": "off_peak", "tier_mode": mode,
+        "bands": [{"band": "peak", "times": [{"day_types": ["weekday"], "start": "14:00", "end": "20:00"}]},
+                  {"band": "off_peak"}],
+        "tiers": [{"up_to": "1000", "rates": {"peak": "0.30", "off_peak": "0.15"}},
+                  {"up_to": None, "rates": {"peak": "0.36", "off_peak": "0.18"}}],
+    }], book_id="TT")
+
+
+def test_tiers_inside_tou_allocate_each_tier_in_proportion_to_the_bands_share() -> None:
+    """By hand: peak 600 + off-peak 900 = 1,500 kWh; tier 1 takes 1,000, tier 2 the other 500. Peak is 40 % of
+    the month: 400 kWh in tier 1 (× 0.30 = 120.00) and 200 in tier 2 (× 0.36 = 72.00); off-peak 60 %: 600 in
+    tier 1 (× 0.15 = 90.00) and 300 in tier 2 (× 0.18 = 54.00). Bill 336.00."""
+    lines = rate_one(tiered_tou_book(), {"energy|peak": "600", "energy|off_peak": "900"})
+    assert {k: (v.quantity, v.rate, v.total) for k, v in lines.items()} == {
+        "TT|energy|peak, tier 1": (D(400), D("0.30"), D("120.00")),
+        "TT|energy|peak, tier 2": (D(200), D("0.36"), D("72.00")),
+        "TT|energy|off_peak, tier 1": (D(600), D("0.15"), D("90.00")),
+        "TT|energy|off_peak, tier 2": (D(300), D("0.18"), D("54.00")),
+    }
+    assert sum(v.total for v in lines.values()) == D("336.00")
+    assert {v.band for v in lines.values()} == {"peak, tier 1", "peak, tier 2", "off_peak, tier 1", "off_peak, tier 2"}
+    # every line names both bands as its inputs: a peak kWh moves the off-peak lines' tier split too
+    assert all(v.inputs == ("TT|energy|off_peak", "TT|energy|peak") for v in lines.values())
+
+
+def test_tiers_inside_tou_below_the_first_limit_and_in_volume_mode() -> None:
+    # below 1,000 kWh everything is tier 1 at each band's tier-1 rate; tier-2 lines are there, at zero
+    low = rate_one(tiered_tou_book(), {"energy|peak": "123.456", "energy|off_peak": "10"})
+    assert {k: v.total for k, v in low.items()} == {
+        "TT|energy|peak, tier 1": D("37.04"),  # 123.456 × 0.30 = 37.0368
+        "TT|energy|off_peak, tier 1": D("1.50"),
+        "TT|energy|peak, tier 2": D("0.00"), "TT|energy|off_peak, tier 2": D("0.00"),
+    }
+    # volume: the whole 1,500 kWh at the rates of tier 2, where the total falls: 600 × 0.36 + 900 × 0.18
+    vol = rate_one(tiered_tou_book("volume"), {"energy|peak": "600", "energy|off_peak": "900"})
+    assert {k: v.total for k, v in vol.items() if v.total} == {"TT|energy|peak, tier 2": D("216.00"),
+                                                               "TT|energy|off_peak, tier 2": D("162.00")}
+
+
+def test_tiers_inside_tou_thresholds_are_prorated_on_a_plan_switch() -> None:
+    # 10 of 30 days on this version: the tier-1 limit is 1,000 × 10/30 = 333.333… kWh of the 500 billed here
+    lines = rate_one(tiered_tou_book(), {"energy|peak": "100", "energy|off_peak": "400"}, days=10, period_days=30)
+    t1, total = D(1000) * D(10) / D(30), D(500)
+    t2 = total - t1
+    want = {"peak, tier 1": t1 * 100 / total * D("0.30"), "peak, tier 2": t2 * 100 / total * D("0.36"),
+            "off_peak, tier 1": t1 * 400 / total * D("0.15"), "off_peak, tier 2": t2 * 400 / total * D("0.18")}
+    assert {k.split("|")[2]: v.total for k, v in lines.items()} == {k: v.quantize(D("0.01")) for k, v in want.items()}
+    assert lines["TT|energy|peak, tier 1"].total == D("20.00")  # 66.667 × 0.30
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5_000_000), min_size=2, max_size=2), st.integers(1, 30))
+def test_tou_tier_allocation_adds_up_both_ways(micro: list[int], days: int) -> None:
+    """Σ over bands of each tier = the tier's slice of the total; Σ over tiers of each band = the band's kWh; and
+    with the same rate in every band, a tiered TOU component bills what the plain graduated tiers would."""
+    comp = tiered_tou_book().components[0]
+    assert isinstance(comp, TouComponent)
+    bands = {"peak": D(micro[0]).scaleb(-3), "off_peak": D(micro[1]).scaleb(-3)}
+    f = D(days) / D(30)
+    alloc = tou_tier_allocation(comp, bands, f)
+    total = sum(bands.values(), D(0))
+    limit = D(1000) * f
+    slices = [min(total, limit), max(total - limit, D(0))]
+    for tier in (1, 2):
+        assert abs(sum(q for _b, t, q in alloc if t == tier) - slices[tier - 1]) < D("1e-20")
+    for band, q in bands.items():
+        assert abs(sum(x for b, _t, x in alloc if b == band) - q) < D("1e-20")
+    flat = make_book([{
+        "id": "energy", "kind": "tou", "metric": "energy_import", "default_band": "off_peak",
+        "bands": [{"band": "peak", "times": [{"day_types": ["weekday"], "start": "14:00", "end": "20:00"}]},
+                  {"band": "off_peak"}],
+        "tiers": [{"up_to": "1000", "rates": {"peak": "0.20", "off_peak": "0.20"}},
+                  {"up_to": None, "rates": {"peak": "0.10", "off_peak": "0.10"}}]}])
+    tou = rate_one(flat, {"energy|peak": str(bands["peak"]), "energy|off_peak": str(bands["off_peak"])}, days=days,
+                   period_days=30)
+    plain = rate_one(make_book([{"id": "energy", "kind": "tiered", "mode": "graduated", "metric": "energy_import",
+                                 "tiers": [{"up_to": "1000", "rate": "0.20"}, {"up_to": None, "rate": "0.10"}]}]),
+                     {"energy|": str(total)}, days=days, period_days=30)
+    raw = sum((p.amount for v in tou.values() for p in v.parts), D(0))
+    assert abs(raw - sum((p.amount for v in plain.values() for p in v.parts), D(0))) < D("1e-18")
+    # each of the four lines rounds on its own (a documented choice): at most 2 cents from the plain bill
+    assert abs(sum(v.total for v in tou.values()) - sum(v.total for v in plain.values())) <= D("0.02")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"tiers": [{"up_to": "1000", "rates": {"peak": "0.30"}},
+                {"up_to": None, "rates": {"peak": "0.36", "off_peak": "0.18"}}]},
+     "tier 1 gives rates for \\['peak'\\], expected one for each band \\['off_peak', 'peak'\\]"),
+    ({"tiers": [{"up_to": "1000", "rates": {"peak": "0.30", "off_peak": "0.1"}}]}, "unlimited last tier"),
+    ({"tiers": [{"up_to": "0", "rates": {"peak": "0.30", "off_peak": "0.1"}},
+                {"up_to": None, "rates": {"peak": "0.30", "off_peak": "0.1"}}]}, "limits must increase from above 0"),
+    ({"tiers": []}, "bands \\['peak', 'off_peak'\\] have no rate"),
+    ({"bands": [{"band": "peak", "rate": "0.3"}, {"band": "off_peak"}]}, "bands \\['peak'\\] must not have a rate"),
+    ({"tier_mode": "stepped"}, "tier_mode"),
+])
+def test_invalid_tiered_tou_components_are_rejected(change: dict[str, Any], message: str) -> None:
+    raw = tiered_tou_book().model_dump(mode="json")["components"][0]
+    with pytest.raises(ValidationError, match=message):
+        make_book([{**raw, **change}])
+
+
+# --- block demand (issue 14) -------------------------------------------------------------------------------------
+def block_book() -> PriceBook:
+    """Demand: the first 10 kW at 12.00 per kW, the rest at 8.00 (30-minute demand intervals)."""
+    return make_book([{"id": "demand", "kind": "demand", "metric": "energy_import", "interval_minutes": 30,
+                       "blocks": [{"up_to": "10", "rate": "12.00"}, {"up_to": None, "rate": "8.00"}]}], book_id="BD")
+
+
+@pytest.mark.parametrize(("peaks", "block1", "block2"), [
+    # by hand: 16.5 kW = 10 × 12.00 + 6.5 × 8.00 = 120.00 + 52.00
+    (["16.5"], ("10", "120.00"), ("6.5", "52.00")),
+    (["7.25"], ("7.25", "87.00"), ("0", "0.00")),
+    (["10"], ("10", "120.00"), ("0", "0.00")),
+    (["0"], ("0", "0.00"), ("0", "0.00")),
+    # two meters go through the blocks each: 16.5 → 10 + 6.5; 4 → 4 + 0
+    (["16.5", "4"], ("14", "168.00"), ("6.5", "52.00")),
+    (["-3"], ("0", "0.00"), ("0", "0.00")),  # a negative peak (only corrections) is no demand
+])
+def test_block_demand_charges_each_meters_peak_through_the_blocks(peaks: list[str], block1: tuple[str, str],
+                                                                  block2: tuple[str, str]) -> None:
+    book = block_book()
+    lines = rate_period({}, {}, {(book.id, 1): book}, None, {quantity_key(book, "demand", ""): [D(p) for p in peaks]})
+    got = {k: (v.quantity, v.total) for k, v in lines.items()}
+    assert got == {"BD|demand|block 1": (D(block1[0]), D(block1[1])), "BD|demand|block 2": (D(block2[0]), D(block2[1]))}
+    assert lines["BD|demand|block 1"].unit == "kW" and lines["BD|demand|block 2"].rate == D("8.00")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"rate": "5"}, "either a rate \\(per kW\\) or blocks"),
+    ({"blocks": []}, "either a rate \\(per kW\\) or blocks"),
+    ({"blocks": [{"up_to": "10", "rate": "12"}]}, "unlimited last tier"),
+    ({"interval_minutes": 60}, "the demand interval must be one of 5, 10, 15, 30 minutes"),
+    ({"interval_minutes": 7}, "interval_minutes 7"),
+])
+def test_invalid_demand_components_are_rejected(change: dict[str, Any], message: str) -> None:
+    raw = block_book().model_dump(mode="json")["components"][0]
+    with pytest.raises(ValidationError, match=message):
+        make_book([{**raw, **change}])
+
+
+def test_a_band_limited_demand_needs_the_band_edges_on_its_interval_boundaries() -> None:
+    raw = demand_book().model_dump(mode="json")
+    raw["components"][0]["bands"][0]["times"][0]["start"] = "14:10"
+    raw["components"][2]["interval_minutes"] = 15
+    with pytest.raises(ValidationError, match="changes band at 14:10, inside an interval"):
+        PriceBook.model_validate(raw)
+    raw["components"][2]["interval_minutes"] = 10
+    assert PriceBook.model_validate(raw).components[2].interval_minutes == 10
+
+
+def test_unmeasurable_demand_names_the_components_the_windows_cannot_measure() -> None:
+    book = demand_book()  # two demand components, 30-minute intervals (the default)
+    assert unmeasurable_demand(book, lambda metric: 30) == []
+    assert unmeasurable_demand(book, lambda metric: 5) == []
+    problems = unmeasurable_demand(book, lambda metric: 60)
+    assert len(problems) == 2 and problems[0].startswith(
+        "DM v1 demand 'demand' is measured over 30-minute intervals, but energy_import is windowed in 60-minute "
+        "windows")

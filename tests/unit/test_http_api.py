@@ -174,6 +174,14 @@ def test_an_invalid_reading_is_422_naming_the_field_and_nothing_is_sent(client, 
     assert sender.sent == []
 
 
+def test_an_unsupported_unit_is_named_in_the_message(client, sender):
+    resp = post_readings(client, [{**READING, "uom": "kW"}])
+    assert error(resp) == (422, "INVALID_FIELD", "readings[0].uom")
+    message = resp.json()["error"]["message"]
+    assert message == ("readings[0].uom: unit of measure 'kW' is not one of kWh, Wh, MWh, kVArh, VArh, MVArh"), message
+    assert "{" not in message and sender.sent == []
+
+
 def test_a_repeated_identity_in_one_batch_is_refused(client: TestClient, sender: Recorder):
     assert error(post_readings(client, [READING, {**READING, "value": "0.5"}])) == (
         422, "DUPLICATE_READING", "readings[1]")

@@ -319,6 +319,20 @@ def test_version_falls_back_to_msats_then_file_time():
     assert short.version_source == "UpdateDateTime"
 
 
+@pytest.mark.parametrize(("values", "count"), [
+    ("", 0),  # "300,20240101,,A,...": one empty field is no values at all (said "1 interval values")
+    (",", 0),
+    ("1.5", 1),
+    ("1.5,2.5", 2),
+])
+def test_wrong_interval_count_counts_values_not_empty_fields(values: str, count: int):
+    err = rejected([*GOOD[:2], f"300,20240101,{values},A,,,20240102031500,20240102041500", "900"])
+    assert err.reason == "WRONG_INTERVAL_COUNT" and err.line == 3
+    noun = "value" if count == 1 else "values"
+    assert err.problem == (f"300 record for 2024-01-01 has {count} interval {noun} but the 200 record declares "
+                           "30-minute intervals (48 expected)")
+
+
 def test_zip_with_two_members_reads_both_and_names_each():
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:

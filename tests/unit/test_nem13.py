@@ -140,15 +140,16 @@ def test_spread_readings_become_usage_events_of_the_right_account_and_carry_the_
 
 
 # --- the even spread ----------------------------------------------------------------------------------------
-@given(total=st.decimals(min_value=0, max_value=10**9, places=6, allow_nan=False, allow_infinity=False),
+@given(total=st.decimals(min_value=-10**9, max_value=10**9, places=6, allow_nan=False, allow_infinity=False),
        days=st.integers(min_value=1, max_value=800))
 def test_spread_sums_exactly_and_puts_the_remainder_on_the_last_day(total: Decimal, days: int):
     parts = spread_evenly(total, days)
     assert len(parts) == days
     assert sum(parts, Decimal(0)) == total
     assert len(set(parts[:-1])) <= 1
-    assert all(p == p.quantize(Decimal("0.000001")) and p >= 0 for p in parts)
-    assert Decimal(0) <= parts[-1] - parts[0] < days * Decimal("0.000001")
+    sign = -1 if total < 0 else 1  # a correction spreads toward zero the same way
+    assert all(p == p.quantize(Decimal("0.000001")) and sign * p >= 0 for p in parts)
+    assert Decimal(0) <= sign * (parts[-1] - parts[0]) < days * Decimal("0.000001")
 
 
 def test_spread_refuses_what_it_cannot_split_exactly():
@@ -156,8 +157,7 @@ def test_spread_refuses_what_it_cannot_split_exactly():
         spread_evenly(Decimal(1), 0)
     with pytest.raises(ValueError, match="at most 6 decimal places"):
         spread_evenly(Decimal("0.0000001"), 1)
-    with pytest.raises(ValueError, match=">= 0"):
-        spread_evenly(Decimal(-1), 2)
+    assert spread_evenly(Decimal(-10), 3) == (Decimal("-3.333333"), Decimal("-3.333333"), Decimal("-3.333334"))
 
 
 # --- structural rules on a small valid file -------------------------------------------------------------------
@@ -356,3 +356,165 @@ def test_nem12_reader_still_rejects_nem13_files():
 
     with pytest.raises(Nem12Error):
         read_nem12(NEM13[0])
+
+
+# --- issue 14: a register that goes down is a correction, not a roll-over ------------------------------------------
+REAL = DATA / "nem13" / "NEM13#000000000000015#CNRGYMDP#NEMMCO.zip"  # NEM1315082: registers 41 and 11
+# after the real file's estimated read 06858 -> 07462 (E62, 2004-09-19), the actual read on 2004-10-20 finds the
+# register at 07452: the estimate was at least 10 kWh too high, and the MDP sends the read with Quantity -10
+CORRECTION = ("250,NEM1315082,1141,1,41,41,15082,E,07462,20040919000000,E62,,,07452,20041020093000,A,,,-10,KWH,"
+              "20050519,20041021103616,")
+
+
+def _edited(path: Path, edit) -> tuple[bytes, str]:
+    """The real file's CSV with ``edit(lines)`` applied, and the member's name."""
+    member, text = _raw_csv(path)
+    lines = text.splitlines()
+    edit(lines)
+    return "\r\n".join(lines).encode(), member
+
+
+def test_a_register_that_went_down_with_a_negative_quantity_is_a_correction_not_a_rollover():
+    data, member = _edited(REAL, lambda ls: ls.insert(len(ls) - 1, CORRECTION))
+    nem = parse_nem13(data, member)  # before issue 14: QUANTITY_MISMATCH, read as a 99,990 kWh roll-over
+    *real, correction = nem.reads
+    assert [r.correction for r in real] == [False] * 4 and all(not x.correction for r in real for x in r.readings)
+    assert (correction.advance, correction.consumption, correction.correction) == (Decimal(-10), Decimal(-10), True)
+    days = correction.days
+    assert (days[0], days[-1], len(days)) == (date(2004, 9, 19), date(2004, 10, 19), 31)
+    values = [r.value for r in correction.readings]
+    assert values[:-1] == [Decimal("-0.322580")] * 30 and values[-1] == Decimal("-0.322600")
+    assert sum(values) == Decimal(-10)  # a credit of exactly the correction, within its own read period
+    # quality: the previous read (the E62 estimate the correction undoes) is not actual
+    assert all(r.correction and r.suffix == "E41" and r.quality == "E" for r in correction.readings)
+    assert correction.readings[0].source_file == (
+        "NEM13 accumulation 07462->07452 = -10 kWh (a correction: the register went down, credited) spread evenly "
+        f"over 31 days: {member}")
+    from pipeline.ingest.nem13 import is_register_correction
+
+    assert all(is_register_correction(r) for r in correction.readings)
+    assert not any(is_register_correction(r) for r in real[0].readings)
+
+
+@pytest.mark.parametrize(("direction", "quantity", "accepted"), [
+    ("E", "-10", True), ("E", "10", False), ("E", "99990", True),  # 99990: the roll-over reading of 07462 -> 07452
+    ("I", "-10", True), ("I", "10", True),  # generation: either sign convention
+    ("E", "-11", False), ("E", "-9.5", True),  # whole-number dials: within 1 kWh of the registers
+])
+def test_which_reading_of_a_lower_register_the_quantity_agrees_with(direction: str, quantity: str, accepted: bool):
+    line = CORRECTION.replace(",E,07462,", f",{direction},07462,").replace(",-10,KWH,", f",{quantity},KWH,")
+    data, member = _edited(REAL, lambda ls: ls.insert(len(ls) - 1, line))
+    if not accepted:
+        with pytest.raises(Nem13Error) as caught:
+            parse_nem13(data, member)
+        assert caught.value.reason == "QUANTITY_MISMATCH"
+        assert (f"says Quantity {quantity} KWH but the register advanced 99990 (07462 -> 07452, rolled over) or, read "
+                "as a correction, -10; they must agree within the register's resolution 1 kWh") in caught.value.problem
+        return
+    read = parse_nem13(data, member).reads[-1]
+    rollover = quantity == "99990"
+    assert read.correction is not rollover
+    assert read.consumption == (Decimal(99990) if rollover else -abs(Decimal(quantity)))
+    assert read.readings[0].suffix == ("E41" if direction == "E" else "B41")
+
+
+# --- issue 14: Quantity against the registers: the Quantity wins within the registers' resolution ------------------
+def _first_quantity(quantity: str, previous: str = "06427", current: str = "06858"):
+    def edit(lines: list[str]) -> None:
+        i = next(i for i, ln in enumerate(lines) if ln.startswith("250,"))
+        lines[i] = lines[i].replace(",06427,", f",{previous},").replace(",06858,", f",{current},") \
+            .replace(",431,KWH,", f",{quantity},KWH,")
+    return _edited(REAL, edit)
+
+
+def test_a_quantity_within_the_registers_resolution_is_billed_and_the_difference_named():
+    """The real shape of the refused file: whole-number registers advanced 431 (06427 -> 06858), Quantity
+    431.294. The Quantity is the metered consumption (the dials are rounded): billed, the difference noted."""
+    data, member = _first_quantity("431.294")  # before issue 14: QUANTITY_MISMATCH
+    read = parse_nem13(data, member).reads[0]
+    assert (read.advance, read.consumption, read.resolution, read.correction) == (
+        Decimal(431), Decimal("431.294"), Decimal(1), False)
+    assert sum(r.value for r in read.readings) == Decimal("431.294")
+    assert read.readings[0].source_file == (
+        "NEM13 accumulation 06427->06858 = 431.294 kWh (the Quantity; the registers advanced 431, 0.294 less, within "
+        f"their resolution 1) spread evenly over 55 days: {member}")
+    lower = parse_nem13(*_first_quantity("430.2")).reads[0]
+    assert lower.consumption == Decimal("430.2") and "430.2 kWh (the Quantity; the registers advanced 431, 0.8 more" \
+        in lower.readings[0].source_file
+
+
+@pytest.mark.parametrize(("quantity", "previous", "current", "resolution"), [
+    ("432", "06427", "06858", "1"), ("432.5", "06427", "06858", "1"), ("429.9", "06427", "06858", "1"),
+    ("431.3", "06427.5", "06858.7", "0.1"),  # one decimal on the dials: 0.1 kWh
+    ("431.3", "06427.5", "06858.70", "0.1"),  # the coarser read decides
+])
+def test_a_quantity_beyond_the_registers_resolution_refuses_the_file_with_the_numbers(quantity, previous, current,
+                                                                                      resolution):
+    with pytest.raises(Nem13Error) as caught:
+        parse_nem13(*_first_quantity(quantity, previous, current))
+    err = caught.value
+    advance = Decimal(current) - Decimal(previous)
+    assert (err.reason, err.line) == ("QUANTITY_MISMATCH", 2)
+    assert err.problem == (f"250 record for NEM1315082/41 says Quantity {quantity} KWH but the register advanced "
+                           f"{advance} ({previous} -> {current}); they must agree within the register's resolution "
+                           f"{resolution} kWh (the reads' last decimal place)")
+
+
+def test_decimal_dials_accept_a_quantity_within_their_last_place():
+    read = parse_nem13(*_first_quantity("431.25", "06427.5", "06858.7")).reads[0]
+    assert (read.advance, read.consumption, read.resolution) == (Decimal("431.2"), Decimal("431.25"), Decimal("0.1"))
+
+
+# --- issue 14: a correction is a credit on the bill -----------------------------------------------------------------
+def test_a_correction_is_a_credit_on_the_flat_home_tariff_to_the_cent():
+    """The corrected file through ingest's mapping, windowing and rating in memory: the correction days
+    (``nem13.is_register_correction``) are accepted by ingest and billed as a credit in their own read period."""
+    data, member = _edited(REAL, lambda ls: ls.insert(len(ls) - 1, CORRECTION))
+    readings = parse_nem13(data, member).readings
+    settings = Settings(idle_timeout_s=1)
+    topics, codec = Topics(settings), default_codec()
+    clock = [0]
+    windowing = WindowingProcessor(topics, codec, policies_from_settings(settings), clock_ms=lambda: clock[0])
+    rating = RatingProcessor(topics, codec, lambda: REF)
+    wctx, rctx = FakeContext(), FakeContext()
+    windowing.on_assign(0, wctx)
+    for i, r in enumerate(readings):
+        windowing.process(_incoming(topics.usage_events, i, codec.encode(to_usage_event(r, REF))), wctx)
+    clock[0] = 2_000_000_000_000
+    windowing.punctuate(clock[0], wctx)
+    windowing.punctuate(clock[0] + 2000, wctx)
+    rating.on_assign(0, rctx)
+    for i, (t, _k, v) in enumerate(wctx.forwarded):
+        if t == topics.usage_windows:
+            rating.process(_incoming(t, i, v), rctx)
+    rating.punctuate(0, rctx)
+    charges = [codec.decode(v, RatedCharge) for _t, _k, v in rctx.forwarded]
+    energy = {c.period_start: (c.quantity, c.period_total) for c in charges if c.component_id == "energy"}
+    # by hand: October holds 19 of the correction's days only (the 604 kWh estimate ran 2004-06-09 .. 09-18):
+    # -0.322580 × 18 - 0.322600 = -6.129040 kWh × 0.255379 = -1.5652... → a credit of 1.57
+    assert energy[date(2004, 10, 1)] == (Decimal("-6.129040"), Decimal("-1.57"))
+    # every month: the days of every read (both registers, the correction included), × the flat rate
+    rate, per_month = Decimal("0.255379"), defaultdict(Decimal)
+    for r in readings:
+        per_month[(r.interval_start + NEM).date().replace(day=1)] += r.value
+    assert energy == {m: (q, (q * rate).quantize(Decimal("0.01"), ROUND_HALF_UP)) for m, q in per_month.items()}
+    assert sum(q for q, _t in energy.values()) == 431 + 3 + 604 + 1 - 10
+    october_lines = [c for c in charges if c.period_start == date(2004, 10, 1) and c.component_id == "energy"]
+    assert all(json.loads(c.explanation)["windows"] for c in october_lines)
+    assert any("a correction: the register went down, credited" in s for c in october_lines
+               for w in json.loads(c.explanation)["windows"] for s in w["sources"])
+
+
+def test_ingest_accepts_nem13_register_corrections():
+    from pipeline.ingest.processor import RejectedReading
+
+    data, member = _edited(REAL, lambda ls: ls.insert(len(ls) - 1, CORRECTION))
+    day = parse_nem13(data, member).readings[-1]
+    assert to_usage_event(day, REF).value == Decimal("-0.322600")
+    # interval data keeps its rule: a negative NEM12-style half hour is bad input, flag or not
+    from dataclasses import replace
+
+    half_hour = replace(day, interval_end=day.interval_start + timedelta(minutes=30), source_file="x.csv")
+    for forged in (half_hour, replace(half_hour, correction=False), replace(day, correction=False)):
+        with pytest.raises(RejectedReading, match="negative"):
+            to_usage_event(forged, REF)

@@ -280,6 +280,53 @@ def test_holiday_region_matters(raw_book: dict[str, Any]) -> None:
     assert act.day_type(date(2024, 3, 11)) == "holiday"
 
 
+def test_a_book_without_public_holidays(raw_book: dict[str, Any]) -> None:
+    """``holiday_region: null`` (issue 14): commercial tariffs often have no public-holiday rule; Australia Day
+    is then an ordinary Friday, priced as a weekday."""
+    nsw = _sydney_book(raw_book)
+    none = PriceBook.model_validate({**nsw.model_dump(mode="json"), "holiday_region": None})
+    assert none.holiday_region is None
+    assert nsw.day_type(date(2024, 1, 26)) == "holiday" and none.day_type(date(2024, 1, 26)) == "weekday"
+    assert none.day_type(date(2024, 1, 27)) == "weekend"
+    assert none.band_of(_energy(none), utc(2024, 1, 26, 7, 30)) == "peak"  # Fri 18:30 AEDT
+    assert nsw.band_of(_energy(nsw), utc(2024, 1, 26, 7, 30)) == "off_peak"
+    assert '"holiday_region":null' in none.canonical_json()
+    assert PriceBook.model_validate_json(none.canonical_json()) == none
+
+
+def test_holiday_region_must_be_given_and_real(raw_book: dict[str, Any]) -> None:
+    missing = {k: v for k, v in raw_book.items() if k != "holiday_region"}
+    with pytest.raises(ValidationError, match="holiday_region"):
+        PriceBook.model_validate(missing)  # null is explicit: leaving it out is a mistake
+    for region, problem in (("XX", "Country XX not available"), ("AU-XX", "does not have subdivision XX")):
+        with pytest.raises(ValidationError, match=f"unknown holiday region '{region}'.*{problem}.*or null"):
+            PriceBook.model_validate(_variant(raw_book, holiday_region=region))
+
+
+def test_a_band_naming_holidays_needs_a_holiday_region(raw_book: dict[str, Any]) -> None:
+    # the bundled book's bands apply to weekday, weekend and holiday: without holidays that is a contradiction
+    with pytest.raises(ValidationError, match="bands \\['peak', 'shoulder'\\] name the day type 'holiday', but the "
+                                              "book has no public holidays"):
+        PriceBook.model_validate(_variant(raw_book, holiday_region=None))
+
+
+def test_books_published_before_issue_14_keep_their_content_hash(book: PriceBook) -> None:
+    """The fields added by issue 14 (demand interval and blocks, TOU tiers) are left out of the canonical JSON
+    while at their defaults, so every version published before keeps its hash (``store_price_book`` would
+    otherwise refuse to load the same file again)."""
+    assert book.content_sha256() == "ada15cd003ac17835f1a1461d7b47b0f8eca7bd75796372cd45fc2f889a4a3af"
+    from tests.unit.test_rating_processor import PROP_BOOK  # has two demand components without interval_minutes
+
+    assert PROP_BOOK.content_sha256() == "61edc1975ae62972078d60660b0d354fe0d3b6045eaecf024a48053e05e388d5"
+    body = json.loads(PROP_BOOK.canonical_json())
+    later = {"demand": {"interval_minutes", "blocks"}, "tou": {"tiers", "tier_mode"}}
+    assert all(not later.get(c["kind"], set()) & set(c) for c in body["components"])
+    stated = json.loads(PROP_BOOK.canonical_json())
+    stated["components"][2]["interval_minutes"] = 15
+    assert PriceBook.model_validate(stated).content_sha256() != PROP_BOOK.content_sha256()
+    assert '"interval_minutes":15' in PriceBook.model_validate(stated).canonical_json()
+
+
 # --- versions in effect ----------------------------------------------------------------------------------
 def test_book_in_effect_picks_highest_covering_version(raw_book: dict[str, Any]) -> None:
     v1 = PriceBook.model_validate(raw_book)
