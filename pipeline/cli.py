@@ -487,17 +487,39 @@ def late_replay(
 
 
 @app.command("reconcile")
-def reconcile_cmd() -> None:
-    """Account for every reading: in = billed + dead-lettered + refused (exit 1 while any is pending, naming
-    the stage it waits on)."""
-    from pipeline.operations.reconcile import reconcile, take_snapshot
+def reconcile_cmd(
+    period: Annotated[str | None, typer.Option(help="tie out only the billing period starting on this date "
+                                               "(YYYY-MM-DD, the account's local date)")] = None,
+    account: Annotated[str | None, typer.Option(help="tie out only this account")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON here")] = None,
+    metrics_file: Annotated[Path | None, typer.Option(
+        help="also write the figures as Prometheus metrics (text format, for node_exporter's textfile "
+             "collector): pipeline_reconcile_*")] = None,
+) -> None:
+    """Account for every reading (in = billed + dead-lettered + refused) and tie out readings = windows =
+    ledger per (account, period, metric, component), the ledger's amounts and its outbox. Exit 1 on a break
+    or while any reading is pending (naming the stage it waits on)."""
+    from datetime import date
+
+    from pipeline.operations.reconcile import reconcile, take_snapshot, write_metrics
+    from pipeline.refstore import postgres_loader
     from pipeline.stages import window_policies
 
     settings = get_settings()
-    report = reconcile(take_snapshot(settings), window_policies(settings))
+    try:
+        period_start = date.fromisoformat(period) if period else None
+    except ValueError as exc:
+        raise typer.BadParameter(f"--period {period!r} is not a date (YYYY-MM-DD)") from exc
+    ref = postgres_loader(settings.database_url)()
+    report = reconcile(take_snapshot(settings), window_policies(settings), ref, account=account,
+                       period=period_start)
     for line in report.lines():
         typer.echo(line)
-    if not report.complete:
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.as_json(), indent=1))
+    if metrics_file is not None:
+        write_metrics(report, metrics_file)
+    if not report.clean:
         raise typer.Exit(1)
 
 

@@ -16,6 +16,19 @@ input record (a meter reading or a telemetry CloudEvent) exactly one fate:
 A repeated reading (a duplicate, or a lower version) is billed when its interval is: it changed
 nothing, and what it stands for is on the bill. ``take_snapshot`` reads the topics and the ledger
 (``read_committed``), for ``pipeline reconcile``, the demo and the tests.
+
+**Tie-out** (``tie_out``, issue 15), per (account, billing period, metric, price book component): the usage
+the accepted readings add up to (each window's aggregate of the highest versions it holds) = the usage in the
+windows' latest revisions = the quantity on the ledger (the latest line of each band / tier of the
+component, summed). The ledger's quantity may trail the usage by less than a cent's worth per line: rating
+appends a line only when a line's total changes (SPEC §4: never a zero delta), so a change too small to move
+a total by a cent leaves the line's quantity where it was; the tolerance is less than ``0.01 / |rate|`` per
+line, plus a micro-unit per further line of the component (allocation rounding); a zero-rate line is not
+tied. Tied components: ``tou``, ``per_unit``, ``feed_in`` and
+``tiered`` (their lines' quantities add up to the metric's usage); demand (kW), packages and surcharges are
+not. Also checked: every ledger key's amounts add up to its latest period total, and the ledger's lines
+equal the ``LINE_APPENDED`` rows of the outbox. A window whose latest revision rating dead-lettered (e.g.
+``ACCUMULATION_ON_INTERVAL_TARIFF``) is counted, not tied. Any difference is a **break**.
 """
 
 from __future__ import annotations
@@ -23,6 +36,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 from pipeline.codec import Codec, DecodeError
@@ -31,6 +46,8 @@ from pipeline.windowing import windows as w
 from pipeline.windowing.wire import EventReader
 
 STAGES = ("ingest", "windowing", "rating", "invoicing")
+TIED_KINDS = ("tou", "per_unit", "feed_in", "tiered")  # components whose lines' quantities add up to the usage
+CENT = Decimal("0.01")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +79,27 @@ class Forwarded:
     quality: str
 
 
+@dataclass(frozen=True, slots=True)
+class LedgerLine:
+    """What the tie-out needs of one ledger line (``invoice_lines``): quantities in the line's unit (kWh for
+    energy), amounts in its currency (major units), ``order`` = (source partition, source offset): the latest
+    line of a key has the highest."""
+
+    line_id: str
+    account: str
+    period_start: date
+    component_id: str
+    component_kind: str
+    band: str
+    quantity: Decimal
+    rate: Decimal
+    amount: Decimal
+    period_total: Decimal
+    price_book_id: str
+    price_book_version: int
+    order: tuple[int, int]
+
+
 @dataclass
 class Snapshot:
     """What is on the topics and in the ledger at one moment.
@@ -76,6 +114,10 @@ class Snapshot:
         rated_lines / ledger_lines: line ids on ``charges.rated`` and in the ledger.
         lag: stage → records of its input topics not consumed yet (end offsets − committed: may count
             a transaction marker per partition).
+        windows_at: (partition, offset) on ``usage.windows`` → (window id, revision) of the record there.
+        rating_dead: (partition, offset) on ``usage.windows`` of every revision rating dead-lettered.
+        ledger: every ledger line (``tie_out``); outbox_lines / outbox_unsent: ``LINE_APPENDED`` rows in
+            the outbox, and those the relay has not published yet.
     """
 
     inputs: list[Input] = field(default_factory=list)
@@ -87,6 +129,11 @@ class Snapshot:
     rated_lines: set[str] = field(default_factory=set)
     ledger_lines: set[str] = field(default_factory=set)
     lag: dict[str, int] = field(default_factory=dict)
+    windows_at: dict[tuple[int, int], tuple[str, int]] = field(default_factory=dict)
+    rating_dead: set[tuple[int, int]] = field(default_factory=set)
+    ledger: list[LedgerLine] = field(default_factory=list)
+    outbox_lines: int = 0
+    outbox_unsent: int = 0
 
 
 @dataclass
@@ -102,6 +149,9 @@ class Report:
             carries exactly their events.
         mismatched: a few window ids whose latest revision does not (yet) match, for the message.
         lag: as ``Snapshot.lag``.
+        duplicates: inputs repeating an earlier input's identity and version; superseded: inputs whose
+            version is below their identity's highest (both billed when their interval is: SPEC §2).
+        tie: the tie-out (``tie_out``), when reference data was given.
     """
 
     inputs: int = 0
@@ -113,11 +163,30 @@ class Report:
     windows_reconciled: int = 0
     mismatched: list[str] = field(default_factory=list)
     lag: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    superseded: int = 0
+    tie: TieOut | None = None
 
     @property
     def complete(self) -> bool:
         """Every input is billed, dead-lettered or refused."""
         return not any(self.pending.values())
+
+    @property
+    def clean(self) -> bool:
+        """Complete, and the tie-out (if made) found no break."""
+        return self.complete and (self.tie is None or not self.tie.breaks)
+
+    def as_json(self) -> dict[str, Any]:
+        """The report as JSON-able data (``pipeline reconcile --json``): counts, pending, rows, breaks."""
+        out: dict[str, Any] = {
+            "inputs": self.inputs, "billed": self.billed, "dead_lettered": self.dead_lettered,
+            "refused": self.refused, "pending": self.pending, "duplicates": self.duplicates,
+            "superseded": self.superseded, "windows": self.windows, "windows_reconciled": self.windows_reconciled,
+            "complete": self.complete, "clean": self.clean}
+        if self.tie is not None:
+            out["tie_out"] = self.tie.as_json()
+        return out
 
     def lines(self) -> list[str]:
         """The report for a person: the accounting identity, then what is pending and where."""
@@ -126,6 +195,8 @@ class Report:
                f"+ refused {refused:,}" + (f" + pending {sum(self.pending.values()):,}" if not self.complete else "")]
         for reason, n in sorted(self.refused.items()):
             out.append(f"  refused {reason}: {n:,} (usage.late; `pipeline late replay` re-submits them)")
+        out.append(f"  repeated readings (billed with their interval): {self.duplicates:,} duplicates, "
+                   f"{self.superseded:,} superseded")
         out.append(f"  windows: {self.windows_reconciled:,} of {self.windows:,} carry exactly their readings")
         for stage in STAGES:
             if self.pending.get(stage):
@@ -133,12 +204,17 @@ class Report:
                            f"({self.lag.get(stage, 0):,} records not consumed yet)")
         if self.mismatched:
             out.append(f"  windows not (yet) matching their readings: {', '.join(self.mismatched)}")
+        if self.tie is not None:
+            out.extend(self.tie.lines())
         return out
 
 
-def reconcile(snap: Snapshot, policy: Callable[[str], w.WindowPolicy]) -> Report:
+def reconcile(snap: Snapshot, policy: Callable[[str], w.WindowPolicy], ref: Any = None,
+              account: str | None = None, period: date | None = None) -> Report:
     """The fate of every input of ``snap`` (see the module doc). ``policy``: metric → window policy (its
-    size and aggregation), as the windowing stage uses it. Pure."""
+    size and aggregation), as the windowing stage uses it. With ``ref`` (reference data) also the tie-out
+    (``tie_out``), limited to ``account`` / the period starting ``period`` when given (the fates of the
+    inputs are always counted over everything). Pure."""
     report = Report(inputs=len(snap.inputs), lag=dict(snap.lag))
     refused_inputs = {(late.input_topic, late.input_partition, late.input_offset): late.reason
                       for late in snap.refused if late.stage == "ingest"}
@@ -191,7 +267,218 @@ def reconcile(snap: Snapshot, policy: Callable[[str], w.WindowPolicy]) -> Report
         else:
             report.billed += 1
     report.refused, report.pending = dict(refused), dict(pending)
+    highest: dict[str, int] = {}
+    seen: set[tuple[str, int]] = set()
+    for inp in snap.inputs:
+        if inp.identity is not None:
+            highest[inp.identity] = max(highest.get(inp.identity, inp.version_ms), inp.version_ms)
+    for inp in snap.inputs:
+        if inp.identity is None:
+            continue
+        if (inp.identity, inp.version_ms) in seen:
+            report.duplicates += 1
+        elif inp.version_ms < highest[inp.identity]:
+            report.superseded += 1
+        seen.add((inp.identity, inp.version_ms))
+    if ref is not None:
+        report.tie = tie_out(snap, policy, ref, held, meta, account=account, period=period)
     return report
+
+
+@dataclass(frozen=True, slots=True)
+class TieRow:
+    """One (account, period, metric, price book, component): usage in micro-units of the metric's unit.
+
+    ``accepted``: what the accepted readings add up to; ``windowed``: the windows' latest revisions;
+    ``ledger``: the ledger's quantity (``None``: no line yet); ``tolerance``: how far the ledger may trail
+    (see the module doc; ``None``: not bounded, a zero-rate line)."""
+
+    account: str
+    period_start: date
+    metric: str
+    price_book_id: str
+    component_id: str
+    accepted: int
+    windowed: int
+    ledger: int | None
+    tolerance: int | None
+
+    @property
+    def broken(self) -> bool:
+        """The readings, the windows and the ledger disagree (beyond the ledger's tolerance)."""
+        if self.accepted != self.windowed:
+            return True
+        if self.tolerance is None:
+            return False
+        return abs((self.ledger or 0) - self.windowed) > self.tolerance
+
+
+@dataclass
+class TieOut:
+    """The tie-out (``tie_out``): rows, and every break as a sentence naming what differs and by how much."""
+
+    rows: list[TieRow] = field(default_factory=list)
+    breaks: list[str] = field(default_factory=list)
+    ledger_lines: int = 0
+    outbox_lines: int = 0
+    outbox_unsent: int = 0
+    rating_dead_windows: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        """Rows (quantities as decimal strings), breaks and the outbox counts."""
+        def q(micro: int | None) -> str | None:
+            return None if micro is None else str(Decimal(micro) / w.MICRO)
+
+        return {"rows": [{"account": r.account, "period_start": r.period_start.isoformat(), "metric": r.metric,
+                          "price_book_id": r.price_book_id, "component_id": r.component_id,
+                          "accepted": q(r.accepted), "windowed": q(r.windowed), "ledger": q(r.ledger),
+                          "tolerance": q(r.tolerance), "broken": r.broken} for r in self.rows],
+                "breaks": self.breaks, "ledger_lines": self.ledger_lines, "outbox_lines": self.outbox_lines,
+                "outbox_unsent": self.outbox_unsent, "rating_dead_windows": self.rating_dead_windows}
+
+    def lines(self) -> list[str]:
+        """A table per (account, period, metric, component), then the breaks."""
+        def q(micro: int | None) -> str:
+            return "-" if micro is None else f"{Decimal(micro) / w.MICRO:,.6f}"
+
+        out = [f"  tie-out: {len(self.rows):,} rows, {len(self.breaks):,} breaks; ledger lines {self.ledger_lines:,} "
+               f"= outbox LINE_APPENDED {self.outbox_lines:,} ({self.outbox_unsent:,} not published yet)"
+               + (f"; {self.rating_dead_windows:,} windows dead-lettered by rating" if self.rating_dead_windows
+                  else "")]
+        head = ("account", "period", "metric", "component", "readings", "windows", "ledger", "")
+        table = [head] + [(r.account, r.period_start.isoformat(), r.metric, f"{r.price_book_id}|{r.component_id}",
+                           q(r.accepted), q(r.windowed), q(r.ledger), "BREAK" if r.broken else "ok")
+                          for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+        for row in table:
+            out.append("  " + "  ".join(c.rjust(n) if 3 < i < 7 else c.ljust(n)
+                                        for i, (c, n) in enumerate(zip(row, widths, strict=True))).rstrip())
+        out.extend(f"  BREAK: {b}" for b in self.breaks)
+        return out
+
+
+def tie_out(snap: Snapshot, policy: Callable[[str], w.WindowPolicy], ref: Any,
+            held: dict[str, dict[str, w.Interval]], meta: dict[str, str],
+            account: str | None = None, period: date | None = None) -> TieOut:
+    """The tie-out of ``snap`` (module doc), for every (account, period) or the one ``account`` / the
+    period starting ``period`` given. ``ref``: the reference data (``pipeline.reference.ReferenceData``:
+    billing periods, plans, price books); ``held`` / ``meta``: window id → the highest versions it must
+    carry / its metric (from ``reconcile``). Pure."""
+    from pipeline.rating.rate import period_containing
+
+    books = ref.books_by_version()
+    dead_latest = {wid for wid, rev in (snap.windows_at[pos] for pos in snap.rating_dead if pos in snap.windows_at)
+                   if wid in snap.latest and snap.latest[wid].revision == rev}
+    out = TieOut(ledger_lines=len(snap.ledger), outbox_lines=snap.outbox_lines, outbox_unsent=snap.outbox_unsent)
+    Key = tuple[str, date, str, str, str]  # account, period start, metric, book id, component id
+    accepted: dict[Key, int] = defaultdict(int)
+    windowed: dict[Key, int] = defaultdict(int)
+
+    def keys_of(acct: str, metric: str, start: datetime) -> list[Key]:
+        info = ref.accounts.get(acct)
+        if info is None:
+            return []
+        day = start.astimezone(info.tz).date()
+        p = period_containing(info.billing_cycle, info.billing_anchor, day)
+        book = ref.book_on(acct, day)
+        if book is None:
+            return []
+        return [(acct, p.start, metric, book.id, c.id) for c in book.usage_components(metric)
+                if c.kind in TIED_KINDS]
+
+    for wid in set(held) | set(snap.latest):
+        if wid in dead_latest:
+            out.rating_dead_windows += 1
+            continue
+        rev = snap.latest.get(wid)
+        ivs = held.get(wid, {})
+        if rev is not None:
+            acct, metric, start = rev.account, rev.metric, rev.window_start
+        else:  # events held but no revision emitted yet: ``account|series|start ms``
+            acct, _series, start_ms = wid.rsplit("|", 2)
+            metric, start = meta[wid], datetime.fromtimestamp(int(start_ms) / 1000, UTC)
+        for k in keys_of(acct, metric, start):
+            if ivs:
+                accepted[k] += w.aggregate(policy(metric).aggregation, ivs)
+            if rev is not None:
+                windowed[k] += w.to_micro(rev.value)
+
+    # the ledger: latest line per (account, period, book, component, band), summed over bands and tiers
+    latest: dict[tuple[str, date, str, str, str], LedgerLine] = {}
+    amounts: dict[tuple[str, date, str, str, str], Decimal] = defaultdict(Decimal)
+    for line in snap.ledger:
+        lk = (line.account, line.period_start, line.price_book_id, line.component_id, line.band)
+        amounts[lk] += line.amount
+        if lk not in latest or line.order > latest[lk].order:
+            latest[lk] = line
+    for lk, line in sorted(latest.items()):
+        if (account is None or lk[0] == account) and (period is None or lk[1] == period) \
+                and amounts[lk] != line.period_total:
+            out.breaks.append(f"{lk[0]} {lk[1]} {lk[2]}|{lk[3]}|{lk[4]}: the lines' amounts add up to "
+                              f"{amounts[lk]:f}, the latest line's period total is {line.period_total:f}")
+    ledger: dict[Key, int] = defaultdict(int)
+    tolerance: dict[Key, int | None] = defaultdict(int)
+    for (acct, pstart, book_id, comp_id, _band), line in latest.items():
+        if line.component_kind not in TIED_KINDS:
+            continue
+        book = books.get((book_id, line.price_book_version))
+        comp = next((c for c in book.components if c.id == comp_id), None) if book is not None else None
+        metric = getattr(comp, "metric", None)
+        if metric is None:
+            continue
+        k = (acct, pstart, metric, book_id, comp_id)
+        ledger[k] += w.to_micro(line.quantity)
+        if line.rate == 0 or tolerance[k] is None:
+            tolerance[k] = None
+        else:
+            # less than a cent's worth at the line's rate; a micro-unit per further line (allocation rounding)
+            worth = -(-CENT * w.MICRO // abs(line.rate))  # ceil, micro-units
+            tolerance[k] = (tolerance[k] + 1 if tolerance[k] else 0) + int(worth) - 1
+    for k in sorted(set(accepted) | set(windowed) | set(ledger)):
+        if (account is not None and k[0] != account) or (period is not None and k[1] != period):
+            continue
+        has_ledger = k in ledger
+        row = TieRow(*k, accepted=accepted.get(k, 0), windowed=windowed.get(k, 0),
+                     ledger=ledger[k] if has_ledger else None,
+                     tolerance=tolerance[k] if has_ledger else 0)
+        out.rows.append(row)
+        if row.broken:
+            out.breaks.append(
+                f"{k[0]} {k[1]} {k[2]} ({k[3]}|{k[4]}): readings {Decimal(row.accepted) / w.MICRO:f}, windows "
+                f"{Decimal(row.windowed) / w.MICRO:f}, ledger "
+                f"{'none' if row.ledger is None else Decimal(row.ledger) / w.MICRO}"
+                + ("" if row.tolerance is None else f" (tolerance {Decimal(row.tolerance) / w.MICRO:f})"))
+    if account is None and period is None and out.ledger_lines != out.outbox_lines:
+        out.breaks.append(f"the ledger holds {out.ledger_lines:,} lines but the outbox announces "
+                          f"{out.outbox_lines:,} (LINE_APPENDED)")
+    return out
+
+
+def write_metrics(report: Report, path: Any) -> None:
+    """Write ``report``'s figures to ``path`` in the Prometheus text format (node_exporter's textfile
+    collector; written atomically by ``prometheus_client.write_to_textfile``): ``pipeline_reconcile_inputs``,
+    ``pipeline_reconcile_readings{fate}``, ``pipeline_reconcile_pending{stage}``,
+    ``pipeline_reconcile_breaks``, ``pipeline_reconcile_timestamp_seconds``."""
+    import time
+
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    registry = CollectorRegistry()
+    Gauge("pipeline_reconcile_inputs", "input readings counted", registry=registry).set(report.inputs)
+    fates = Gauge("pipeline_reconcile_readings", "input readings by fate", ["fate"], registry=registry)
+    fates.labels("billed").set(report.billed)
+    fates.labels("dead_lettered").set(report.dead_lettered)
+    fates.labels("refused").set(sum(report.refused.values()))
+    fates.labels("duplicate").set(report.duplicates)
+    fates.labels("superseded").set(report.superseded)
+    pending = Gauge("pipeline_reconcile_pending", "input readings pending, by stage", ["stage"], registry=registry)
+    for stage in STAGES:
+        pending.labels(stage).set(report.pending.get(stage, 0))
+    Gauge("pipeline_reconcile_breaks", "tie-out breaks (0 when clean)", registry=registry).set(
+        len(report.tie.breaks) if report.tie is not None else 0)
+    Gauge("pipeline_reconcile_timestamp_seconds", "when the reconciliation ran (Unix time)",
+          registry=registry).set(time.time())
+    write_to_textfile(str(path), registry)
 
 
 # --- reading the topics and the ledger ----------------------------------------------------------------------
@@ -241,6 +528,8 @@ def take_snapshot(settings: Any) -> Snapshot:
         dead = codec.decode(m.value, DeadLetter)
         if dead.stage == "ingest":
             snap.dead.add((dead.topic, dead.partition, dead.offset))
+        elif dead.stage == "rating" and dead.topic == topics.usage_windows:
+            snap.rating_dead.add((dead.partition, dead.offset))
     snap.refused = [codec.decode(m.value, LateEvent) for m in records[topics.usage_late]]
     reader = EventReader(codec)
     for m in records[topics.usage_events]:
@@ -252,12 +541,19 @@ def take_snapshot(settings: Any) -> Snapshot:
                                         ev.event_time, ev.version, ev.value, ev.quality))
     for m in records[topics.usage_windows]:
         win = codec.decode(m.value, UsageWindow)
+        snap.windows_at[(m.partition, m.offset)] = (win.window_id, win.revision)
         held = snap.latest.get(win.window_id)
         if held is None or win.revision > held.revision:
             snap.latest[win.window_id] = win
     snap.rated_lines = {codec.decode_dict(m.value, "RatedCharge")["line_id"] for m in records[topics.charges_rated]}
     with postgres.connect(settings.database_url) as conn:
-        snap.ledger_lines = {r[0] for r in conn.execute("SELECT line_id FROM invoice_lines")}
+        snap.ledger = [LedgerLine(*row[:12], order=(row[12], row[13])) for row in conn.execute(
+            "SELECT line_id, account, period_start, component_id, component_kind, band, quantity, rate, amount, "
+            "period_total, price_book_id, price_book_version, source_partition, source_offset FROM invoice_lines")]
+        snap.ledger_lines = {line.line_id for line in snap.ledger}
+        snap.outbox_lines, snap.outbox_unsent = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE sent_at IS NULL) FROM outbox "
+            "WHERE event_type = 'LINE_APPENDED'").fetchone()
         ledger_offsets = {(t, p): o for t, p, o in conn.execute(
             "SELECT topic, partition, next_offset FROM consumer_offsets WHERE consumer_group = %s",
             (topics.group("invoicing"),))}
