@@ -27,6 +27,8 @@ invoice_app = typer.Typer(help="Invoices in the ledger.", no_args_is_help=True)
 pricebook_app = typer.Typer(help="Immutable, versioned price books.", no_args_is_help=True)
 serve_app = typer.Typer(help="Servers: HTTP ingestion for gateways that do not speak Kafka.", no_args_is_help=True)
 late_app = typer.Typer(help="Readings refused by a billing rule (topic usage.late).", no_args_is_help=True)
+replay_app = typer.Typer(help="Rebuild a generation of the pipeline from the input topics and compare ledgers.",
+                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
@@ -36,6 +38,7 @@ app.add_typer(invoice_app, name="invoice")
 app.add_typer(pricebook_app, name="pricebook")
 app.add_typer(serve_app, name="serve")
 app.add_typer(late_app, name="late")
+app.add_typer(replay_app, name="replay")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_NEM12 = REPO_ROOT / "tests" / "data" / "nem12"
@@ -156,12 +159,7 @@ def pricebook_publish(file: Annotated[Path, typer.Argument(help="JSON price book
     """
     from pydantic import ValidationError
 
-    from pipeline.codec import default_codec
     from pipeline.rating.pricebook import PriceBook
-    from pipeline.refstore import PriceBookConflict, price_book_record, store_price_book
-    from pipeline.runtime import postgres
-    from pipeline.runtime.kafka import IdempotentProducer
-    from pipeline.topology import Topics
 
     settings = get_settings()
     raw = json.loads(file.read_text())
@@ -171,6 +169,18 @@ def pricebook_publish(file: Annotated[Path, typer.Argument(help="JSON price book
         typer.echo(f"error: {file} is not a valid price book:\n{exc}", err=True)
         raise typer.Exit(2) from exc
     _refuse_unmeasurable_demand(books, settings, file)
+    _publish_price_books(settings, books)
+
+
+def _publish_price_books(settings: Settings, books: list[Any]) -> None:
+    """Store ``books`` (``PriceBook`` versions) in Postgres and publish them to the ``pricebooks`` topic,
+    printing each one's state; exit 2 when a version exists with another body."""
+    from pipeline.codec import default_codec
+    from pipeline.refstore import PriceBookConflict, price_book_record, store_price_book
+    from pipeline.runtime import postgres
+    from pipeline.runtime.kafka import IdempotentProducer
+    from pipeline.topology import Topics
+
     try:
         new = postgres.with_reconnect(settings.database_url, lambda c: [store_price_book(c, b) for b in books])
     except PriceBookConflict as exc:
@@ -523,6 +533,119 @@ def reconcile_cmd(
         raise typer.Exit(1)
 
 
+# --- replay ----------------------------------------------------------------------------------------
+@replay_app.command("run")
+def replay_run(
+    name: Annotated[str, typer.Argument(help="generation name ([a-z0-9_], e.g. 20261205a)")],
+    price_book: Annotated[list[Path] | None, typer.Option(
+        "--price-book", help="JSON price book version(s) the generation bills with, besides the live ones "
+                             "(e.g. a superseding version); repeatable")] = None,
+    timeout: Annotated[float, typer.Option(help="fail when nothing moves for this many seconds")] = 180.0,
+) -> None:
+    """Rebuild generation NAME from the live input topics and reference data (its own topics, consumer groups,
+    state and ledger database), bill it with the four stages, stop them and print its diff with the live
+    ledger. Exit 1 when it differs, 2 when it cannot be made."""
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from pipeline.operations import replay
+    from pipeline.rating.pricebook import PriceBook
+
+    settings = get_settings()
+    books = []
+    for file in price_book or []:
+        raw = json.loads(file.read_text())
+        try:
+            books += [PriceBook.model_validate(b) for b in (raw if isinstance(raw, list) else [raw])]
+        except ValidationError as exc:
+            typer.echo(f"error: {file} is not a valid price book:\n{exc}", err=True)
+            raise typer.Exit(2) from exc
+    try:
+        gen = replay.generation(settings, name)
+        with tqdm(unit="record", desc="copying input records") as bar:
+            sent = replay.prepare(settings, gen, books, progress=lambda n: bar.update(n - bar.n))
+    except replay.ReplayError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"generation {name}: {sent:,} input records copied to {gen.settings.topic_prefix}*, ledger "
+               f"{gen.database}; billing it")
+    log_dir = settings.stack_dir / "logs" / f"gen-{name}"
+    procs = start_stage_processes(gen.settings, gen.env, log_dir=log_dir)
+    try:
+        report = wait_until_accounted(gen.settings, procs, 0, stall_s=timeout, log_dir=log_dir)
+    except DemoFailed as exc:
+        typer.echo(f"replay failed: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        codes = stop_stage_processes(procs)
+    typer.echo("\n".join(report.lines()))
+    typer.echo(f"stages stopped: {codes}")
+    _print_diff(replay.diff(settings, gen), name)
+
+
+@replay_app.command("diff")
+def replay_diff(name: Annotated[str, typer.Argument(help="generation name")],
+                json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
+                ) -> None:
+    """Compare generation NAME's ledger with the live one per (account, period, line): exit 0 when equal,
+    1 when they differ (each difference printed), 2 when the generation does not exist."""
+    from pipeline.operations import replay
+
+    settings = get_settings()
+    try:
+        rows = replay.diff(settings, replay.generation(settings, name))
+    except replay.ReplayError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if json_out is not None:
+        json_out.write_text(json.dumps([{"account": r.account, "period_start": r.period_start, "line": r.line,
+                                         "live": str(r.live), "replayed": str(r.replayed),
+                                         "difference": str(r.difference)} for r in rows], indent=1))
+    _print_diff(rows, name)
+
+
+@replay_app.command("apply")
+def replay_apply(name: Annotated[str, typer.Argument(help="generation name")]) -> None:
+    """Bring generation NAME's differences to the live ledger through the normal path: publish live the price
+    book versions the generation billed with that the live pipeline lacks; the live rating stage re-rates
+    and appends the difference lines exactly once (`pipeline replay diff NAME` reaches zero when it is done).
+    Applying again publishes nothing new. Exit 2 when the generation does not exist or a version conflicts."""
+    from pipeline.operations import replay
+
+    settings = get_settings()
+    try:
+        books = replay.books_to_apply(settings, replay.generation(settings, name))
+    except replay.ReplayError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if not books:
+        typer.echo(f"generation {name}: no price book version to publish; nothing to apply")
+        return
+    _publish_price_books(settings, books)
+
+
+@replay_app.command("drop")
+def replay_drop(name: Annotated[str, typer.Argument(help="generation name")]) -> None:
+    """Remove generation NAME: its ledger database and topics (the live pipeline is not touched)."""
+    from pipeline.operations import replay
+
+    settings = get_settings()
+    replay.drop(settings, replay.generation(settings, name))
+    typer.echo(f"generation {name} dropped")
+
+
+def _print_diff(rows: list[Any], name: str) -> None:
+    if not rows:
+        typer.echo(f"generation {name}: the ledgers agree on every (account, period, line)")
+        return
+    for r in rows:
+        typer.echo(f"{r.account} {r.period_start} {r.line}: live {r.live:f} replayed {r.replayed:f} "
+                   f"difference {r.difference:+f}")
+    total = sum((r.difference for r in rows), start=type(rows[0].difference)(0))
+    typer.echo(f"generation {name}: {len(rows):,} lines differ, in total {total:+f}")
+    raise typer.Exit(1)
+
+
 # --- demo --------------------------------------------------------------------------------------------
 def start_stage_processes(settings: Settings, extra_env: dict[str, str] | None = None,
                           log_dir: Path | None = None) -> dict[str, subprocess.Popen]:
@@ -605,6 +728,17 @@ def wait_until_accounted(settings: Settings, procs: dict[str, subprocess.Popen],
         time.sleep(1.0)
 
 
+def tie_out_now(settings: Settings) -> Any:
+    """The tie-out (``operations.reconcile.tie_out``: readings = windows = ledger, amounts, outbox) of the
+    topics and ledger of ``settings`` now, with the reference data in Postgres."""
+    from pipeline.operations.reconcile import reconcile, take_snapshot
+    from pipeline.refstore import postgres_loader
+    from pipeline.stages import window_policies
+
+    report = reconcile(take_snapshot(settings), window_policies(settings), postgres_loader(settings.database_url)())
+    return report.tie
+
+
 def wait_finalized(settings: Settings, timeout_s: float) -> int:
     """Wait (at most ``timeout_s``) until no invoice is OPEN whose close time the wall clock has passed;
     returns how many are still OPEN."""
@@ -654,6 +788,11 @@ def demo(
         typer.echo("")
         for line in accounted.lines():
             typer.echo(line)
+        tie = tie_out_now(settings)
+        typer.echo(tie.lines()[0])
+        if tie.breaks:
+            raise DemoFailed("the tie-out found breaks (`pipeline reconcile` prints them all):\n"
+                             + "\n".join(tie.breaks[:10]))
         still_open = wait_finalized(settings, timeout_s=float(os.environ["PIPELINE_INVOICE_IDLE_CLOSE_S"]) + 60)
         typer.echo(f"every reading accounted for in {time.monotonic() - t0:.0f} s"
                    + (f"; {still_open} invoices past their close time still open" if still_open else "") + "\n")

@@ -519,6 +519,7 @@ def _pg_bootstrap(settings: Settings, paths: _Paths) -> None:
         for role in (PG_ROLE, PG_OWNER):
             if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
                 conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        conn.execute(f'ALTER ROLE "{PG_OWNER}" CREATEDB')  # `pipeline replay` gives each generation a database
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone() is None:
             conn.execute(f'CREATE DATABASE "{PG_DATABASE}" OWNER "{PG_OWNER}"')
 

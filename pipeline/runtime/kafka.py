@@ -317,12 +317,15 @@ class IdempotentProducer:
         if err is not None:
             self._errors.append(str(err))
 
-    def send(self, topic: str, key: bytes | str, value: bytes, headers: list | None = None) -> None:
-        """Queue one record (blocks briefly when the local queue is full). Raises ``KafkaIOError``
-        when the client refuses it (e.g. after a fatal error)."""
+    def send(self, topic: str, key: bytes | str | None, value: bytes | None, headers: list | None = None,
+             partition: int | None = None) -> None:
+        """Queue one record (blocks briefly when the local queue is full), to ``partition`` if given, else
+        to the partition of its key. Raises ``KafkaIOError`` when the client refuses it (e.g. after a
+        fatal error)."""
+        where = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self._producer.produce(topic, value, key, headers=headers, on_delivery=self._on_delivery)
+                self._producer.produce(topic, value, key, headers=headers, on_delivery=self._on_delivery, **where)
                 return
             except BufferError:
                 self._producer.poll(0.1)
