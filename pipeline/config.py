@@ -69,6 +69,20 @@ class Settings(BaseSettings):
     metrics_addr: str = Field("127.0.0.1", description="address the /metrics server binds")
     reference_refresh_s: float = Field(30.0, description="how often stages re-read reference data")
 
+    # --- monitoring (issue 16) ------------------------------------------------------------------
+    metrics_base_port: int = Field(
+        9400, ge=1, le=65000, description="processes started by the CLI (`pipeline demo`, `stack up --with-monitoring` "
+        "users) get /metrics ports from here: ingest +0, windowing +1, rating +2, invoicing +3, relay +4, http +5",
+    )
+    monitor_interval_s: float = Field(
+        2.0, gt=0, description="how often a stage updates its consumer lag and state store size gauges"
+    )
+    prometheus_port: int = Field(9090, ge=1, le=65535, description="port of the local Prometheus (127.0.0.1)")
+    prometheus_bin: Path = Field(Path("/usr/bin/prometheus"), description="the Prometheus server binary")
+    prometheus_scrape_interval_s: float = Field(
+        5.0, gt=0, description="scrape and rule evaluation interval of the local Prometheus"
+    )
+
     # --- windowing (SPEC §3) ----------------------------------------------------------------
     window_minutes_energy: int = Field(30, description="tumbling window size for energy channels")
     window_minutes_telemetry: int = Field(60, description="tumbling window size for telemetry metrics")
