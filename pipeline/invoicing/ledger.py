@@ -305,10 +305,18 @@ class LedgerStore:
         ).fetchone()[0]
 
     # --- closing ----------------------------------------------------------------------------------
-    def invoice_counts(self) -> dict[str, int]:
-        """Invoices per status (``OPEN``, ``FINALIZED``), for monitoring."""
-        return dict(self._run(lambda conn: conn.execute(
-            "SELECT status, count(*) FROM invoices GROUP BY status").fetchall()))
+    def invoice_counts(self, overdue_after_s: float = 3600.0) -> dict[str, int]:
+        """Invoices per status (``OPEN``, ``FINALIZED``) and ``OVERDUE``: OPEN ones whose close time passed
+        more than ``overdue_after_s`` seconds ago by the wall clock (monitoring: finalization stuck)."""
+
+        def work(conn: Any) -> dict[str, int]:
+            counts = dict(conn.execute("SELECT status, count(*) FROM invoices GROUP BY status").fetchall())
+            counts["OVERDUE"] = conn.execute(
+                "SELECT count(*) FROM invoices WHERE status = 'OPEN' AND close_at < now() - make_interval(secs => %s)",
+                (overdue_after_s,)).fetchone()[0]
+            return counts
+
+        return self._run(work)
 
     def finalize_due(self, limit: int = 1000) -> list[str]:
         """Finalize the OPEN invoices whose close time their account's billing clock has passed (see

@@ -25,6 +25,8 @@ LINES = Counter("pipeline_ledger_lines_total", "ledger lines by outcome", ["outc
 PAYMENTS = Counter("pipeline_ledger_payments_total", "payments by outcome", ["outcome"])
 FINALIZED = Counter("pipeline_invoices_finalized_total", "invoices finalized")
 INVOICES = Gauge("pipeline_invoices", "invoices in the ledger by status (OPEN, FINALIZED)", ["status"])
+OVERDUE = Gauge("pipeline_invoices_overdue", "OPEN invoices whose close time passed more than an hour ago (wall "
+                "clock): finalization may be stuck")
 _LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
 READING_TO_LEDGER = Histogram(
     "pipeline_reading_to_ledger_seconds", "from a reading's arrival at the gateway to the commit of the ledger line it "
@@ -96,6 +98,7 @@ class InvoicingProcessor(ProcessorBase):
         counts = self.store.invoice_counts()
         for status in ("OPEN", "FINALIZED"):
             INVOICES.labels(status).set(counts.get(status, 0))
+        OVERDUE.set(counts["OVERDUE"])
 
     # --- ExternalSink --------------------------------------------------------------------------
     def stored_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
