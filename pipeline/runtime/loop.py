@@ -307,6 +307,8 @@ class StageRunner:
                                     settings.transaction_timeout_ms, call_timeout_s=settings.kafka_call_timeout_s,
                                     init_timeout_s=settings.recovery_timeout_s, on_wait=self._waiting_for_kafka)
         self._inflight: _Commit | None = None  # the commit in flight
+        for counter in (RECORDS_IN, COMMITS, REWINDS, REPLACEMENTS):  # exported as 0 from the start, not absent
+            counter.labels(spec.name)
         self._rewind = False  # a transaction was aborted or given up: resume from the last commit
         self._replace = False  # the transactional producer must be replaced first
         self._replacements: deque[float] = deque()
