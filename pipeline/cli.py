@@ -67,6 +67,19 @@ def stack_up(
     typer.echo(json.dumps(stack.status(settings), indent=1))
 
 
+@stack_app.command("install-monitoring")
+def stack_install_monitoring() -> None:
+    """Make sure Prometheus is installed (Debian's `prometheus` package, with apt-get as root or `sudo -n`);
+    prints the binary. Exit 1 with what to do when it cannot be installed."""
+    from pipeline.monitoring import prometheus
+
+    try:
+        typer.echo(f"prometheus: {prometheus.ensure_installed(get_settings())}")
+    except prometheus.PrometheusError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop what `stack up` started (Prometheus too)."""

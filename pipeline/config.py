@@ -65,14 +65,18 @@ class Settings(BaseSettings):
     transaction_timeout_ms: int = Field(60_000, ge=1000, description="Kafka transaction.timeout.ms of stages")
     commit_interval_ms: int = Field(250, ge=10, description="max time between two transaction commits")
     batch_max_records: int = Field(2000, ge=1, description="max records consumed per transaction")
-    metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port of a stage; 0 = off")
-    metrics_addr: str = Field("127.0.0.1", description="address the /metrics server binds")
+    metrics_port: int = Field(
+        0, ge=0, description="port of a stage's or the relay's /metrics, /healthz and /readyz; 0 = off (`pipeline "
+        "demo` gives each process metrics_base_port + n)",
+    )
+    metrics_addr: str = Field("127.0.0.1", description="address the /metrics, /healthz and /readyz server binds")
     reference_refresh_s: float = Field(30.0, description="how often stages re-read reference data")
 
     # --- monitoring (issue 16) ------------------------------------------------------------------
     metrics_base_port: int = Field(
-        9400, ge=1, le=65000, description="processes started by the CLI (`pipeline demo`, `stack up --with-monitoring` "
-        "users) get /metrics ports from here: ingest +0, windowing +1, rating +2, invoicing +3, relay +4, http +5",
+        9400, ge=1, le=65000, description="the stages and relay `pipeline demo` starts get their /metrics ports from "
+        "here: ingest +0, windowing +1, rating +2, invoicing +3, relay +4 (the HTTP gateway serves /metrics on its "
+        "own port)",
     )
     monitor_interval_s: float = Field(
         2.0, gt=0, description="how often a stage updates its consumer lag and state store size gauges"
