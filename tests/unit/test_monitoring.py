@@ -68,8 +68,11 @@ def test_a_window_revision_carries_the_earliest_arrival_of_its_events_since_the_
     def send(arrived: int, *events: object) -> None:
         batch = []
         for e in events:
-            batch.append(Incoming(TOPICS.usage_events, 0, h.offset, b"ACC-1", CODEC.encode(e),
-                                  ((timing.ARRIVED, b"%d" % arrived),), 0))
+            batch.append(
+                Incoming(
+                    TOPICS.usage_events, 0, h.offset, b"ACC-1", CODEC.encode(e), ((timing.ARRIVED, b"%d" % arrived),), 0
+                )
+            )
             h.offset += 1
         h.proc.process_batch(batch, h.ctx)
         h.proc.punctuate(h.clock[0], h.ctx)
@@ -81,11 +84,15 @@ def test_a_window_revision_carries_the_earliest_arrival_of_its_events_since_the_
     send(900, event(0, "1.5", version=2))  # a correction: revision 1 carries only its own arrival
     send(950, event(40, "1"))
     h.close_all()
-    revisions = [(CODEC.decode(v, UsageWindow), hdrs) for (t, _k, v), hdrs in zip(h.ctx.forwarded, h.ctx.headers,
-                                                                                  strict=True)
-                 if t == TOPICS.usage_windows]
+    revisions = [
+        (CODEC.decode(v, UsageWindow), hdrs)
+        for (t, _k, v), hdrs in zip(h.ctx.forwarded, h.ctx.headers, strict=True)
+        if t == TOPICS.usage_windows
+    ]
     first = [(w.revision, hdrs) for w, hdrs in revisions if w.window_start == T0]
-    assert first == [(0, [(timing.ARRIVED, b"300"), (timing.CLOSED, b"9000")]),
-                     (1, [(timing.ARRIVED, b"900"), (timing.CLOSED, b"9000")])]
+    assert first == [
+        (0, [(timing.ARRIVED, b"300"), (timing.CLOSED, b"9000")]),
+        (1, [(timing.ARRIVED, b"900"), (timing.CLOSED, b"9000")]),
+    ]
     later = {w.window_start: hdrs[0] for w, hdrs in revisions if w.window_start != T0}
     assert later[T0 + timedelta(minutes=90)] == (timing.ARRIVED, b"800")  # slot 20 = 100 min: window 90-120
