@@ -204,3 +204,23 @@ def test_the_dashboard_uses_only_metrics_the_processes_export() -> None:
         "up",
     ):
         assert needed in used, needed
+
+
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
+    """``promtool check rules`` and ``promtool test rules deploy/prometheus/alerts_test.yml``: each alert fires
+    on its own series after its ``for:``, and not on look-alikes (Prometheus's own rule evaluation)."""
+    import subprocess
+
+    from pipeline.monitoring import prometheus
+
+    tool = str(prometheus.promtool(Settings()))
+    rules = REPO / "deploy" / "prometheus"
+    check = subprocess.run([tool, "check", "rules", "alerts.yml"], cwd=rules, capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0 and "SUCCESS: 7 rules found" in check.stdout, check.stdout + check.stderr
+    test = subprocess.run([tool, "test", "rules", "alerts_test.yml"], cwd=rules, capture_output=True, text=True,
+                          timeout=120)
+    assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
+    tested = set(re.findall(r"alertname: (\w+)", (rules / "alerts_test.yml").read_text()))
+    defined = {r["alert"] for g in yaml.safe_load((rules / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    assert tested == defined  # every alert has its test
