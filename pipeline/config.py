@@ -81,7 +81,10 @@ class Settings(BaseSettings):
     monitor_interval_s: float = Field(
         2.0, gt=0, description="how often a stage updates its consumer lag and state store size gauges"
     )
-    prometheus_port: int = Field(9090, ge=1, le=65535, description="port of the local Prometheus (127.0.0.1)")
+    prometheus_port: int = Field(
+        19090, ge=1, le=65535,
+        description="port of the local Prometheus (127.0.0.1; not 9090, where Debian's prometheus service listens)",
+    )
     prometheus_bin: Path = Field(Path("/usr/bin/prometheus"), description="the Prometheus server binary")
     prometheus_scrape_interval_s: float = Field(
         5.0, gt=0, description="scrape and rule evaluation interval of the local Prometheus"

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -178,6 +179,13 @@ def up(settings: Settings, rules: Path = RULES, timeout_s: float = START_TIMEOUT
     ``/-/ready`` (at most ``timeout_s`` seconds). Returns its URL. Raises ``PrometheusError``."""
     base = url(settings)
     if pid(settings) is None:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", settings.prometheus_port)) == 0:
+                raise PrometheusError(
+                    f"port 127.0.0.1:{settings.prometheus_port} is in use by a process not started by "
+                    "`pipeline stack` (the Debian prometheus service?); stop it or set "
+                    "PIPELINE_PROMETHEUS_PORT"
+                )
         binary = ensure_installed(settings)
         config = write_config(settings, rules)
         check = subprocess.run(
