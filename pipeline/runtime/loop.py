@@ -47,6 +47,12 @@ non-zero exit: on restart the input is re-read from the last committed offsets a
 rebuilt from the changelog (a store directory is never reused, so what a failed step 3 left in RocksDB
 is gone), so nothing is lost or duplicated.
 
+Monitoring (issue 16): with ``metrics_port`` set, ``runtime.health`` serves ``/metrics``, ``/healthz`` (the
+watchdog's view) and ``/readyz`` (group joined, every assigned partition restored; not ready while a rewind
+rebuilds the stores). Every ``monitor_interval_s`` the loop sets each owned partition's consumer lag from the
+consumer's local state (no broker call) and each store's size. Dead letters and refusals a processor counts
+(``ctx.count``) reach their counters only when their batch's commit succeeded.
+
 SIGTERM/SIGINT: the current batch is finished and committed, the group is left, exit 0 (also when
 the stop comes while waiting for Kafka: the work since the last commit is then redone on restart).
 `kill -USR1` prints every thread's stack (a stage run by ``pipeline run``).
