@@ -96,3 +96,43 @@ def test_a_window_revision_carries_the_earliest_arrival_of_its_events_since_the_
     ]
     later = {w.window_start: hdrs[0] for w, hdrs in revisions if w.window_start != T0}
     assert later[T0 + timedelta(minutes=90)] == (timing.ARRIVED, b"800")  # slot 20 = 100 min: window 90-120
+
+
+def test_pipeline_status_renders_every_fact() -> None:
+    from pipeline.monitoring.status import render
+
+    text = render(
+        {
+            "prometheus": "stopped",
+            "processes": [
+                {"service": "ingest", "instance": "0", "up": True, "ready": True, "lag": 1234, "last_commit_s": 3.2},
+                {"service": "rating", "instance": "1", "up": False, "ready": False, "lag": None, "last_commit_s": None},
+            ],
+            "offsets": {"ingest": {"committed": 90, "end": 100}},
+            "dead_letters": {"ingest UNKNOWN_NMI": 2},
+            "refused": {},
+            "ledger_lines": 5000,
+            "invoices": {"OPEN": 3, "FINALIZED": 40},
+            "outbox_backlog": 7,
+        }
+    )
+    lines = text.splitlines()
+    assert lines[0] == "prometheus: stopped"
+    assert any(line.split() == ["ingest", "up", "yes", "1,234", "3", "s", "ago"] for line in lines)
+    assert any(line.split() == ["rating#1", "DOWN", "no", "-", "-"] for line in lines)
+    assert "  ingest                90 / 100          behind 10" in lines
+    assert "dead letters: 2" in lines and any(line.split() == ["ingest", "UNKNOWN_NMI", "2"] for line in lines)
+    assert "refused (usage.late): 0" in lines
+    assert lines[-1].split() == [
+        "ledger",
+        "lines:",
+        "5,000",
+        "invoices:",
+        "3",
+        "open,",
+        "40",
+        "finalized",
+        "outbox",
+        "backlog:",
+        "7",
+    ]
