@@ -544,11 +544,27 @@ def start_stage_processes(settings: Settings, extra_env: dict[str, str] | None =
     procs = {}
     for i, stage in enumerate(PROCESSES):
         log = open(log_dir / f"{stage}.log", "ab")  # noqa: SIM115 - handed to the child
-        off = (extra_env or {}).get("PIPELINE_METRICS_PORT") == "0"
-        stage_env = {**env, "PIPELINE_METRICS_PORT": "0" if off else str(settings.metrics_base_port + i)}
+        port = 0 if (extra_env or {}).get("PIPELINE_METRICS_PORT") == "0" else settings.metrics_base_port + i
+        if port and _port_taken(settings.metrics_addr, port):  # monitoring never keeps a stage from starting
+            typer.echo(f"warning: port {port} is taken: {stage} runs without /metrics (set "
+                       "PIPELINE_METRICS_BASE_PORT)", err=True)
+            port = 0
+        stage_env = {**env, "PIPELINE_METRICS_PORT": str(port)}
         procs[stage] = subprocess.Popen([sys.executable, "-m", "pipeline", "run", stage], env=stage_env,
                                         stdout=log, stderr=subprocess.STDOUT)
     return procs
+
+
+def _port_taken(addr: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((addr, port))
+        except OSError:
+            return True
+    return False
 
 
 def stop_stage_processes(procs: dict[str, subprocess.Popen], timeout_s: float = 60) -> dict[str, int]:
