@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test unit integration soak bench stack-up stack-down stack-status stack-reset lint clean
+.PHONY: install monitoring-tools demo test unit integration soak bench stack-up stack-up-monitoring stack-down stack-status stack-reset lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## Python dependencies into .venv
 
+monitoring-tools: install  ## Prometheus + promtool (Debian's `prometheus` package; apt-get as root or sudo -n)
+	$(BIN)/pipeline stack install-monitoring
+
 demo: install  ## stack up, topics, reference data, 4 stages, bundled real NEM12 files -> invoices
 	$(BIN)/pipeline demo
 
-test: install  ## every test; integration tests start the local Kafka + Postgres if not running
+test: install monitoring-tools  ## every test; integration tests start the local Kafka + Postgres (+ Prometheus) if not running
 	$(BIN)/python -m pytest -q
 
 soak: install  ## 100 SIGKILLs, a broker and a Postgres restart over the bundled data; one-line verdict
@@ -26,11 +29,14 @@ soak: install  ## 100 SIGKILLs, a broker and a Postgres restart over the bundled
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: install
+integration: install monitoring-tools
 	$(BIN)/python -m pytest -q tests/integration
 
 stack-up: install
 	$(BIN)/pipeline stack up
+
+stack-up-monitoring: install  ## the stack plus a local Prometheus scraping every process the CLI starts
+	$(BIN)/pipeline stack up --with-monitoring
 
 stack-down:
 	@if [ -x $(BIN)/pipeline ]; then $(BIN)/pipeline stack down; fi

@@ -36,7 +36,10 @@ class _Ctx:
         self._store = store
         self.forwarded = 0
 
-    def forward(self, topic: str, key: object, value: bytes) -> None:
+    def count(self, kind: str, reason: str) -> None:
+        pass
+
+    def forward(self, topic: str, key: object, value: bytes, headers: object = None) -> None:
         self.forwarded += 1
 
     def store(self, partition: int):  # type: ignore[no-untyped-def]

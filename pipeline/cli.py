@@ -50,20 +50,42 @@ def _logging(level: str = "INFO") -> None:
 
 # --- stack ---------------------------------------------------------------------------------------
 @stack_app.command("up")
-def stack_up() -> None:
+def stack_up(
+    with_monitoring: Annotated[bool, typer.Option(
+        "--with-monitoring", help="also start a local Prometheus (PIPELINE_PROMETHEUS_PORT) scraping every process "
+        "the CLI starts, with deploy/prometheus/alerts.yml; installs Debian's `prometheus` package if missing",
+    )] = False,
+) -> None:
     """Start Kafka (KRaft, 127.0.0.1) and PostgreSQL (127.0.0.1); create topics; migrate. Idempotent."""
     from pipeline import stack
 
     settings = get_settings()
-    stack.up(settings)
+    try:
+        stack.up(settings, monitoring=with_monitoring)
+    except stack.StackError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     topics_create()
     db_migrate()
     typer.echo(json.dumps(stack.status(settings), indent=1))
 
 
+@stack_app.command("install-monitoring")
+def stack_install_monitoring() -> None:
+    """Make sure Prometheus is installed (Debian's `prometheus` package, with apt-get as root or `sudo -n`);
+    prints the binary. Exit 1 with what to do when it cannot be installed."""
+    from pipeline.monitoring import prometheus
+
+    try:
+        typer.echo(f"prometheus: {prometheus.ensure_installed(get_settings())}")
+    except prometheus.PrometheusError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
 @stack_app.command("down")
 def stack_down() -> None:
-    """Stop what `stack up` started."""
+    """Stop what `stack up` started (Prometheus too)."""
     from pipeline import stack
 
     stack.down(get_settings())
@@ -322,15 +344,19 @@ def serve_http(
                    err=True)
         raise typer.Exit(2)
     _logging(os.environ.get("PIPELINE_LOG_LEVEL", "INFO"))
+    from pipeline.monitoring.prometheus import register_target, unregister_target
     from pipeline.runtime.signals import REQUESTED
 
     producer = IdempotentProducer(settings.kafka_bootstrap, linger_ms=5)
     app_ = create_app(settings, producer, default_codec())
     if REQUESTED:  # SIGTERM during start-up: a clean stop
         return
-    uvicorn.run(app_, host=host or settings.http_host, port=settings.http_port if port is None else port,
-                log_level="info")
+    port = settings.http_port if port is None else port
+    target = register_target(settings.model_copy(update={"metrics_addr": host or settings.http_host}), "http", port,
+                             settings.instance_id)  # /metrics is served by the app itself
+    uvicorn.run(app_, host=host or settings.http_host, port=port, log_level="info")
     producer.flush(30)
+    unregister_target(target)
 
 
 # --- stages -----------------------------------------------------------------------------------------
@@ -345,6 +371,11 @@ def run_stage(stage: Annotated[str, typer.Argument(help="ingest | windowing | ra
     install_early_handlers()  # keeps what `python -m pipeline` already recorded
     settings = get_settings()
     _logging(os.environ.get("PIPELINE_LOG_LEVEL", "INFO"))
+    target = None
+    if settings.metrics_port:  # announced to the local Prometheus (file-based discovery); kept if it fails
+        from pipeline.monitoring.prometheus import register_target, unregister_target
+
+        target = register_target(settings, stage, settings.metrics_port, settings.instance_id)
     if stage == "relay":
         from pipeline.codec import default_codec
         from pipeline.invoicing.relay import Relay
@@ -353,11 +384,13 @@ def run_stage(stage: Annotated[str, typer.Argument(help="ingest | windowing | ra
         if REQUESTED:
             relay.stop()
         relay.run()
-        return
-    runner = StageRunner(settings, build_stage(stage, settings))
-    if REQUESTED:  # SIGTERM during start-up still means a clean exit
-        runner.stop()
-    runner.run()
+    else:
+        runner = StageRunner(settings, build_stage(stage, settings))
+        if REQUESTED:  # SIGTERM during start-up still means a clean exit
+            runner.stop()
+        runner.run()
+    if target is not None:  # a clean stop: no longer expected up
+        unregister_target(target)
 
 
 # --- invoices --------------------------------------------------------------------------------------
@@ -434,6 +467,19 @@ def explain(line_id: Annotated[str, typer.Argument(help="ledger line id")]) -> N
         typer.echo(f"no ledger line {line_id}", err=True)
         raise typer.Exit(1)
     typer.echo(text)
+
+
+@app.command("status")
+def status_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="the facts as JSON")] = False,
+) -> None:
+    """One view for on-call without Grafana: each process the CLI started (up, ready, consumer lag, last commit),
+    each stage's committed input, dead letters and refusals by stage and reason, ledger lines, invoices by
+    status and the outbox backlog."""
+    from pipeline.monitoring.status import gather, render
+
+    facts = gather(get_settings())
+    typer.echo(json.dumps(facts, indent=1) if as_json else render(facts))
 
 
 @app.command("config")
@@ -649,18 +695,38 @@ def _print_diff(rows: list[Any], name: str) -> None:
 # --- demo --------------------------------------------------------------------------------------------
 def start_stage_processes(settings: Settings, extra_env: dict[str, str] | None = None,
                           log_dir: Path | None = None) -> dict[str, subprocess.Popen]:
-    """Start the four stages and the outbox relay as separate processes (``pipeline run <stage>``)."""
+    """Start the four stages and the outbox relay as separate processes (``pipeline run <stage>``), each with
+    its /metrics, /healthz and /readyz on ``metrics_base_port`` + its index in ``stages.PROCESSES`` (none when
+    ``extra_env`` sets PIPELINE_METRICS_PORT to 0); each announces itself to the local Prometheus."""
     from pipeline.stages import PROCESSES
 
     env = {**os.environ, **(extra_env or {})}
     log_dir = log_dir or settings.stack_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = {}
-    for stage in PROCESSES:
+    for i, stage in enumerate(PROCESSES):
         log = open(log_dir / f"{stage}.log", "ab")  # noqa: SIM115 - handed to the child
-        procs[stage] = subprocess.Popen([sys.executable, "-m", "pipeline", "run", stage], env=env,
+        port = 0 if (extra_env or {}).get("PIPELINE_METRICS_PORT") == "0" else settings.metrics_base_port + i
+        if port and _port_taken(settings.metrics_addr, port):  # monitoring never keeps a stage from starting
+            typer.echo(f"warning: port {port} is taken: {stage} runs without /metrics (set "
+                       "PIPELINE_METRICS_BASE_PORT)", err=True)
+            port = 0
+        stage_env = {**env, "PIPELINE_METRICS_PORT": str(port)}
+        procs[stage] = subprocess.Popen([sys.executable, "-m", "pipeline", "run", stage], env=stage_env,
                                         stdout=log, stderr=subprocess.STDOUT)
     return procs
+
+
+def _port_taken(addr: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((addr, port))
+        except OSError:
+            return True
+    return False
 
 
 def stop_stage_processes(procs: dict[str, subprocess.Popen], timeout_s: float = 60) -> dict[str, int]:
@@ -757,6 +823,8 @@ def wait_finalized(settings: Settings, timeout_s: float) -> int:
 @app.command("demo")
 def demo(
     data: Annotated[list[Path] | None, typer.Argument(help="NEM12 files/folders; default: bundled real data")] = None,
+    with_monitoring: Annotated[bool, typer.Option(
+        "--with-monitoring", help="also start the local Prometheus (see `stack up --with-monitoring`)")] = False,
 ) -> None:
     """Stack up, topics, reference data, the four stages; publish the bundled real NEM12 files; wait until every
     reading is billed, dead-lettered or refused (progress per stage, then the accounting); print every invoice;
@@ -767,7 +835,7 @@ def demo(
     get_settings.cache_clear()
     settings = get_settings()
     t0 = time.monotonic()
-    stack_up()
+    stack_up(with_monitoring)
     load_reference(None)
     procs = start_stage_processes(settings)
     failed: str | None = None

@@ -65,9 +65,30 @@ class Settings(BaseSettings):
     transaction_timeout_ms: int = Field(60_000, ge=1000, description="Kafka transaction.timeout.ms of stages")
     commit_interval_ms: int = Field(250, ge=10, description="max time between two transaction commits")
     batch_max_records: int = Field(2000, ge=1, description="max records consumed per transaction")
-    metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port of a stage; 0 = off")
-    metrics_addr: str = Field("127.0.0.1", description="address the /metrics server binds")
+    metrics_port: int = Field(
+        0, ge=0, description="port of a stage's or the relay's /metrics, /healthz and /readyz; 0 = off (`pipeline "
+        "demo` gives each process metrics_base_port + n)",
+    )
+    metrics_addr: str = Field("127.0.0.1", description="address the /metrics, /healthz and /readyz server binds")
     reference_refresh_s: float = Field(30.0, description="how often stages re-read reference data")
+
+    # --- monitoring (issue 16) ------------------------------------------------------------------
+    metrics_base_port: int = Field(
+        9400, ge=1, le=65000, description="the stages and relay `pipeline demo` starts get their /metrics ports from "
+        "here: ingest +0, windowing +1, rating +2, invoicing +3, relay +4 (the HTTP gateway serves /metrics on its "
+        "own port)",
+    )
+    monitor_interval_s: float = Field(
+        2.0, gt=0, description="how often a stage updates its consumer lag and state store size gauges"
+    )
+    prometheus_port: int = Field(
+        19090, ge=1, le=65535,
+        description="port of the local Prometheus (127.0.0.1; not 9090, where Debian's prometheus service listens)",
+    )
+    prometheus_bin: Path = Field(Path("/usr/bin/prometheus"), description="the Prometheus server binary")
+    prometheus_scrape_interval_s: float = Field(
+        5.0, gt=0, description="scrape and rule evaluation interval of the local Prometheus"
+    )
 
     # --- windowing (SPEC §3) ----------------------------------------------------------------
     window_minutes_energy: int = Field(30, description="tumbling window size for energy channels")

@@ -14,6 +14,7 @@ Layout of ``<stack_dir>``::
     pg/data/            the PostgreSQL cluster (postmaster.pid is its pid file)
     pg/log, pg/sock/    server log, Unix socket directory
     state/              local state stores of the stages (deleted by reset)
+    prometheus/         the local Prometheus of ``up(monitoring=True)`` (``pipeline.monitoring.prometheus``)
 
 Plain functions; the CLI wires them up as ``pipeline stack up|down|status|reset``.
 """
@@ -98,13 +99,16 @@ class _Paths:
 # --- public API ------------------------------------------------------------------------------
 
 
-def up(settings: Settings | None = None, *, timeout_s: float = KAFKA_START_TIMEOUT_S) -> None:
+def up(settings: Settings | None = None, *, timeout_s: float = KAFKA_START_TIMEOUT_S, monitoring: bool = False) -> None:
     """Start the local Kafka broker and PostgreSQL cluster; a no-op for parts already running.
 
     The first call on a machine downloads the broker's jars with Maven (``stack/pom.xml``),
     formats the KRaft storage and runs ``initdb``. Returns once the broker answers an admin
     ``list_topics`` on ``127.0.0.1:<kafka_port>`` (waiting at most ``timeout_s`` seconds) and
     PostgreSQL accepts connections, with role and database ``pipeline`` present.
+
+    With ``monitoring`` it also starts the local Prometheus (installing Debian's package if needed;
+    ``pipeline.monitoring.prometheus``), scraping every process the CLI starts.
 
     Raises ``StackError`` when a tool is missing, a port is taken by a process this module did
     not start, or a service fails to start in time (the message carries the log's tail).
@@ -114,10 +118,17 @@ def up(settings: Settings | None = None, *, timeout_s: float = KAFKA_START_TIMEO
     with _lock(paths):
         _kafka_up(settings, paths, timeout_s)
         _pg_up(settings, paths)
+        if monitoring:
+            from pipeline.monitoring import prometheus
+
+            try:
+                prometheus.up(settings)
+            except prometheus.PrometheusError as exc:
+                raise StackError(str(exc)) from exc
 
 
 def down(settings: Settings | None = None) -> None:
-    """Stop the broker and the PostgreSQL cluster started by ``up``; a no-op for stopped parts.
+    """Stop the broker, the PostgreSQL cluster and the Prometheus started by ``up``; a no-op for stopped parts.
 
     Kafka gets SIGTERM and up to 60 s to shut down cleanly, then SIGKILL. PostgreSQL is stopped
     with ``pg_ctl stop -m fast``. Processes not started by ``up`` (no pid file of ours) are never
@@ -126,6 +137,9 @@ def down(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     paths = _paths(settings)
     with _lock(paths):
+        from pipeline.monitoring import prometheus
+
+        prometheus.down(settings)
         _kafka_down(paths)
         _pg_down(settings, paths)
 
@@ -149,6 +163,9 @@ def status(settings: Settings | None = None) -> dict[str, str]:
             result[name] = f"stopped (port {port} is in use by a process not started by `pipeline stack`)"
         else:
             result[name] = "stopped"
+    from pipeline.monitoring import prometheus
+
+    result["prometheus"] = prometheus.status(settings)
     return result
 
 

@@ -76,6 +76,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -104,6 +105,12 @@ _CE_REQUIRED = ("specversion", "id", "source", "type")  # CloudEvents 1.0 §3.1 
 _PIPELINE_REQUIRED = ("time", "subject")  # optional in CloudEvents, needed to bill: event time, who used it
 _ENERGY_UNITS = {u.upper(): u for u in ("kWh", "Wh", "MWh", "kVArh", "VArh", "MVArh")}  # what ingest bills
 _JSON_FORMAT = JSONFormat()
+
+
+HTTP_REQUESTS = Counter("pipeline_http_requests_total", "HTTP requests answered, by route template, method and status",
+                        ["route", "method", "status"])
+HTTP_SECONDS = Histogram("pipeline_http_request_seconds", "time to answer an HTTP request (202: Kafka acknowledged "
+                         "every record)", ["route", "method"])
 
 
 class RecordSender(Protocol):
@@ -459,9 +466,38 @@ def create_app(
         """One CloudEvent (structured or binary mode) or a batch; 202 once Kafka acknowledged all of them."""
         return await handle(request, who, "events", idempotency_key, (CE_STRUCTURED, CE_BATCH), build_events)
 
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        t0 = time.monotonic()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path", "other")  # the template, never the raw path (bounded labels)
+            HTTP_REQUESTS.labels(template, request.method, str(status)).inc()
+            HTTP_SECONDS.labels(template, request.method).observe(time.monotonic() - t0)
+
     @app.get("/v1/health", summary="Liveness")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/healthz", summary="Liveness (monitoring)", include_in_schema=False)
+    async def healthz() -> Response:
+        return Response("ok\n", media_type="text/plain")
+
+    @app.get("/readyz", summary="Readiness (monitoring)", include_in_schema=False)
+    async def readyz() -> Response:
+        fatal = getattr(producer, "fatal_error", None)  # the idempotent producer cannot go on
+        if fatal is not None:
+            return Response(f"not ready: producer failed: {fatal}\n", status_code=503, media_type="text/plain")
+        return Response("ready\n", media_type="text/plain")
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -56,6 +56,7 @@ from pipeline.ingest.telemetry import to_usage_event as telemetry_usage_event
 from pipeline.money import quantity
 from pipeline.records import LateEvent, MeterReading, SeriesComplete, SeriesMarker, UsageEvent
 from pipeline.reference import ReferenceData
+from pipeline.runtime import timing
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import Context, ProcessorBase, dead_letter
 from pipeline.topology import Topics
@@ -300,7 +301,7 @@ class IngestProcessor(ProcessorBase):
         key = b"%s%s\x00%s\x00%d" % (METER_PREFIX, reading.nmi.encode(), reading.suffix.encode(), start_ms)
         outcome = self._observe(ctx.store(record.partition), part, METER, key, end_ms, version_ms)
         if outcome != "duplicate":
-            self._forward(event, ctx)
+            self._forward(event, record, ctx)
         self._advance(part, METER, start_ms)
         self._count(METER, outcome, "")
 
@@ -342,13 +343,15 @@ class IngestProcessor(ProcessorBase):
         event_ms = ce.time_ms
         outcome = self._observe(ctx.store(record.partition), part, TELEMETRY, key, event_ms, event_ms)
         if outcome != "duplicate":
-            self._forward(event, ctx)
+            self._forward(event, record, ctx)
         self._advance(part, TELEMETRY, event_ms)
         self._count(TELEMETRY, outcome, "")
 
-    def _forward(self, event: UsageEvent, ctx: Context) -> None:
+    def _forward(self, event: UsageEvent, record: Incoming, ctx: Context) -> None:
         datum = {name: getattr(event, name) for name in _USAGE_FIELDS}  # the codec's generic path, unrolled
-        ctx.forward(self.topics.usage_events, event.account, self.codec.encode(datum, "UsageEvent"))
+        # the reading's arrival at the gateway travels on to the ledger (runtime.timing)
+        ctx.forward(self.topics.usage_events, event.account, self.codec.encode(datum, "UsageEvent"),
+                    [(timing.ARRIVED, b"%d" % timing.arrival_ms(record))])
 
     def _observe(self, store: Any, part: _Partition, kind: str, key: bytes, time_ms: int, version_ms: int) -> str:
         """The outcome of an identity (SPEC §2), recording it when forwarded: ``accepted`` (new, or older
@@ -397,6 +400,7 @@ class IngestProcessor(ProcessorBase):
                          input_partition=record.partition, input_offset=record.offset, original_key=record.key,
                          original=record.value or b"", headers=record.headers)
         ctx.forward(self.topics.usage_late, event.account, self.codec.encode(late))
+        ctx.count("refused", exc.reason)
         self.reasons[exc.reason] = self.reasons.get(exc.reason, 0) + 1
         self._count(kind, "refused", exc.reason)
 

@@ -65,6 +65,7 @@ class CommitResult:
     adjustments: int
     payments: int
     clock_advanced: bool
+    appended: frozenset[str] = frozenset()  # ids of the lines appended
 
 
 INSERT_INVOICE = """
@@ -181,7 +182,8 @@ class LedgerStore:
                 cur.executemany(UPSERT_OFFSET, [(self.group, t, p, o) for (t, p), o in sorted(offsets.items())])
                 advanced = self._advance_clocks(cur, lines, {p.charge.account for p in new_lines})
             adjustments = sum(1 for p in placements.values() if p.line_kind == "ADJUSTMENT")
-            return CommitResult(len(new_lines), adjustments, recorded, advanced)
+            return CommitResult(len(new_lines), adjustments, recorded, advanced,
+                                frozenset(p.charge.line_id for p in new_lines))
 
         return self._run(work)
 
@@ -303,6 +305,19 @@ class LedgerStore:
         ).fetchone()[0]
 
     # --- closing ----------------------------------------------------------------------------------
+    def invoice_counts(self, overdue_after_s: float = 3600.0) -> dict[str, int]:
+        """Invoices per status (``OPEN``, ``FINALIZED``) and ``OVERDUE``: OPEN ones whose close time passed
+        more than ``overdue_after_s`` seconds ago by the wall clock (monitoring: finalization stuck)."""
+
+        def work(conn: Any) -> dict[str, int]:
+            counts = dict(conn.execute("SELECT status, count(*) FROM invoices GROUP BY status").fetchall())
+            counts["OVERDUE"] = conn.execute(
+                "SELECT count(*) FROM invoices WHERE status = 'OPEN' AND close_at < now() - make_interval(secs => %s)",
+                (overdue_after_s,)).fetchone()[0]
+            return counts
+
+        return self._run(work)
+
     def finalize_due(self, limit: int = 1000) -> list[str]:
         """Finalize the OPEN invoices whose close time their account's billing clock has passed (see
         the class: its event clock, or quiet past the close time by the wall clock), in close order;

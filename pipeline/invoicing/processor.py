@@ -12,17 +12,28 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.codec import Codec, DecodeError
 from pipeline.invoicing.ledger import LedgerStore, PendingLine, PendingPayment
 from pipeline.records import Payment, RatedCharge
+from pipeline.runtime import timing
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import Context, ProcessorBase
 
 LINES = Counter("pipeline_ledger_lines_total", "ledger lines by outcome", ["outcome"])
 PAYMENTS = Counter("pipeline_ledger_payments_total", "payments by outcome", ["outcome"])
 FINALIZED = Counter("pipeline_invoices_finalized_total", "invoices finalized")
+INVOICES = Gauge("pipeline_invoices", "invoices in the ledger by status (OPEN, FINALIZED)", ["status"])
+OVERDUE = Gauge("pipeline_invoices_overdue", "OPEN invoices whose close time passed more than an hour ago (wall "
+                "clock): finalization may be stuck")
+_LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
+READING_TO_LEDGER = Histogram(
+    "pipeline_reading_to_ledger_seconds", "from a reading's arrival at the gateway to the commit of the ledger line it "
+    "caused (earliest reading of the line's causes; runtime.timing)", buckets=_LATENCY_BUCKETS)
+WINDOW_CLOSE_TO_LEDGER = Histogram(
+    "pipeline_window_close_to_ledger_seconds", "from the emission of a window revision to the commit of the ledger "
+    "line it caused", buckets=_LATENCY_BUCKETS)
 
 
 class InvoicingProcessor(ProcessorBase):
@@ -45,30 +56,35 @@ class InvoicingProcessor(ProcessorBase):
         self._lines: list[PendingLine] = []
         self._payments: list[PendingPayment] = []
         self._dead: list[tuple] = []
+        self._times: dict[str, tuple[int | None, int | None]] = {}  # line id → (arrived, window closed) ms
         self._last_close = 0.0
 
     def process(self, record: Incoming, ctx: Context) -> None:
         if record.topic == self.payments_topic:
-            self._process_payment(record)
+            self._process_payment(record, ctx)
             return
         try:
             charge = self.codec.decode(record.value or b"", RatedCharge)
         except DecodeError as exc:
-            self._dead_letter(record, "UNDECODABLE", str(exc))
+            self._dead_letter(record, "UNDECODABLE", str(exc), ctx)
             return
         self._lines.append(PendingLine(charge, record.topic, record.partition, record.offset))
+        if record.headers:
+            self._times[charge.line_id] = (timing.read_ms(record.headers, timing.ARRIVED),
+                                           timing.read_ms(record.headers, timing.CLOSED))
 
-    def _process_payment(self, record: Incoming) -> None:
+    def _process_payment(self, record: Incoming, ctx: Context) -> None:
         try:
             payment = self.codec.decode(record.value or b"", Payment)
         except DecodeError as exc:
             reason = "INVALID_PAYMENT" if str(exc).startswith("invalid Payment") else "UNDECODABLE"
-            self._dead_letter(record, reason, str(exc))
+            self._dead_letter(record, reason, str(exc), ctx)
             PAYMENTS.labels("dead_lettered").inc()
             return
         self._payments.append(PendingPayment(payment, record.topic, record.partition, record.offset))
 
-    def _dead_letter(self, record: Incoming, reason: str, message: str) -> None:
+    def _dead_letter(self, record: Incoming, reason: str, message: str, ctx: Context) -> None:
+        ctx.count("dead_letter", reason)
         self._dead.append(("invoicing", reason, message, record.topic, record.partition, record.offset,
                            record.key, record.value))
 
@@ -79,6 +95,10 @@ class InvoicingProcessor(ProcessorBase):
     def _close(self) -> None:
         self._last_close = time.monotonic()
         FINALIZED.inc(len(self.store.finalize_due()))
+        counts = self.store.invoice_counts()
+        for status in ("OPEN", "FINALIZED"):
+            INVOICES.labels(status).set(counts.get(status, 0))
+        OVERDUE.set(counts["OVERDUE"])
 
     # --- ExternalSink --------------------------------------------------------------------------
     def stored_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
@@ -92,6 +112,13 @@ class InvoicingProcessor(ProcessorBase):
         LINES.labels("dead_lettered").inc(len(self._dead))
         PAYMENTS.labels("recorded").inc(result.payments)
         PAYMENTS.labels("replayed").inc(len(self._payments) - result.payments)
+        now_ms = time.time() * 1000
+        for line_id in result.appended:  # lines replayed (known ids) reached the ledger before: not observed
+            arrived, closed = self._times.get(line_id, (None, None))
+            if arrived is not None:
+                READING_TO_LEDGER.observe(max(0.0, now_ms - arrived) / 1000)
+            if closed is not None:
+                WINDOW_CLOSE_TO_LEDGER.observe(max(0.0, now_ms - closed) / 1000)
         self.discard()
         if result.clock_advanced:
             self._close()
@@ -100,3 +127,4 @@ class InvoicingProcessor(ProcessorBase):
         self._lines.clear()
         self._payments.clear()
         self._dead.clear()
+        self._times.clear()

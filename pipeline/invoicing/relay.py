@@ -30,12 +30,13 @@ import threading
 import time
 from typing import Any
 
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 
 from pipeline.codec import Codec
 from pipeline.config import Settings
 from pipeline.invoicing import lifecycle as lc
 from pipeline.runtime import postgres
+from pipeline.runtime.health import HealthServer
 from pipeline.runtime.kafka import IdempotentProducer, KafkaIOError, backoff
 from pipeline.runtime.loop import Watchdog
 from pipeline.topology import Topics
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 RELAY_LOCK = 0x1E5D6E7
 PUBLISHED = Counter("pipeline_outbox_published_total", "outbox events published to invoice.events")
 BACKLOG = Gauge("pipeline_outbox_backlog", "outbox events not yet published")
+OLDEST = Gauge("pipeline_outbox_oldest_unsent_age_seconds",
+               "age of the oldest outbox event not yet published (0: none)")
+LAST_ROUND = Gauge("pipeline_relay_last_round_timestamp_seconds", "wall-clock time of the relay's last successful "
+                   "round (Unix seconds)")
 
 
 def encode_row(codec: Codec, payload: dict, seq: int) -> bytes:
@@ -65,6 +70,7 @@ class Relay:
         self.topic = Topics(settings).invoice_events
         self._db = postgres.Reconnecting(settings.database_url, give_up_s=600.0)
         self._stop = False
+        self._ready = False  # a round succeeded (Postgres and Kafka answered)
         self.watchdog = Watchdog("relay", settings.watchdog_s)
 
     def stop(self, *_: Any) -> None:
@@ -84,8 +90,10 @@ class Relay:
         """Publish rounds until stopped; a round failing on Kafka is retried (see the module doc)."""
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        health = None
         if self.settings.metrics_port:
-            start_http_server(self.settings.metrics_port, addr=self.settings.metrics_addr)
+            health = HealthServer(self.settings.metrics_port, self.settings.metrics_addr, live=self._liveness,
+                                  ready=lambda: None if self._ready else "not ready: no successful round yet")
         self.watchdog.exit_process = threading.current_thread() is threading.main_thread()
         self.watchdog.start()
         postgres.add_wait_listener(self._waiting_for_postgres)
@@ -109,6 +117,8 @@ class Relay:
                     self._sleep(delay)
                     continue
                 last_ok = time.monotonic()
+                self._ready = True
+                LAST_ROUND.set(time.time())
                 delays = backoff(0.5, 2.0, 10.0)
                 if n == 0:
                     self._sleep(self.settings.relay_poll_s)
@@ -116,7 +126,13 @@ class Relay:
             self._db.close()
             postgres.remove_wait_listener(self._waiting_for_postgres)
             self.watchdog.stop()
+            if health is not None:
+                health.close()
         log.info("relay: stopped cleanly")
+
+    def _liveness(self) -> str | None:
+        stalled = self.watchdog.stalled_for()
+        return None if stalled is None else f"no progress for {stalled:.0f} s while {self.watchdog.step}"
 
     def round(self, producer: IdempotentProducer) -> int:
         """Publish one batch of unsent rows and mark them sent, in one transaction that holds the
@@ -130,13 +146,17 @@ class Relay:
                 (self.settings.relay_batch,)).fetchall()
             if not rows:
                 BACKLOG.set(0)
+                OLDEST.set(0)
                 return 0
             for seq, account, payload in rows:
                 producer.send(self.topic, account.encode(), encode_row(self.codec, payload, seq))
             # every record acknowledged within kafka_call_timeout_s (or KafkaIOError: nothing is marked)
             producer.flush(self.settings.kafka_call_timeout_s)
             conn.execute("UPDATE outbox SET sent_at = now() WHERE seq = ANY(%s)", ([r[0] for r in rows],))
-            BACKLOG.set(conn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0])
+            left, oldest = conn.execute("SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0) "
+                                        "FROM outbox WHERE sent_at IS NULL").fetchone()
+            BACKLOG.set(left)
+            OLDEST.set(float(oldest))
             return len(rows)
 
         n = self._db.run(work)

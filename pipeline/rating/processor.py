@@ -44,6 +44,7 @@ from pipeline.rating import rate as r
 from pipeline.rating.pricebook import DemandComponent, PriceBook, TouComponent
 from pipeline.records import RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
+from pipeline.runtime import timing
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import Context, dead_letter
 from pipeline.topology import Topics
@@ -188,6 +189,8 @@ class _Touched:
     causes: list[tuple[UsageWindow, list[str]]] = field(default_factory=list)
     cause: str | None = None  # set when a price book version (not a window) caused the recompute
     previous_versions: dict[str, list[int]] = field(default_factory=dict)  # book id → versions superseded
+    arrived_ms: int | None = None  # earliest reading arrival / window close among the causes (runtime.timing)
+    closed_ms: int | None = None
 
 
 BOOKS_KEY = b"books"
@@ -384,7 +387,10 @@ class RatingProcessor:
         fold(ps, rw, 1, intervals)
         store.put(pkey.encode(), ps)
         store.put(wkey, rw)
-        self._touched.setdefault(pkey.encode(), _Touched(record.partition)).causes.append((win, keys + demand_keys))
+        touched = self._touched.setdefault(pkey.encode(), _Touched(record.partition))
+        touched.causes.append((win, keys + demand_keys))
+        touched.arrived_ms = timing.earliest(touched.arrived_ms, timing.read_ms(record.headers, timing.ARRIVED))
+        touched.closed_ms = timing.earliest(touched.closed_ms, timing.read_ms(record.headers, timing.CLOSED))
         REVISIONS.labels("accepted").inc()
 
     def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
@@ -397,9 +403,10 @@ class RatingProcessor:
             store = ctx.store(touched.partition)
             ps: PeriodState = store.get(pkey)
             charges = recompute(ps, touched.causes, ref, touched.cause, touched.previous_versions)
+            headers = timing.headers(touched.arrived_ms, touched.closed_ms)
             for charge in charges:
                 ps.emitted[charge.component_key] = charge.record.period_total
-                ctx.forward(self.topics.charges_rated, ps.account, self.codec.encode(charge.record))
+                ctx.forward(self.topics.charges_rated, ps.account, self.codec.encode(charge.record), headers)
                 LINES.labels(charge.record.component_kind).inc()
             if charges:
                 store.put(pkey, ps)

@@ -662,6 +662,28 @@ class StageClients:
                     log.warning("consumer error (the client retries by itself): %s", err)
         return out
 
+    def positions(self, tps: list[TP]) -> dict[TP, tuple[int, int]]:
+        """(position, high watermark) of each owned partition, as the consumer knows them locally (no
+        request to the broker, never blocks): the position is the next offset the application will be
+        given (past transaction markers it has read), the high watermark the one of the last fetch
+        response. A value not known yet is negative. For consumer lag (monitoring); call it on the
+        consuming thread."""
+        if not tps:
+            return {}
+        out: dict[TP, tuple[int, int]] = {}
+        try:
+            positions = self.consumer.position([TopicPartition(t, p) for t, p in tps])
+        except KafkaException:
+            return {}
+        for part in positions:
+            try:
+                marks = self.consumer.get_watermark_offsets(TopicPartition(part.topic, part.partition), cached=True)
+                high = marks[1] if marks else -1
+            except KafkaException:
+                high = -1
+            out[(part.topic, part.partition)] = (part.offset, high)
+        return out
+
     def rewind_to_committed(self, tps: list[TP], timeout_s: float | None = None) -> None:
         """Seek each owned partition back to the group's committed offset (its beginning when the
         group has none): what was fetched beyond it is consumed again. The lookup is retried while

@@ -47,6 +47,12 @@ non-zero exit: on restart the input is re-read from the last committed offsets a
 rebuilt from the changelog (a store directory is never reused, so what a failed step 3 left in RocksDB
 is gone), so nothing is lost or duplicated.
 
+Monitoring (issue 16): with ``metrics_port`` set, ``runtime.health`` serves ``/metrics``, ``/healthz`` (the
+watchdog's view) and ``/readyz`` (group joined, every assigned partition restored; not ready while a rewind
+rebuilds the stores). Every ``monitor_interval_s`` the loop sets each owned partition's consumer lag from the
+consumer's local state (no broker call) and each store's size. Dead letters and refusals a processor counts
+(``ctx.count``) reach their counters only when their batch's commit succeeded.
+
 SIGTERM/SIGINT: the current batch is finished and committed, the group is left, exit 0 (also when
 the stop comes while waiting for Kafka: the work since the last commit is then redone on restart).
 `kill -USR1` prints every thread's stack (a stage run by ``pipeline run``).
@@ -54,6 +60,7 @@ the stop comes while waiting for Kafka: the work since the last commit is then r
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
@@ -67,10 +74,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import Settings
 from pipeline.runtime import postgres
+from pipeline.runtime.health import HealthServer
 from pipeline.runtime.kafka import (
     TP,
     Incoming,
@@ -91,8 +99,23 @@ RECORDS_IN = Counter("pipeline_records_in_total", "records consumed", ["stage"])
 RECORDS_OUT = Counter("pipeline_records_out_total", "records produced", ["stage", "topic"])
 COMMITS = Counter("pipeline_commits_total", "transactions committed", ["stage"])
 COMMIT_SECONDS = Histogram("pipeline_commit_seconds", "time to commit one transaction", ["stage"])
+PROCESS_SECONDS = Histogram("pipeline_processing_seconds", "time to process one consumed batch (processor and "
+                            "punctuation, before its commit)", ["stage"])
+LAST_COMMIT = Gauge("pipeline_last_commit_timestamp_seconds", "wall-clock time of the last commit that consumed "
+                    "input (Unix seconds)", ["stage"])
+LAG = Gauge("pipeline_consumer_lag_records", "records of an input partition not yet processed and committed: high "
+            "watermark − committed offset (transaction markers skipped)", ["stage", "topic", "partition"])
 RESTORE_SECONDS = Gauge("pipeline_state_restore_seconds", "last state restore time", ["stage", "partition"])
+STATE_BYTES = Gauge("pipeline_state_store_bytes", "size of a partition's local state store (RocksDB estimate of "
+                    "live data + memtables)", ["stage", "partition"])
+STATE_KEYS = Gauge("pipeline_state_store_keys", "keys in a partition's local state store (RocksDB estimate)",
+                   ["stage", "partition"])
 ASSIGNED = Gauge("pipeline_assigned_partitions", "input partitions owned", ["stage"])
+READY = Gauge("pipeline_ready", "1 once the stage joined its group and restored every assigned partition", ["stage"])
+DEAD_LETTERS = Counter("pipeline_dead_letters_total", "records dead-lettered (dlq.ingest, or the ledger's "
+                       "dead_letters table), by stage and reason; counted once committed", ["stage", "reason"])
+REFUSED = Counter("pipeline_refused_total", "readings refused by a billing rule (usage.late), by stage and reason; "
+                  "counted once committed", ["stage", "reason"])
 REWINDS = Counter("pipeline_transactions_aborted_total",
                   "transactions aborted by an abortable error (work redone from the last commit)", ["stage"])
 REPLACEMENTS = Counter("pipeline_producer_replacements_total",
@@ -142,6 +165,11 @@ class Watchdog:
         if step is not None:
             self._step = step
 
+    @property
+    def step(self) -> str:
+        """What the owner said comes next at its last beat."""
+        return self._step
+
     def stalled_for(self) -> float | None:
         """Seconds since the last beat when that is more than ``bound_s``, else ``None``."""
         age = self._clock() - self._last
@@ -170,6 +198,12 @@ class Watchdog:
             self.beat()
 
 
+def _remove(metric: Any, *labels: str) -> None:
+    """Drop one labelled series (a partition handed over), if it exists."""
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)
+
+
 class _Commit:
     """One transaction commit on its own daemon thread: never joined, so a client call that does not
     return can be walked away from. The thread is bound to the producer generation current when the
@@ -177,6 +211,8 @@ class _Commit:
 
     def __init__(self, clients: StageClients, offsets: dict[TP, int], metadata: object, name: str) -> None:
         self.t0 = time.monotonic()
+        self.offsets = offsets
+        self.counts: dict[tuple[str, str], int] = {}
         self.generation = clients.generation
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -229,11 +265,16 @@ class _Ctx:
     def __init__(self, runner: StageRunner) -> None:
         self._r = runner
 
-    def forward(self, topic: str, key: bytes | str | None, value: bytes) -> None:
+    def forward(self, topic: str, key: bytes | str | None, value: bytes,
+                headers: list[tuple[str, bytes]] | None = None) -> None:
         if isinstance(key, str):
             key = key.encode()
-        self._r.clients.produce(topic, key, value)
+        self._r.clients.produce(topic, key, value, headers=headers)
         self._r.produced[topic] = self._r.produced.get(topic, 0) + 1
+
+    def count(self, kind: str, reason: str) -> None:
+        counts = self._r.counts
+        counts[(kind, reason)] = counts.get((kind, reason), 0) + 1
 
     def store(self, partition: int) -> PartitionStore:
         return self._r.stores[partition]
@@ -255,6 +296,12 @@ class StageRunner:
         self.stores: dict[int, PartitionStore] = {}
         self.offsets: dict[TP, int] = {}
         self.produced: dict[str, int] = {}
+        self.counts: dict[tuple[str, str], int] = {}  # (kind, reason) of this batch, published once committed
+        self._consumed: dict[TP, int] = {}  # next offset after the last record processed, per partition
+        self._committed: dict[TP, int] = {}  # next offset committed, per partition (this process's commits)
+        self._ready = False  # joined the group, every assigned partition restored
+        self._next_monitor = 0.0
+        self._health: HealthServer | None = None
         self._assigned: set[TP] = set()  # a stage with several input topics shares one store per partition number
         self._stop = False
         self.ctx = _Ctx(self)
@@ -266,6 +313,8 @@ class StageRunner:
                                     settings.transaction_timeout_ms, call_timeout_s=settings.kafka_call_timeout_s,
                                     init_timeout_s=settings.recovery_timeout_s, on_wait=self._waiting_for_kafka)
         self._inflight: _Commit | None = None  # the commit in flight
+        for counter in (RECORDS_IN, COMMITS, REWINDS, REPLACEMENTS):  # exported as 0 from the start, not absent
+            counter.labels(spec.name)
         self._rewind = False  # a transaction was aborted or given up: resume from the last commit
         self._replace = False  # the transactional producer must be replaced first
         self._replacements: deque[float] = deque()
@@ -317,12 +366,14 @@ class StageRunner:
     def _on_assign(self, tps: list[TP]) -> dict[TP, int]:
         self.watchdog.beat(f"assigning {tps}")
         self._settle()
+        self._set_ready(False)
         self._assigned.update(tps)
         for _topic, partition in tps:
             if self._changelog is not None:
                 self._restore(partition)
             self.spec.processor.on_assign(partition, self.ctx)
         ASSIGNED.labels(self.spec.name).inc(len(tps))
+        self._set_ready(True)
         if self.spec.external_sink:
             return self.spec.processor.stored_offsets(tps)  # type: ignore[attr-defined]
         return {}
@@ -333,12 +384,17 @@ class StageRunner:
         for topic, partition in tps:
             self.offsets.pop((topic, partition), None)
             self._assigned.discard((topic, partition))
+            self._consumed.pop((topic, partition), None)
+            self._committed.pop((topic, partition), None)
+            _remove(LAG, self.spec.name, topic, str(partition))
             self.spec.processor.on_revoke(partition)
             if any(p == partition for _t, p in self._assigned):
                 continue  # the same partition of another input topic is still ours: keep its store
             store = self.stores.pop(partition, None)
             if store is not None:
                 store.close()
+                _remove(STATE_BYTES, self.spec.name, str(partition))
+                _remove(STATE_KEYS, self.spec.name, str(partition))
         ASSIGNED.labels(self.spec.name).dec(len(tps))
 
     # --- the loop ------------------------------------------------------------------------------
@@ -371,6 +427,9 @@ class StageRunner:
             self._abort_quietly()
         self.watchdog.beat("closing the clients")
         self._closing = True
+        self._set_ready(False)
+        if self._health is not None:
+            self._health.close()
         closed = self.clients.close(_CLOSE_TIMEOUT_S)
         for store in self.stores.values():
             store.close()
@@ -390,7 +449,9 @@ class StageRunner:
 
     def _run(self) -> None:
         if self.settings.metrics_port:
-            start_http_server(self.settings.metrics_port, addr=self.settings.metrics_addr)
+            self._health = HealthServer(self.settings.metrics_port, self.settings.metrics_addr,
+                                        live=self._liveness, ready=self._readiness)
+        READY.labels(self.spec.name).set(0)
         self.clients.subscribe(self.spec.input_topics, self._on_assign, self._on_revoke)
         timeout = self.settings.commit_interval_ms / 1000
         log.info("%s: started (group %s)", self.spec.name, self.clients.group)
@@ -409,9 +470,13 @@ class StageRunner:
                 log.info("%s: transactional producer refreshed (it had lost every broker, or failed)", self.spec.name)
             self.watchdog.beat("processing a batch")
             try:
+                t0 = time.monotonic()
                 self._process(batch)
                 self.spec.processor.punctuate(int(time.time() * 1000), self.ctx)
+                if batch:
+                    PROCESS_SECONDS.labels(self.spec.name).observe(time.monotonic() - t0)
                 self._commit()
+                self._monitor()
             except ProducerUnusable as exc:  # producing on a fenced or failed producer
                 log.error("%s: %s; replacing the producer and resuming from the last commit", self.spec.name, exc)
                 self._replace = self._rewind = True
@@ -435,6 +500,7 @@ class StageRunner:
             for record in batch:
                 processor.process(record, self.ctx)
         self.offsets.update({(r.topic, r.partition): r.offset + 1 for r in batch})  # in order: the last wins
+        self._consumed.update(self.offsets)
         RECORDS_IN.labels(self.spec.name).inc(len(batch))
 
     def _commit(self) -> None:
@@ -444,7 +510,11 @@ class StageRunner:
             if self.offsets:
                 sink.commit(dict(self.offsets))
                 # informative only (lag monitoring); the truth is in the sink
+                self._committed.update(self.offsets)
                 self.offsets.clear()
+                self._published(self.counts)
+                self.counts = {}
+                LAST_COMMIT.labels(self.spec.name).set(time.time())
             return
         encoded: dict[int, dict[bytes, bytes | None]] = {}
         for partition, store in self.stores.items():
@@ -460,6 +530,7 @@ class StageRunner:
         metadata = self.clients.group_metadata()
         self._inflight = _Commit(self.clients, dict(self.offsets), metadata, f"{self.spec.name}-commit")
         self._inflight.t0 = t0
+        self._inflight.counts, self.counts = self.counts, {}
         self.offsets.clear()
         for partition, changes in encoded.items():  # while the commit is in flight (see the module doc)
             self.stores[partition].flush(changes)
@@ -488,6 +559,10 @@ class StageRunner:
         if exc is None:
             COMMITS.labels(self.spec.name).inc()
             COMMIT_SECONDS.labels(self.spec.name).observe(time.monotonic() - commit.t0)
+            self._committed.update(commit.offsets)
+            self._published(commit.counts)
+            if commit.offsets:
+                LAST_COMMIT.labels(self.spec.name).set(time.time())
             return
         if isinstance(exc, TransactionAborted):
             log.warning("%s: %s; resuming from the last commit", self.spec.name, exc)
@@ -532,8 +607,11 @@ class StageRunner:
         ``on_assign`` for each partition) and the consumer seeks back to the committed offsets (read
         within ``recovery_timeout_s``)."""
         self._rewind = False
+        self._set_ready(False)
         self.offsets.clear()
         self.produced.clear()
+        self.counts = {}
+        self._consumed.clear()
         tps = sorted(self._assigned)
         for _topic, partition in tps:
             self.spec.processor.on_revoke(partition)
@@ -546,7 +624,55 @@ class StageRunner:
             self.spec.processor.on_assign(partition, self.ctx)
         self.watchdog.beat("reading the committed offsets")
         self.clients.rewind_to_committed(tps)
+        self._set_ready(True)
         log.info("%s: resumed from the last commit (%d partitions)", self.spec.name, len(tps))
+
+    # --- monitoring ----------------------------------------------------------------------------
+    def _set_ready(self, ready: bool) -> None:
+        self._ready = ready
+        READY.labels(self.spec.name).set(1 if ready else 0)
+
+    def _readiness(self) -> str | None:
+        """``/readyz``: ``None`` once the group is joined and every assigned partition restored."""
+        return None if self._ready else "not ready: joining the group or restoring state"
+
+    def _liveness(self) -> str | None:
+        """``/healthz``: ``None`` unless the watchdog saw no progress for ``watchdog_s``."""
+        stalled = self.watchdog.stalled_for()
+        return None if stalled is None else f"no progress for {stalled:.0f} s while {self.watchdog.step}"
+
+    def _published(self, counts: dict[tuple[str, str], int]) -> None:
+        """Add a committed batch's dead letters and refusals to their counters."""
+        for (kind, reason), n in counts.items():
+            (DEAD_LETTERS if kind == "dead_letter" else REFUSED).labels(self.spec.name, reason).inc(n)
+
+    def _monitor(self) -> None:
+        """Every ``monitor_interval_s``: consumer lag of each owned partition and the state stores' sizes.
+
+        Lag = high watermark − where the committed work ends: the consumer's position when everything it
+        consumed is committed (so transaction markers after the last record count as done), else the
+        offset committed last. Local client state only (no broker request): cheap, never blocks."""
+        now = time.monotonic()
+        if now < self._next_monitor:
+            return
+        self._next_monitor = now + self.settings.monitor_interval_s
+        name = self.spec.name
+        for (topic, partition), (position, high) in self.clients.positions(sorted(self._assigned)).items():
+            if high < 0:
+                continue
+            consumed = self._consumed.get((topic, partition))
+            committed = self._committed.get((topic, partition), -1)
+            if consumed is not None and committed < consumed:
+                done = committed  # work in flight or not committed yet
+            elif position >= 0:
+                done = position
+            else:
+                continue
+            LAG.labels(name, topic, str(partition)).set(max(0, high - max(done, 0)))
+        for partition, store in list(self.stores.items()):
+            size, keys = store.size()
+            STATE_BYTES.labels(name, str(partition)).set(size)
+            STATE_KEYS.labels(name, str(partition)).set(keys)
 
     def _abort_quietly(self) -> None:
         try:

@@ -28,8 +28,16 @@ class Store(Protocol):
 class Context(Protocol):
     """What a processor may do while handling a record or a punctuation."""
 
-    def forward(self, topic: str, key: bytes | str | None, value: bytes) -> None:
-        """Produce ``value`` to ``topic`` within the current transaction."""
+    def forward(self, topic: str, key: bytes | str | None, value: bytes,
+                headers: list[tuple[str, bytes]] | None = None) -> None:
+        """Produce ``value`` (with ``headers``, e.g. ``runtime.timing``'s) to ``topic`` within the current
+        transaction."""
+        ...
+
+    def count(self, kind: str, reason: str) -> None:
+        """Count one outcome of the current batch for monitoring: ``kind`` ``dead_letter`` or ``refused``
+        with its reason code; it reaches ``pipeline_dead_letters_total`` / ``pipeline_refused_total`` only
+        once the batch is committed (a batch redone after an abort is counted once)."""
         ...
 
     def store(self, partition: int) -> Store:
@@ -80,6 +88,7 @@ def dead_letter(ctx: Context, codec: Any, topic: str, stage: str, record: Incomi
     dead = DeadLetter(stage, reason, message, record.topic, record.partition, record.offset,
                       record.key, record.value, record.headers)
     ctx.forward(topic, record.key, codec.encode(dead))
+    ctx.count("dead_letter", reason)
 
 
 class ExternalSink(Protocol):
@@ -105,9 +114,16 @@ class FakeContext:
 
     forwarded: list[tuple[str, Any, bytes]] = field(default_factory=list)
     stores: dict[int, DictStore] = field(default_factory=dict)
+    headers: list[list[tuple[str, bytes]] | None] = field(default_factory=list)  # per forward, in order
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def forward(self, topic: str, key: bytes | str | None, value: bytes) -> None:
+    def forward(self, topic: str, key: bytes | str | None, value: bytes,
+                headers: list[tuple[str, bytes]] | None = None) -> None:
         self.forwarded.append((topic, key, value))
+        self.headers.append(headers)
+
+    def count(self, kind: str, reason: str) -> None:
+        self.counts[(kind, reason)] = self.counts.get((kind, reason), 0) + 1
 
     def store(self, partition: int) -> DictStore:
         return self.stores.setdefault(partition, DictStore())

@@ -170,6 +170,14 @@ class PartitionStore:
         self._db.write(batch)
         return n
 
+    def size(self) -> tuple[int, int]:
+        """(bytes, keys) of the committed state, as RocksDB estimates them: live data in its files plus its
+        memtables, and its key count (monitoring; cheap, no scan)."""
+        db = self._db
+        stored = (db.property_int_value("rocksdb.estimate-live-data-size") or 0) + \
+            (db.property_int_value("rocksdb.cur-size-all-mem-tables") or 0)
+        return stored, db.property_int_value("rocksdb.estimate-num-keys") or 0
+
     def close(self) -> None:
         """Close RocksDB (pending writes are dropped)."""
         self._pending.clear()

@@ -35,6 +35,7 @@ from prometheus_client import Counter, Gauge
 from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
 from pipeline.records import LateEvent, SeriesMarker, UsageEvent
+from pipeline.runtime import timing
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import Context, dead_letter
 from pipeline.topology import Topics
@@ -121,6 +122,8 @@ class _Tables:
         fresh: window key → the live state of a window created on time and never emitted: its head is
             not written (its events entries say it exists; ``on_assign`` rebuilds it from them).
         accounts: account → its billing clock (highest event time of its series), back-billing only.
+        arrived: window key → the earliest arrival (epoch ms, ``runtime.timing``) of the events folded
+            into it since its last revision; monitoring only, in memory (lost on a restart).
     """
 
     pending: dict[bytes, dict[bytes, int]] = field(default_factory=dict)
@@ -132,6 +135,7 @@ class _Tables:
     oldest: dict[bytes, int] = field(default_factory=dict)
     fresh: dict[bytes, w.WindowState] = field(default_factory=dict)
     accounts: dict[str, int] = field(default_factory=dict)
+    arrived: dict[bytes, int] = field(default_factory=dict)
 
 
 class WindowingProcessor:
@@ -293,6 +297,9 @@ class WindowingProcessor:
             else:
                 outcome = apply(state, event_id, iv, clock)
             if outcome is not _DUPLICATE and outcome is not _REFUSED:
+                arrived = timing.arrival_ms(record)
+                if arrived < t.arrived.get(key, arrived + 1):
+                    t.arrived[key] = arrived
                 added = chunks.get(key)
                 if added is None:
                     chunks[key] = (store, record.offset, [raw])
@@ -377,6 +384,7 @@ class WindowingProcessor:
                          input_topic=record.topic, input_partition=record.partition, input_offset=record.offset,
                          original_key=record.key, original=raw, headers=record.headers)
         ctx.forward(self.topics.usage_late, account, self.codec.encode(late))
+        ctx.count("refused", "BACK_BILLING_LIMIT")
         return True
 
     def _revive(self, store: Any, key: bytes) -> w.WindowState | None:
@@ -474,7 +482,8 @@ class WindowingProcessor:
             return
         clock = t.clocks.get(ck) or self._load_clock(t, store, ck)
         rev = w.emit(state, clock)
-        ctx.forward(self.topics.usage_windows, rev.account, self._wire.revision(rev))
+        ctx.forward(self.topics.usage_windows, rev.account, self._wire.revision(rev),
+                    timing.headers(t.arrived.pop(key, None), self.clock_ms()))
         self._emitted[(rev.timing, trigger)] = self._emitted.get((rev.timing, trigger), 0) + 1
         if w.is_archivable(state, clock, self._policy_of(state.metric)):
             self._archive(store, key, state)
@@ -517,6 +526,6 @@ class WindowingProcessor:
             if n != published.get(outcome, 0):
                 EVENTS.labels(outcome).inc(n - published.get(outcome, 0))
                 published[outcome] = n
-        for (timing, trigger), n in self._emitted.items():
-            EMITTED.labels(timing, trigger).inc(n)
+        for (revision_timing, trigger), n in self._emitted.items():
+            EMITTED.labels(revision_timing, trigger).inc(n)
         self._emitted.clear()

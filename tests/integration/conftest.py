@@ -277,6 +277,9 @@ def isolated_env(base_settings: Settings, folder: Path) -> Iterator[Env]:
         "PIPELINE_DATABASE_OWNER_URL": owner_url,
         "PIPELINE_TOPIC_PREFIX": f"{tag}.",
         "PIPELINE_STATE_DIR": str(folder / "state"),
+        # stages started with a metrics port announce themselves to <stack dir>/prometheus/targets: the test's
+        # own folder, never the shared stack's (a killed stage would stay there as a target that is down)
+        "PIPELINE_STACK_DIR": str(folder / "stack"),
         "PIPELINE_IDLE_TIMEOUT_S": "4",
         "PIPELINE_COMMIT_INTERVAL_MS": "200",
         "PIPELINE_PARTITIONS": "3",
