@@ -27,9 +27,9 @@ from tqdm import tqdm
 from pipeline.operations import export as ex
 
 LEDGER_SQL = ("SELECT " + ", ".join(n for n, _ in ex.LEDGER_LINE_COLUMNS)
-              + " FROM invoice_lines WHERE appended_at >= %s AND appended_at < %s ORDER BY line_id")
+              + " FROM invoice_lines WHERE appended_at >= %s AND appended_at < %s ORDER BY line_id COLLATE \"C\"")
 INVOICES_SQL = ("SELECT " + ", ".join(n for n, _ in ex.INVOICE_COLUMNS)
-                + " FROM invoices WHERE finalized_at >= %s AND finalized_at < %s ORDER BY invoice_id")
+                + " FROM invoices WHERE finalized_at >= %s AND finalized_at < %s ORDER BY invoice_id COLLATE \"C\"")
 HISTORY_SQL = ("SELECT version, status, content_sha256, max_rows FROM export_history WHERE destination = %s "
                "AND generation = %s AND dataset = %s AND period_day = %s")
 CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet"}
