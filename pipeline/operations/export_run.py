@@ -6,7 +6,9 @@ Order, so that a failure leaves nothing half-done:
 1. the rows of every requested dataset are read from Postgres (ledger lines, invoices), then the topics
    (``reconcile.take_snapshot``: every input, refusal and latest window revision, ``read_committed``): the
    reconciliation then covers at least what the rows hold;
-2. every precheck of every dataset runs; one failure raises ``PrecheckFailed`` before anything is written;
+2. every precheck of every dataset runs; one failure raises ``PrecheckFailed`` before anything is written
+   (but when only ledger lines and invoices are asked for and each is unchanged since its latest complete
+   export to the destination, nothing is checked or written: a daily re-run without news is cheap);
 3. per dataset: ``plan_version`` against ``export_history`` (unchanged content: nothing is written); the
    history row is inserted (``WRITING``, claiming the version under a unique key), the files are written,
    the manifest last; the row becomes ``COMPLETE`` (or ``FAILED`` with the error, re-raised).
@@ -98,47 +100,58 @@ def run_export(settings: Any, datasets: list[str], period: ex.Period, destinatio
     ex.check_generation(generation)
     datasets = ex.check_datasets(datasets)
     store = open_store(dest, settings)
-    rows = _read_rows(settings, datasets, period)
-    echo("reading the topics for the prechecks (reconciliation, refused readings) ...")
-    snap = take_snapshot(settings)
-    if "usage_windows" in datasets:
-        rows["usage_windows"] = ex.usage_window_rows(snap.latest.values(), period)
-    recon = ex.precheck_reconciliation(reconcile(snap, window_policies(settings)))
-    open_late = ex.open_refusals(snap.refused, snap.forwarded)
-    checks = {d: [recon, ex.precheck_late(ex.late_blocking(open_late, _scope_of(d, rows[d], period)))]
-              for d in datasets}
-    failed = [(d, c) for d in datasets for c in checks[d] if not c.passed]
-    if failed:
-        raise PrecheckFailed(failed)
-
-    results = []
     db = postgres.Reconnecting(settings.database_url, give_up_s=60.0,
                                statement_timeout_s=settings.postgres_statement_timeout_s)
     try:
-        for d in datasets:
-            results.append(_export_one(settings, db, store, dest, d, rows[d], period, generation, max_rows,
-                                       checks[d], progress, echo))
+        rows = _read_rows(settings, datasets, period)
+        if "usage_windows" not in datasets:  # nothing changed since the last export: nothing to check or write
+            plans = {d: _plan(db, dest, generation, d, rows[d], period, max_rows) for d in datasets}
+            if all(p.version is None for p in plans.values()):
+                return [_unchanged(store, d, rows[d], period, generation, plans[d], echo) for d in datasets]
+        echo("reading the topics for the prechecks (reconciliation, refused readings) ...")
+        snap = take_snapshot(settings)
+        if "usage_windows" in datasets:
+            rows["usage_windows"] = ex.usage_window_rows(snap.latest.values(), period)
+        recon = ex.precheck_reconciliation(reconcile(snap, window_policies(settings)))
+        open_late = ex.open_refusals(snap.refused, snap.forwarded)
+        checks = {d: [recon, ex.precheck_late(ex.late_blocking(open_late, _scope_of(d, rows[d], period)))]
+                  for d in datasets}
+        failed = [(d, c) for d in datasets for c in checks[d] if not c.passed]
+        if failed:
+            raise PrecheckFailed(failed)
+        return [_export_one(db, store, dest, d, rows[d], period, generation, max_rows, checks[d], progress, echo)
+                for d in datasets]
     finally:
         db.close()
-    return results
 
 
-def _export_one(settings: Any, db: Any, store: Any, dest: ex.Destination, dataset: str, rows: list[tuple],
-                period: ex.Period, generation: str, max_rows: int, checks: list[ex.Precheck], progress: bool,
+def _plan(db: Any, dest: ex.Destination, generation: str, dataset: str, rows: list[tuple], period: ex.Period,
+          max_rows: int) -> ex.VersionPlan:
+    content = ex.content_sha256(ex.COLUMNS[dataset], rows)
+    past = db.run(lambda c: [ex.PastExport(*r) for r in c.execute(
+        HISTORY_SQL, (dest.url, generation, dataset, period.day)).fetchall()])
+    return ex.plan_version(past, content, max_rows)
+
+
+def _unchanged(store: Any, dataset: str, rows: list[tuple], period: ex.Period, generation: str,
+               plan: ex.VersionPlan, echo: Callable[[str], None]) -> ExportResult:
+    location = store.url(ex.export_folder(generation, dataset, period, plan.unchanged or 0))
+    echo(f"{dataset} {period.label}: unchanged since v{plan.unchanged} ({len(rows):,} rows), nothing written: "
+         f"{location}")
+    return ExportResult(dataset, None, plan.unchanged, len(rows), 0, location)
+
+
+def _export_one(db: Any, store: Any, dest: ex.Destination, dataset: str, rows: list[tuple], period: ex.Period,
+                generation: str, max_rows: int, checks: list[ex.Precheck], progress: bool,
                 echo: Callable[[str], None]) -> ExportResult:
     from pipeline.runtime import postgres
     from pipeline.runtime.parquet import parquet_bytes
 
     columns = ex.COLUMNS[dataset]
     content = ex.content_sha256(columns, rows)
-    past = db.run(lambda c: [ex.PastExport(*r) for r in c.execute(
-        HISTORY_SQL, (dest.url, generation, dataset, period.day)).fetchall()])
-    plan = ex.plan_version(past, content, max_rows)
+    plan = _plan(db, dest, generation, dataset, rows, period, max_rows)
     if plan.version is None:
-        folder = ex.export_folder(generation, dataset, period, plan.unchanged or 0)
-        echo(f"{dataset} {period.label}: unchanged since v{plan.unchanged} ({len(rows):,} rows), nothing written: "
-             f"{store.url(folder)}")
-        return ExportResult(dataset, None, plan.unchanged, len(rows), 0, store.url(folder))
+        return _unchanged(store, dataset, rows, period, generation, plan, echo)
     folder = ex.export_folder(generation, dataset, period, plan.version)
     location = store.url(folder)
     export_id = f"{dest.url}#{folder}"
