@@ -216,3 +216,16 @@ def test_file_store_writes_whole_files_and_lists_them(tmp_path) -> None:  # type
     assert store.list("live/y") == []
     assert store.get("live/x/v1/part-00000.csv") == b"a\n"
     assert store.url("live/x/v1/manifest.json") == (tmp_path / "out/live/x/v1/manifest.json").as_uri()
+
+
+def test_pyarrow_and_boto3_are_each_imported_in_one_adapter() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "pipeline"
+    where: dict[str, set[str]] = {"pyarrow": set(), "boto": set()}
+    for path in root.rglob("*.py"):
+        for lib in where:
+            if re.search(rf"^\s*(import|from) {lib}", path.read_text(), re.MULTILINE):
+                where[lib].add(str(path.relative_to(root)))
+    assert where == {"pyarrow": {"runtime/parquet.py"}, "boto": {"runtime/objectstore.py"}}
