@@ -230,3 +230,27 @@ def test_export_to_a_real_s3_server_is_checked_back_and_failed_prechecks_export_
     assert f"pending at ingest: {pending:,} readings" in res.stderr
     assert keys(s3) == before
     assert env.sql("SELECT export_id, status FROM export_history ORDER BY export_id") == history_before
+
+
+def test_a_destination_that_fails_is_recorded_and_its_version_never_reused(pipeline_env: Env,
+                                                                           s3_endpoint: str) -> None:
+    env = pipeline_env  # nothing published: reconciliation passes with no readings, the day has no rows
+    env.env.update({"PIPELINE_S3_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "PIPELINE_S3_MAX_ATTEMPTS": "2"})
+    env.env.pop("AWS_PROFILE", None)
+    dest = f"s3://{BUCKET}/{PREFIX}"
+    res = export(env, "invoices", "--date", "2026-01-31", "--dest", dest)  # the bucket does not exist yet
+    assert res.returncode == 3, (res.stdout, res.stderr)
+    assert "export failed (recorded as FAILED in export_history)" in res.stderr and "NoSuchBucket" in res.stderr
+    assert env.sql("SELECT version, status, position('NoSuchBucket' in error) > 0 FROM export_history") == [
+        (1, "FAILED", True)]
+    s3 = s3_client(s3_endpoint)
+    s3.create_bucket(Bucket=BUCKET)
+    res = export(env, "invoices", "--date", "2026-01-31", "--dest", dest)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    manifest, rows = read_back(s3, f"{PREFIX}/live/invoices/2026-01-31/v2")
+    assert (manifest["version"], manifest["row_count"], rows) == (2, 0, {"csv": [], "parquet": []})
+    assert [(f["name"], f["rows"]) for f in manifest["files"]] == [("part-00000.csv", 0), ("part-00000.parquet", 0)]
+    assert env.sql("SELECT version, status FROM export_history ORDER BY version") == [(1, "FAILED"), (2, "COMPLETE")]
+    res = export(env, "invoices", "--date", "2026-01-31", "--dest", dest)
+    assert res.returncode == 0 and "unchanged since v2" in res.stdout, res.stdout
