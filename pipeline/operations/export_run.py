@@ -210,5 +210,5 @@ def history(settings: Any, dataset: str | None = None, day: Any = None) -> list[
     sql = ("SELECT started_at, dataset, period_day, version, status, row_count, file_count, location, error "
            "FROM export_history" + (" WHERE " + " AND ".join(where) if where else "")
            + " ORDER BY started_at DESC, export_id")
-    with postgres.connect(settings.database_url) as conn:
+    with postgres.connect(settings.database_url, statement_timeout_s=settings.postgres_statement_timeout_s) as conn:
         return [tuple(r) for r in conn.execute(sql, tuple(params))]
