@@ -517,12 +517,14 @@ def export_cmd(
     """Export a day of ledger lines (appended that day), invoices (finalized that day) or usage windows (starting
     that day, latest revision) as CSV and Parquet with a manifest, after the prechecks (reconciliation passes,
     no open refused readings in scope). Exit 0: written or unchanged; 1: a precheck failed (nothing written);
-    2: a bad request; 3: the destination failed."""
+    2: a bad request; 3: the destination or the stack (Kafka, Postgres) failed."""
     from datetime import UTC, datetime, timedelta
 
     from pipeline.operations import export as ex
     from pipeline.operations.export_run import PrecheckFailed, run_export
+    from pipeline.runtime.kafka import KafkaIOError
     from pipeline.runtime.objectstore import StoreError
+    from pipeline.runtime.postgres import DatabaseError
 
     settings = get_settings()
     destination = dest or settings.export_destination
@@ -541,6 +543,9 @@ def export_cmd(
         raise typer.Exit(1) from None
     except StoreError as exc:
         typer.echo(f"export failed (recorded as FAILED in export_history): {exc}", err=True)
+        raise typer.Exit(3) from None
+    except (KafkaIOError, DatabaseError) as exc:
+        typer.echo(f"export failed: the stack did not answer: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(3) from None
     written = sum(r.version is not None for r in results)
     typer.echo(f"{written} export(s) written, {len(results) - written} unchanged")
