@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipeline.operations.export import Destination
+if TYPE_CHECKING:  # the adapter does not depend on the export rules at run time
+    from pipeline.operations.export import Destination
 
 
 class StoreError(RuntimeError):
