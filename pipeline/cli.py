@@ -692,6 +692,77 @@ def _print_diff(rows: list[Any], name: str) -> None:
     raise typer.Exit(1)
 
 
+# --- exports (issue 15) -------------------------------------------------------------------------------
+@app.command("export")
+def export_cmd(
+    datasets: Annotated[list[str] | None, typer.Argument(
+        help="ledger_lines, invoices, usage_windows; default: all three")] = None,
+    day: Annotated[str | None, typer.Option("--date", help="the UTC day, YYYY-MM-DD; default: yesterday")] = None,
+    dest: Annotated[str | None, typer.Option(
+        "--dest", help="file:///folder or s3://bucket/prefix; default: PIPELINE_EXPORT_DESTINATION")] = None,
+    generation: Annotated[str | None, typer.Option(help="default: PIPELINE_EXPORT_GENERATION (live)")] = None,
+    max_rows: Annotated[int | None, typer.Option(
+        min=1, help="most rows per file; default: PIPELINE_EXPORT_MAX_ROWS")] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Export a day of ledger lines (appended that day), invoices (finalized that day) or usage windows (starting
+    that day, latest revision) as CSV and Parquet with a manifest, after the prechecks (reconciliation passes,
+    no open refused readings in scope). Exit 0: written or unchanged; 1: a precheck failed (nothing written);
+    2: a bad request; 3: the destination or the stack (Kafka, Postgres) failed."""
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline.operations import export as ex
+    from pipeline.operations.export_run import PrecheckFailed, run_export
+    from pipeline.runtime.kafka import KafkaIOError
+    from pipeline.runtime.objectstore import StoreError
+    from pipeline.runtime.postgres import DatabaseError
+
+    settings = get_settings()
+    destination = dest or settings.export_destination
+    try:
+        if not destination:
+            raise ex.ExportError("no destination: give --dest or set PIPELINE_EXPORT_DESTINATION")
+        period = ex.parse_period(day) if day else ex.Period((datetime.now(UTC) - timedelta(days=1)).date())
+        results = run_export(settings, list(datasets or ex.DATASETS), period, destination,
+                             generation or settings.export_generation, max_rows or settings.export_max_rows,
+                             progress=progress, echo=typer.echo)
+    except ex.ExportError as exc:
+        typer.echo(f"export refused: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except PrecheckFailed as exc:
+        typer.echo(f"nothing exported: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except StoreError as exc:
+        typer.echo(f"export failed (recorded as FAILED in export_history): {exc}", err=True)
+        raise typer.Exit(3) from None
+    except (KafkaIOError, DatabaseError) as exc:
+        typer.echo(f"export failed: the stack did not answer: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(3) from None
+    written = sum(r.version is not None for r in results)
+    typer.echo(f"{written} export(s) written, {len(results) - written} unchanged")
+
+
+@app.command("exports")
+def exports_cmd(
+    dataset: Annotated[str | None, typer.Option(help="only this dataset")] = None,
+    day: Annotated[str | None, typer.Option("--date", help="only this day, YYYY-MM-DD")] = None,
+) -> None:
+    """The export history, newest first: when, dataset, day, version, status, rows, files, where."""
+    from pipeline.operations import export as ex
+    from pipeline.operations.export_run import history
+
+    try:
+        period = ex.parse_period(day) if day else None
+    except ex.ExportError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    rows = history(get_settings(), dataset, period.day if period else None)
+    for at, ds, d, version, status, n, files, location, error in rows:
+        typer.echo(f"{at:%Y-%m-%d %H:%M:%S} {ds:14} {d} v{version:<3} {status:9} {n:>10,} rows {files:>4} files "
+                   f"{location}" + (f"  ({error})" if error else ""))
+    typer.echo(f"{len(rows)} export(s)")
+
+
 # --- demo --------------------------------------------------------------------------------------------
 def start_stage_processes(settings: Settings, extra_env: dict[str, str] | None = None,
                           log_dir: Path | None = None) -> dict[str, subprocess.Popen]:

@@ -187,6 +187,24 @@ class Settings(BaseSettings):
         "statement is retried on a new connection like a lost one",
     )
 
+    # --- exports (issue 15, `pipeline export`) ---------------------------------------------------
+    export_destination: str | None = Field(
+        None, description="where `pipeline export` writes: file:///absolute/folder or s3://bucket/prefix "
+        "(--dest overrides)",
+    )
+    export_max_rows: int = Field(1_000_000, ge=1, description="most rows in one exported file (CSV and Parquet)")
+    export_generation: str = Field(
+        "live", description="the generation an export is labelled with (manifest, path, history); `live` is the "
+        "running pipeline",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 API endpoint, e.g. http://127.0.0.1:9000 for an S3-compatible server; unset = AWS"
+    )
+    s3_region: str = Field("us-east-1", description="S3 region")
+    s3_connect_timeout_s: float = Field(10.0, gt=0, description="deadline to connect to the S3 endpoint")
+    s3_read_timeout_s: float = Field(60.0, gt=0, description="deadline for an answer from the S3 endpoint")
+    s3_max_attempts: int = Field(3, ge=1, description="attempts per S3 call (botocore standard retries)")
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
