@@ -586,11 +586,16 @@ def replay_run(
     price_book: Annotated[list[Path] | None, typer.Option(
         "--price-book", help="JSON price book version(s) the generation bills with, besides the live ones "
                              "(e.g. a superseding version); repeatable")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--from", help="only billing periods starting on or after this date (YYYY-MM-DD): readings from a day "
+                       "before it are copied, the diff compares those periods")] = None,
     timeout: Annotated[float, typer.Option(help="fail when nothing moves for this many seconds")] = 180.0,
 ) -> None:
     """Rebuild generation NAME from the live input topics and reference data (its own topics, consumer groups,
     state and ledger database), bill it with the four stages, stop them and print its diff with the live
     ledger. Exit 1 when it differs, 2 when it cannot be made."""
+    from datetime import date
+
     from pydantic import ValidationError
     from tqdm import tqdm
 
@@ -607,9 +612,13 @@ def replay_run(
             typer.echo(f"error: {file} is not a valid price book:\n{exc}", err=True)
             raise typer.Exit(2) from exc
     try:
+        start = date.fromisoformat(since) if since else None
+    except ValueError as exc:
+        raise typer.BadParameter(f"--from {since!r} is not a date (YYYY-MM-DD)") from exc
+    try:
         gen = replay.generation(settings, name)
         with tqdm(unit="record", desc="copying input records") as bar:
-            sent = replay.prepare(settings, gen, books, progress=lambda n: bar.update(n - bar.n))
+            sent = replay.prepare(settings, gen, books, progress=lambda n: bar.update(n - bar.n), since=start)
     except replay.ReplayError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

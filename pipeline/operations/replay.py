@@ -10,6 +10,11 @@ every record of the live input topics (``meter.readings``, ``telemetry.events``:
 value and headers, in offset order). The four stages then bill it exactly as the live pipeline would;
 nothing of the live pipeline is read or written meanwhile except its input topics and reference data.
 
+A generation may start **from a date** ``D``: it then gets only the input readings whose interval starts
+on or after ``D`` 00:00 UTC less a day (so every local billing period starting on or after ``D``, in any
+timezone, holds all its readings), completion markers and unreadable records (dead-lettered alike), and
+``diff`` compares only the periods starting on or after ``D``.
+
 ``diff`` compares the two ledgers per (account, billing period, line: price book | component | band): the
 sum of the amounts. Replaying unchanged input and reference data gives no difference; replaying with a
 superseding price book gives exactly what the live rating stage's own re-rating adds once that version is
@@ -24,6 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -102,11 +108,48 @@ class DiffRow:
         return self.replayed - self.live
 
 
-def diff_totals(live: Mapping[LedgerKey, Decimal], replayed: Mapping[LedgerKey, Decimal]) -> list[DiffRow]:
-    """The keys whose totals differ, sorted (pure). A key absent from one side counts as zero there."""
+def diff_totals(live: Mapping[LedgerKey, Decimal], replayed: Mapping[LedgerKey, Decimal],
+                since: date | None = None) -> list[DiffRow]:
+    """The keys whose totals differ, sorted (pure). A key absent from one side counts as zero there; with
+    ``since``, only periods starting on or after it are compared."""
     zero = Decimal(0)
+    keys = set(live) | set(replayed)
+    if since is not None:
+        keys = {k for k in keys if date.fromisoformat(k[1]) >= since}
     return [DiffRow(*key, live.get(key, zero), replayed.get(key, zero))
-            for key in sorted(set(live) | set(replayed)) if live.get(key, zero) != replayed.get(key, zero)]
+            for key in sorted(keys) if live.get(key, zero) != replayed.get(key, zero)]
+
+
+def copy_cutoff_ms(since: date) -> int:
+    """Epoch ms (UTC) from which input readings are copied into a generation starting ``since``: a day
+    before its UTC midnight, so a billing period starting ``since`` in any timezone (UTC−12 .. UTC+14)
+    has all its readings."""
+    return int((datetime(since.year, since.month, since.day, tzinfo=UTC) - timedelta(days=1)).timestamp() * 1000)
+
+
+def keep_record(topic_kind: str, headers: tuple[tuple[str, bytes], ...], value: bytes | None, cutoff_ms: int,
+                codec: Any) -> bool:
+    """Whether an input record goes into a generation with copy cut-off ``cutoff_ms`` (pure):
+    ``topic_kind`` ``"meter"`` (``meter.readings``) or ``"telemetry"``. A reading or CloudEvent before the
+    cut-off is left out; completion markers and records that cannot be read (dead-lettered in either
+    pipeline alike) are kept."""
+    from pipeline.codec import DecodeError
+    from pipeline.ingest.telemetry import RejectedInput, read_cloudevent
+    from pipeline.records import MeterReading
+
+    if topic_kind == "telemetry":
+        try:
+            return read_cloudevent(headers, value).time_ms >= cutoff_ms
+        except RejectedInput:
+            return True
+    raw = value or b""
+    try:
+        if codec.record_name(raw) != "MeterReading":
+            return True
+        reading = codec.decode(raw, MeterReading)
+    except DecodeError:
+        return True
+    return reading.interval_start.timestamp() * 1000 >= cutoff_ms
 
 
 def ledger_totals(url: str) -> dict[LedgerKey, Decimal]:
@@ -118,12 +161,17 @@ def ledger_totals(url: str) -> dict[LedgerKey, Decimal]:
 
 
 def diff(live: Settings, gen: Generation) -> list[DiffRow]:
-    """The differences between the live ledger and generation ``gen``'s. Raises ``ReplayError`` when the
-    generation has no ledger."""
+    """The differences between the live ledger and generation ``gen``'s (from the generation's start date,
+    if it has one). Raises ``ReplayError`` when the generation has no ledger."""
+    from pipeline.runtime import postgres
+
     if not _database_exists(live, gen.database):
         raise ReplayError(f"generation {gen.name} has no ledger (database {gen.database}): "
                           f"run `pipeline replay run {gen.name}` first")
-    return diff_totals(ledger_totals(live.database_url), ledger_totals(gen.settings.database_url))
+    with postgres.connect(gen.settings.database_url) as conn:
+        row = conn.execute("SELECT since FROM replay_generation").fetchone()
+    return diff_totals(ledger_totals(live.database_url), ledger_totals(gen.settings.database_url),
+                       row[0] if row else None)
 
 
 def _database_exists(live: Settings, database: str) -> bool:
@@ -134,14 +182,16 @@ def _database_exists(live: Settings, database: str) -> bool:
 
 
 def prepare(live: Settings, gen: Generation, price_books: Iterable[Any] = (),
-            progress: Callable[[int], None] = lambda n: None) -> int:
+            progress: Callable[[int], None] = lambda n: None, since: date | None = None) -> int:
     """Create generation ``gen``: its database (migrated), the live reference data plus ``price_books``
-    (``PriceBook`` versions), its topics, and a copy of every live input record. Returns the number of
-    input records copied; ``progress(n)`` is called as they are sent.
+    (``PriceBook`` versions), its topics, and a copy of every live input record (with ``since``, of the
+    records ``keep_record`` keeps). Returns the number of input records copied; ``progress(n)`` is called
+    as they are sent.
 
     Raises ``ReplayError`` when the generation exists already or the database cannot be created,
     ``KafkaIOError`` / a database error when the stack does not answer.
     """
+    from pipeline.codec import default_codec
     from pipeline.reference import ReferenceFile
     from pipeline.refstore import load_reference_file, read_reference, store_price_book
     from pipeline.runtime import postgres
@@ -174,14 +224,24 @@ def prepare(live: Settings, gen: Generation, price_books: Iterable[Any] = (),
         for book in books:
             store_price_book(conn, book)
 
+    with postgres.connect(gen.settings.database_owner_url) as conn:
+        conn.execute("CREATE TABLE replay_generation (name text PRIMARY KEY, since date, "
+                     "created_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute("INSERT INTO replay_generation (name, since) VALUES (%s, %s)", (gen.name, since))
+        conn.execute("GRANT SELECT ON replay_generation TO pipeline")
+        conn.commit()
+
     postgres.with_reconnect(gen.settings.database_url, load)
     live_topics, gen_topics = Topics(live), Topics(gen.settings)
     create_topics(live.kafka_bootstrap, gen_topics.specs())
     producer = IdempotentProducer(live.kafka_bootstrap)
+    codec, cutoff = default_codec(), (copy_cutoff_ms(since) if since is not None else None)
     sent = 0
-    for source, target in ((live_topics.meter_readings, gen_topics.meter_readings),
-                           (live_topics.telemetry_events, gen_topics.telemetry_events)):
+    for kind, source, target in (("meter", live_topics.meter_readings, gen_topics.meter_readings),
+                                 ("telemetry", live_topics.telemetry_events, gen_topics.telemetry_events)):
         for rec in sorted(read_all(live.kafka_bootstrap, source, timeout_s=300), key=lambda m: (m.partition, m.offset)):
+            if cutoff is not None and not keep_record(kind, rec.headers, rec.value, cutoff, codec):
+                continue
             producer.send(target, rec.key, rec.value, list(rec.headers) or None, partition=rec.partition)
             sent += 1
             if sent % 1000 == 0:

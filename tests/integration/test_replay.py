@@ -48,6 +48,13 @@ def test_replay_diffs_to_zero_and_applies_a_superseding_book_exactly_once(pipeli
     assert "generation same: the ledgers agree on every (account, period, line)" in same.stdout
     assert f"readings in {published:,} = billed {published:,}" in same.stdout
 
+    # from a date: ACC-1002's readings (March) are not copied; ACC-1007's April period is compared
+    april = cli(env, "replay", "run", "april", "--from", "2005-04-01")
+    assert april.returncode == 0, april.stdout + april.stderr
+    copied = int(april.stdout.split("generation april: ")[1].split(" input records")[0].replace(",", ""))
+    assert 0 < copied < published
+    assert "generation april: the ledgers agree on every (account, period, line)" in april.stdout
+
     v2 = json.loads(BUNDLED_REFERENCE.read_text())["price_books"][0]
     assert (v2["id"], v2["version"]) == ("ACTEWAGL-HOME-TOU", 1)
     v2["version"] = 2
@@ -85,7 +92,7 @@ def test_replay_diffs_to_zero_and_applies_a_superseding_book_exactly_once(pipeli
     time.sleep(3)  # more than PIPELINE_REFERENCE_REFRESH_S: a second re-rating would have started
     assert env.line_count() == lines_before + added and diff_rows(env, "v2", tmp_path / "again.json")[0] == 0
 
-    for name in ("same", "v2"):
+    for name in ("same", "april", "v2"):
         assert cli(env, "replay", "drop", name).returncode == 0
     assert cli(env, "replay", "diff", "same").returncode == 2
     assert env.stop_all() == {s: [0] for s in ("ingest", "windowing", "rating", "invoicing")}
