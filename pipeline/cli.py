@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline.accounts.cli import accounts_app, meters_app, plans_app
 from pipeline.config import Settings, get_settings
 
 app = typer.Typer(help="Usage metering and billing pipeline on Kafka.", no_args_is_help=True)
@@ -36,6 +37,9 @@ app.add_typer(invoice_app, name="invoice")
 app.add_typer(pricebook_app, name="pricebook")
 app.add_typer(serve_app, name="serve")
 app.add_typer(late_app, name="late")
+app.add_typer(accounts_app, name="accounts")
+app.add_typer(meters_app, name="meters")
+app.add_typer(plans_app, name="plans")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_NEM12 = REPO_ROOT / "tests" / "data" / "nem12"

@@ -61,12 +61,15 @@ def load_reference_file(conn: Any, ref: ReferenceFile) -> dict[str, int]:
     """Write a validated reference file in the caller's transaction; returns counts per kind."""
     for a in ref.accounts:
         conn.execute(
-            """INSERT INTO accounts (account, name, timezone, holiday_region, billing_cycle, billing_anchor, net_days)
-               VALUES (%s, %s, %s, %s, %s, %s, %s)
+            """INSERT INTO accounts (account, name, timezone, holiday_region, billing_cycle, billing_anchor, net_days,
+                 currency)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                ON CONFLICT (account) DO UPDATE SET name = EXCLUDED.name, timezone = EXCLUDED.timezone,
                  holiday_region = EXCLUDED.holiday_region, billing_cycle = EXCLUDED.billing_cycle,
-                 billing_anchor = EXCLUDED.billing_anchor, net_days = EXCLUDED.net_days""",
-            (a.account, a.name, a.timezone, a.holiday_region, a.billing_cycle, a.billing_anchor, a.net_days),
+                 billing_anchor = EXCLUDED.billing_anchor, net_days = EXCLUDED.net_days,
+                 currency = EXCLUDED.currency""",
+            (a.account, a.name, a.timezone, a.holiday_region, a.billing_cycle, a.billing_anchor, a.net_days,
+             a.currency),
         )
     for sp in ref.service_points:
         conn.execute(
@@ -117,9 +120,10 @@ def read_reference(conn: Any) -> ReferenceData:
     """A snapshot of all reference data."""
     accounts = [
         Account(account=r[0], name=r[1], timezone=r[2], holiday_region=r[3], billing_cycle=r[4],
-                billing_anchor=r[5], net_days=r[6])
+                billing_anchor=r[5], net_days=r[6], currency=r[7].strip() if r[7] else None)
         for r in conn.execute(
-            "SELECT account, name, timezone, holiday_region, billing_cycle, billing_anchor, net_days FROM accounts"
+            "SELECT account, name, timezone, holiday_region, billing_cycle, billing_anchor, net_days, currency "
+            "FROM accounts"
         )
     ]
     sps = [
