@@ -26,7 +26,8 @@ load_app = typer.Typer(help="Load data.", no_args_is_help=True)
 publish_app = typer.Typer(help="Meter gateways: publish readings.", no_args_is_help=True)
 invoice_app = typer.Typer(help="Invoices in the ledger.", no_args_is_help=True)
 pricebook_app = typer.Typer(help="Immutable, versioned price books.", no_args_is_help=True)
-serve_app = typer.Typer(help="Servers: HTTP ingestion for gateways that do not speak Kafka.", no_args_is_help=True)
+serve_app = typer.Typer(help="Servers: HTTP ingestion for gateways that do not speak Kafka; the operator API.",
+                        no_args_is_help=True)
 late_app = typer.Typer(help="Readings refused by a billing rule (topic usage.late).", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
@@ -325,6 +326,27 @@ def serve_http(
     uvicorn.run(app_, host=host or settings.http_host, port=settings.http_port if port is None else port,
                 log_level="info")
     producer.flush(30)
+
+
+@serve_app.command("operator")
+def serve_operator(
+    host: Annotated[str | None, typer.Option(help="bind address; default PIPELINE_OPERATOR_HTTP_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="port; default PIPELINE_OPERATOR_HTTP_PORT")] = None,
+) -> None:
+    """The operator API (FastAPI + uvicorn): accounts, meters and plans as audited operations; keys and roles
+    from PIPELINE_OPERATOR_API_KEYS; OpenAPI at /openapi.json, Swagger UI at /docs."""
+    import uvicorn
+
+    from pipeline.api.operator import create_app
+
+    settings = get_settings()
+    if not settings.operator_api_keys:
+        typer.echo('error: no operator API keys configured (PIPELINE_OPERATOR_API_KEYS=\'[{"name": "alice", '
+                   '"key": "...", "role": "operator"}]\'): every request would be refused', err=True)
+        raise typer.Exit(2)
+    _logging(os.environ.get("PIPELINE_LOG_LEVEL", "INFO"))
+    uvicorn.run(create_app(settings), host=host or settings.operator_http_host,
+                port=settings.operator_http_port if port is None else port, log_level="info")
 
 
 # --- stages -----------------------------------------------------------------------------------------
