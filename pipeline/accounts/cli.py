@@ -115,8 +115,8 @@ def accounts_import(
 
         ref = ReferenceFile.read(file)
         parsed = imports.reference_operations(ref)
-        if ref.price_books and not dry_run:
-            _publish_books(list(ref.price_books), file)
+        if not dry_run:
+            _publish_catalog(ref, file)
     else:
         parsed = imports.parse_csv(file.read_text(encoding="utf-8-sig"))
     first = _first_readings(nem12) if nem12 else None
@@ -124,17 +124,24 @@ def accounts_import(
     _run(parsed.ops, by, sources, dry_run, parsed.labels, parsed.problems, first, progress)
 
 
-def _publish_books(books: list[Any], file: Path) -> None:
-    """Price books of a JSON import: to Postgres and the compacted ``pricebooks`` topic (as ``load reference``)."""
+def _publish_catalog(ref: Any, file: Path) -> None:
+    """Price books and metric definitions of a JSON import, as ``load reference`` writes them: price books to
+    Postgres and the compacted ``pricebooks`` topic (immutable versions), metric definitions upserted."""
+    from pipeline.cli import _refuse_unmeasurable_demand
     from pipeline.codec import default_codec
-    from pipeline.refstore import PriceBookConflict, price_book_record, store_price_book
+    from pipeline.reference import ReferenceFile
+    from pipeline.refstore import PriceBookConflict, load_reference_file, price_book_record
     from pipeline.runtime import postgres
     from pipeline.runtime.kafka import IdempotentProducer
     from pipeline.topology import Topics
 
     settings = get_settings()
+    books = list(ref.price_books)
+    _refuse_unmeasurable_demand(books, settings, file)
+    catalog = ReferenceFile(accounts=(), service_points=(), plan_assignments=(), price_books=ref.price_books,
+                            metric_definitions=ref.metric_definitions)
     try:
-        postgres.with_reconnect(settings.database_url, lambda c: [store_price_book(c, b) for b in books])
+        postgres.with_reconnect(settings.database_url, lambda c: load_reference_file(c, catalog))
     except PriceBookConflict as exc:
         typer.echo(f"error: {file}: {exc}", err=True)
         raise typer.Exit(1) from exc
