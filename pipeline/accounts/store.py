@@ -16,15 +16,15 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from pipeline.accounts import rules
 from pipeline.reference import Account, PlanAssignment, ServicePoint, TelemetrySubject
 from pipeline.refstore import read_reference
 from pipeline.runtime import postgres
 
+NEM_TIME = timezone(timedelta(hours=10))  # the day ingest judges service dates on (pipeline.ingest.processor)
 REFERENCE_LOCK = 0x2EF0_0015  # transaction-level advisory lock: one reference change at a time
 
 
@@ -54,13 +54,12 @@ def run_operations(conn: Any, ops: list[tuple[int, rules.Operation]], by: str, s
     """Check ``ops`` ((line, operation) in order) against the database's reference data and apply them all
     or none, in the caller's transaction. ``source``: the audit source of every change, or one per line.
     ``first_readings``: NMI → start (aware) of its first reading, to refuse a service starting after it
-    (compared as a local date in the account's time zone). ``on_change(1)`` is called per change written."""
+    (compared on the NEM day, UTC+10, as ingest judges service dates). ``on_change(1)`` is called per change
+    written."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (REFERENCE_LOCK,))
     reg = rules.Registry.of(read_reference(conn))
     if first_readings:
-        zones = {a: x.timezone for a, x in reg.accounts.items()}
-        zones.update({op.account: op.timezone for _, op in ops if isinstance(op, rules.CreateAccount)})
-        ops = [(n, _with_first_reading(op, first_readings, zones)) for n, op in ops]
+        ops = [(n, _with_first_reading(op, first_readings)) for n, op in ops]
     changes, problems = rules.check_all(reg, ops)
     if problems or dry_run or not changes:
         return Outcome(changes, problems, False, [])
@@ -72,14 +71,10 @@ def run_operations(conn: Any, ops: list[tuple[int, rules.Operation]], by: str, s
     return Outcome(changes, [], True, ids)
 
 
-def _with_first_reading(op: rules.Operation, first: dict[str, datetime], zones: dict[str, str]) -> rules.Operation:
+def _with_first_reading(op: rules.Operation, first: dict[str, datetime]) -> rules.Operation:
     if not isinstance(op, rules.AttachMeter) or op.first_reading is not None or op.nmi not in first:
         return op
-    try:
-        tz: Any = ZoneInfo(zones.get(op.account, "UTC"))
-    except (ValueError, KeyError):  # a bad zone is reported by the account's own check
-        tz = UTC
-    return dataclasses.replace(op, first_reading=first[op.nmi].astimezone(tz).date())
+    return dataclasses.replace(op, first_reading=first[op.nmi].astimezone(NEM_TIME).date())
 
 
 def apply_change(conn: Any, c: rules.Change, by: str, source: str) -> int:
