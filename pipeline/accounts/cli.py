@@ -119,7 +119,7 @@ def accounts_import(
             _publish_catalog(ref, file)
     else:
         parsed = imports.parse_csv(file.read_text(encoding="utf-8-sig"))
-    first = _first_readings(nem12) if nem12 else None
+    first = _first_readings(nem12, progress) if nem12 else None
     sources = {n: f"{file.name} {label}" for n, label in parsed.labels.items()}
     _run(parsed.ops, by, sources, dry_run, parsed.labels, parsed.problems, first, progress)
 
@@ -152,7 +152,7 @@ def _publish_catalog(ref: Any, file: Path) -> None:
     producer.flush(60)
 
 
-def _first_readings(paths: list[Path]) -> dict[str, Any]:
+def _first_readings(paths: list[Path], progress: bool) -> dict[str, Any]:
     """NMI → UTC start of its first interval in the NEM12 files of ``paths`` (files or folders)."""
     from tqdm import tqdm
 
@@ -160,7 +160,7 @@ def _first_readings(paths: list[Path]) -> dict[str, Any]:
 
     files = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.is_file()]
     first: dict[str, Any] = {}
-    for f in tqdm(files, unit="file", desc="reading NEM12"):
+    for f in tqdm(files, unit="file", desc="reading NEM12", disable=not progress):
         for r in read_nem12(f).readings:
             if r.nmi not in first or r.interval_start < first[r.nmi]:
                 first[r.nmi] = r.interval_start

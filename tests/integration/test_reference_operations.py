@@ -90,6 +90,16 @@ def test_meters_onboarded_through_the_cli_bill_like_the_json_path(base_settings:
         dry = cli(env, "accounts", "import", str(tmp_path / "onboard.csv"), "--dry-run", "--no-progress")
         assert "dry run: 166 change(s) would be applied" in dry.stdout, dry.stdout
         assert env.sql("SELECT count(*) FROM accounts")[0][0] == 0
+        # a service that starts after its NMI's first reading in the files is refused, naming the line
+        text = (tmp_path / "onboard.csv").read_text()
+        line = next(n for n, row in enumerate(text.splitlines(), 1) if ",NEM1201002,,2005-03-15," in row)
+        (tmp_path / "late.csv").write_text(text.replace(",NEM1201002,,2005-03-15,", ",NEM1201002,,2005-03-16,"))
+        late = cli(env, "accounts", "import", str(tmp_path / "late.csv"), "--no-progress", "--nem12", str(FILES[0]),
+                   ok=False)
+        assert late.returncode == 1 and late.stderr.splitlines()[0] == (
+            f"line {line}: SERVICE_STARTS_AFTER_FIRST_READING: service of NEM1201002 starts 2005-03-16, after "
+            "its first reading on 2005-03-15: those readings would be refused (OUTSIDE_SERVICE_DATES)"), late.stderr
+        assert env.sql("SELECT count(*) FROM accounts")[0][0] == 0
         out = cli(env, "accounts", "import", str(tmp_path / "onboard.csv"), "--no-progress",
                   *(a for f in FILES for a in ("--nem12", str(f))))
         assert "applied 166 change(s)" in out.stdout
