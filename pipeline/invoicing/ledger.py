@@ -94,11 +94,15 @@ INSERT_DEAD = """
 INSERT INTO dead_letters (stage, reason, message, topic, partition, "offset", key, value)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (topic, partition, "offset") DO NOTHING"""
 # an invoice's close time: its close_at (period end + the close delay), except for the final invoice of an
-# account whose service has ended (every service point and telemetry subject closed, view account_service_end of
-# migration 0006, issue 15): the invoice whose period starts before the move-out closes at the move-out (local
-# midnight, account time zone) + the close delay (parameter: seconds), if that is earlier
-FINAL_CLOSE_JOIN = ("LEFT JOIN account_service_end s ON s.account = i.account AND i.period_start < s.service_end "
-                    "LEFT JOIN accounts a ON a.account = i.account")
+# account whose service has ended (every service point and telemetry subject closed, as the view
+# account_service_end of migration 0006 says, looked up per invoice here; issue 15): the invoice whose period
+# starts before the move-out closes at the move-out (local midnight, account time zone) + the close delay
+# (parameter: seconds), if that is earlier
+FINAL_CLOSE_JOIN = (
+    "LEFT JOIN LATERAL (SELECT max(r.effective_to) AS service_end FROM (SELECT effective_to FROM service_points "
+    "WHERE account = i.account UNION ALL SELECT effective_to FROM telemetry_subjects WHERE account = i.account) r "
+    "HAVING bool_and(r.effective_to IS NOT NULL)) s ON i.period_start < s.service_end "
+    "LEFT JOIN accounts a ON a.account = i.account")
 CLOSE_AT = ("LEAST(i.close_at, (s.service_end::timestamp AT TIME ZONE a.timezone) "
             "+ make_interval(secs => %s::float8))")
 NEXT_OPEN = """

@@ -44,6 +44,10 @@ CREATE TRIGGER telemetry_subjects_no_delete BEFORE DELETE ON telemetry_subjects
 CREATE TRIGGER plan_assignments_no_delete BEFORE DELETE ON plan_assignments
     FOR EACH ROW EXECUTE FUNCTION reject_history_change();
 
+-- an account's ranges, for its end of service (the invoicing stage looks it up per open invoice)
+CREATE INDEX service_points_account ON service_points (account);
+CREATE INDEX telemetry_subjects_account ON telemetry_subjects (account);
+
 -- an account's end of service (move-out): the last exclusive end of its service points and telemetry
 -- subjects, for accounts all of whose ranges are closed. Its final invoice closes at this date (local
 -- midnight in the account's time zone) + the close delay instead of its period end + the close delay.
