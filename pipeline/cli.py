@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -112,7 +113,9 @@ def db_migrate() -> None:
 def load_reference(
     file: Annotated[Path | None, typer.Argument(help="reference JSON; default: the bundled file")] = None,
 ) -> None:
-    """Load accounts, service points, plan assignments and price books into Postgres and `pricebooks`."""
+    """Load accounts, service points, plan assignments and price books into Postgres and `pricebooks` (a snapshot:
+    rows upserted, every change recorded in reference_changes; `pipeline accounts import FILE` checks and refuses
+    edits of history instead)."""
     from pipeline.codec import default_codec
     from pipeline.reference import BUNDLED_REFERENCE, ReferenceFile
     from pipeline.refstore import PriceBookConflict, load_reference_file, price_book_record
@@ -124,7 +127,9 @@ def load_reference(
     ref = ReferenceFile.read(file or BUNDLED_REFERENCE)
     _refuse_unmeasurable_demand(list(ref.price_books), settings, file or BUNDLED_REFERENCE)
     try:
-        counts = postgres.with_reconnect(settings.database_url, lambda c: load_reference_file(c, ref))
+        counts = postgres.with_reconnect(settings.database_url, lambda c: load_reference_file(
+            c, ref, os.environ.get("PIPELINE_OPERATOR") or getpass.getuser(),
+            f"json {(file or BUNDLED_REFERENCE).name}"))
     except PriceBookConflict as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -253,3 +253,22 @@ def test_the_final_invoice_closes_at_the_move_out_plus_the_close_delay(pipeline_
         assert len(store.finalize_due()) == 1
     finally:
         store.close()
+
+
+def test_load_reference_keeps_what_it_replaces(pipeline_env: Env) -> None:
+    from pipeline.reference import ReferenceFile
+    from pipeline.refstore import load_reference_file
+    from pipeline.runtime import postgres
+
+    env = pipeline_env
+    before = env.sql("SELECT count(*) FROM reference_changes")[0][0]
+    ref = ReferenceFile.read(BUNDLED_REFERENCE)
+    postgres.with_reconnect(env.settings.database_url, lambda c: load_reference_file(c, ref, "bob", "json again"))
+    assert env.sql("SELECT count(*) FROM reference_changes")[0][0] == before  # the same file: nothing changed
+    switched = ref.model_copy(update={"plan_assignments": tuple(
+        pa.model_copy(update={"price_book_id": "ACTEWAGL-HOME"}) if pa.account == "ACC-1002" else pa
+        for pa in ref.plan_assignments)})
+    postgres.with_reconnect(env.settings.database_url, lambda c: load_reference_file(c, switched, "bob", "json v2"))
+    assert env.sql("SELECT changed_by, source, operation, entity_key, before->>'price_book_id', "
+                   "after->>'price_book_id' FROM reference_changes WHERE change_id > %s", (before,)) == [
+        ("bob", "json v2", "load.plan_assignment", "ACC-1002@2004-01-01", "ACTEWAGL-HOME-TOU", "ACTEWAGL-HOME")]
