@@ -46,7 +46,7 @@ def _date(text: str | None, what: str) -> date | None:
 
 def _run(ops: list[tuple[int, rules.Operation]], by: str | None, source: str | dict[int, str], dry_run: bool,
          labels: dict[int, str] | None = None, parse_problems: list[tuple[int, rules.Problem]] | None = None,
-         first_readings: dict[str, Any] | None = None, progress: bool = False) -> None:
+         first_readings: dict[str, Any] | None = None, progress: bool = False, books: tuple[Any, ...] = ()) -> None:
     """Run ``ops`` through the store and print the outcome; exits 1 when anything is refused."""
     from tqdm import tqdm
 
@@ -56,7 +56,8 @@ def _run(ops: list[tuple[int, rules.Operation]], by: str | None, source: str | d
     settings = get_settings()
     with tqdm(total=len(ops), unit="change", desc="applying", disable=not progress or dry_run) as bar:
         outcome = postgres.with_reconnect(settings.database_url, lambda c: run_operations(
-            c, ops, _by(by), source, dry_run or bool(parse_problems), first_readings, on_change=bar.update))
+            c, ops, _by(by), source, dry_run or bool(parse_problems), first_readings, on_change=bar.update,
+            books=books))
     problems = sorted([*(parse_problems or []), *outcome.problems], key=lambda lp: lp[0])
     name = (labels or {}).get
     for line, p in problems:
@@ -110,10 +111,12 @@ def accounts_import(
     if not file.exists():
         typer.echo(f"no such file: {file}", err=True)
         raise typer.Exit(2)
+    books: tuple[Any, ...] = ()
     if file.suffix.lower() == ".json":
         from pipeline.reference import ReferenceFile
 
         ref = ReferenceFile.read(file)
+        books = ref.price_books
         parsed = imports.reference_operations(ref)
         if not dry_run:
             _publish_catalog(ref, file)
@@ -121,7 +124,7 @@ def accounts_import(
         parsed = imports.parse_csv(file.read_text(encoding="utf-8-sig"))
     first = _first_readings(nem12, progress) if nem12 else None
     sources = {n: f"{file.name} {label}" for n, label in parsed.labels.items()}
-    _run(parsed.ops, by, sources, dry_run, parsed.labels, parsed.problems, first, progress)
+    _run(parsed.ops, by, sources, dry_run, parsed.labels, parsed.problems, first, progress, books)
 
 
 def _publish_catalog(ref: Any, file: Path) -> None:

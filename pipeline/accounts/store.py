@@ -50,14 +50,16 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING change_id"""
 
 def run_operations(conn: Any, ops: list[tuple[int, rules.Operation]], by: str, source: str | dict[int, str],
                    dry_run: bool = False, first_readings: dict[str, datetime] | None = None,
-                   on_change: Callable[[int], Any] | None = None) -> Outcome:
+                   on_change: Callable[[int], Any] | None = None, books: tuple[Any, ...] = ()) -> Outcome:
     """Check ``ops`` ((line, operation) in order) against the database's reference data and apply them all
     or none, in the caller's transaction. ``source``: the audit source of every change, or one per line.
     ``first_readings``: NMI → start (aware) of its first reading, to refuse a service starting after it
     (compared on the NEM day, UTC+10, as ingest judges service dates). ``on_change(1)`` is called per change
-    written."""
+    written. ``books``: price book versions to check plans against beside the published ones (a dry run of a
+    reference file whose books are not published yet)."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (REFERENCE_LOCK,))
     reg = rules.Registry.of(read_reference(conn))
+    reg.books.extend(b for b in books if (b.id, b.version) not in {(x.id, x.version) for x in reg.books})
     if first_readings:
         ops = [(n, _with_first_reading(op, first_readings)) for n, op in ops]
     changes, problems = rules.check_all(reg, ops)
