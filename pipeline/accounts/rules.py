@@ -261,6 +261,9 @@ def check(reg: Registry, op: Operation) -> tuple[list[Change], list[Problem]]:
 
 
 def _attach_meter(reg: Registry, op: AttachMeter) -> tuple[list[Change], list[Problem]]:
+    for sp in reg.meters.get(op.nmi, []):
+        if (sp.account, sp.effective_from, sp.effective_to) == (op.account, op.effective_from, op.effective_to):
+            return [], []  # already there: nothing to do
     out = _range_problems(op.effective_from, op.effective_to)
     if op.account not in reg.accounts:
         out.append(Problem("UNKNOWN_ACCOUNT", f"account {op.account} does not exist", "account"))
@@ -271,11 +274,7 @@ def _attach_meter(reg: Registry, op: AttachMeter) -> tuple[list[Change], list[Pr
                            f"service of {op.nmi} starts {op.effective_from}, after its first reading on "
                            f"{op.first_reading}: those readings would be refused (OUTSIDE_SERVICE_DATES)",
                            "effective_from"))
-    row = ServicePoint(nmi=op.nmi, account=op.account, effective_from=op.effective_from,
-                       effective_to=op.effective_to) if not out else None
     for sp in reg.meters.get(op.nmi, []):
-        if sp == row:
-            return [], []  # already there: nothing to do
         if _overlaps(op.effective_from, op.effective_to, sp.effective_from, sp.effective_to):
             if sp.account != op.account:
                 out.append(Problem("NMI_ATTACHED_ELSEWHERE",
@@ -287,8 +286,9 @@ def _attach_meter(reg: Registry, op: AttachMeter) -> tuple[list[Change], list[Pr
                                    f"NMI {op.nmi} already serves {op.account} over "
                                    f"{_span(sp.effective_from, sp.effective_to)}, which overlaps "
                                    f"{_span(op.effective_from, op.effective_to)}", "effective_from"))
-    if out or row is None:
+    if out:
         return [], out
+    row = ServicePoint(nmi=op.nmi, account=op.account, effective_from=op.effective_from, effective_to=op.effective_to)
     return [Change("meter.attach", "service_point", row, None, op.effective_from)], []
 
 
