@@ -9,6 +9,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from datetime import date, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -166,6 +167,35 @@ def test_a_move_out_mid_month_stops_daily_charges_and_finalizes_the_last_bill(pi
     env.assert_invoice_structure()
     assert env.stop_all() == {s: [0] for s in ("ingest", "windowing", "rating", "invoicing")}
 
+
+def test_a_move_out_recorded_after_the_bill_credits_the_later_daily_charges(pipeline_env: Env) -> None:
+    env = pipeline_env
+    env.env["PIPELINE_INVOICE_IDLE_CLOSE_S"] = "5"
+    env.env["PIPELINE_REFERENCE_REFRESH_S"] = "1"  # the running stages see the operator's change within a second
+    env.start_all()
+    published = publish_files(env, [FILE])
+    report = env.wait_accounted(published=published)
+    assert (report.billed, report.refused) == (published, {})
+    env.wait_all_finalized()
+    supply = "ACTEWAGL-HOME-TOU|supply|"
+    assert env.ledger_totals()[(ACCOUNT, "2005-03-01")][supply] == Decimal("20.63")  # 22 days x 0.9375, rounded
+    # the operator records the move-out after the March bill was finalized: the rating stage re-rates March
+    cli(env, "meters", "move-out", NMI, "--on", MOVE_OUT.isoformat())
+    deadline = time.monotonic() + 120
+    while env.ledger_totals()[(ACCOUNT, "2005-03-01")][supply] != Decimal("3.75"):
+        env.check_alive()
+        assert time.monotonic() < deadline, env.ledger_totals()
+        time.sleep(0.5)
+    # the credit is a prior-period adjustment on the next invoice, naming the finalized March invoice
+    (kind, invoice_id, adjusts, amount, cause), = env.sql(
+        "SELECT line_kind, invoice_id, adjusts_invoice_id, amount, cause FROM invoice_lines "
+        "WHERE component_id = 'supply' AND cause LIKE 'reference:%%'")
+    assert (kind, invoice_id, adjusts, amount) == (
+        "ADJUSTMENT", f"{ACCOUNT}|2005-04-01|AUD", f"{ACCOUNT}|2005-03-01|AUD", Decimal("-16.88"))
+    assert cause.startswith("reference:1:")
+    env.wait_all_finalized()
+    env.assert_invoice_structure()
+    assert env.stop_all() == {s: [0] for s in ("ingest", "windowing", "rating", "invoicing")}
 
 def test_a_csv_with_one_bad_line_changes_nothing_and_names_the_line(pipeline_env: Env, tmp_path: Path) -> None:
     env = pipeline_env
