@@ -19,14 +19,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.money import MINOR_UNITS
 from pipeline.rating.pricebook import PriceBook, book_in_effect
 from pipeline.reference import Account, PlanAssignment, ReferenceData, ServicePoint, TelemetrySubject
 
-Cycle = Literal["MONTHLY", "BIMONTHLY", "QUARTERLY", "ANNUAL"]
 CYCLES = ("MONTHLY", "BIMONTHLY", "QUARTERLY", "ANNUAL")
 _NMI = re.compile(r"^[A-Za-z0-9]{10,11}$")
 _REGION = re.compile(r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")

@@ -13,7 +13,6 @@ on an NMI or subject they do not know), exactly as after ``pipeline load referen
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -164,8 +163,3 @@ def service_end(conn: Any, account: str) -> date | None:
     """The account's move-out date (``account_service_end``): set once every range it has is closed."""
     row = conn.execute("SELECT service_end FROM account_service_end WHERE account = %s", (account,)).fetchone()
     return row[0] if row else None
-
-
-def dumps(value: Any) -> str:
-    """JSON text of a store value (dates as ISO 8601)."""
-    return json.dumps(value, default=str, indent=1, sort_keys=True)
