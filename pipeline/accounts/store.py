@@ -7,7 +7,8 @@ checks every operation with ``pipeline.accounts.rules`` and, only if none has a 
 ``dry_run``), writes each change (an INSERT, or an UPDATE that closes an open range: ``effective_to IS
 NULL`` → a date, refused if the range is no longer open) and one ``reference_changes`` row per change.
 The stages see the change at their next reference refresh (``PIPELINE_REFERENCE_REFRESH_S``, and at once
-on an NMI or subject they do not know), exactly as after ``pipeline load reference``.
+on an NMI or subject they do not know), exactly as after ``pipeline load reference``; the rating stage then
+re-rates the periods of an account whose service ranges or plans changed (``rating.processor``, ``ref|``).
 """
 
 from __future__ import annotations
