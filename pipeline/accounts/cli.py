@@ -208,7 +208,13 @@ def accounts_show(account: Annotated[str, typer.Argument(help="account id")]) ->
     typer.echo(f"{a.account}  {a.name}\n  timezone {a.timezone}, holidays {a.holiday_region}, {a.billing_cycle} from "
                f"{a.billing_anchor}, currency {a.currency or '(of its price books)'}, net {a.net_days} days")
     if end is not None:
-        typer.echo(f"  service ended {end} (move-out): final invoice closes {end} + the close delay")
+        from datetime import timedelta
+
+        from pipeline.invoicing.lifecycle import close_time
+
+        closes = close_time(end, a.timezone, timedelta(hours=get_settings().invoice_close_delay_hours))
+        typer.echo(f"  service ended {end} (move-out): its final invoice closes at {closes:%Y-%m-%d %H:%M %Z} "
+                   "(move-out + PIPELINE_INVOICE_CLOSE_DELAY_HOURS)")
     typer.echo("  meters:")
     for sp in sorted(ref.by_account.get(account, ()), key=lambda s: (s.effective_from, s.nmi)):
         typer.echo(f"    {sp.nmi:12} {sp.effective_from} .. {sp.effective_to or 'open'}")
