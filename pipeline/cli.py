@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline.accounts.cli import accounts_app, meters_app, plans_app
 from pipeline.config import Settings, get_settings
 
 app = typer.Typer(help="Usage metering and billing pipeline on Kafka.", no_args_is_help=True)
@@ -25,7 +27,8 @@ load_app = typer.Typer(help="Load data.", no_args_is_help=True)
 publish_app = typer.Typer(help="Meter gateways: publish readings.", no_args_is_help=True)
 invoice_app = typer.Typer(help="Invoices in the ledger.", no_args_is_help=True)
 pricebook_app = typer.Typer(help="Immutable, versioned price books.", no_args_is_help=True)
-serve_app = typer.Typer(help="Servers: HTTP ingestion for gateways that do not speak Kafka.", no_args_is_help=True)
+serve_app = typer.Typer(help="Servers: HTTP ingestion for gateways that do not speak Kafka; the operator API.",
+                        no_args_is_help=True)
 late_app = typer.Typer(help="Readings refused by a billing rule (topic usage.late).", no_args_is_help=True)
 replay_app = typer.Typer(help="Rebuild a generation of the pipeline from the input topics and compare ledgers.",
                          no_args_is_help=True)
@@ -39,6 +42,9 @@ app.add_typer(pricebook_app, name="pricebook")
 app.add_typer(serve_app, name="serve")
 app.add_typer(late_app, name="late")
 app.add_typer(replay_app, name="replay")
+app.add_typer(accounts_app, name="accounts")
+app.add_typer(meters_app, name="meters")
+app.add_typer(plans_app, name="plans")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_NEM12 = REPO_ROOT / "tests" / "data" / "nem12"
@@ -132,7 +138,9 @@ def db_migrate() -> None:
 def load_reference(
     file: Annotated[Path | None, typer.Argument(help="reference JSON; default: the bundled file")] = None,
 ) -> None:
-    """Load accounts, service points, plan assignments and price books into Postgres and `pricebooks`."""
+    """Load accounts, service points, plan assignments and price books into Postgres and `pricebooks` (a snapshot:
+    rows upserted, every change recorded in reference_changes; `pipeline accounts import FILE` checks and refuses
+    edits of history instead)."""
     from pipeline.codec import default_codec
     from pipeline.reference import BUNDLED_REFERENCE, ReferenceFile
     from pipeline.refstore import PriceBookConflict, load_reference_file, price_book_record
@@ -144,7 +152,9 @@ def load_reference(
     ref = ReferenceFile.read(file or BUNDLED_REFERENCE)
     _refuse_unmeasurable_demand(list(ref.price_books), settings, file or BUNDLED_REFERENCE)
     try:
-        counts = postgres.with_reconnect(settings.database_url, lambda c: load_reference_file(c, ref))
+        counts = postgres.with_reconnect(settings.database_url, lambda c: load_reference_file(
+            c, ref, os.environ.get("PIPELINE_OPERATOR") or getpass.getuser(),
+            f"json {(file or BUNDLED_REFERENCE).name}"))
     except PriceBookConflict as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -357,6 +367,27 @@ def serve_http(
     uvicorn.run(app_, host=host or settings.http_host, port=port, log_level="info")
     producer.flush(30)
     unregister_target(target)
+
+
+@serve_app.command("operator")
+def serve_operator(
+    host: Annotated[str | None, typer.Option(help="bind address; default PIPELINE_OPERATOR_HTTP_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="port; default PIPELINE_OPERATOR_HTTP_PORT")] = None,
+) -> None:
+    """The operator API (FastAPI + uvicorn): accounts, meters and plans as audited operations; keys and roles
+    from PIPELINE_OPERATOR_API_KEYS; OpenAPI at /openapi.json, Swagger UI at /docs."""
+    import uvicorn
+
+    from pipeline.api.operator import create_app
+
+    settings = get_settings()
+    if not settings.operator_api_keys:
+        typer.echo('error: no operator API keys configured (PIPELINE_OPERATOR_API_KEYS=\'[{"name": "alice", '
+                   '"key": "...", "role": "operator"}]\'): every request would be refused', err=True)
+        raise typer.Exit(2)
+    _logging(os.environ.get("PIPELINE_LOG_LEVEL", "INFO"))
+    uvicorn.run(create_app(settings), host=host or settings.operator_http_host,
+                port=settings.operator_http_port if port is None else port, log_level="info")
 
 
 # --- stages -----------------------------------------------------------------------------------------

@@ -23,6 +23,15 @@ class MetricPolicy(BaseModel):
     aggregation: Literal["sum", "count", "min", "max", "latest", "unique_count"] = "sum"
 
 
+class OperatorKey(BaseModel):
+    """One key of the operator API (``PIPELINE_OPERATOR_API_KEYS`` is a JSON list of these): ``name`` is
+    recorded as who made each change; ``operator`` may change reference data, ``viewer`` may only read."""
+
+    name: str = Field(min_length=1)
+    key: SecretStr
+    role: Literal["operator", "viewer"] = "operator"
+
+
 class Settings(BaseSettings):
     """All runtime configuration of the pipeline.
 
@@ -138,6 +147,15 @@ class Settings(BaseSettings):
     http_idempotency_ttl_s: float = Field(
         86_400.0, gt=0, description="a request repeated with the same Idempotency-Key within this many seconds gets "
         "the first response and produces nothing (in-memory, per server process)",
+    )
+
+    # --- operator API: `pipeline serve operator` (issue 15) ------------------------------------
+    operator_http_host: str = Field("127.0.0.1", description="address the operator API binds")
+    operator_http_port: int = Field(8081, ge=0, le=65535, description="port of the operator API")
+    operator_api_keys: list[OperatorKey] = Field(
+        default_factory=list,
+        description='keys of the operator API (header X-API-Key), JSON: [{"name": "alice", "key": "…", "role": '
+        '"operator"}, {"name": "dash", "key": "…", "role": "viewer"}]; separate from PIPELINE_API_KEYS',
     )
 
     # --- invoicing (SPEC §5) ----------------------------------------------------------------

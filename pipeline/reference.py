@@ -46,6 +46,7 @@ class Account(_Frozen):
     billing_cycle: Literal["MONTHLY", "BIMONTHLY", "QUARTERLY", "ANNUAL"] = "MONTHLY"
     billing_anchor: date
     net_days: int = Field(14, ge=0)
+    currency: str | None = None  # ISO 4217; None: whatever its price books bill in (accounts loaded before issue 15)
 
     @property
     def tz(self) -> ZoneInfo:

@@ -57,16 +57,70 @@ def store_price_book(conn: Any, book: PriceBook) -> bool:
     return True
 
 
-def load_reference_file(conn: Any, ref: ReferenceFile) -> dict[str, int]:
-    """Write a validated reference file in the caller's transaction; returns counts per kind."""
+AUDIT = """
+INSERT INTO reference_changes (changed_by, source, operation, entity, entity_key, account, effective, before, after)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"""
+_CURRENT = {
+    "account": "SELECT account, name, timezone, holiday_region, billing_cycle, billing_anchor, net_days, currency "
+               "FROM accounts WHERE account = %s",
+    "service_point": "SELECT nmi, account, effective_from, effective_to FROM service_points "
+                     "WHERE nmi = %s AND effective_from = %s",
+    "plan_assignment": "SELECT account, price_book_id, effective_from, effective_to FROM plan_assignments "
+                       "WHERE account = %s AND effective_from = %s",
+    "telemetry_subject": "SELECT subject, account, effective_from, effective_to FROM telemetry_subjects "
+                         "WHERE subject = %s AND effective_from = %s",
+}
+
+
+def _audit_upsert(conn: Any, entity: str, row: Any, by: str, source: str) -> None:
+    """Record in ``reference_changes`` (migration 0006) what upserting ``row`` changes: nothing when the same
+    row is there, else the row before (or none) and after. ``load reference`` is a snapshot import (it
+    upserts); this keeps what it replaced."""
+    if isinstance(row, Account):
+        key, params, effective = row.account, (row.account,), row.billing_anchor
+    else:
+        ident = getattr(row, "nmi", None) or getattr(row, "subject", None) or row.account
+        key, params, effective = f"{ident}@{row.effective_from}", (ident, row.effective_from), row.effective_from
+    current = conn.execute(_CURRENT[entity], params).fetchone()
+    before = None
+    if current is not None:
+        if entity == "account":
+            before = Account(account=current[0], name=current[1], timezone=current[2], holiday_region=current[3],
+                             billing_cycle=current[4], billing_anchor=current[5], net_days=current[6],
+                             currency=current[7].strip() if current[7] else None)
+        else:
+            before = type(row).model_validate(dict(zip(
+                {"service_point": ("nmi", "account"), "plan_assignment": ("account", "price_book_id"),
+                 "telemetry_subject": ("subject", "account")}[entity] + ("effective_from", "effective_to"),
+                current, strict=True)))
+        if before == row:
+            return
+    conn.execute(AUDIT, (by, source, f"load.{entity}", entity, key, row.account, effective,
+                         postgres.jsonb(before.model_dump(mode="json")) if before is not None else None,
+                         postgres.jsonb(row.model_dump(mode="json"))))
+
+
+def load_reference_file(conn: Any, ref: ReferenceFile, by: str = "load reference",
+                        source: str = "json") -> dict[str, int]:
+    """Write a validated reference file in the caller's transaction (a snapshot: rows upserted); returns counts
+    per kind. Every account, service point, plan assignment and telemetry subject it adds or changes is recorded
+    in ``reference_changes`` (before/after, ``changed_by`` = ``by``, ``source``); nothing is deleted. The checked,
+    effective-dated path is ``pipeline accounts import`` (``pipeline.accounts.store.run_operations``)."""
+    for entity, rows in (("account", ref.accounts), ("service_point", ref.service_points),
+                         ("plan_assignment", ref.plan_assignments), ("telemetry_subject", ref.telemetry_subjects)):
+        for row in rows:
+            _audit_upsert(conn, entity, row, by, source)
     for a in ref.accounts:
         conn.execute(
-            """INSERT INTO accounts (account, name, timezone, holiday_region, billing_cycle, billing_anchor, net_days)
-               VALUES (%s, %s, %s, %s, %s, %s, %s)
+            """INSERT INTO accounts (account, name, timezone, holiday_region, billing_cycle, billing_anchor, net_days,
+                 currency)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                ON CONFLICT (account) DO UPDATE SET name = EXCLUDED.name, timezone = EXCLUDED.timezone,
                  holiday_region = EXCLUDED.holiday_region, billing_cycle = EXCLUDED.billing_cycle,
-                 billing_anchor = EXCLUDED.billing_anchor, net_days = EXCLUDED.net_days""",
-            (a.account, a.name, a.timezone, a.holiday_region, a.billing_cycle, a.billing_anchor, a.net_days),
+                 billing_anchor = EXCLUDED.billing_anchor, net_days = EXCLUDED.net_days,
+                 currency = EXCLUDED.currency""",
+            (a.account, a.name, a.timezone, a.holiday_region, a.billing_cycle, a.billing_anchor, a.net_days,
+             a.currency),
         )
     for sp in ref.service_points:
         conn.execute(
@@ -117,9 +171,10 @@ def read_reference(conn: Any) -> ReferenceData:
     """A snapshot of all reference data."""
     accounts = [
         Account(account=r[0], name=r[1], timezone=r[2], holiday_region=r[3], billing_cycle=r[4],
-                billing_anchor=r[5], net_days=r[6])
+                billing_anchor=r[5], net_days=r[6], currency=r[7].strip() if r[7] else None)
         for r in conn.execute(
-            "SELECT account, name, timezone, holiday_region, billing_cycle, billing_anchor, net_days FROM accounts"
+            "SELECT account, name, timezone, holiday_region, billing_cycle, billing_anchor, net_days, currency "
+            "FROM accounts"
         )
     ]
     sps = [

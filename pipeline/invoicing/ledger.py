@@ -94,6 +94,18 @@ ON CONFLICT (consumer_group, account) DO UPDATE SET clock = GREATEST(account_clo
 INSERT_DEAD = """
 INSERT INTO dead_letters (stage, reason, message, topic, partition, "offset", key, value)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (topic, partition, "offset") DO NOTHING"""
+# an invoice's close time: its close_at (period end + the close delay), except for the final invoice of an
+# account whose service has ended (every service point and telemetry subject closed, as the view
+# account_service_end of migration 0006 says, looked up per invoice here; issue 15): the invoice whose period
+# starts before the move-out closes at the move-out (local midnight, account time zone) + the close delay
+# (parameter: seconds), if that is earlier
+FINAL_CLOSE_JOIN = (
+    "LEFT JOIN LATERAL (SELECT max(r.effective_to) AS service_end FROM (SELECT effective_to FROM service_points "
+    "WHERE account = i.account UNION ALL SELECT effective_to FROM telemetry_subjects WHERE account = i.account) r "
+    "HAVING bool_and(r.effective_to IS NOT NULL)) s ON i.period_start < s.service_end "
+    "LEFT JOIN accounts a ON a.account = i.account")
+CLOSE_AT = ("LEAST(i.close_at, (s.service_end::timestamp AT TIME ZONE a.timezone) "
+            "+ make_interval(secs => %s::float8))")
 NEXT_OPEN = """
 SELECT invoice_id FROM invoices
 WHERE account = %s AND currency = %s AND status = 'OPEN' AND period_start > %s
@@ -328,20 +340,23 @@ class LedgerStore:
         def work(conn: Any) -> list[str]:
             if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (FINALIZE_LOCK,)).fetchone()[0]:
                 return []
+            delay_s = self.close_delay.total_seconds()
             if self.clock_mode == "wall":
                 due = conn.execute(
-                    "SELECT invoice_id, account, currency, period_start, period_end FROM invoices "
-                    "WHERE status = 'OPEN' AND close_at <= now() ORDER BY close_at, account, period_start, currency "
-                    "LIMIT %s FOR UPDATE SKIP LOCKED", (limit,)).fetchall()
+                    f"SELECT i.invoice_id, i.account, i.currency, i.period_start, i.period_end FROM invoices i "
+                    f"{FINAL_CLOSE_JOIN} WHERE i.status = 'OPEN' AND {CLOSE_AT} <= now() "
+                    "ORDER BY i.close_at, i.account, i.period_start, i.currency "
+                    "LIMIT %s FOR UPDATE OF i SKIP LOCKED", (delay_s, limit)).fetchall()
             else:  # the account's own clock; or, quiet past the close time by the wall clock
                 due = conn.execute(
-                    "SELECT i.invoice_id, i.account, i.currency, i.period_start, i.period_end FROM invoices i "
-                    "JOIN account_clock c ON c.consumer_group = %s AND c.account = i.account "
-                    "WHERE i.status = 'OPEN' AND (i.close_at <= c.clock OR (%s::float8 IS NOT NULL "
-                    "AND i.close_at <= now() AND c.last_line_at <= now() - make_interval(secs => %s::float8))) "
+                    f"SELECT i.invoice_id, i.account, i.currency, i.period_start, i.period_end FROM invoices i "
+                    f"JOIN account_clock c ON c.consumer_group = %s AND c.account = i.account {FINAL_CLOSE_JOIN} "
+                    f"CROSS JOIN LATERAL (SELECT {CLOSE_AT} AS close_at) e "
+                    "WHERE i.status = 'OPEN' AND (e.close_at <= c.clock OR (%s::float8 IS NOT NULL "
+                    "AND e.close_at <= now() AND c.last_line_at <= now() - make_interval(secs => %s::float8))) "
                     "ORDER BY i.close_at, i.account, i.period_start, i.currency "
                     "LIMIT %s FOR UPDATE OF i SKIP LOCKED",
-                    (self.group, self.idle_close_s, self.idle_close_s, limit)).fetchall()
+                    (self.group, delay_s, self.idle_close_s, self.idle_close_s, limit)).fetchall()
             numbers: list[str] = []
             held_back: set[tuple[str, str]] = set()
             with conn.cursor() as cur:

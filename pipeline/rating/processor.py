@@ -194,6 +194,16 @@ class _Touched:
 
 
 BOOKS_KEY = b"books"
+REF_PREFIX = b"ref|"  # ref|<account> → [fingerprint of its service ranges and plans, change count] (issue 15)
+
+
+def reference_fingerprint(ref: ReferenceData, account: str) -> str:
+    """A short hash of what an account's periods are rated against besides usage and price books: its
+    service points and telemetry subjects (service days) and its plan assignments, over time."""
+    ranges = sorted(f"{getattr(r, 'nmi', None) or getattr(r, 'subject', '')}|{r.effective_from}|{r.effective_to}"
+                    for r in ref.service_ranges(account))
+    plans = [f"{p.price_book_id}|{p.effective_from}|{p.effective_to}" for p in ref.plans.get(account, ())]
+    return hashlib.sha256("\n".join([*ranges, "--", *plans]).encode()).hexdigest()[:16]
 
 
 def window_keys(book: PriceBook, metric: str, start: datetime, window_ms: int = LEGACY_WINDOW_MS,
@@ -277,12 +287,14 @@ class RatingProcessor:
         self.reference = reference
         self._touched: dict[bytes, _Touched] = {}
         self._partitions: set[int] = set()
+        self._ref_checked: dict[int, ReferenceData] = {}  # partition → the snapshot its accounts were checked on
 
     def on_assign(self, partition: int, ctx: Context) -> None:
         self._partitions.add(partition)
 
     def on_revoke(self, partition: int) -> None:
         self._partitions.discard(partition)
+        self._ref_checked.pop(partition, None)
         self._touched = {k: v for k, v in self._touched.items() if v.partition != partition}
 
     def _apply_new_price_books(self, partition: int, ref: ReferenceData, ctx: Context) -> None:
@@ -326,6 +338,53 @@ class RatingProcessor:
                 store.put(key, rw)
             store.put(pkey.encode(), ps)
             self._touched[pkey.encode()] = _Touched(partition, [], cause, previous)
+
+    def _apply_reference_changes(self, partition: int, ref: ReferenceData, ctx: Context) -> None:
+        """Re-rate the periods of the accounts whose service ranges or plans changed since their periods were
+        last rated (issue 15: a move-out recorded after the usage was rated stops the daily charges; a plan
+        switch from a past date re-prices its windows). Each account's fingerprint (``reference_fingerprint``)
+        is kept in the state with the periods, so a change made while the stage was down is applied on start;
+        the deltas are caused by ``reference:<account's change count>:<fingerprint>``."""
+        if self._ref_checked.get(partition) is ref:
+            return
+        self._ref_checked[partition] = ref
+        store = ctx.store(partition)
+        for key, held in list(store.scan(REF_PREFIX)):
+            account = key[len(REF_PREFIX):].decode()
+            fingerprint = reference_fingerprint(ref, account)
+            if held[0] == fingerprint or account not in ref.accounts:
+                continue
+            count = int(held[1]) + 1
+            store.put(key, [fingerprint, str(count)])
+            windows: dict[str, list[tuple[bytes, RatedWindowState]]] = {}
+            for wkey, rw in store.scan(f"rw|{account}|".encode()):
+                windows.setdefault(rw.period_key, []).append((wkey, rw))
+            for pkey, _ps in list(store.scan(f"rp|{account}|".encode())):
+                ps: PeriodState = store.get(pkey)
+                self._refold(store, pkey.decode(), ps, windows.get(pkey.decode(), []), ref)
+                self._touched[pkey] = _Touched(partition, [], f"reference:{count}:{fingerprint}")
+
+    @staticmethod
+    def _refold(store: Any, pkey: str, ps: PeriodState, rws: list[tuple[bytes, RatedWindowState]],
+                ref: ReferenceData) -> None:
+        """Rebuild a period's aggregates from its stored windows under ``ref`` (each window keyed by the price
+        book in force on its day; a day without a plan now adds nothing)."""
+        _reset(ps)
+        intervals = demand_interval_ms(ref)
+        account = ref.accounts[ps.account]
+        for key, rw in rws:
+            start = datetime.fromtimestamp(rw.window_start_ms / 1000, tz=UTC)
+            book = ref.book_on(ps.account, start.astimezone(account.tz).date())
+            if book is None:
+                continue
+            rw.keys, rw.demand_keys, unfit = window_keys(book, rw.metric, start, rw.window_ms)
+            for comp in unfit:  # cannot refuse a stored revision: left out of that demand, loudly
+                UNMEASURED.inc()
+                log.error("re-rating %s: %s", key.decode(), unfit_message(book, comp, rw.window_ms))
+            rw.series = series_of(key[3:].decode(), ps.account)
+            fold(ps, rw, 1, intervals)
+            store.put(key, rw)
+        store.put(pkey.encode(), ps)
 
     def _dead_letter(self, record: Incoming, reason: str, message: str, ctx: Context) -> None:
         dead_letter(ctx, self.codec, self.topics.dlq_ingest, "rating", record, reason, message)
@@ -397,11 +456,17 @@ class RatingProcessor:
         ref = self.reference()
         for p in sorted(self._partitions):
             self._apply_new_price_books(p, ref, ctx)
+            self._apply_reference_changes(p, ref, ctx)
         if not self._touched:
             return
         for pkey, touched in sorted(self._touched.items()):
             store = ctx.store(touched.partition)
             ps: PeriodState = store.get(pkey)
+            fkey = REF_PREFIX + ps.account.encode()
+            held = store.get(fkey)
+            fingerprint = reference_fingerprint(ref, ps.account)
+            if held is None or held[0] != fingerprint:  # rated on this reference data from now on
+                store.put(fkey, [fingerprint, held[1] if held is not None else "0"])
             charges = recompute(ps, touched.causes, ref, touched.cause, touched.previous_versions)
             headers = timing.headers(touched.arrived_ms, touched.closed_ms)
             for charge in charges:
@@ -519,7 +584,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     """``(encode, decode)`` for the rating store."""
 
     def encode(key: bytes, value: Any) -> bytes:
-        if key == BOOKS_KEY:
+        if key == BOOKS_KEY or key.startswith(REF_PREFIX):  # ref|: [fingerprint, change count]
             return codec.encode({"versions": list(value)}, "AppliedPriceBooks")
         if key.startswith(b"rw|"):
             return codec.encode({"revision": value.revision, "value": value.value,
@@ -541,7 +606,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         )
 
     def decode(key: bytes, raw: bytes) -> Any:
-        if key == BOOKS_KEY:
+        if key == BOOKS_KEY or key.startswith(REF_PREFIX):
             return list(codec.decode_dict(raw, "AppliedPriceBooks")["versions"])
         if key.startswith(b"rw|"):
             d = codec.decode_dict(raw, "RatedWindowState")

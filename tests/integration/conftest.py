@@ -261,9 +261,10 @@ class Env:
 
 
 @contextmanager
-def isolated_env(base_settings: Settings, folder: Path) -> Iterator[Env]:
+def isolated_env(base_settings: Settings, folder: Path, reference: bool = True) -> Iterator[Env]:
     """A fresh, isolated pipeline on the shared real stack (its own topic prefix, database, state and log
-    folders under ``folder``); stage processes are killed, topics and database dropped afterwards."""
+    folders under ``folder``); stage processes are killed, topics and database dropped afterwards.
+    ``reference``: load the bundled reference JSON (else the reference tables start empty)."""
     tag = "t" + uuid.uuid4().hex[:10]
     dbname = tag
     with postgres.connect(_superuser_url(base_settings), autocommit=True) as conn:
@@ -290,8 +291,9 @@ def isolated_env(base_settings: Settings, folder: Path) -> Iterator[Env]:
         state_dir=folder / "state", idle_timeout_s=4, partitions=3,
     )
     postgres.migrate(owner_url)
-    ref = ReferenceFile.read(BUNDLED_REFERENCE)
-    postgres.with_reconnect(url, lambda c: load_reference_file(c, ref))
+    if reference:
+        ref = ReferenceFile.read(BUNDLED_REFERENCE)
+        postgres.with_reconnect(url, lambda c: load_reference_file(c, ref))
     topics = Topics(settings)
     create_topics(settings.kafka_bootstrap, topics.specs())
     log_dir = folder / "logs"
