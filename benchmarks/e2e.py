@@ -474,7 +474,7 @@ def run(e2e: E2E, args: argparse.Namespace) -> None:
           f"{sum(cpu1[s] - cpu0[s] for s in STAGES) / readings * 1e6:.0f} µs/reading")
     print(f"ledger: {lines:,} lines, {acct_months:,} account-months: {lines / max(acct_months, 1):.1f} lines per "
           f"account-month ({mode}); {lines / (args.accounts * args.days):.1f} lines per account per day of data "
-          "(a month of data appends about 30× the per-day figure to each account-month)")
+          "(a month arriving the same way: roughly 30× that per account-month, an estimate)")
     for p in spy.values():
         try:
             p.wait(args.py_spy + 60)
