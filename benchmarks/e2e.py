@@ -483,9 +483,13 @@ def run(e2e: E2E, args: argparse.Namespace) -> None:
     if args.replay:
         from pipeline.cli import _publish_price_books
 
+        cpu2 = e2e.cpu()
         t2 = time.monotonic()
         _publish_price_books(e2e.settings, [v2_book()])
         first_change, last_change, after = e2e.wait_quiet(args.quiet, args.deadline, args.deadline)
+        cpu3 = e2e.cpu()
+        print("replay CPU seconds per stage process, publish → quiet (the re-rate's work, whatever the refresh "
+              "wait): " + ", ".join(f"{s} {cpu3[s] - cpu2[s]:.1f}" for s in STAGES))
         if first_change is None:
             print(f"replay: no difference line within {args.deadline:.0f}s of publishing v2")
         else:
