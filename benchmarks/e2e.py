@@ -458,13 +458,18 @@ def run(e2e: E2E, args: argparse.Namespace) -> None:
         first = t1  # from the first batch produced: the stages were waiting for it
     cpu1 = e2e.cpu()
     elapsed = last - first
+    outcomes = {o: int(metric_sum(scrape(e2e.ports["ingest"]), "pipeline_ingest_records_total", outcome=o))
+                for o in ("accepted", "duplicate", "superseded", "refused", "dead_lettered", "marker")}
+    if outcomes["accepted"] != readings:
+        print(f"warning: ingest accepted {outcomes['accepted']:,} of {readings:,} readings: {outcomes}")
     text = scrape(e2e.ports["invoicing"])
     n_lat, (p50, p99) = histogram_quantiles(text, "pipeline_reading_to_ledger_seconds", (0.5, 0.99))
     acct_months = e2e.sql("SELECT count(*) FROM (SELECT DISTINCT account, period_start FROM invoice_lines "
                           "WHERE account LIKE 'E2E-%') x")[0][0]
     mode = f"streaming ({args.days * 288} batches, pause {args.pause}s)" if args.stream else "pre-produced"
     print(f"e2e ({mode}, exactly-once, 4 stage processes): {readings:,} readings in {elapsed:.1f}s = "
-          f"{readings / elapsed:,.0f} readings/s (first record consumed by ingest → last ledger line committed)")
+          f"{readings / elapsed:,.0f} readings/s (first record consumed by ingest → last ledger line committed); "
+          f"ingest outcomes {outcomes}")
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}s"  # noqa: E731
     print(f"reading-to-ledger latency (invoicing histogram, {n_lat:,} lines, bucket-interpolated): "
           f"p50 {fmt(p50)}, p99 {fmt(p99)}")
