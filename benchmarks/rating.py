@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -136,6 +137,7 @@ def passthrough(records: list[Incoming]) -> float:
             producer.send(topics.usage_windows, rec.key, rec.value)
         producer.flush(300)
         seconds, _cpu = run_passthrough(settings, topics, len(records), topics.usage_windows, topics.charges_rated)
+        shutil.rmtree(settings.state_dir, ignore_errors=True)
         return seconds
 
 
