@@ -53,13 +53,15 @@ def wait_committed(settings: Settings, group: str, topic: str, n: int, partition
 
 
 def run_passthrough(settings: Settings, topics: Topics, n: int, in_topic: str, out_topic: str | None,
-                    each: Callable[[bytes], object] | None = None, group: str = "passthrough") -> tuple[float, float]:
+                    each: Callable[[bytes], object] | None = None, group: str = "passthrough",
+                    timeout_s: float = 900) -> tuple[float, float]:
     """Consume ``n`` records of ``in_topic`` and produce the same bytes to ``out_topic``, transactionally,
     offsets in the transaction, with the stages' batch size and commit interval.
 
     ``each``: also call it on every value (e.g. a decoder); ``out_topic`` ``None``: produce nothing
     (only the offsets are committed, in the transaction). ``group``: the consumer group's stem.
-    Returns (seconds from the first record consumed to the last commit, CPU seconds of this thread)."""
+    Returns (seconds from the first record consumed to the last commit, CPU seconds of this thread).
+    Raises ``TimeoutError`` when the ``n`` records are not through after ``timeout_s``."""
     cpu0 = time.thread_time()
     group = topics.group(group)
     clients = StageClients(settings.kafka_bootstrap, group, f"{group}-bench")
@@ -67,7 +69,11 @@ def run_passthrough(settings: Settings, topics: Topics, n: int, in_topic: str, o
     first = None
     seen = 0
     offsets: dict[tuple[str, int], int] = {}
+    deadline = time.monotonic() + timeout_s
     while seen < n:
+        if time.monotonic() > deadline:
+            clients.close()
+            raise TimeoutError(f"passthrough: {seen} of {n} records after {timeout_s:.0f}s")
         batch: list[Incoming] = clients.poll_batch(settings.batch_max_records, settings.commit_interval_ms / 1000)
         if batch and first is None:
             first = time.monotonic()

@@ -6,17 +6,28 @@
 Runs the real rating processor over a real RocksDB store with Avro state encoding at every batch
 commit (what the stage does between Kafka transactions); Kafka I/O is not included (see
 benchmarks/windowing.py for the broker-bound comparison). Uses the bundled ActewAGL TOU price book.
+
+Then (unless ``--no-passthrough``; needs the local stack: ``pipeline stack up``) the same window revisions
+are produced to a fresh topic (4 partitions, key account) and the plain transactional consume → produce
+passthrough of ``common.run_passthrough`` (same batch size and commit interval as the stages) runs over
+them. Last line: ``rating/passthrough throughput ratio: X`` = revisions/s of the in-process rating run ÷
+records/s of the passthrough. Basis: the rating side pays no Kafka consume, produce or transaction
+commit, so X is an upper bound of what the rating stage with Kafka reaches (benchmarks/e2e.py measures
+the stage processes with Kafka).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+
+from common import bench_topics, run_passthrough
 
 from pipeline.codec import default_codec
 from pipeline.config import Settings
@@ -24,7 +35,7 @@ from pipeline.rating.pricebook import PriceBook
 from pipeline.rating.processor import RatingProcessor, state_codec
 from pipeline.records import UsageWindow
 from pipeline.reference import BUNDLED_REFERENCE, Account, PlanAssignment, ReferenceData, ServicePoint
-from pipeline.runtime.kafka import Incoming
+from pipeline.runtime.kafka import IdempotentProducer, Incoming
 from pipeline.runtime.state import open_fresh_store
 from pipeline.topology import Topics
 
@@ -50,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--no-passthrough", action="store_true", help="skip the Kafka passthrough (no stack needed)")
     args = parser.parse_args()
 
     raw_book = json.loads(BUNDLED_REFERENCE.read_text())["price_books"][0]
@@ -109,6 +121,24 @@ def main() -> None:
     rerate = time.perf_counter() - t1
     print(f"re-rate one month of 30-minute data for {args.accounts} accounts after a superseding version: "
           f"{rerate:.1f}s, {ctx.forwarded - lines_first:,} difference lines")
+    if not args.no_passthrough:
+        pt = passthrough(records)
+        print(f"passthrough (transactional consume→produce, Kafka) over the same {len(records):,} revisions: "
+              f"{len(records) / pt:,.0f} records/s ({pt:.1f}s)")
+        print("basis: rating in-process without Kafka I/O ÷ the Kafka EOS passthrough (an upper bound for the stage)")
+        print(f"rating/passthrough throughput ratio: {pt / rated:.3f}")
+
+
+def passthrough(records: list[Incoming]) -> float:
+    """Seconds of the plain EOS passthrough over ``records`` produced to a fresh 4-partition topic."""
+    with bench_topics(BATCH, 4) as (settings, topics):
+        producer = IdempotentProducer(settings.kafka_bootstrap)
+        for rec in records:
+            producer.send(topics.usage_windows, rec.key, rec.value)
+        producer.flush(300)
+        seconds, _cpu = run_passthrough(settings, topics, len(records), topics.usage_windows, topics.charges_rated)
+        shutil.rmtree(settings.state_dir, ignore_errors=True)
+        return seconds
 
 
 if __name__ == "__main__":
