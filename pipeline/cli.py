@@ -695,7 +695,8 @@ def replay_apply(name: Annotated[str, typer.Argument(help="generation name")]) -
     """Bring generation NAME's differences to the live ledger through the normal path: publish live the price
     book versions the generation billed with that the live pipeline lacks; the live rating stage re-rates
     and appends the difference lines exactly once (`pipeline replay diff NAME` reaches zero when it is done).
-    Applying again publishes nothing new. Exit 2 when the generation does not exist or a version conflicts."""
+    Applying again publishes nothing new. Exit 1 when the generation differs without any price book version to
+    publish (nothing here can apply that), 2 when it does not exist or a version conflicts."""
     from pipeline.operations import replay
 
     settings = get_settings()
@@ -705,6 +706,12 @@ def replay_apply(name: Annotated[str, typer.Argument(help="generation name")]) -
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     if not books:
+        rows = replay.diff(settings, replay.generation(settings, name))
+        if rows:
+            typer.echo(f"generation {name}: {len(rows):,} differences, but no price book version to publish: they "
+                       f"do not come from price books (input or code changes), and re-rating cannot bring them to "
+                       f"the live ledger; `pipeline replay diff {name}` lists them", err=True)
+            raise typer.Exit(1)
         typer.echo(f"generation {name}: no price book version to publish; nothing to apply")
         return
     _publish_price_books(settings, books)
