@@ -145,7 +145,7 @@ def run_reference(base: Settings, inp: Input, folder: Path) -> dict[tuple[str, s
 
 
 def run_soak(base: Settings, inp: Input, folder: Path, kills: int, seed: int, duration_s: float,
-             reference: dict[tuple[str, str], dict[str, object]] | None) -> Verdict:
+             reference: dict[tuple[str, str], dict[str, object]] | None, accounted_timeout_s: float = 900) -> Verdict:
     """Publish ``inp`` over ``duration_s`` seconds while killing stages ``kills`` times (and restarting the
     broker and PostgreSQL once each), then check everything (see the module doc). Never raises for a
     finding: it lands in ``Verdict.problems``."""
@@ -222,11 +222,17 @@ def run_soak(base: Settings, inp: Input, folder: Path, kills: int, seed: int, du
             verdict.problems.append("the publisher did not finish")
         verdict.records = published[0]
         try:
-            report = env.wait_accounted(timeout_s=900, published=published[0])
+            report = env.wait_accounted(timeout_s=accounted_timeout_s, published=published[0])
             if report.dead_lettered or report.refused:
                 verdict.problems.append(f"dead-lettered {report.dead_lettered}, refused {report.refused}")
         except AssertionError as exc:
             verdict.problems.append(f"not every reading accounted for: {exc}")
+            for procs in env.procs.values():  # every thread's stack into the stage logs (runtime: SIGUSR1)
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            verdict.problems.append(f"thread dumps of the live stages are in {env.log_dir}")
         check(env, inp, reference, verdict)
         codes = env.stop_all()
         if any(c not in (0, -9) for cs in codes.values() for c in cs):
