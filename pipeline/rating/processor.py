@@ -321,22 +321,7 @@ class RatingProcessor:
             previous = {
                 b.id: sorted(int(v.split(":")[1]) for v in applied if v.split(":")[0] == b.id) for b in new
             }
-            _reset(ps)
-            intervals = demand_interval_ms(ref)
-            for key, rw in rws:
-                start = datetime.fromtimestamp(rw.window_start_ms / 1000, tz=UTC)
-                account = ref.accounts[ps.account]
-                book = ref.book_on(ps.account, start.astimezone(account.tz).date())
-                if book is None:
-                    continue
-                rw.keys, rw.demand_keys, unfit = window_keys(book, rw.metric, start, rw.window_ms)
-                for comp in unfit:  # cannot refuse a stored revision: left out of that demand, loudly
-                    UNMEASURED.inc()
-                    log.error("re-rating %s: %s", key.decode(), unfit_message(book, comp, rw.window_ms))
-                rw.series = series_of(key[3:].decode(), ps.account)
-                fold(ps, rw, 1, intervals)
-                store.put(key, rw)
-            store.put(pkey.encode(), ps)
+            self._refold(store, pkey, ps, rws, ref)
             self._touched[pkey.encode()] = _Touched(partition, [], cause, previous)
 
     def _apply_reference_changes(self, partition: int, ref: ReferenceData, ctx: Context) -> None:
