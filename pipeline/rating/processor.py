@@ -21,7 +21,13 @@ demand component's interval, or does not divide it, cannot measure it: the revis
 State format 2 (this version) replaced the demand of format 1 (kW per window start, where two channels
 with one start overwrote each other) and the quality flags kept as an ever-growing union: a format-1
 period is rebuilt from its windows' stored revisions the first time a revision reaches it, and its
-next recompute emits any difference (the corrected demand) as an ordinary delta.
+next recompute emits any difference (the corrected demand) as an ordinary delta. Format 3 (issue 17) adds the
+windows per local day; a format-2 period is rebuilt the same way.
+
+Each energy line's explanation also carries what the invoicing stage checks before it finalizes an invoice
+(``pipeline.invoicing.validation``): ``window_count`` and ``estimated_windows`` (windows feeding the line and
+those carrying an estimated or substituted read) and, for lines in kWh, ``service_days``, ``usage_days`` and the
+first ``missing_days`` (days of service in the period, as of this line, without any window).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any
 
@@ -56,7 +62,7 @@ LINES = Counter("pipeline_rating_lines_total", "delta lines emitted", ["componen
 UNMEASURED = Counter("pipeline_rating_unmeasured_demand_total",
                      "windows left out of a demand they cannot measure while re-rating (logged)")
 
-FORMAT = 2  # the period state format this code writes (see the module docstring)
+FORMAT = 3  # the period state format this code writes (see the module docstring)
 LEGACY_WINDOW_MS = 1_800_000  # a format-1 window state without its end: the 30-minute windows of that time
 
 
@@ -91,6 +97,8 @@ class PeriodState:
     ``demand_kwh``: demand key → ``<meter>|<interval start ms>`` → kWh of every window of the meter in that
     demand interval (all its channels); keys stay (possibly empty) once seen, so their lines stay rated.
     ``qualities`` and ``demand``: format 1 (a union of flags; kW per window start), emptied by the upgrade.
+    ``days``: local date (ISO, the account's time zone) → windows (latest revisions, any metric) starting on it
+    (format 3): the days with usage, for the missing-service-day check before an invoice is finalized.
     """
 
     account: str
@@ -104,6 +112,7 @@ class PeriodState:
     quality_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     demand_kwh: dict[str, dict[str, Decimal]] = field(default_factory=dict)
     format: int = FORMAT
+    days: dict[str, int] = field(default_factory=dict)
 
     def peaks(self, interval_ms: Callable[[str], int]) -> dict[str, tuple[Decimal, ...]]:
         """Per demand key, each meter's peak kW (meters in name order): the highest kWh of one demand
@@ -146,12 +155,21 @@ def series_of(window_id: str, account: str) -> str:
     return window_id[len(account) + 1: window_id.rindex("|")]
 
 
-def fold(ps: PeriodState, rw: RatedWindowState, sign: int, interval_ms: Callable[[str], int]) -> None:
+def fold(ps: PeriodState, rw: RatedWindowState, sign: int, interval_ms: Callable[[str], int],
+         tz: tzinfo | None = None) -> None:
     """Add (``sign`` 1) or remove (−1) one window revision's contribution to a period's aggregates:
-    its value on each quantity key, its windows and quality flags, and its kWh on the demand interval of its
-    meter for each demand key (``interval_ms(demand key)``). Exact (Decimal), so any order of adds and
-    removes of the same revisions gives the same state."""
+    its value on each quantity key, its windows and quality flags, its kWh on the demand interval of its
+    meter for each demand key (``interval_ms(demand key)``) and, given the account's time zone ``tz``, one
+    window on the local day it starts. Exact (Decimal), so any order of adds and removes of the same
+    revisions gives the same state."""
     value = rw.value if sign > 0 else -rw.value
+    if tz is not None:
+        day = datetime.fromtimestamp(rw.window_start_ms / 1000, tz=UTC).astimezone(tz).date().isoformat()
+        n = ps.days.get(day, 0) + sign
+        if n:
+            ps.days[day] = n
+        else:
+            ps.days.pop(day, None)
     for k in rw.keys:
         ps.quantities[k] = ps.quantities.get(k, ZERO) + value
         ps.windows[k] = ps.windows.get(k, 0) + sign
@@ -261,21 +279,22 @@ def _reset(ps: PeriodState) -> None:
     (quantities) or empty (demand), so every line emitted so far is still rated."""
     ps.quantities = {k: ZERO for k in ps.quantities}
     ps.demand_kwh = {k: {} for k in (*ps.demand_kwh, *ps.demand)}  # format 1 kept its demand keys in ``demand``
-    ps.windows, ps.quality_counts, ps.qualities, ps.demand = {}, {}, {}, {}
+    ps.windows, ps.quality_counts, ps.qualities, ps.demand, ps.days = {}, {}, {}, {}, {}
     ps.format = FORMAT
 
 
-def _upgrade(store: Any, pkey: str, ps: PeriodState, intervals: Callable[[str], int]) -> None:
-    """A format-1 period rebuilt from the stored revisions of its windows (its account's ``rw|`` entries):
-    demand per (meter, interval) over all channels instead of per window start, quality flags counted.
-    Nothing for a period already in this format."""
+def _upgrade(store: Any, pkey: str, ps: PeriodState, intervals: Callable[[str], int], tz: tzinfo) -> None:
+    """A period of an older format rebuilt from the stored revisions of its windows (its account's ``rw|``
+    entries): format 1 → demand per (meter, interval) over all channels instead of per window start,
+    quality flags counted; format 2 → windows per local day (``tz``: the account's time zone). Nothing for
+    a period already in this format."""
     if ps.format >= FORMAT:
         return
     _reset(ps)
     for key, rw in store.scan(f"rw|{ps.account}|".encode()):
         if rw.period_key == pkey:
             rw.series = series_of(key[3:].decode(), ps.account)
-            fold(ps, rw, 1, intervals)
+            fold(ps, rw, 1, intervals, tz)
 
 
 class RatingProcessor:
@@ -367,7 +386,7 @@ class RatingProcessor:
                 UNMEASURED.inc()
                 log.error("re-rating %s: %s", key.decode(), unfit_message(book, comp, rw.window_ms))
             rw.series = series_of(key[3:].decode(), ps.account)
-            fold(ps, rw, 1, intervals)
+            fold(ps, rw, 1, intervals, account.tz)
             store.put(key, rw)
         store.put(pkey.encode(), ps)
 
@@ -418,17 +437,17 @@ class RatingProcessor:
         intervals = demand_interval_ms(ref)
         pkey = f"rp|{win.account}|{period.start.isoformat()}"
         ps: PeriodState = store.get(pkey.encode()) or PeriodState(win.account, period.start, period.end)
-        _upgrade(store, pkey, ps, intervals)
+        _upgrade(store, pkey, ps, intervals, account.tz)
         if held is not None:
             held.series = win.series
             old_ps = ps if held.period_key == pkey else store.get(held.period_key.encode())
-            _upgrade(store, held.period_key, old_ps, intervals)
-            fold(old_ps, held, -1, intervals)
+            _upgrade(store, held.period_key, old_ps, intervals, account.tz)
+            fold(old_ps, held, -1, intervals, account.tz)
             if old_ps is not ps:
                 store.put(held.period_key.encode(), old_ps)
         rw = RatedWindowState(win.revision, win.value, pkey, keys, demand_keys, start_ms, ZERO, win.metric, end_ms,
                               list(win.qualities), win.series)
-        fold(ps, rw, 1, intervals)
+        fold(ps, rw, 1, intervals, account.tz)
         store.put(pkey.encode(), ps)
         store.put(wkey, rw)
         touched = self._touched.setdefault(pkey.encode(), _Touched(record.partition))
@@ -490,6 +509,47 @@ def service_days(ps: PeriodState, ref: ReferenceData) -> dict[tuple[str, int], i
     return out
 
 
+ESTIMATED_QUALITIES = frozenset("ESF")
+"""MDFF quality flags of reads that are not actual: E forward estimate, S substituted, F final substituted."""
+MISSING_DAYS_SHOWN = 5  # the first missing days named in an explanation (the count is always given)
+
+
+def service_dates(ps: PeriodState, ref: ReferenceData) -> list[str]:
+    """The days of the period (ISO dates, ascending) on which the account had a service point (memoised per
+    reference snapshot)."""
+    memo_key = ("service_dates", ps.account, ps.period_start, ps.period_end)
+    if memo_key not in ref.memo:
+        ranges = ref.service_ranges(ps.account)
+        days, day = [], ps.period_start
+        while day < ps.period_end:
+            if any(sp.covers(day) for sp in ranges):
+                days.append(day.isoformat())
+            day += timedelta(days=1)
+        ref.memo[memo_key] = days
+    return ref.memo[memo_key]
+
+
+def review_facts(ps: PeriodState, inputs: set[str], unit: str, ref: ReferenceData) -> dict[str, Any]:
+    """What a line tells the checks before finalizing (``pipeline.invoicing.validation``), as of this line:
+    ``window_count`` (windows feeding it) and ``estimated_windows`` (of those, carrying an E, S or F read: the
+    sum over those flags, at most ``window_count``); for a line in kWh also ``service_days`` (days of the period
+    with a service point), ``usage_days`` (of those, days with at least one window of any metric) and
+    ``missing_days`` (the first ``MISSING_DAYS_SHOWN`` days of service without a window)."""
+    windows = estimated = 0
+    for k, n in ps.windows.items():
+        if not k.startswith("unpriced|") and r.line_key_of(k) in inputs:  # unpriced|<metric>: no line
+            windows += n
+            counts = ps.quality_counts.get(k, {})
+            estimated += sum(counts.get(q, 0) for q in ESTIMATED_QUALITIES)
+    out: dict[str, Any] = {"window_count": windows, "estimated_windows": min(estimated, windows)}
+    if unit == "kWh" and ps.format >= 3:
+        dates = service_dates(ps, ref)
+        missing = [d for d in dates if not ps.days.get(d)]
+        out.update(service_days=len(dates), usage_days=len(dates) - len(missing),
+                   missing_days=missing[:MISSING_DAYS_SHOWN])
+    return out
+
+
 def recompute(
     ps: PeriodState,
     causes: list[tuple[UsageWindow, list[str]]],
@@ -527,6 +587,7 @@ def recompute(
         inputs = set(line.inputs)
         related = [c for c, keys in causes if any(r.line_key_of(k) in inputs for k in keys)]
         qualities = ps.flags(inputs)
+        checks = review_facts(ps, inputs, line.unit, ref)
         explanation = {
             "account": ps.account,
             "period": [ps.period_start.isoformat(), ps.period_end.isoformat()],
@@ -552,6 +613,7 @@ def recompute(
                  "delta": str(c.delta), "qualities": list(c.qualities), "sources": list(c.sources)}
                 for c in related
             ],
+            **checks,
         }
         out.append(_Charge(key, RatedCharge(
             line_id=line_id, account=ps.account, period_start=ps.period_start, period_end=ps.period_end,
@@ -586,7 +648,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
              "quality_counts": value.quality_counts,
              "demand_kwh": {k: {slot: kwh.quantize(QUANTUM) for slot, kwh in v.items()}
                             for k, v in value.demand_kwh.items()},
-             "format": value.format},
+             "format": value.format, "days": value.days},
             "RatingPeriodState",
         )
 
@@ -603,6 +665,6 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
                            {k: list(v) for k, v in d["qualities"].items()}, dict(d["windows"]), dict(d["emitted"]),
                            {k: {w: Decimal(kw) for w, kw in v.items()} for k, v in d["demand"].items()},
                            {k: dict(v) for k, v in d["quality_counts"].items()},
-                           {k: dict(v) for k, v in d["demand_kwh"].items()}, d["format"])
+                           {k: dict(v) for k, v in d["demand_kwh"].items()}, d["format"], dict(d["days"]))
 
     return encode, decode
