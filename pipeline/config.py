@@ -7,6 +7,7 @@ says (``_ms``, ``_s``, ``_minutes``, ``_days``).
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -177,6 +178,21 @@ class Settings(BaseSettings):
         "time); unset = only the account's own event clock closes it",
     )
     invoice_close_check_s: float = Field(5.0, gt=0, description="how often invoicing looks for invoices to close")
+    # --- checks before finalizing (issue 17, pipeline/invoicing/validation.py) -------------------------------
+    review_checks: list[str] = Field(
+        ["ESTIMATED_SHARE", "USAGE_FAR_FROM_HISTORY", "NEGATIVE_TOTAL", "MISSING_SERVICE_DAYS"],
+        description="checks that hold an invoice in REVIEW instead of finalizing it (JSON list; [] = none)",
+    )
+    review_max_estimated_share: Decimal = Field(
+        Decimal("0.5"), ge=0, le=1, description="ESTIMATED_SHARE: hold when more than this share of the windows "
+        "billed carry estimated or substituted reads (quality E, S, F)")
+    review_usage_ratio: Decimal = Field(
+        Decimal(3), gt=1, description="USAGE_FAR_FROM_HISTORY: hold when usage is above this many times, or below "
+        "1/this of, the mean of the account's recent invoices")
+    review_history_invoices: int = Field(6, ge=1, description="USAGE_FAR_FROM_HISTORY: recent invoices averaged")
+    review_min_history: int = Field(2, ge=1, description="USAGE_FAR_FROM_HISTORY: fewer invoices = no check")
+    review_hold_hours: float = Field(
+        72.0, gt=0, description="a held invoice is finalized anyway after this long without a decision; inf = never")
     relay_batch: int = Field(500, ge=1, description="outbox rows published per relay round")
     relay_poll_s: float = Field(0.5, gt=0, description="relay wait when the outbox is empty")
 

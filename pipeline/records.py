@@ -344,6 +344,8 @@ class InvoiceEvent:
     - ``INVOICE_FINALIZED``: invoice_id, invoice_number, period_start, period_end, bill_date,
       due_date, previous_balance, charges_total, payments_total, amount_due.
     - ``PAYMENT_APPLIED``: payment_id, amount, balance (account balance after it, this currency).
+    - ``INVOICE_HELD``: invoice_id, period_start, period_end, charges_total: a check before finalizing flagged
+      it; it waits in REVIEW (issue 17), then an ``INVOICE_FINALIZED`` follows.
 
     Attributes:
         event_id: unique and deterministic (``line:<line id>``, ``finalized:<invoice id>``,
@@ -382,6 +384,6 @@ class InvoiceEvent:
     balance: Decimal | None = None
 
     def __post_init__(self) -> None:
-        if self.event_type not in ("LINE_APPENDED", "INVOICE_FINALIZED", "PAYMENT_APPLIED"):
+        if self.event_type not in ("LINE_APPENDED", "INVOICE_FINALIZED", "PAYMENT_APPLIED", "INVOICE_HELD"):
             raise ValueError(f"unknown event_type {self.event_type!r}")
         _require_utc("occurred_at", self.occurred_at)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -10,6 +11,7 @@ from pipeline.config import Settings
 from pipeline.ingest import processor as ingest
 from pipeline.invoicing.ledger import LedgerStore
 from pipeline.invoicing.processor import InvoicingProcessor
+from pipeline.invoicing.validation import ReviewPolicy
 from pipeline.metrics_catalog import policies_from_catalog
 from pipeline.rating import processor as rating
 from pipeline.refstore import ReferenceCache, postgres_loader
@@ -61,7 +63,16 @@ def build_stage(name: str, settings: Settings) -> StageSpec:
     if name == "invoicing":
         store = LedgerStore(settings.database_url, topics.group("invoicing"), codec,
                             timedelta(hours=settings.invoice_close_delay_hours), settings.invoice_clock,
-                            settings.invoice_series, idle_close_s=settings.invoice_idle_close_s)
+                            settings.invoice_series, idle_close_s=settings.invoice_idle_close_s,
+                            review=review_policy(settings))
         proc = InvoicingProcessor(codec, store, topics.payments, settings.invoice_close_check_s)
         return StageSpec("invoicing", [topics.charges_rated, topics.payments], proc, external_sink=True)
     raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+
+
+def review_policy(settings: Settings) -> ReviewPolicy:
+    """The checks before finalizing (``pipeline.invoicing.validation``) from ``PIPELINE_REVIEW_*``."""
+    hold = None if math.isinf(settings.review_hold_hours) else timedelta(hours=settings.review_hold_hours)
+    return ReviewPolicy(checks=tuple(settings.review_checks), max_estimated_share=settings.review_max_estimated_share,
+                        usage_ratio=settings.review_usage_ratio, history_invoices=settings.review_history_invoices,
+                        min_history=settings.review_min_history, hold=hold)

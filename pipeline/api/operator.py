@@ -111,6 +111,12 @@ class ChangeOut(BaseModel):
     after: dict[str, Any]
 
 
+class ApproveIn(BaseModel):
+    """Body of an approval (optional): why, kept in the audit."""
+
+    note: str = Field("", max_length=2000)
+
+
 class OperationResult(BaseModel):
     """What a write did: ``applied`` false on a dry run or when nothing needed doing."""
 
@@ -306,6 +312,28 @@ def create_app(settings: Settings, database_url: str | None = None,
         except UnicodeDecodeError as exc:
             raise ApiError(400, "NOT_UTF8", None, f"the CSV is not UTF-8: {exc}") from exc
         return await execute(request, who, idempotency_key, parsed.ops, dry_run, 201, parsed.labels, parsed.problems)
+
+    @app.get("/v1/invoices/review", summary="Invoices held in REVIEW by the checks before finalizing",
+             responses=_ERRORS)
+    async def invoices_in_review(_who: Reader, account: str | None = None) -> list[dict[str, Any]]:
+        from pipeline.invoicing.review import held
+
+        return [h.as_json() for h in await run_in_threadpool(run, lambda c: held(c, account))]
+
+    @app.post("/v1/invoices/{invoice_id}/approve", summary="Approve an invoice held in REVIEW (finalized within "
+              "seconds by the invoicing stage)",
+              responses={**_ERRORS, 404: {"model": ErrorBody, "description": "no such invoice"},
+                         409: {"model": ErrorBody, "description": "the invoice is not in REVIEW"}})
+    async def approve_invoice(invoice_id: str, who: Operator, body: ApproveIn | None = None) -> dict[str, Any]:
+        from pipeline.invoicing.review import ReviewError, approve, decisions
+
+        note = body.note if body else ""
+        try:
+            h, audit = await run_in_threadpool(
+                run, lambda c: (approve(c, invoice_id, who, "api", note), decisions(c, invoice_id)))
+        except ReviewError as exc:
+            raise ApiError(404 if exc.code == "UNKNOWN_INVOICE" else 409, exc.code, "invoice_id", exc.message) from exc
+        return {**h.as_json(), "decisions": audit}
 
     @app.get("/v1/health", summary="Liveness")
     async def health() -> dict[str, str]:

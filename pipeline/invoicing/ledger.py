@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.codec import Codec
 from pipeline.invoicing import lifecycle as lc
+from pipeline.invoicing import validation as val
 from pipeline.records import InvoiceEvent, Payment, RatedCharge
 from pipeline.runtime import postgres
 
@@ -108,8 +109,17 @@ CLOSE_AT = ("LEAST(i.close_at, (s.service_end::timestamp AT TIME ZONE a.timezone
             "+ make_interval(secs => %s::float8))")
 NEXT_OPEN = """
 SELECT invoice_id FROM invoices
-WHERE account = %s AND currency = %s AND status = 'OPEN' AND period_start > %s
+WHERE account = %s AND currency = %s AND status IN ('OPEN', 'REVIEW') AND period_start > %s
 ORDER BY period_start LIMIT 1 FOR UPDATE"""
+# the own CHARGE lines of an invoice in rating's emission order (an account's charges come through one partition)
+REVIEW_LINES = """
+SELECT component_id, band, component_kind, unit, quantity, explanation FROM invoice_lines
+WHERE invoice_id = %s AND line_kind = 'CHARGE' ORDER BY source_topic, source_partition, source_offset"""
+USAGE_HISTORY = """
+SELECT usage_kwh FROM invoices WHERE account = %s AND currency = %s AND status = 'FINALIZED'
+AND usage_kwh IS NOT NULL ORDER BY finalized_order DESC LIMIT %s"""
+INSERT_REVIEW = """
+INSERT INTO invoice_reviews (invoice_id, decided_by, source, decision, flags, note) VALUES (%s, %s, %s, %s, %s, %s)"""
 
 
 def line_row(p: PendingLine, placement: lc.Placement) -> tuple[Any, ...]:
@@ -139,11 +149,13 @@ class LedgerStore:
             wall clock alone.
         series: invoice number series template (``lifecycle.series_of``).
         idle_close_s: see ``clock``; ``None``: only the account's event clock closes its invoices.
+        review: the checks before finalizing (``validation.ReviewPolicy``; default: none): a flagged invoice
+            waits in REVIEW until approved (``approve``) or its hold expires.
     """
 
     def __init__(self, url: str, group: str, codec: Codec, close_delay: timedelta = timedelta(days=3),
                  clock: str = "event", series: str = "INV-{year}", give_up_s: float = 600.0,
-                 idle_close_s: float | None = None) -> None:
+                 idle_close_s: float | None = None, review: val.ReviewPolicy | None = None) -> None:
         if clock not in ("event", "wall"):
             raise ValueError(f"clock must be 'event' or 'wall', got {clock!r}")
         self.group = group
@@ -152,6 +164,7 @@ class LedgerStore:
         self.clock_mode = clock
         self.series = series
         self.idle_close_s = idle_close_s
+        self.review = review if review is not None else val.ReviewPolicy(checks=())
         self._db = postgres.Reconnecting(url, give_up_s)
         self._run = self._db.run
 
@@ -272,7 +285,7 @@ class LedgerStore:
         next_open: dict[str, str] = {}  # finalized invoice id → the open invoice its adjustments go to
         for account, start, end, currency in sorted(keys):
             ref = own[invoice_id_of(account, start, currency)]
-            if ref.status == "OPEN" or ref.invoice_id in next_open:
+            if ref.status in ("OPEN", "REVIEW") or ref.invoice_id in next_open:
                 continue
             row = cur.execute(NEXT_OPEN, (account, currency, start)).fetchone()
             if row is None:
@@ -318,7 +331,7 @@ class LedgerStore:
 
     # --- closing ----------------------------------------------------------------------------------
     def invoice_counts(self, overdue_after_s: float = 3600.0) -> dict[str, int]:
-        """Invoices per status (``OPEN``, ``FINALIZED``) and ``OVERDUE``: OPEN ones whose close time passed
+        """Invoices per status (``OPEN``, ``REVIEW``, ``FINALIZED``) and ``OVERDUE``: OPEN ones whose close time passed
         more than ``overdue_after_s`` seconds ago by the wall clock (monitoring: finalization stuck)."""
 
         def work(conn: Any) -> dict[str, int]:
@@ -332,24 +345,28 @@ class LedgerStore:
 
     def finalize_due(self, limit: int = 1000) -> list[str]:
         """Finalize the OPEN invoices whose close time their account's billing clock has passed (see
-        the class: its event clock, or quiet past the close time by the wall clock), in close order;
-        returns their invoice numbers. Invoices being appended to right now are skipped (and
-        so are later invoices of the same account and currency) and closed on the next call; when
-        another process is finalizing, this call does nothing."""
+        the class: its event clock, or quiet past the close time by the wall clock), and the invoices in
+        REVIEW that an operator approved or whose hold expired, in close order; returns their invoice numbers.
+        Before finalizing an OPEN invoice the review checks run (``validation.review_flags``): a flagged one is
+        put in REVIEW instead (audited, ``INVOICE_HELD`` announced). Invoices being appended to right now are
+        skipped (and so are later invoices of the same account and currency) and closed on the next call; an
+        invoice waits while an earlier one of its account and currency is OPEN or in REVIEW; when another
+        process is finalizing, this call does nothing."""
 
         def work(conn: Any) -> list[str]:
             if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (FINALIZE_LOCK,)).fetchone()[0]:
                 return []
             delay_s = self.close_delay.total_seconds()
+            cols = "SELECT i.invoice_id, i.account, i.currency, i.period_start, i.period_end, i.close_at, i.status"
             if self.clock_mode == "wall":
                 due = conn.execute(
-                    f"SELECT i.invoice_id, i.account, i.currency, i.period_start, i.period_end FROM invoices i "
+                    f"{cols} FROM invoices i "
                     f"{FINAL_CLOSE_JOIN} WHERE i.status = 'OPEN' AND {CLOSE_AT} <= now() "
                     "ORDER BY i.close_at, i.account, i.period_start, i.currency "
                     "LIMIT %s FOR UPDATE OF i SKIP LOCKED", (delay_s, limit)).fetchall()
             else:  # the account's own clock; or, quiet past the close time by the wall clock
                 due = conn.execute(
-                    f"SELECT i.invoice_id, i.account, i.currency, i.period_start, i.period_end FROM invoices i "
+                    f"{cols} FROM invoices i "
                     f"JOIN account_clock c ON c.consumer_group = %s AND c.account = i.account {FINAL_CLOSE_JOIN} "
                     f"CROSS JOIN LATERAL (SELECT {CLOSE_AT} AS close_at) e "
                     "WHERE i.status = 'OPEN' AND (e.close_at <= c.clock OR (%s::float8 IS NOT NULL "
@@ -357,18 +374,37 @@ class LedgerStore:
                     "ORDER BY i.close_at, i.account, i.period_start, i.currency "
                     "LIMIT %s FOR UPDATE OF i SKIP LOCKED",
                     (self.group, delay_s, self.idle_close_s, self.idle_close_s, limit)).fetchall()
+            released = conn.execute(
+                f"{cols}, i.approved_by FROM invoices i WHERE i.status = 'REVIEW' "
+                "AND (i.approved_by IS NOT NULL OR i.review_until <= now()) "
+                "ORDER BY i.close_at, i.account, i.period_start, i.currency LIMIT %s FOR UPDATE OF i SKIP LOCKED",
+                (limit,)).fetchall()
+            approved = {row[0]: row[7] for row in released}
+            rows = sorted([r[:7] for r in due] + [r[:7] for r in released], key=lambda r: (r[5], r[1], r[3], r[2]))
             numbers: list[str] = []
             held_back: set[tuple[str, str]] = set()
             with conn.cursor() as cur:
-                accounts = self._accounts(cur, {d[1] for d in due})
-                for invoice_id, account, currency, p0, p1 in due:
+                accounts = self._accounts(cur, {d[1] for d in rows})
+                for invoice_id, account, currency, p0, p1, _close_at, status in rows:
                     if (account, currency) in held_back or cur.execute(
-                        "SELECT 1 FROM invoices WHERE account = %s AND currency = %s AND status = 'OPEN' "
+                        "SELECT 1 FROM invoices WHERE account = %s AND currency = %s AND status IN ('OPEN', 'REVIEW') "
                         "AND period_start < %s LIMIT 1", (account, currency, p0)).fetchone():
                         held_back.add((account, currency))  # an earlier invoice is still open: keep the order
                         continue
+                    facts = self._facts(cur, invoice_id, account, currency)
+                    if status == "OPEN":
+                        flags = val.review_flags(facts, self.review)
+                        if flags:
+                            self._hold(cur, invoice_id, account, currency, (p0, p1), facts, flags)
+                            held_back.add((account, currency))
+                            continue
+                    elif approved.get(invoice_id) is None:  # the hold expired without a decision
+                        cur.execute(
+                            "INSERT INTO invoice_reviews (invoice_id, decided_by, source, decision, flags, note) "
+                            "SELECT invoice_id, 'invoicing', 'stage', 'HOLD_EXPIRED', review_flags, "
+                            "'finalized when the hold expired' FROM invoices WHERE invoice_id = %s", (invoice_id,))
                     numbers.append(self._finalize(cur, invoice_id, account, currency, (p0, p1),
-                                                  accounts.get(account)))
+                                                  accounts.get(account), facts.usage_kwh))
             return numbers
 
         numbers = self._run(work)
@@ -376,8 +412,29 @@ class LedgerStore:
             log.info("finalized %d invoices: %s … %s", len(numbers), numbers[0], numbers[-1])
         return numbers
 
+    def _facts(self, cur: Any, invoice_id: str, account: str, currency: str) -> val.InvoiceFacts:
+        """What the review checks look at for one invoice (its lines and its account's usage history)."""
+        total = cur.execute("SELECT coalesce(sum(amount), 0) FROM invoice_lines WHERE invoice_id = %s",
+                            (invoice_id,)).fetchone()[0]
+        lines = cur.execute(REVIEW_LINES, (invoice_id,)).fetchall()
+        history = tuple(r[0] for r in cur.execute(USAGE_HISTORY, (account, currency, self.review.history_invoices)))
+        return val.facts_from_lines(total, lines, history)
+
+    def _hold(self, cur: Any, invoice_id: str, account: str, currency: str, period: tuple[date, date],
+              facts: val.InvoiceFacts, flags: list[val.Flag]) -> None:
+        """Put an invoice in REVIEW (its flags, since, until), audit it and announce ``INVOICE_HELD``."""
+        body = postgres.jsonb([f.as_json() for f in flags])
+        hold_s = self.review.hold.total_seconds() if self.review.hold is not None else None
+        cur.execute("UPDATE invoices SET status = 'REVIEW', review_flags = %s, review_since = now(), "
+                    "review_until = now() + make_interval(secs => %s::float8) WHERE invoice_id = %s",
+                    (body, hold_s, invoice_id))
+        cur.execute(INSERT_REVIEW, (invoice_id, "invoicing", "stage", "HELD", body, ""))
+        cur.execute(INSERT_OUTBOX, self._outbox(lc.held_event(invoice_id, account, currency, period, facts.total,
+                                                              datetime.now(UTC))))
+        log.warning("invoice %s held for review: %s", invoice_id, "; ".join(f.message for f in flags))
+
     def _finalize(self, cur: Any, invoice_id: str, account: str, currency: str, period: tuple[date, date],
-                  account_ref: tuple[str, str, date, int] | None) -> str:
+                  account_ref: tuple[str, str, date, int] | None, usage_kwh: Decimal | None = None) -> str:
         net_days = account_ref[3] if account_ref else 0
         bill_date = period[1]
         due_date = bill_date + timedelta(days=net_days)
@@ -403,10 +460,10 @@ class LedgerStore:
         cur.execute(
             "UPDATE invoices SET status = 'FINALIZED', series = %s, sequence_number = %s, invoice_number = %s, "
             "bill_date = %s, due_date = %s, previous_balance = %s, charges_total = %s, payments_total = %s, "
-            "amount_due = %s, finalized_at = now(), finalized_order = nextval('invoices_finalized_order') "
-            "WHERE invoice_id = %s",
+            "amount_due = %s, finalized_at = now(), finalized_order = nextval('invoices_finalized_order'), "
+            "usage_kwh = %s WHERE invoice_id = %s",
             (series, n, number, bill_date, due_date, st.previous_balance, st.charges_total, st.payments_total,
-             st.amount_due, invoice_id))
+             st.amount_due, usage_kwh, invoice_id))
         cur.execute(INSERT_OUTBOX, self._outbox(lc.finalized_event(
             invoice_id, account, currency, number, period, bill_date, due_date, st, datetime.now(UTC))))
         return number

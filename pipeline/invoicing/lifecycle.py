@@ -52,7 +52,7 @@ class InvoiceRef:
     """The invoice a line belongs to by its service period, as found in the ledger."""
 
     invoice_id: str
-    status: str  # OPEN | FINALIZED
+    status: str  # OPEN | REVIEW | FINALIZED
     invoice_number: str | None
 
 
@@ -68,10 +68,11 @@ class Placement:
 
 
 def place(own: InvoiceRef, next_open_invoice_id: str | None) -> Placement:
-    """SPEC §5: a delta for an OPEN invoice's period is a CHARGE on it; a delta for a FINALIZED
+    """SPEC §5: a delta for an OPEN invoice's period (or one in REVIEW: not final yet) is a CHARGE on it; a
+    delta for a FINALIZED
     period is an ADJUSTMENT on ``next_open_invoice_id`` that names the original invoice (id and
     number). Raises ``ValueError`` when the period is finalized and no next open invoice is given."""
-    if own.status == "OPEN":
+    if own.status in ("OPEN", "REVIEW"):
         return Placement(own.invoice_id, "CHARGE")
     if next_open_invoice_id is None:
         raise ValueError(f"invoice {own.invoice_id} is finalized and no open invoice follows it")
@@ -123,6 +124,16 @@ def finalized_event(invoice_id: str, account: str, currency: str, number: str, p
         period_start=period[0], period_end=period[1], bill_date=bill_date, due_date=due_date,
         previous_balance=st.previous_balance, charges_total=st.charges_total, payments_total=st.payments_total,
         amount_due=st.amount_due,
+    )
+
+
+def held_event(invoice_id: str, account: str, currency: str, period: tuple[date, date], total: Decimal,
+               at: datetime) -> InvoiceEvent:
+    """``INVOICE_HELD``: a check flagged the invoice, which waits in REVIEW (``pipeline.invoicing.validation``);
+    ``charges_total`` is its total when held. Event id ``held:<invoice id>`` (an invoice is held at most once)."""
+    return InvoiceEvent(
+        event_id=f"held:{invoice_id}", event_type="INVOICE_HELD", sequence=0, account=account, currency=currency,
+        occurred_at=at, invoice_id=invoice_id, period_start=period[0], period_end=period[1], charges_total=total,
     )
 
 

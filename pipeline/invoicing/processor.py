@@ -24,7 +24,7 @@ from pipeline.runtime.processor import Context, ProcessorBase
 LINES = Counter("pipeline_ledger_lines_total", "ledger lines by outcome", ["outcome"])
 PAYMENTS = Counter("pipeline_ledger_payments_total", "payments by outcome", ["outcome"])
 FINALIZED = Counter("pipeline_invoices_finalized_total", "invoices finalized")
-INVOICES = Gauge("pipeline_invoices", "invoices in the ledger by status (OPEN, FINALIZED)", ["status"])
+INVOICES = Gauge("pipeline_invoices", "invoices in the ledger by status (OPEN, REVIEW, FINALIZED)", ["status"])
 OVERDUE = Gauge("pipeline_invoices_overdue", "OPEN invoices whose close time passed more than an hour ago (wall "
                 "clock): finalization may be stuck")
 _LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
@@ -96,7 +96,7 @@ class InvoicingProcessor(ProcessorBase):
         self._last_close = time.monotonic()
         FINALIZED.inc(len(self.store.finalize_due()))
         counts = self.store.invoice_counts()
-        for status in ("OPEN", "FINALIZED"):
+        for status in ("OPEN", "REVIEW", "FINALIZED"):
             INVOICES.labels(status).set(counts.get(status, 0))
         OVERDUE.set(counts["OVERDUE"])
 

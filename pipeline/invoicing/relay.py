@@ -24,8 +24,10 @@ progress for ``watchdog_s`` (180).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -96,6 +98,8 @@ class Relay:
                                   ready=lambda: None if self._ready else "not ready: no successful round yet")
         self.watchdog.exit_process = threading.current_thread() is threading.main_thread()
         self.watchdog.start()
+        if self.watchdog.exit_process:  # `kill -USR1 <pid>` prints every thread's stack to stderr (as the stages)
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
         postgres.add_wait_listener(self._waiting_for_postgres)
         producer = IdempotentProducer(self.settings.kafka_bootstrap, linger_ms=5)
         log.info("relay: started (outbox → %s)", self.topic)
