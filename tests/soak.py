@@ -21,6 +21,12 @@ recovery median/max=…`` and exits 0 on PASS. Recovery is the time from a fault
 started again; the broker or PostgreSQL answering again) to the next commit of each affected stage that had
 input waiting; a stage that does not commit again within 60 s (``RECOVERY_LIMIT_S``) is a failure.
 ``run_soak`` is also the short soak of the integration tests.
+
+A supervisor (as docker-compose's ``restart: unless-stopped`` or systemd's ``Restart=on-failure`` in a
+deployment) starts again any stage process that ends by itself: the runtime's answer to a fault it cannot
+recover from in-process is to exit non-zero within a bounded time (watchdog: 70). The verdict counts these
+``exits`` by stage and code; an exit with any other code than 70 (a crash: an exception out of the loop) is a
+problem.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ class Verdict:
     recovery_s: list[float] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    exits: Counter[str] = field(default_factory=Counter)  # "<stage>:<code>" → processes that ended by themselves
 
     @property
     def passed(self) -> bool:
@@ -89,7 +96,45 @@ class Verdict:
                 f"broker_restarts={self.broker_restarts} postgres_restarts={self.postgres_restarts} "
                 f"records={self.records:,} mismatches={self.mismatches_reference}/{self.mismatches_batch} "
                 f"(vs uninterrupted/batch) duplicates={sum(self.duplicates.values())} "
-                f"recovery median/max={rec} in {self.seconds:.0f} s")
+                f"recovery median/max={rec} exits={sum(self.exits.values())}"
+                f"{' (' + ' '.join(f'{k}×{n}' for k, n in sorted(self.exits.items())) + ')' if self.exits else ''} "
+                f"in {self.seconds:.0f} s")
+
+
+class Supervisor:
+    """Starts again every stage process of ``env`` that ended by itself (checked every second), as a deployment's
+    supervisor does; the soak's own kills and stops happen under ``lock`` and take the process out of
+    ``env.procs`` first, so they are never mistaken for exits. Exits go to ``verdict.exits``; a code other than
+    70 (the watchdog's) also to ``verdict.problems`` with the end of the stage's log."""
+
+    def __init__(self, env: Env, verdict: Verdict) -> None:
+        self.env = env
+        self.verdict = verdict
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="soak-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            with self.lock:
+                for stage, procs in list(self.env.procs.items()):
+                    for proc in list(procs):
+                        code = proc.poll()
+                        if code is None:
+                            continue
+                        procs.remove(proc)
+                        self.verdict.exits[f"{stage}:{code}"] += 1
+                        if code != 70:
+                            self.verdict.problems.append(f"{stage} exited with {code} by itself: "
+                                                         f"{self.env.log_tail(stage, 1500)}")
+                        self.env.start(stage, instance=getattr(proc, "instance", "0"))
 
 
 def soak_input(files: int, telemetry_days: float, seed: int) -> Input:
@@ -157,6 +202,8 @@ def run_soak(base: Settings, inp: Input, folder: Path, kills: int, seed: int, du
         env.start_all(relay=True)
         for stage in STAGES:
             env.wait_started(env.procs[stage][-1], stage, timeout=120)
+        supervisor = Supervisor(env, verdict)
+        supervisor.start()
         files = list(inp.files)
         chunks = [inp.telemetry[i::len(files)] for i in range(len(files))]
         published = [0]
@@ -178,7 +225,6 @@ def run_soak(base: Settings, inp: Input, folder: Path, kills: int, seed: int, du
         thread = threading.Thread(target=publisher, daemon=True)
         thread.start()
         broker_at, postgres_at = kills // 3, 2 * kills // 3
-        second_windowing: list = []
         for k in range(kills):
             time.sleep(rng.uniform(0.3, 1.2) * duration_s / max(kills, 1))
             if k == broker_at:
@@ -187,29 +233,24 @@ def run_soak(base: Settings, inp: Input, folder: Path, kills: int, seed: int, du
             if k == postgres_at:
                 fault_and_recover(env, base, "postgres", rng, verdict)
                 verdict.postgres_restarts += 1
-            if k == kills // 4:  # a second windowing process for part of the time: partitions move
-                second_windowing.append(env.start("windowing", instance="w2"))
-            if k == 3 * kills // 4 and second_windowing:
-                proc = second_windowing.pop()
-                env.stop(proc, signal.SIGKILL)
-                env.procs["windowing"].remove(proc)
+            with supervisor.lock:
+                if k == kills // 4:  # a second windowing process for part of the time: partitions move
+                    env.start("windowing", instance="w2")
+                if k == 3 * kills // 4:
+                    for proc in [p for p in env.procs["windowing"] if p.instance == "w2"]:  # type: ignore[attr-defined]
+                        env.procs["windowing"].remove(proc)
+                        env.stop(proc, signal.SIGKILL)
             victim = rng.choice(VICTIMS)
-            procs = [p for p in env.procs[victim] if p.poll() is None]
-            if not procs:
-                verdict.problems.append(f"no live {victim} process to kill: {env.log_tail(victim, 2000)}")
-                env.start(victim)
-                continue
-            proc = rng.choice(procs)
-            instance = "w2" if victim == "windowing" and proc in second_windowing else "0"
             waiting = victim in STAGES and has_input(env, victim)
             before = stage_progress(env, victim) if waiting else None
-            env.stop(proc, signal.SIGKILL)
-            env.procs[victim].remove(proc)
-            if proc in second_windowing:
-                second_windowing.remove(proc)
-            restarted = env.start(victim, instance=instance)
-            if instance == "w2":
-                second_windowing.append(restarted)
+            with supervisor.lock:
+                procs = [p for p in env.procs[victim] if p.poll() is None]
+                if not procs:  # ended by itself just now: the supervisor starts it on its next look
+                    continue
+                proc = rng.choice(procs)
+                env.procs[victim].remove(proc)
+                env.stop(proc, signal.SIGKILL)
+                env.start(victim, instance=proc.instance)  # type: ignore[attr-defined]
             verdict.kills[victim] += 1
             if before is not None:
                 took = wait_progress(env, victim, before, time.monotonic(), RECOVERY_LIMIT_S)
@@ -233,6 +274,7 @@ def run_soak(base: Settings, inp: Input, folder: Path, kills: int, seed: int, du
                         proc.send_signal(signal.SIGUSR1)
             time.sleep(2)
             verdict.problems.append(f"thread dumps of the live stages are in {env.log_dir}")
+        supervisor.stop()
         check(env, inp, reference, verdict)
         codes = env.stop_all()
         if any(c not in (0, -9) for cs in codes.values() for c in cs):
