@@ -96,7 +96,10 @@ class MetricSnapshot:
     Attributes:
         usage_kwh: usage so far, kWh (6 dp); ``as_of_day``: last local day with data (``None``: none).
         days_elapsed / period_days: days from the period start through ``as_of_day`` / days in the period.
-        daily: ``(day, kWh, variable cost)`` per elapsed day (cost: see the module docstring).
+        daily: ``(day, kWh, variable cost)`` per day from the period's first day with data through ``as_of_day``
+            (a day without data in between counts 0 kWh; cost: see the module docstring). Days before the first
+            data (a meter that started mid-period) are left out, and projections extrapolate over the days from
+            that first day to the period end.
         cost / fixed_cost: cost so far attributed to the metric and its fixed part, currency units.
         bands: TOU band → kWh so far (rating's line quantities); ``estimated_share``: share of the kWh from
             estimated or substituted reads (``None`` without usage).
@@ -182,20 +185,24 @@ def snapshots(ps: dict[str, Any], last_year: dict[str, Any] | None = None) -> li
             if ln["kind"] == "tou" and ln["band"]:
                 bands[ln["band"]] = bands.get(ln["band"], ZERO) + Decimal(ln["quantity"])
         with_data = [d for d in m["days"] if start.isoformat() <= d < end.isoformat()]
+        first = date.fromisoformat(min(with_data)) if with_data else start
         as_of = date.fromisoformat(max(with_data)) if with_data else None
-        daily = daily_series(m["days"], start, as_of) if as_of else []
+        daily = daily_series(m["days"], first, as_of) if as_of else []
+        measured_days = (end - first).days  # the part of the period from its first day with data
         usage = quantity(sum(daily, ZERO))
         exp = minor_unit_exponent(currency) if currency else Decimal("0.01")
         costs = allocate((cost - fixed).quantize(exp), [max(k, ZERO) for k in daily], exp) if daily else []
-        projections = [pj.daily_average(daily, period_days), pj.weighted_average(daily, period_days)]
-        yoy = pj.year_over_year(daily, period_days, _full_year_before(last_year, metric))
+        projections = [pj.daily_average(daily, measured_days), pj.weighted_average(daily, measured_days)]
+        yoy = pj.year_over_year(daily, measured_days,
+                                _full_year_before(last_year, metric)[(first - start).days:])
         if yoy is not None:
             projections.append(yoy)
         chosen = pj.best(projections) if daily else None
         projected = pj.projected_cost(fixed, cost - fixed, usage, chosen.usage if chosen else usage)
         out.append(MetricSnapshot(
-            ps["account"], metric, start, end, currency, usage, as_of, len(daily), period_days,
-            [(start + timedelta(i), k, c) for i, (k, c) in enumerate(zip(daily, costs, strict=True))],
+            ps["account"], metric, start, end, currency, usage, as_of, (as_of - start).days + 1 if as_of else 0,
+            period_days,
+            [(first + timedelta(i), k, c) for i, (k, c) in enumerate(zip(daily, costs, strict=True))],
             cost, fixed, bands,
             (Decimal(m["estimated"]) / usage).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP) if usage else None,
             projections if daily else [], projected.quantize(exp, rounding=ROUND_HALF_UP)))

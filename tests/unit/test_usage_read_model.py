@@ -140,6 +140,18 @@ def test_snapshot_is_usage_of_latest_revisions_and_cost_rating_computed() -> Non
     assert snap.fixed_cost == (Decimal("0.9375") * 31).quantize(CENT)  # supply, full January at once
     daily = [k for _, k, _ in snap.daily]
     assert snap.projections[:2] == [pj.daily_average(daily, 31), pj.weighted_average(daily, 31)]
+    assert snap.daily[0][0] == date(2006, 1, 1) and (snap.days_elapsed, snap.period_days) == (2, 31)
+
+
+def test_days_before_the_first_data_are_not_counted_as_zero_use() -> None:
+    s = Stages(budget=None)
+    s.feed(*day_windows(date(2006, 1, 11), "0.5"), *day_windows(date(2006, 1, 13), "0.5"))
+    snap = s.latest()["energy_import"]
+    assert [(d, k) for d, k, _ in snap.daily] == [(date(2006, 1, 11), Decimal(24)), (date(2006, 1, 12), Decimal(0)),
+                                                 (date(2006, 1, 13), Decimal(24))]
+    assert snap.days_elapsed == 13
+    assert snap.projections[0] == pj.daily_average([Decimal(24), Decimal(0), Decimal(24)], 21)  # Jan 11 .. 31
+    assert snap.projections[0].usage == Decimal("336.000000")  # 48 + 16 × 18
 
 
 def test_state_survives_its_changelog_encoding() -> None:
