@@ -47,6 +47,9 @@ def budget_set(account: Annotated[str, typer.Argument(help="account id")],
     except InvalidOperation:
         typer.echo(f"error: amount must be a positive decimal, got {amount!r}", err=True)
         raise typer.Exit(2) from None
+    if len(currency) != 3 or not currency.isalpha():
+        typer.echo(f"error: currency must be an ISO 4217 code, got {currency!r}", err=True)
+        raise typer.Exit(2)
     postgres.with_reconnect(get_settings().database_url, lambda c: set_budget(c, account, value, currency.upper()),
                             give_up_s=60)
     typer.echo(f"budget of {account}: {value} {currency.upper()} per billing period")

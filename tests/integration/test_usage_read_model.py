@@ -112,6 +112,10 @@ def test_snapshot_equals_the_file_and_a_budget_alerts_once_per_crossing(pipeline
     res = subprocess.run([sys.executable, "-m", "pipeline", "usage", "show", ACCOUNT, "--json"], env=env.env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and f'"cost": "{s.cost}"' in res.stdout, res.stderr
+    res = subprocess.run([sys.executable, "-m", "pipeline", "usage", "show", ACCOUNT], env=env.env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and f"cost so far: {s.cost} AUD" in res.stdout, res.stderr
+    assert f"projected DAILY_AVERAGE: {energy.projections[0].usage} kWh" in res.stdout
 
     # late data revises windows while the usage stage is down: the cost rises, no second alert
     assert env.stop(env.procs["usage"][-1], signal.SIGTERM) == 0, env.log_tail("usage")
@@ -149,3 +153,23 @@ def test_snapshot_equals_the_file_and_a_budget_alerts_once_per_crossing(pipeline
     assert len({a.alert_id for a in got}) == len(got)  # no alert published twice
     for kind in ("ACTUAL", "PROJECTED"):
         assert [a.crossing for a in got if a.kind == kind] == list(range(1, 1 + sum(a.kind == kind for a in got)))
+
+
+def test_an_older_snapshot_never_overwrites_a_newer_one(pipeline_env: Env) -> None:
+    from pipeline.runtime import postgres
+    from pipeline.usage.model import new_period, snapshots
+    from pipeline.usage.store import upsert_snapshots
+
+    env = pipeline_env
+    ps = new_period(ACCOUNT, PERIOD, date(2005, 4, 1))
+    ps["metrics"]["energy_import"] = {"days": {"2005-03-10": "5"}, "estimated": "0"}
+    older = snapshots(ps)[0]
+    ps["metrics"]["energy_import"]["days"]["2005-03-11"] = "7"
+    newer = snapshots(ps)[0]
+    with postgres.connect(env.settings.database_url) as conn:
+        assert upsert_snapshots(conn, [(2, newer)]) == 1
+        assert upsert_snapshots(conn, [(1, older)]) == 0  # a replayed older snapshot: nothing written
+        assert upsert_snapshots(conn, [(2, newer)]) == 1  # the same one again (a redone batch): rewritten
+    got = snapshot(env.settings, ACCOUNT, date(2005, 3, 31))
+    assert got is not None and got.seq == 2 and got.metric("energy_import").usage_kwh == Decimal("12.000000")
+    assert snapshot(env.settings, ACCOUNT, date(2005, 4, 1)) is None
