@@ -94,7 +94,8 @@ class MetricSnapshot:
     """The snapshot of one (account, metric, billing period) (seed 001 "Usage Snapshots").
 
     Attributes:
-        usage_kwh: usage so far, kWh (6 dp); ``as_of_day``: last local day with data (``None``: none).
+        usage_kwh: usage so far, kWh (6 dp) for energy metrics; a telemetry metric's own unit otherwise;
+            ``as_of_day``: last local day with data (``None``: none).
         days_elapsed / period_days: days from the period start through ``as_of_day`` / days in the period.
         daily: ``(day, kWh, variable cost)`` per day from the period's first day with data through ``as_of_day``
             (a day without data in between counts 0 kWh; cost: see the module docstring). Days before the first

@@ -186,3 +186,31 @@ def test_budget_alerts_once_per_crossing_across_revisions_and_a_restart() -> Non
     s.feed(*[window(w.window_start, "0.5", revision=3) for d in (2, 3) for w in day_windows(date(2006, 1, d), "0.5")])
     assert [(a.kind, a.crossing) for a in s.alerts()] == [("PROJECTED", 1), ("ACTUAL", 1), ("ACTUAL", 2)]
     assert len({a.alert_id for a in s.alerts()}) == 3
+
+
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 3), st.integers(0, 400)), min_size=1, max_size=60))
+def test_usage_is_the_latest_revision_of_each_window_whatever_the_order_and_repeats(
+        arrivals: list[tuple[int, int, int]]) -> None:
+    """Windows 0..9 (two days), revisions 0..3 arriving in any order, repeated: the usage per day is the sum of
+    each window's highest revision seen, never a sum of revisions (a revision's value depends only on it)."""
+    ctx, written = FakeContext(), []
+    proc = UsageProcessor(TOPICS, CODEC, lambda: REF, dict, written.extend)
+    starts = [datetime(2006, 1, 1, 13, tzinfo=UTC) + timedelta(hours=5 * i) for i in range(10)]
+    value = lambda w, rev: Decimal(w * 7 + rev * 100 + 1) / 8  # noqa: E731
+    latest: dict[int, int] = {}
+    for offset, (w, rev, _) in enumerate(arrivals):
+        rec = Incoming(TOPICS.usage_windows, 0, offset, ACC.encode(), CODEC.encode(window(starts[w], str(value(w, rev)),
+                                                                                             revision=rev)), (), 0)
+        proc.process(rec, ctx)
+        latest[w] = max(latest.get(w, -1), rev)
+        if offset % 7 == 0:
+            proc.punctuate(0, ctx)
+    proc.punctuate(0, ctx)
+    seq = max(s for s, _ in written)
+    snap = next(m for s, m in written if s == seq)
+    by_day: dict[date, Decimal] = {}
+    for w, rev in latest.items():
+        day = starts[w].astimezone(REF.accounts[ACC].tz).date()
+        by_day[day] = by_day.get(day, Decimal(0)) + value(w, rev)
+    assert {d: k for d, k, _ in snap.daily if k} == {d: k for d, k in by_day.items() if k}
+    assert snap.usage_kwh == sum(by_day.values(), Decimal(0)).quantize(Decimal("0.000001"))
