@@ -214,3 +214,17 @@ def test_usage_is_the_latest_revision_of_each_window_whatever_the_order_and_repe
         by_day[day] = by_day.get(day, Decimal(0)) + value(w, rev)
     assert {d: k for d, k, _ in snap.daily if k} == {d: k for d, k in by_day.items() if k}
     assert snap.usage_kwh == sum(by_day.values(), Decimal(0)).quantize(Decimal("0.000001"))
+
+
+def test_undecodable_input_is_dead_lettered_with_its_bytes() -> None:
+    from pipeline.records import DeadLetter
+
+    ctx, written = FakeContext(), []
+    proc = UsageProcessor(TOPICS, CODEC, lambda: REF, dict, written.extend)
+    proc.process(Incoming(TOPICS.charges_rated, 1, 5, b"ACC-1", b"not avro", (), 0), ctx)
+    proc.punctuate(0, ctx)
+    [(topic, key, value)] = ctx.forwarded
+    dead = CODEC.decode(value, DeadLetter)
+    assert (topic, key, dead.stage, dead.reason, dead.value, dead.offset) == (
+        TOPICS.dlq_ingest, b"ACC-1", "usage", "UNDECODABLE", b"not avro", 5)
+    assert ctx.counts == {("dead_letter", "UNDECODABLE"): 1} and written == []
