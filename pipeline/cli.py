@@ -18,6 +18,7 @@ import typer
 
 from pipeline.accounts.cli import accounts_app, meters_app, plans_app
 from pipeline.config import Settings, get_settings
+from pipeline.usage.cli import usage_app
 
 app = typer.Typer(help="Usage metering and billing pipeline on Kafka.", no_args_is_help=True)
 stack_app = typer.Typer(help="The local Kafka broker and PostgreSQL cluster.", no_args_is_help=True)
@@ -45,6 +46,7 @@ app.add_typer(replay_app, name="replay")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(meters_app, name="meters")
 app.add_typer(plans_app, name="plans")
+app.add_typer(usage_app, name="usage")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_NEM12 = REPO_ROOT / "tests" / "data" / "nem12"
@@ -392,7 +394,9 @@ def serve_operator(
 
 # --- stages -----------------------------------------------------------------------------------------
 @app.command("run")
-def run_stage(stage: Annotated[str, typer.Argument(help="ingest | windowing | rating | invoicing | relay")]) -> None:
+def run_stage(
+    stage: Annotated[str, typer.Argument(help="ingest | windowing | rating | invoicing | relay | usage")],
+) -> None:
     """Run one stage (or the outbox relay) in this process until SIGTERM/SIGINT (clean shutdown after
     committing)."""
     from pipeline.runtime.loop import StageRunner

@@ -387,3 +387,39 @@ class InvoiceEvent:
         if self.event_type not in ("LINE_APPENDED", "INVOICE_FINALIZED", "PAYMENT_APPLIED", "INVOICE_HELD"):
             raise ValueError(f"unknown event_type {self.event_type!r}")
         _require_utc("occurred_at", self.occurred_at)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageAlert:
+    """A budget crossing of one (account, billing period) (topic ``usage.alerts``, key = account), issue 17 /
+    seed 001 "Enable usage alerts and budget tracking". One record per crossing (``pipeline.usage.model.cross``).
+
+    Attributes:
+        alert_id: deterministic: sha256 of ``account|period start|kind|crossing`` (consumers dedupe on it).
+        period_start / period_end: the billing period, local dates, end exclusive.
+        kind: ``ACTUAL`` (cost so far reached the budget) or ``PROJECTED`` (the period's projected cost did).
+        crossing: 1 for the first crossing of this period and kind, n for the n-th (after n − 1 drops below).
+        currency / budget / amount: the budget and the cost that reached it, currency units (6 dp).
+        as_of_day: the last local day with usage data, or ``None``.
+        seq: the snapshot sequence (``usage_snapshots.seq``) of the change that crossed.
+    """
+
+    alert_id: str
+    account: str
+    period_start: date
+    period_end: date
+    kind: str
+    crossing: int
+    currency: str
+    budget: Decimal
+    amount: Decimal
+    as_of_day: date | None
+    seq: int
+
+    def __post_init__(self) -> None:
+        _require_decimal("budget", self.budget)
+        _require_decimal("amount", self.amount)
+        if self.kind not in ("ACTUAL", "PROJECTED"):
+            raise ValueError(f"kind must be ACTUAL or PROJECTED, got {self.kind!r}")
+        if self.crossing < 1:
+            raise ValueError("crossing must be >= 1")

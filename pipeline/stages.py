@@ -21,6 +21,8 @@ from pipeline.windowing import processor as windowing
 from pipeline.windowing.windows import WindowPolicy
 
 STAGES = ("ingest", "windowing", "rating", "invoicing")
+# read models: stages on the same runtime, off the money path, started on their own (`pipeline run usage`)
+READ_MODELS = ("usage",)
 # every long-running process of a deployment: the four stages and the outbox relay
 PROCESSES = (*STAGES, "relay")
 
@@ -67,7 +69,16 @@ def build_stage(name: str, settings: Settings) -> StageSpec:
                             review=review_policy(settings))
         proc = InvoicingProcessor(codec, store, topics.payments, settings.invoice_close_check_s)
         return StageSpec("invoicing", [topics.charges_rated, topics.payments], proc, external_sink=True)
-    raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    if name == "usage":
+        from pipeline.usage import processor as usage
+        from pipeline.usage.store import budget_loader, snapshot_writer
+
+        cache = ReferenceCache(postgres_loader(settings.database_url), settings.reference_refresh_s)
+        budgets = ReferenceCache(budget_loader(settings.database_url), settings.reference_refresh_s)  # type: ignore[arg-type]
+        enc, dec = usage.state_codec(codec)
+        proc = usage.UsageProcessor(topics, codec, cache.get, budgets.get, snapshot_writer(settings.database_url))
+        return StageSpec("usage", [topics.usage_windows, topics.charges_rated], proc, enc, dec)
+    raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES + READ_MODELS)}")
 
 
 def review_policy(settings: Settings) -> ReviewPolicy:

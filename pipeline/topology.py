@@ -5,6 +5,7 @@ SPEC §1 flow::
     meter.readings ─┐                      ┌─► usage.late
     telemetry.events┴► ingest ─► usage.events ─► windowing ─► usage.windows ─► rating ─► charges.rated ─► invoicing
                          └─► dlq.ingest                                        ▲ pricebooks
+                                        usage.windows + charges.rated ─► usage (read model) ─► usage.alerts
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Topics:
         self.pricebooks = f"{p}pricebooks"
         self.invoice_events = f"{p}invoice.events"
         self.payments = f"{p}payments"
+        self.usage_alerts = f"{p}usage.alerts"  # budget crossings of the usage read model (issue 17)
         self._prefix = p
         self._partitions = settings.partitions
 
@@ -76,9 +78,11 @@ class Topics:
             TopicSpec(self.dlq_ingest, n, keep_forever),
             TopicSpec(self.invoice_events, n, keep_forever),
             TopicSpec(self.payments, n, keep_forever),
+            TopicSpec(self.usage_alerts, n, keep_forever),
             # compacted: latest value per key is the truth
             TopicSpec(self.pricebooks, 1, compacted),
             TopicSpec(self.changelog("ingest"), n, compacted),  # duplicate detection (SPEC §2)
             TopicSpec(self.changelog("windowing"), n, compacted),
             TopicSpec(self.changelog("rating"), n, compacted),
+            TopicSpec(self.changelog("usage"), n, compacted),  # usage read model, budget crossing state
         ]
