@@ -62,6 +62,8 @@ def build_stage(name: str, settings: Settings) -> StageSpec:
         store = LedgerStore(settings.database_url, topics.group("invoicing"), codec,
                             timedelta(hours=settings.invoice_close_delay_hours), settings.invoice_clock,
                             settings.invoice_series, idle_close_s=settings.invoice_idle_close_s)
-        proc = InvoicingProcessor(codec, store, topics.payments, settings.invoice_close_check_s)
-        return StageSpec("invoicing", [topics.charges_rated, topics.payments], proc, external_sink=True)
+        proc = InvoicingProcessor(codec, store, topics.payments, settings.invoice_close_check_s,
+                                  topics.invoice_adjustments)
+        return StageSpec("invoicing", [topics.charges_rated, topics.payments, topics.invoice_adjustments], proc,
+                         external_sink=True)
     raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")

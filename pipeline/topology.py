@@ -46,6 +46,7 @@ class Topics:
         self.pricebooks = f"{p}pricebooks"
         self.invoice_events = f"{p}invoice.events"
         self.payments = f"{p}payments"
+        self.invoice_adjustments = f"{p}invoice.adjustments"  # Bill API commands (issue 17 part B)
         self._prefix = p
         self._partitions = settings.partitions
 
@@ -76,6 +77,7 @@ class Topics:
             TopicSpec(self.dlq_ingest, n, keep_forever),
             TopicSpec(self.invoice_events, n, keep_forever),
             TopicSpec(self.payments, n, keep_forever),
+            TopicSpec(self.invoice_adjustments, n, keep_forever),
             # compacted: latest value per key is the truth
             TopicSpec(self.pricebooks, 1, compacted),
             TopicSpec(self.changelog("ingest"), n, compacted),  # duplicate detection (SPEC §2)
