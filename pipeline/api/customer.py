@@ -234,7 +234,7 @@ def create_app(settings: Settings, producer: Producer, codec: Codec, database_ur
         raise BillApiError(503, "unavailable", f"Kafka did not take the request: {last}",
                            {"adjustment_id": adj.adjustment_id})
 
-    def wait_until(check: Callable[[Any], bool], what: dict[str, Any]) -> None:
+    def wait_until(check: Callable[[Any], Any], what: dict[str, Any]) -> None:
         deadline = time.monotonic() + wait_s
         while not run(check):
             if time.monotonic() >= deadline:
@@ -328,7 +328,16 @@ def create_app(settings: Settings, producer: Producer, codec: Codec, database_ur
             adj = InvoiceAdjustment(line_id, "LINE", bill_id, head.account, cur, amount, body.reason, who.name, key,
                                     datetime.now(UTC).replace(microsecond=0))
             produce(adj)
-            wait_until(lambda c: store.line_present(c, line_id), {"line_id": line_id, "bill_id": bill_id})
+
+            def landed(c: Any) -> bool | str:  # the line, or the bill closed before the line's record
+                if store.line_present(c, line_id):
+                    return True
+                return (store.bill_head(c, bill_id) or head).status != "OPEN" and "closed"
+
+            wait_until(landed, {"line_id": line_id, "bill_id": bill_id})
+            if not run(lambda c: store.line_present(c, line_id)):  # dead-lettered (BILL_CLOSED) by invoicing
+                raise BillApiError(409, "failed_precondition", f"bill {bill_id} was closed before this line",
+                                   {"bill_id": bill_id, "line_id": line_id})
             return 201, {"line_id": line_id, "bill_id": bill_id, "type": body.type, "amount": str(amount),
                          "currency": cur, "reason": body.reason, "requested_by": who.name, "idempotency_key": key}
 

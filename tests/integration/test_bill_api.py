@@ -137,6 +137,7 @@ def test_keys_reach_only_their_account_and_errors_are_structured(client: TestCli
 def test_manual_lines_exactly_once_bill_round_trip_and_cross_currency(pipeline_env: Env) -> None:
     env = pipeline_env
     stage = env.start("invoicing")
+    env.start("relay")
     env.wait_started(stage, "invoicing")
     producer = LostAckProducer(IdempotentProducer(env.settings.kafka_bootstrap))
     client = make_client(env, producer)
@@ -258,6 +259,8 @@ def test_manual_lines_exactly_once_bill_round_trip_and_cross_currency(pipeline_e
         "SELECT payload FROM outbox WHERE event_type = 'LINE_APPENDED' ORDER BY seq")]
     assert [(e.line_id, e.line_kind, e.amount) for e in line_events[:2]] == [
         (line_id, "MANUAL", Decimal("12.50")), (manual_line_id("alice", "line-2"), "MANUAL", Decimal("-2.25"))]
+    events = env.assert_invoice_events()  # the relay published every change once, MANUAL lines included
+    assert sum(1 for e in events if e.line_kind == "MANUAL") == 5
     assert stage.poll() is None
 
 
