@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -268,9 +269,43 @@ def test_manual_lines_exactly_once_bill_round_trip_and_cross_currency(pipeline_e
         "SELECT payload FROM outbox WHERE event_type = 'LINE_APPENDED' ORDER BY seq")]
     assert [(e.line_id, e.line_kind, e.amount) for e in line_events[:2]] == [
         (line_id, "MANUAL", Decimal("12.50")), (manual_line_id("alice", "line-2"), "MANUAL", Decimal("-2.25"))]
+    env.assert_invoice_structure()  # gap-free numbers, frozen statements = lines and payments, balance chain
     events = env.assert_invoice_events()  # the relay published every change once, MANUAL lines included
     assert sum(1 for e in events if e.line_kind == "MANUAL") == 5
     assert stage.poll() is None
+
+
+def test_invoicing_killed_mid_stream_appends_every_manual_line_once(pipeline_env: Env) -> None:
+    """SPEC §6.2 for the new input: records on invoice.adjustments (each sent twice) with the invoicing stage
+    SIGKILLed while applying them and restarted: every line is in the ledger once, with its exact amount."""
+    env = pipeline_env
+    client = make_client(env, IdempotentProducer(env.settings.kafka_bootstrap))
+    bills = [client.post("/v1/bills", json={"account": f"ACC-100{i}", "currency": "AUD", **DEC_2025},
+                         headers=OP).json()["bill_id"] for i in (1, 2, 3)]
+    at = datetime(2025, 12, 5, tzinfo=UTC)
+    adjs = [InvoiceAdjustment(manual_line_id("alice", f"k{n}"), "LINE", bills[n % 3], f"ACC-100{n % 3 + 1}", "AUD",
+                              Decimal(n + 1) / 100, f"r{n}", "alice", f"k{n}", at) for n in range(300)]
+    producer = env.producer()
+    producer.send_and_wait([_out(env, a) for a in adjs[:150]])
+    stage = env.start("invoicing")
+    deadline = time.monotonic() + 120
+    while env.line_count() == 0:  # kill it once it has applied some
+        env.check_alive()
+        assert time.monotonic() < deadline, env.log_tail("invoicing")
+        time.sleep(0.05)
+    env.stop(stage, sig=9)
+    producer.send_and_wait([_out(env, a) for a in adjs + adjs[:150]])  # every record again, and the rest
+    env.start("invoicing", instance="1")
+    deadline = time.monotonic() + 180
+    while env.line_count() < 300:
+        env.check_alive()
+        assert time.monotonic() < deadline, env.log_tail("invoicing")
+        time.sleep(0.3)
+    assert env.wait_quiet(min_wait_s=2, quiet_s=3) == 300
+    assert env.sql("SELECT count(*), sum(amount), count(DISTINCT line_id) FROM invoice_lines") == [
+        (300, sum(Decimal(n + 1) / 100 for n in range(300)), 300)]  # 451.50
+    assert env.sql("SELECT count(*) FROM outbox") == [(300,)]
+    assert env.sql("SELECT count(*) FROM dead_letters") == [(0,)]
 
 
 def _out(env: Env, adj: InvoiceAdjustment) -> Any:
