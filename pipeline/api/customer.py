@@ -54,7 +54,8 @@ from pipeline.api import idempotency
 from pipeline.api.errors import BillApiError, ErrorBody, from_http, from_validation
 from pipeline.codec import Codec
 from pipeline.config import Settings
-from pipeline.invoicing.bills import bill_id_of, manual_line_id
+from pipeline.invoicing.bills import bill_id_of, bill_invoice_id, manual_line_id
+from pipeline.invoicing.report import format_invoice, invoice_summaries
 from pipeline.money import MINOR_UNITS, round_money
 from pipeline.records import InvoiceAdjustment
 
@@ -78,9 +79,11 @@ class Principal:
     account: str | None = None
 
     def may_read(self, account: str) -> bool:
+        """Operator and viewer keys read every account; a customer key its own."""
         return self.role != "customer" or self.account == account
 
     def may_write(self, account: str) -> bool:
+        """Operator keys write everywhere, customer keys on their own account, viewer keys nowhere."""
         return self.role == "operator" or (self.role == "customer" and self.account == account)
 
 
@@ -247,6 +250,8 @@ def create_app(settings: Settings, producer: Producer, codec: Codec, database_ur
         if head is None:
             raise BillApiError(404, "not_found", f"bill {bill_id} does not exist", {"bill_id": bill_id})
         st = store.bill_statement(conn, head)
+        summary = [s for s in invoice_summaries(conn, head.account, head.period_start)
+                   if s.invoice_id == bill_invoice_id(bill_id)]
         cur = head.currency.strip()
         lines = store.bill_lines(conn, bill_id)
         return {
@@ -259,6 +264,7 @@ def create_app(settings: Settings, producer: Producer, codec: Codec, database_ur
                           "charges_total": str(round_money(st.charges_total, cur)),
                           "payments_total": str(round_money(st.payments_total, cur)),
                           "amount_due": str(round_money(st.amount_due, cur))},
+            "text": format_invoice(summary[0]) if summary else None,  # as `pipeline invoice show` prints it
         }
 
     def readable_bill(who: Principal, bill_id: str, write: bool = False) -> store.BillHead:

@@ -196,6 +196,9 @@ def test_manual_lines_exactly_once_bill_round_trip_and_cross_currency(pipeline_e
     assert (closed["status"], closed["invoice_number"], closed["bill_date"], closed["due_date"]) == (
         "FINALIZED", "INV-2026-000001", "2026-01-01", "2026-01-15")
     assert closed["statement"] == got["statement"] and closed["lines"] == got["lines"]
+    assert "Invoice INV-2026-000001  [FINALIZED]" in closed["text"]
+    assert "manual charges and credits (3 lines)" in closed["text"] and "AMOUNT DUE" in closed["text"]
+    assert closed["text"].count("10.35 AUD") == 3  # the manual lines' net, charges this period, amount due
     assert client.post(f"/v1/bills/{bill}/close", headers={**OP, "Idempotency-Key": "close-1"}).json() == closed
     assert error(client.post(f"/v1/bills/{bill}/close", headers=OP)) == (409, "failed_precondition")
     assert error(client.post(f"/v1/bills/{bill}/line-items", json=charge, headers=OP)) == (409, "failed_precondition")
