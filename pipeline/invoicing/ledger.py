@@ -7,7 +7,9 @@ Pure rules live in ``pipeline.invoicing.lifecycle``; this module runs them insid
   OPEN invoice, or as a prior-period adjustment on the account's next open invoice when its own
   is FINALIZED), records new payments, dead letters, the consumed offsets, each account's billing
   clock, and an outbox event for every line appended and payment applied. Line and payment ids are unique,
-  so a re-delivered record inserts nothing and announces nothing.
+  so a re-delivered record inserts nothing and announces nothing. The Bill API's records
+  (``invoice.adjustments``: manual lines on ad-hoc bills, bill closes) are applied in the same
+  transaction (``pipeline.invoicing.bills``); ad-hoc bills are never closed by the billing clock.
 - ``LedgerStore.finalize_due``: ONE transaction finalizes every OPEN invoice whose close time has
   passed the billing clock, in close order: gap-free number from its series, bill and due dates,
   frozen statement (previous balance + charges − payments = amount due), outbox event.

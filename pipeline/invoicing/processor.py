@@ -1,4 +1,5 @@
-"""The invoicing stage: rated delta lines and payments → the append-only Postgres ledger (SPEC §5).
+"""The invoicing stage: rated delta lines, payments and the Bill API's manual lines and bill closes
+(``invoice.adjustments``) → the append-only Postgres ledger (SPEC §5).
 
 An ``ExternalSink``: the runtime hands it each batch's offsets, and it writes the batch's lines,
 payments, their outbox events and those offsets in one Postgres transaction; on assignment it
