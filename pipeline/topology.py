@@ -5,6 +5,7 @@ SPEC §1 flow::
     meter.readings ─┐                      ┌─► usage.late
     telemetry.events┴► ingest ─► usage.events ─► windowing ─► usage.windows ─► rating ─► charges.rated ─► invoicing
                          └─► dlq.ingest                                        ▲ pricebooks
+    payments, invoice.adjustments (Bill API: manual lines, bill closes) ─► invoicing ─► outbox ─► invoice.events
 """
 
 from __future__ import annotations
