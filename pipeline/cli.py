@@ -28,7 +28,8 @@ load_app = typer.Typer(help="Load data.", no_args_is_help=True)
 publish_app = typer.Typer(help="Meter gateways: publish readings.", no_args_is_help=True)
 invoice_app = typer.Typer(help="Invoices in the ledger.", no_args_is_help=True)
 pricebook_app = typer.Typer(help="Immutable, versioned price books.", no_args_is_help=True)
-serve_app = typer.Typer(help="Servers: HTTP ingestion for gateways that do not speak Kafka; the operator API.",
+serve_app = typer.Typer(help="Servers: HTTP ingestion for gateways that do not speak Kafka; the operator API; the "
+                        "Bill API.",
                         no_args_is_help=True)
 late_app = typer.Typer(help="Readings refused by a billing rule (topic usage.late).", no_args_is_help=True)
 replay_app = typer.Typer(help="Rebuild a generation of the pipeline from the input topics and compare ledgers.",
@@ -41,6 +42,10 @@ app.add_typer(publish_app, name="publish")
 app.add_typer(invoice_app, name="invoice")
 app.add_typer(pricebook_app, name="pricebook")
 app.add_typer(serve_app, name="serve")
+keys_app = typer.Typer(help="Customer API keys of the Bill API (stored hashed).", no_args_is_help=True)
+rates_app = typer.Typer(help="Exchange rates (ECB reference rates) for cross-currency totals.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(rates_app, name="rates")
 app.add_typer(late_app, name="late")
 app.add_typer(replay_app, name="replay")
 app.add_typer(accounts_app, name="accounts")
@@ -390,6 +395,70 @@ def serve_operator(
     _logging(os.environ.get("PIPELINE_LOG_LEVEL", "INFO"))
     uvicorn.run(create_app(settings), host=host or settings.operator_http_host,
                 port=settings.operator_http_port if port is None else port, log_level="info")
+
+
+@serve_app.command("customer")
+def serve_customer(
+    host: Annotated[str | None, typer.Option(help="bind address; default PIPELINE_CUSTOMER_HTTP_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="port; default PIPELINE_CUSTOMER_HTTP_PORT")] = None,
+) -> None:
+    """The Bill API (FastAPI + uvicorn, issue 17 part B): ad-hoc bills, manual charges and credits through
+    invoice.adjustments into the ledger (exactly once), balances across currencies. Customer keys from
+    `pipeline keys create`, operator keys from PIPELINE_OPERATOR_API_KEYS; OpenAPI at /openapi.json, Swagger UI
+    at /docs. Needs the invoicing stage running to apply writes."""
+    import uvicorn
+
+    from pipeline.api.customer import create_app
+    from pipeline.codec import default_codec
+    from pipeline.runtime.kafka import IdempotentProducer
+
+    settings = get_settings()
+    _logging(os.environ.get("PIPELINE_LOG_LEVEL", "INFO"))
+    producer = IdempotentProducer(settings.kafka_bootstrap, linger_ms=2)
+    uvicorn.run(create_app(settings, producer, default_codec()), host=host or settings.customer_http_host,
+                port=settings.customer_http_port if port is None else port, log_level="info")
+    producer.flush(30)
+
+
+@keys_app.command("create")
+def keys_create(
+    account: Annotated[str, typer.Argument(help="the account the key reaches (and nothing else)")],
+    name: Annotated[str, typer.Option(help="a label for the key")] = "",
+) -> None:
+    """Create a customer API key for ACCOUNT and print it ONCE (only its SHA-256 is stored)."""
+    from pipeline.api.billstore import create_customer_key
+    from pipeline.runtime import postgres
+
+    try:
+        key_id, key = postgres.with_reconnect(get_settings().database_url, lambda c: create_customer_key(
+            c, account, name, f"cli:{getpass.getuser()}"), give_up_s=30.0)
+    except LookupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"key {key_id} for {account} (shown once, keep it):\n{key}")
+
+
+@rates_app.command("load")
+def rates_load(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="ECB eurofxref.csv / eurofxref-hist.csv")],
+    source: Annotated[str, typer.Option(help="recorded with each rate")] = "ECB",
+) -> None:
+    """Load an ECB reference-rate CSV (1 EUR = rate units of each currency, per day) into exchange_rates;
+    rates already loaded for the same source and day are kept as they were."""
+    from pipeline.api.billstore import load_rates
+    from pipeline.fx import RateError, parse_ecb_csv
+    from pipeline.runtime import postgres
+
+    try:
+        rates = parse_ecb_csv(file.read_text(encoding="utf-8"), source)
+    except (RateError, UnicodeDecodeError) as exc:
+        typer.echo(f"error: {file}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    n = postgres.with_reconnect(get_settings().database_url, lambda c: load_rates(
+        c, rates, f"cli:{getpass.getuser()}"), give_up_s=30.0)
+    days = sorted({r.rate_date for r in rates})
+    span = f"{days[0]} … {days[-1]}" if days else "no days"
+    typer.echo(f"{len(rates)} rates ({span}) from {source}: {n} new")
 
 
 # --- stages -----------------------------------------------------------------------------------------

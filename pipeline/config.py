@@ -159,6 +159,13 @@ class Settings(BaseSettings):
         '"operator"}, {"name": "dash", "key": "…", "role": "viewer"}]; separate from PIPELINE_API_KEYS',
     )
 
+    # --- Bill API: `pipeline serve customer` (issue 17 part B) --------------------------------
+    customer_http_host: str = Field("127.0.0.1", description="address the Bill API binds")
+    customer_http_port: int = Field(8082, ge=0, le=65535, description="port of the Bill API")
+    customer_ledger_wait_s: float = Field(
+        30.0, gt=0, description="how long a Bill API write waits for the invoicing stage to apply it before "
+        "answering 504 (the request stays safe to retry with the same Idempotency-Key)")
+
     # --- invoicing (SPEC §5) ----------------------------------------------------------------
     invoice_close_delay_hours: float = Field(
         72.0, ge=0, description="an invoice closes at its period end (account time zone) + this, then is finalized"

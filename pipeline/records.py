@@ -423,3 +423,44 @@ class UsageAlert:
             raise ValueError(f"kind must be ACTUAL or PROJECTED, got {self.kind!r}")
         if self.crossing < 1:
             raise ValueError("crossing must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceAdjustment:
+    """A Bill API command for the invoicing stage (topic ``invoice.adjustments``, key = account), issue 17
+    part B: ``LINE`` appends one manual line (a charge, ``amount`` > 0, or a credit, < 0) to an ad-hoc bill;
+    ``CLOSE`` finalizes the bill after every line produced before it (one partition per account keeps the
+    order).
+
+    Attributes:
+        adjustment_id: the ledger line id (``LINE``) or ``close:<bill id>`` (``CLOSE``), derived from the
+            caller and its Idempotency-Key: a repeated record changes nothing.
+        kind: ``LINE`` | ``CLOSE``.
+        bill_id / account / currency: the bill, its account and its currency (ISO 4217).
+        amount: major units of ``currency`` with no more decimals than its minor unit; 0 for ``CLOSE``.
+        reason: why the line was added (free text, shown on the bill).
+        requested_by: who asked: an operator key's name or ``customer:<key id>``.
+        idempotency_key: the caller's Idempotency-Key header.
+        requested_at: when the API accepted the request (UTC).
+    """
+
+    adjustment_id: str
+    kind: str
+    bill_id: str
+    account: str
+    currency: str
+    amount: Decimal
+    reason: str
+    requested_by: str
+    idempotency_key: str
+    requested_at: datetime
+
+    def __post_init__(self) -> None:
+        _require_decimal("amount", self.amount)
+        _require_utc("requested_at", self.requested_at)
+        if self.kind not in ("LINE", "CLOSE"):
+            raise ValueError(f"kind must be LINE or CLOSE, got {self.kind!r}")
+        if self.kind == "LINE" and self.amount == 0:
+            raise ValueError("a manual line must have a non-zero amount")
+        if not self.adjustment_id or not self.bill_id or not self.account:
+            raise ValueError("adjustment_id, bill_id and account must not be empty")

@@ -67,8 +67,10 @@ def build_stage(name: str, settings: Settings) -> StageSpec:
                             timedelta(hours=settings.invoice_close_delay_hours), settings.invoice_clock,
                             settings.invoice_series, idle_close_s=settings.invoice_idle_close_s,
                             review=review_policy(settings))
-        proc = InvoicingProcessor(codec, store, topics.payments, settings.invoice_close_check_s)
-        return StageSpec("invoicing", [topics.charges_rated, topics.payments], proc, external_sink=True)
+        proc = InvoicingProcessor(codec, store, topics.payments, settings.invoice_close_check_s,
+                                  topics.invoice_adjustments)
+        return StageSpec("invoicing", [topics.charges_rated, topics.payments, topics.invoice_adjustments], proc,
+                         external_sink=True)
     if name == "usage":
         from pipeline.usage import processor as usage
         from pipeline.usage.store import budget_loader, snapshot_writer

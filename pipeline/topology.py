@@ -6,6 +6,7 @@ SPEC §1 flow::
     telemetry.events┴► ingest ─► usage.events ─► windowing ─► usage.windows ─► rating ─► charges.rated ─► invoicing
                          └─► dlq.ingest                                        ▲ pricebooks
                                         usage.windows + charges.rated ─► usage (read model) ─► usage.alerts
+    payments, invoice.adjustments (Bill API: manual lines, bill closes) ─► invoicing ─► outbox ─► invoice.events
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Topics:
         self.invoice_events = f"{p}invoice.events"
         self.payments = f"{p}payments"
         self.usage_alerts = f"{p}usage.alerts"  # budget crossings of the usage read model (issue 17)
+        self.invoice_adjustments = f"{p}invoice.adjustments"  # Bill API commands (issue 17 part B)
         self._prefix = p
         self._partitions = settings.partitions
 
@@ -79,6 +81,7 @@ class Topics:
             TopicSpec(self.invoice_events, n, keep_forever),
             TopicSpec(self.payments, n, keep_forever),
             TopicSpec(self.usage_alerts, n, keep_forever),
+            TopicSpec(self.invoice_adjustments, n, keep_forever),
             # compacted: latest value per key is the truth
             TopicSpec(self.pricebooks, 1, compacted),
             TopicSpec(self.changelog("ingest"), n, compacted),  # duplicate detection (SPEC §2)

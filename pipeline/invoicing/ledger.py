@@ -7,7 +7,9 @@ Pure rules live in ``pipeline.invoicing.lifecycle``; this module runs them insid
   OPEN invoice, or as a prior-period adjustment on the account's next open invoice when its own
   is FINALIZED), records new payments, dead letters, the consumed offsets, each account's billing
   clock, and an outbox event for every line appended and payment applied. Line and payment ids are unique,
-  so a re-delivered record inserts nothing and announces nothing.
+  so a re-delivered record inserts nothing and announces nothing. The Bill API's records
+  (``invoice.adjustments``: manual lines on ad-hoc bills, bill closes) are applied in the same
+  transaction (``pipeline.invoicing.bills``); ad-hoc bills are never closed by the billing clock.
 - ``LedgerStore.finalize_due``: ONE transaction finalizes every OPEN invoice whose close time has
   passed the billing clock, in close order: gap-free number from its series, bill and due dates,
   frozen statement (previous balance + charges − payments = amount due), outbox event.
@@ -22,6 +24,7 @@ from decimal import Decimal
 from typing import Any
 
 from pipeline.codec import Codec
+from pipeline.invoicing import bills
 from pipeline.invoicing import lifecycle as lc
 from pipeline.invoicing import validation as val
 from pipeline.records import InvoiceEvent, Payment, RatedCharge
@@ -67,6 +70,8 @@ class CommitResult:
     payments: int
     clock_advanced: bool
     appended: frozenset[str] = frozenset()  # ids of the lines appended
+    manual: int = 0  # manual lines appended to ad-hoc bills (issue 17 part B)
+    bills_closed: tuple[str, ...] = ()  # numbers of the ad-hoc bills finalized
 
 
 INSERT_INVOICE = """
@@ -109,7 +114,7 @@ CLOSE_AT = ("LEAST(i.close_at, (s.service_end::timestamp AT TIME ZONE a.timezone
             "+ make_interval(secs => %s::float8))")
 NEXT_OPEN = """
 SELECT invoice_id FROM invoices
-WHERE account = %s AND currency = %s AND status IN ('OPEN', 'REVIEW') AND period_start > %s
+WHERE account = %s AND currency = %s AND status IN ('OPEN', 'REVIEW') AND period_start > %s AND bill_id IS NULL
 ORDER BY period_start LIMIT 1 FOR UPDATE"""
 # the own CHARGE lines of an invoice in rating's emission order (an account's charges come through one partition)
 REVIEW_LINES = """
@@ -183,11 +188,14 @@ class LedgerStore:
 
     # --- the batch transaction ---------------------------------------------------------------
     def commit(self, lines: list[PendingLine], dead: list[tuple[Any, ...]], offsets: dict[tuple[str, int], int],
-               payments: list[PendingPayment] | None = None) -> CommitResult:
-        """Append ``lines``, record ``payments`` and ``dead`` letters, store ``offsets`` and advance the
-        billing clock, all in one transaction, with an outbox event per line appended and payment
-        recorded. Replayed lines and payments (known ids) change nothing."""
+               payments: list[PendingPayment] | None = None,
+               adjustments: list[bills.PendingAdjustment] | None = None) -> CommitResult:
+        """Append ``lines``, record ``payments`` and ``dead`` letters, apply the Bill API's ``adjustments``
+        (manual lines, bill closes: ``_apply_adjustments``), store ``offsets`` and advance the billing clock,
+        all in one transaction, with an outbox event per line appended and payment recorded. Replayed lines,
+        payments and adjustments (known ids) change nothing."""
         payments = payments or []
+        commands = adjustments or []
 
         def work(conn: Any) -> CommitResult:
             now = datetime.now(UTC)
@@ -202,15 +210,56 @@ class LedgerStore:
                         for p in new_lines:
                             copy.write_row(self._outbox(lc.line_event(p.charge, placements[p.charge.line_id], now)))
                 recorded = self._record_payments(cur, payments, now)
-                if dead:
-                    cur.executemany(INSERT_DEAD, dead)
+                manual, closed, refused = self._apply_adjustments(cur, commands, now)
+                if dead or refused:
+                    cur.executemany(INSERT_DEAD, [*dead, *refused])
                 cur.executemany(UPSERT_OFFSET, [(self.group, t, p, o) for (t, p), o in sorted(offsets.items())])
                 advanced = self._advance_clocks(cur, lines, {p.charge.account for p in new_lines})
             adjustments = sum(1 for p in placements.values() if p.line_kind == "ADJUSTMENT")
             return CommitResult(len(new_lines), adjustments, recorded, advanced,
-                                frozenset(p.charge.line_id for p in new_lines))
+                                frozenset(p.charge.line_id for p in new_lines), manual, tuple(closed))
 
         return self._run(work)
+
+    def _apply_adjustments(self, cur: Any, pending: list[bills.PendingAdjustment], now: datetime
+                           ) -> tuple[int, list[str], list[tuple[Any, ...]]]:
+        """Apply the Bill API's records in offset order (``pipeline.invoicing.bills``): append each new
+        manual line (known ids change nothing) with its outbox event, finalize each bill closed. Returns
+        (lines appended, numbers of the bills finalized, dead letters of the records refused)."""
+        if not pending:
+            return 0, [], []
+        if any(p.adjustment.kind == "CLOSE" for p in pending):  # keep each balance chain in finalization order
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (FINALIZE_LOCK,))
+        ids = sorted({p.adjustment.bill_id for p in pending})
+        rows = {r[0]: bills.BillRow(*r[1:]) for r in cur.execute(
+            "SELECT bill_id, invoice_id, account, currency, status, period_start, period_end FROM invoices "
+            "WHERE bill_id = ANY(%s) ORDER BY invoice_id FOR UPDATE", (ids,))}
+        known = {r[0] for r in cur.execute("SELECT line_id FROM invoice_lines WHERE line_id = ANY(%s)",
+                                           ([p.adjustment.adjustment_id for p in pending],))}
+        appended, numbers, refused = 0, [], []
+        closing: set[str] = set()
+        for p in pending:
+            a, bill = p.adjustment, rows.get(p.adjustment.bill_id)
+            if a.kind == "LINE" and a.adjustment_id in known:
+                continue  # a repeat: the line is in the ledger already
+            problem = bills.check(a, bill, a.bill_id in closing)
+            if problem is not None:
+                refused.append(("invoicing", problem[0], problem[1], p.topic, p.partition, p.offset,
+                                a.account.encode(), self.codec.encode(a)))
+                continue
+            assert bill is not None
+            if a.kind == "LINE":
+                with cur.copy(COPY_LINES) as copy:
+                    copy.write_row(bills.line_row(p, bill))
+                cur.execute(INSERT_OUTBOX, self._outbox(bills.line_event(p, bill, now)))
+                known.add(a.adjustment_id)
+                appended += 1
+            elif bill.status == "OPEN" and a.bill_id not in closing:
+                accounts = self._accounts(cur, {bill.account})
+                numbers.append(self._finalize(cur, bill.invoice_id, bill.account, bill.currency,
+                                              (bill.period_start, bill.period_end), accounts.get(bill.account)))
+                closing.add(a.bill_id)
+        return appended, numbers, refused
 
     def _advance_clocks(self, cur: Any, lines: list[PendingLine], fresh: set[str]) -> bool:
         """Move each account's billing clock to the highest watermark of its charges in ``lines`` and
@@ -290,7 +339,8 @@ class LedgerStore:
             row = cur.execute(NEXT_OPEN, (account, currency, start)).fetchone()
             if row is None:
                 latest = cur.execute(
-                    "SELECT max(period_end) FROM invoices WHERE account = %s AND currency = %s", (account, currency)
+                    "SELECT max(period_end) FROM invoices WHERE account = %s AND currency = %s AND bill_id IS NULL",
+                    (account, currency)
                 ).fetchone()[0]
                 if account in accounts:
                     _tz, cycle, anchor, _net = accounts[account]
@@ -361,7 +411,7 @@ class LedgerStore:
             if self.clock_mode == "wall":
                 due = conn.execute(
                     f"{cols} FROM invoices i "
-                    f"{FINAL_CLOSE_JOIN} WHERE i.status = 'OPEN' AND {CLOSE_AT} <= now() "
+                    f"{FINAL_CLOSE_JOIN} WHERE i.status = 'OPEN' AND i.bill_id IS NULL AND {CLOSE_AT} <= now() "
                     "ORDER BY i.close_at, i.account, i.period_start, i.currency "
                     "LIMIT %s FOR UPDATE OF i SKIP LOCKED", (delay_s, limit)).fetchall()
             else:  # the account's own clock; or, quiet past the close time by the wall clock
@@ -369,7 +419,8 @@ class LedgerStore:
                     f"{cols} FROM invoices i "
                     f"JOIN account_clock c ON c.consumer_group = %s AND c.account = i.account {FINAL_CLOSE_JOIN} "
                     f"CROSS JOIN LATERAL (SELECT {CLOSE_AT} AS close_at) e "
-                    "WHERE i.status = 'OPEN' AND (e.close_at <= c.clock OR (%s::float8 IS NOT NULL "
+                    "WHERE i.status = 'OPEN' AND i.bill_id IS NULL "
+                    "AND (e.close_at <= c.clock OR (%s::float8 IS NOT NULL "
                     "AND e.close_at <= now() AND c.last_line_at <= now() - make_interval(secs => %s::float8))) "
                     "ORDER BY i.close_at, i.account, i.period_start, i.currency "
                     "LIMIT %s FOR UPDATE OF i SKIP LOCKED",
@@ -388,7 +439,7 @@ class LedgerStore:
                 for invoice_id, account, currency, p0, p1, _close_at, status in rows:
                     if (account, currency) in held_back or cur.execute(
                         "SELECT 1 FROM invoices WHERE account = %s AND currency = %s AND status IN ('OPEN', 'REVIEW') "
-                        "AND period_start < %s LIMIT 1", (account, currency, p0)).fetchone():
+                        "AND bill_id IS NULL AND period_start < %s LIMIT 1", (account, currency, p0)).fetchone():
                         held_back.add((account, currency))  # an earlier invoice is still open: keep the order
                         continue
                     facts = self._facts(cur, invoice_id, account, currency)

@@ -1,4 +1,5 @@
-"""The invoicing stage: rated delta lines and payments → the append-only Postgres ledger (SPEC §5).
+"""The invoicing stage: rated delta lines, payments and the Bill API's manual lines and bill closes
+(``invoice.adjustments``) → the append-only Postgres ledger (SPEC §5).
 
 An ``ExternalSink``: the runtime hands it each batch's offsets, and it writes the batch's lines,
 payments, their outbox events and those offsets in one Postgres transaction; on assignment it
@@ -15,8 +16,9 @@ import time
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.codec import Codec, DecodeError
+from pipeline.invoicing.bills import PendingAdjustment
 from pipeline.invoicing.ledger import LedgerStore, PendingLine, PendingPayment
-from pipeline.records import Payment, RatedCharge
+from pipeline.records import InvoiceAdjustment, Payment, RatedCharge
 from pipeline.runtime import timing
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import Context, ProcessorBase
@@ -24,6 +26,7 @@ from pipeline.runtime.processor import Context, ProcessorBase
 LINES = Counter("pipeline_ledger_lines_total", "ledger lines by outcome", ["outcome"])
 PAYMENTS = Counter("pipeline_ledger_payments_total", "payments by outcome", ["outcome"])
 FINALIZED = Counter("pipeline_invoices_finalized_total", "invoices finalized")
+MANUAL = Counter("pipeline_ledger_manual_lines_total", "Bill API records (invoice.adjustments) by outcome", ["outcome"])
 INVOICES = Gauge("pipeline_invoices", "invoices in the ledger by status (OPEN, REVIEW, FINALIZED)", ["status"])
 OVERDUE = Gauge("pipeline_invoices_overdue", "OPEN invoices whose close time passed more than an hour ago (wall "
                 "clock): finalization may be stuck")
@@ -43,16 +46,20 @@ class InvoicingProcessor(ProcessorBase):
         codec: decodes ``RatedCharge`` (topic ``charges.rated``) and ``Payment`` (``payments_topic``).
         store: the ledger.
         payments_topic: full name of the payments topic.
+        adjustments_topic: full name of the Bill API's ``invoice.adjustments`` topic (``InvoiceAdjustment``:
+            manual lines and bill closes, ``pipeline.invoicing.bills``); ``None``: not read.
         close_check_s: how often (seconds) to look for invoices to finalize when nothing else
             triggers it.
     """
 
     def __init__(self, codec: Codec, store: LedgerStore, payments_topic: str = "payments",
-                 close_check_s: float = 5.0) -> None:
+                 close_check_s: float = 5.0, adjustments_topic: str | None = None) -> None:
         self.codec = codec
         self.store = store
         self.payments_topic = payments_topic
         self.close_check_s = close_check_s
+        self.adjustments_topic = adjustments_topic
+        self._adjustments: list[PendingAdjustment] = []
         self._lines: list[PendingLine] = []
         self._payments: list[PendingPayment] = []
         self._dead: list[tuple] = []
@@ -62,6 +69,9 @@ class InvoicingProcessor(ProcessorBase):
     def process(self, record: Incoming, ctx: Context) -> None:
         if record.topic == self.payments_topic:
             self._process_payment(record, ctx)
+            return
+        if record.topic == self.adjustments_topic:
+            self._process_adjustment(record, ctx)
             return
         try:
             charge = self.codec.decode(record.value or b"", RatedCharge)
@@ -82,6 +92,16 @@ class InvoicingProcessor(ProcessorBase):
             PAYMENTS.labels("dead_lettered").inc()
             return
         self._payments.append(PendingPayment(payment, record.topic, record.partition, record.offset))
+
+    def _process_adjustment(self, record: Incoming, ctx: Context) -> None:
+        try:
+            adj = self.codec.decode(record.value or b"", InvoiceAdjustment)
+        except DecodeError as exc:
+            reason = "INVALID_ADJUSTMENT" if str(exc).startswith("invalid InvoiceAdjustment") else "UNDECODABLE"
+            self._dead_letter(record, reason, str(exc), ctx)
+            MANUAL.labels("dead_lettered").inc()
+            return
+        self._adjustments.append(PendingAdjustment(adj, record.topic, record.partition, record.offset))
 
     def _dead_letter(self, record: Incoming, reason: str, message: str, ctx: Context) -> None:
         ctx.count("dead_letter", reason)
@@ -105,7 +125,10 @@ class InvoicingProcessor(ProcessorBase):
         return self.store.stored_offsets(partitions)
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        result = self.store.commit(self._lines, self._dead, offsets, self._payments)
+        result = self.store.commit(self._lines, self._dead, offsets, self._payments, self._adjustments)
+        MANUAL.labels("appended").inc(result.manual)
+        MANUAL.labels("bill_closed").inc(len(result.bills_closed))
+        FINALIZED.inc(len(result.bills_closed))
         LINES.labels("appended").inc(result.lines - result.adjustments)
         LINES.labels("adjustment").inc(result.adjustments)
         LINES.labels("replayed").inc(len(self._lines) - result.lines)
@@ -126,5 +149,6 @@ class InvoicingProcessor(ProcessorBase):
     def discard(self) -> None:
         self._lines.clear()
         self._payments.clear()
+        self._adjustments.clear()
         self._dead.clear()
         self._times.clear()

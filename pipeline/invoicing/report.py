@@ -133,7 +133,8 @@ def _line_text(ln: InvoiceLineSummary, currency: str) -> str:
 
 def format_invoice(inv: InvoiceSummary) -> str:
     """A plain-text invoice: header (number, status, dates), charges, prior-period adjustments
-    (naming the invoice each corrects and its service period), and the statement."""
+    (naming the invoice each corrects and its service period), manual lines (Bill API, net), and the
+    statement."""
     last_day = inv.period_end - timedelta(days=1)
     number = inv.invoice_number or "(not numbered until finalized)"
     out = [f"Invoice {number}  [{inv.status}]  {inv.invoice_id}",
@@ -151,6 +152,10 @@ def format_invoice(inv: InvoiceSummary) -> str:
                 group = (ln.adjusts_invoice_number, ln.service_period_start)
                 out.append(f"   adjusts {ln.adjusts_invoice_number} (service period {ln.service_period_start})")
             out.append(_line_text(ln, inv.currency))
+    manual = [ln for ln in inv.lines if ln.line_kind == "MANUAL"]  # Bill API charges and credits, netted
+    for ln in manual:
+        label = f"manual charges and credits ({ln.lines} line{'s' if ln.lines != 1 else ''})"
+        out.append(f"    {label:<57} {_money(ln.amount):>10} {inv.currency}")
     out.append(f"    {'CHARGES THIS PERIOD':<57} {_money(inv.total):>10} {inv.currency}")
     if inv.amount_due is not None:
         out += [f"    {'previous balance':<57} {_money(inv.previous_balance or ZERO):>10} {inv.currency}",

@@ -549,11 +549,12 @@ def take_snapshot(settings: Any) -> Snapshot:
     with postgres.connect(settings.database_url) as conn:
         snap.ledger = [LedgerLine(*row[:12], order=(row[12], row[13])) for row in conn.execute(
             "SELECT line_id, account, period_start, component_id, component_kind, band, quantity, rate, amount, "
-            "period_total, price_book_id, price_book_version, source_partition, source_offset FROM invoice_lines")]
+            "period_total, price_book_id, price_book_version, source_partition, source_offset FROM invoice_lines "
+            "WHERE line_kind <> 'MANUAL'")]  # manual lines (Bill API) come from no reading
         snap.ledger_lines = {line.line_id for line in snap.ledger}
         snap.outbox_lines, snap.outbox_unsent = conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE sent_at IS NULL) FROM outbox "
-            "WHERE event_type = 'LINE_APPENDED'").fetchone()
+            "WHERE event_type = 'LINE_APPENDED' AND payload->>'line_kind' IS DISTINCT FROM 'MANUAL'").fetchone()
         ledger_offsets = {(t, p): o for t, p, o in conn.execute(
             "SELECT topic, partition, next_offset FROM consumer_offsets WHERE consumer_group = %s",
             (topics.group("invoicing"),))}

@@ -39,7 +39,7 @@ from pipeline.config import Settings
 NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,30}$")
 LedgerKey = tuple[str, str, str]  # account, period start (ISO date), price book | component | band
 LEDGER_TOTALS = ("SELECT account, period_start::text, price_book_id || '|' || component_id || '|' || band, "
-                 "sum(amount) FROM invoice_lines GROUP BY 1, 2, 3")
+                 "sum(amount) FROM invoice_lines WHERE line_kind <> 'MANUAL' GROUP BY 1, 2, 3")  # not from usage
 
 
 class ReplayError(RuntimeError):

@@ -178,17 +178,21 @@ class Env:
         a CHARGE line sits on the invoice of its own service period; an ADJUSTMENT line sits on a later
         invoice of its account and names the finalized invoice of its service period; finalized invoice
         numbers are gap-free 1..n per series; a finalized invoice's frozen totals are its lines and
-        payments, and its amount due = previous balance + charges − payments."""
+        payments, and its amount due = previous balance + charges − payments. Ad-hoc bills (Bill API, invoice id
+        ``bill:<id>``) may share a period with a regular invoice and carry only MANUAL lines."""
         inv = {r[0]: r for r in self.sql(
             "SELECT invoice_id, account, period_start, currency, status, invoice_number, series, sequence_number, "
             "previous_balance, charges_total, payments_total, amount_due, finalized_order FROM invoices")}
-        assert len({(r[1], r[2], r[3]) for r in inv.values()}) == len(inv)
+        regular = [r for r in inv.values() if not r[0].startswith("bill:")]
+        assert len({(r[1], r[2], r[3]) for r in regular}) == len(regular)
         for line_id, invoice_id, account, p0, cur, kind, adj_id, adj_no in self.sql(
                 "SELECT line_id, invoice_id, account, period_start, currency, line_kind, adjusts_invoice_id, "
                 "adjusts_invoice_number FROM invoice_lines"):
             home = f"{account}|{p0}|{cur}"
             if kind == "CHARGE":
                 assert invoice_id == home, line_id
+            elif kind == "MANUAL":
+                assert invoice_id.startswith("bill:") and adj_id is None, line_id
             else:
                 assert adj_id == home and inv[home][4] == "FINALIZED" and inv[home][5] == adj_no, line_id
                 assert inv[invoice_id][1] == account and inv[invoice_id][2] > p0, line_id

@@ -45,3 +45,12 @@ def test_an_invoice_of_actual_reads_has_no_marker_and_no_footnote() -> None:
     assert "*" not in text and ESTIMATED_NOTE not in text
     # N (null) and V are not estimates
     assert "*" not in format_invoice(invoice(line("energy", "per_unit", "", "0.00", ("N",))))
+
+
+def test_manual_lines_of_a_bill_are_shown_netted_and_counted_in_the_total() -> None:
+    manual = InvoiceLineSummary("manual", "MANUAL", "", D(1), "item", D("0.10"), D("10.35"), 3, line_kind="MANUAL")
+    text = format_invoice(InvoiceSummary("bill:B-1", "ACC-1", date(2025, 12, 1), date(2026, 1, 1), "AUD", "OPEN",
+                                         (line("supply", "fixed_daily", "", "1.00"), manual)))
+    rows = text.splitlines()
+    assert rows[-2].split() == ["manual", "charges", "and", "credits", "(3", "lines)", "10.35", "AUD"]
+    assert rows[-1].split() == ["CHARGES", "THIS", "PERIOD", "11.35", "AUD"]
