@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -204,77 +205,86 @@ def run_soak(base: Settings, inp: Input, folder: Path, kills: int, seed: int, du
             env.wait_started(env.procs[stage][-1], stage, timeout=120)
         supervisor = Supervisor(env, verdict)
         supervisor.start()
-        files = list(inp.files)
-        chunks = [inp.telemetry[i::len(files)] for i in range(len(files))]
-        published = [0]
-        done = threading.Event()
-
-        def publisher() -> None:
-            pace = duration_s / max(len(files), 1)
-            for i, f in enumerate(files):
-                published[0] += publish_files(env, [f])
-                publish_telemetry(env, chunks[i])
-                published[0] += len(chunks[i])
-                if rng.random() < 0.2:  # a chunk published again: a gateway retrying a delivery
-                    again = rng.choice(files[: i + 1])
-                    published[0] += publish_files(env, [again])
-                    inp.republished += 1
-                time.sleep(pace)
-            done.set()
-
-        thread = threading.Thread(target=publisher, daemon=True)
-        thread.start()
-        broker_at, postgres_at = kills // 3, 2 * kills // 3
-        for k in range(kills):
-            time.sleep(rng.uniform(0.3, 1.2) * duration_s / max(kills, 1))
-            if k == broker_at:
-                fault_and_recover(env, base, "broker", rng, verdict)
-                verdict.broker_restarts += 1
-            if k == postgres_at:
-                fault_and_recover(env, base, "postgres", rng, verdict)
-                verdict.postgres_restarts += 1
-            with supervisor.lock:
-                if k == kills // 4:  # a second windowing process for part of the time: partitions move
-                    env.start("windowing", instance="w2")
-                if k == 3 * kills // 4:
-                    for proc in [p for p in env.procs["windowing"] if p.instance == "w2"]:  # type: ignore[attr-defined]
-                        env.procs["windowing"].remove(proc)
-                        env.stop(proc, signal.SIGKILL)
-            victim = rng.choice(VICTIMS)
-            waiting = victim in STAGES and has_input(env, victim)
-            before = stage_progress(env, victim) if waiting else None
-            with supervisor.lock:
-                procs = [p for p in env.procs[victim] if p.poll() is None]
-                if not procs:  # ended by itself just now: the supervisor starts it on its next look
-                    continue
-                proc = rng.choice(procs)
-                env.procs[victim].remove(proc)
-                env.stop(proc, signal.SIGKILL)
-                env.start(victim, instance=proc.instance)  # type: ignore[attr-defined]
-            verdict.kills[victim] += 1
-            if before is not None:
-                took = wait_progress(env, victim, before, time.monotonic(), RECOVERY_LIMIT_S)
-                if took is None:
-                    verdict.problems.append(f"{victim} did not commit within {RECOVERY_LIMIT_S:.0f} s of its restart")
-                else:
-                    verdict.recovery_s.append(took)
-        thread.join(timeout=duration_s * 3 + 300)
-        if thread.is_alive():
-            verdict.problems.append("the publisher did not finish")
-        verdict.records = published[0]
         try:
-            report = env.wait_accounted(timeout_s=accounted_timeout_s, published=published[0])
-            if report.dead_lettered or report.refused:
-                verdict.problems.append(f"dead-lettered {report.dead_lettered}, refused {report.refused}")
-        except AssertionError as exc:
-            verdict.problems.append(f"not every reading accounted for: {exc}")
-            for procs in env.procs.values():  # every thread's stack into the stage logs (runtime: SIGUSR1)
-                for proc in procs:
-                    if proc.poll() is None:
-                        proc.send_signal(signal.SIGUSR1)
-            time.sleep(2)
-            verdict.problems.append(f"thread dumps of the live stages are in {env.log_dir}")
-        supervisor.stop()
+            files = list(inp.files)
+            chunks = [inp.telemetry[i::len(files)] for i in range(len(files))]
+            published = [0]
+            done = threading.Event()
+
+            def publisher() -> None:
+                pace = duration_s / max(len(files), 1)
+                for i, f in enumerate(files):
+                    published[0] += publish_files(env, [f])
+                    publish_telemetry(env, chunks[i])
+                    published[0] += len(chunks[i])
+                    if rng.random() < 0.2:  # a chunk published again: a gateway retrying a delivery
+                        again = rng.choice(files[: i + 1])
+                        published[0] += publish_files(env, [again])
+                        inp.republished += 1
+                    time.sleep(pace)
+                done.set()
+
+            thread = threading.Thread(target=publisher, daemon=True)
+            thread.start()
+            broker_at, postgres_at = kills // 3, 2 * kills // 3
+            for k in range(kills):
+                time.sleep(rng.uniform(0.3, 1.2) * duration_s / max(kills, 1))
+                if k == broker_at:
+                    fault_and_recover(env, base, "broker", rng, verdict)
+                    verdict.broker_restarts += 1
+                if k == postgres_at:
+                    fault_and_recover(env, base, "postgres", rng, verdict)
+                    verdict.postgres_restarts += 1
+                with supervisor.lock:
+                    if k == kills // 4:  # a second windowing process for part of the time: partitions move
+                        env.start("windowing", instance="w2")
+                    if k == 3 * kills // 4:
+                        for proc in [p for p in env.procs["windowing"] if p.instance == "w2"]:  # type: ignore[attr-defined]
+                            env.procs["windowing"].remove(proc)
+                            env.stop(proc, signal.SIGKILL)
+                victim = rng.choice(VICTIMS)
+                waiting = victim in STAGES and has_input(env, victim)
+                before = stage_progress(env, victim) if waiting else None
+                with supervisor.lock:
+                    procs = [p for p in env.procs[victim] if p.poll() is None]
+                    if not procs:  # ended by itself just now: the supervisor starts it on its next look
+                        continue
+                    proc = rng.choice(procs)
+                    env.procs[victim].remove(proc)
+                    env.stop(proc, signal.SIGKILL)
+                    env.start(victim, instance=proc.instance)  # type: ignore[attr-defined]
+                verdict.kills[victim] += 1
+                if before is not None:
+                    took = wait_progress(env, victim, before, time.monotonic(), RECOVERY_LIMIT_S)
+                    if took is None:
+                        verdict.problems.append(
+                            f"{victim} did not commit within {RECOVERY_LIMIT_S:.0f} s of its restart")
+                    else:
+                        verdict.recovery_s.append(took)
+            thread.join(timeout=duration_s * 3 + 300)
+            if thread.is_alive():
+                verdict.problems.append("the publisher did not finish")
+            verdict.records = published[0]
+            try:
+                report = env.wait_accounted(timeout_s=accounted_timeout_s, published=published[0])
+                if report.dead_lettered or report.refused:
+                    verdict.problems.append(f"dead-lettered {report.dead_lettered}, refused {report.refused}")
+            except AssertionError as exc:
+                verdict.problems.append(f"not every reading accounted for: {exc}")
+                for procs in env.procs.values():  # every thread's stack into the stage logs (runtime: SIGUSR1)
+                    for proc in procs:
+                        if proc.poll() is None:
+                            proc.send_signal(signal.SIGUSR1)
+                time.sleep(2)
+                verdict.problems.append(f"thread dumps of the live stages are in {env.log_dir}")
+        except Exception as exc:  # a fault the soak could not inject or undo is a finding, with its trace
+            verdict.problems.append(f"the soak stopped early: {exc!r}\n{traceback.format_exc()}")
+            try:  # bring back whatever the fault left down, so the checks can still say what was lost
+                stack.up(base)
+            except Exception as again:
+                verdict.problems.append(f"the stack does not come back up: {again!r}")
+        finally:
+            supervisor.stop()
         check(env, inp, reference, verdict)
         codes = env.stop_all()
         if any(c not in (0, -9) for cs in codes.values() for c in cs):
