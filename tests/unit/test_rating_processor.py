@@ -5,6 +5,8 @@ final values, deterministically."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -371,3 +373,26 @@ def test_expected_totals_example_is_exact() -> None:
     h = Harness(PROP_REF)
     h.feed(*(window(s, v) for s, v in final.items()))
     assert amounts(h.flush()) == expected_totals(final)
+
+
+# --- what a line tells the checks before finalizing (issue 17) ---------------------------------------------------
+def test_lines_carry_window_counts_estimates_and_days_without_usage() -> None:
+    """Two days of windows in a 31-day period, one window estimated (E): the latest energy line says 3 windows, 1
+    estimated; of the period's service days only the two with windows have usage, the rest are listed first
+    five; a superseding revision that makes the estimate actual takes it out of the count."""
+    h = Harness(reference([flat_book("FLAT", "AUD", "0.30", "1.00", "10")]))
+    est = dataclasses.replace(window(utc(2024, 3, 1, 1), "1.5"), qualities=("E",))
+    h.feed(window(utc(2024, 3, 1, 0), "1.0"), est, window(utc(2024, 3, 2, 0), "2.0"))
+    energy = [c for c in h.flush() if c.component_id == "energy"][-1]
+    facts = json.loads(energy.explanation)
+    assert (facts["window_count"], facts["estimated_windows"]) == (3, 1)
+    service = sum(1 for d in range(31) if SERVICE.covers(date(2024, 3, 1) + timedelta(days=d)))
+    days_with_windows = {(utc(2024, 3, 1, 0) + timedelta(hours=h_)).astimezone(ZoneInfo("Australia/Sydney")).date()
+                         for h_ in (0, 1, 24)}
+    assert facts["service_days"] == service
+    assert facts["usage_days"] == len(days_with_windows)
+    assert len(facts["missing_days"]) == 5 and all(d not in {x.isoformat() for x in days_with_windows}
+                                                   for d in facts["missing_days"])
+    h.feed(window(utc(2024, 3, 1, 1), "1.6", revision=1, previous="1.5"))  # the actual read (quality A)
+    energy = [c for c in h.flush() if c.component_id == "energy"][-1]
+    assert json.loads(energy.explanation)["estimated_windows"] == 0
