@@ -621,7 +621,18 @@ def _alive(pid: int, marker: bytes) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return state not in ("Z", "X") and marker in cmdline
+    if state in ("Z", "X"):
+        # a JVM whose launcher thread (the thread-group leader) has exited shows as a zombie while its other
+        # threads still shut the broker down and hold its ports: alive until every thread is gone
+        return any(_task_state(task) not in ("Z", "X", "") for task in Path(f"/proc/{pid}/task").glob("*"))
+    return marker in cmdline
+
+
+def _task_state(task: Path) -> str:
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _wait_exit(pid: int, timeout_s: float) -> bool:
