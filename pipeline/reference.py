@@ -127,9 +127,13 @@ class ReferenceFile(_Frozen):
             values = [getattr(m, attr) for m in self.metric_definitions]
             if len(set(values)) != len(values):
                 raise ValueError(f"metric definitions repeat a {attr}: {sorted(values)}")
+        services = {b.id: b.service for b in self.price_books}
         for pa in self.plan_assignments:
             if pa.account not in names:
                 raise ValueError(f"plan assignment names unknown account {pa.account}")
+            if services.get(pa.price_book_id, pa.service) != pa.service:
+                raise ValueError(f"plan assignment of {pa.account} to {pa.price_book_id} names service {pa.service!r}, "
+                                 f"but the book prices {services[pa.price_book_id]!r}")
         return self
 
     @classmethod
