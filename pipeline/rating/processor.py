@@ -592,7 +592,8 @@ def _conversion(ref: ReferenceData, book: PriceBook, win: UsageWindow) -> dict[s
     gc = ref.gas_conversion_on(win.account, win.window_start.astimezone(account.tz).date())
     if gc is None:
         return {}
-    return {"gas_conversion": {"volume_m3": str(win.value), "heating_value_mj_per_m3": f"{gc.heating_value.normalize():f}",
+    return {"gas_conversion": {"volume_m3": str(win.value),
+                               "heating_value_mj_per_m3": f"{gc.heating_value.normalize():f}",
                                "pressure_correction": f"{gc.pressure_correction.normalize():f}",
                                "energy_mj": str(gas_energy_mj(win.value, gc.heating_value, gc.pressure_correction)),
                                "formula": "MJ = m³ × heating value × pressure correction"}}
