@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from pipeline.metrics_catalog import MetricDefinition
 from pipeline.rating.pricebook import PriceBook, book_in_effect
@@ -77,6 +77,15 @@ class PlanAssignment(_Effective):
     account: str
     price_book_id: str
     service: str = "electricity"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_service(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """``service`` is left out while it is ``electricity``: an electricity plan serializes (audit rows, the
+        operator API) exactly as before multi-service accounts."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("service") == "electricity":
+            data.pop("service")
+        return data
 
 
 class GasConversion(_Effective):
