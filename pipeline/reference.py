@@ -120,6 +120,20 @@ class ReferenceFile(_Frozen):
     telemetry_subjects: tuple[TelemetrySubject, ...] = ()
     gas_conversions: tuple[GasConversion, ...] = ()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _plan_services(cls, data: Any) -> Any:
+        """A plan assignment that does not name its service takes the service of its book when the book is in the
+        file (seed 001: a gas book's plan is a gas plan)."""
+        if not isinstance(data, dict) or not isinstance(data.get("plan_assignments"), list | tuple):
+            return data
+        services = {b.get("id"): b.get("service", "electricity") for b in data.get("price_books", ())
+                    if isinstance(b, dict)}
+        plans = [{**pa, "service": services[pa.get("price_book_id")]}
+                 if isinstance(pa, dict) and "service" not in pa and pa.get("price_book_id") in services else pa
+                 for pa in data["plan_assignments"]]
+        return {**data, "plan_assignments": plans}
+
     @model_validator(mode="after")
     def _check(self) -> ReferenceFile:
         names = {a.account for a in self.accounts}

@@ -310,3 +310,17 @@ def test_a_single_service_invoice_looks_as_before() -> None:
     inv = InvoiceSummary("A|2005-03-01|AUD", "A", date(2005, 3, 1), date(2005, 4, 1), "AUD", "OPEN", (
         summary_line("energy", "per_unit", "10.00", "electricity"),))
     assert "subtotal" not in format_invoice(inv) and "electricity:" not in format_invoice(inv)
+
+
+def test_a_reference_file_plan_takes_the_service_of_its_book() -> None:
+    from pipeline.reference import ReferenceFile
+
+    raw = {"accounts": [ACC.model_dump(mode="json")], "service_points": [],
+           "price_books": [GAS.model_dump(mode="json"), ELEC.model_dump(mode="json")],
+           "plan_assignments": [{"account": "M1", "price_book_id": "GAS", "effective_from": "2005-03-01"},
+                                {"account": "M1", "price_book_id": "ELEC", "effective_from": "2005-03-01"}]}
+    ref = ReferenceFile.model_validate(raw)
+    assert [p.service for p in ref.plan_assignments] == ["gas", "electricity"]
+    raw["plan_assignments"][0]["service"] = "water"
+    with pytest.raises(ValidationError, match="names service 'water', but the book prices 'gas'"):
+        ReferenceFile.model_validate(raw)
