@@ -19,7 +19,13 @@ import pytest
 from pipeline.config import Settings
 from pipeline.ingest.nem12 import read_nem12
 from pipeline.ingest.telemetry import encode_cloudevent
+from pipeline.rating.pricebook import PriceBook
+from pipeline.reference import ReferenceFile
+from pipeline.refstore import load_reference_file
+from pipeline.runtime import postgres
+from tests.integration import test_operator_api
 from tests.integration.conftest import DATA, Env, isolated_env, publish_files
+from tests.integration.test_operator_api import OP, TestClient
 from tests.integration.test_reference_operations import cli
 
 pytestmark = pytest.mark.integration
@@ -27,6 +33,7 @@ pytestmark = pytest.mark.integration
 ACCOUNT = "MULTI-1"
 NEM12_FILE = DATA / "nem12" / "NEM12#000000000000005#CNRGYMDP#NEMMCO.zip"  # NMI NEM1205082, E1, 19–23 Mar 2005
 CENT = Decimal("0.01")
+client = test_operator_api.client  # the operator API fixture (FastAPI TestClient, operator key "alice")
 
 
 def book(book_id: str, service: str, components: list[dict]) -> dict:
@@ -203,3 +210,39 @@ def _sections(text: str) -> dict[str, list[str]]:
         elif "CHARGES THIS PERIOD" in line:
             current = None
     return out
+
+
+def test_the_operator_api_assigns_services_sets_gas_factors_and_records_opt_outs(client: TestClient,
+                                                                                pipeline_env: Env) -> None:
+    """The same operations through the operator API (issue 15 pattern): audited with the key's name."""
+    env = pipeline_env
+    catalog = ReferenceFile(accounts=(), service_points=(), plan_assignments=(),
+                            price_books=tuple(PriceBook.model_validate(b) for b in BOOKS))
+    postgres.with_reconnect(env.settings.database_url, lambda c: load_reference_file(c, catalog))
+    r = client.post("/v1/accounts", json={"account": "MULTI-2", "timezone": "Australia/Brisbane",
+                                          "billing_cycle": "MONTHLY", "billing_anchor": "2005-03-01",
+                                          "currency": "AUD", "holiday_region": "AU-QLD"}, headers=OP)
+    assert r.status_code == 201
+    for book_id in ("MS-ELEC", "MS-GAS", "GREEN-DONATION"):
+        r = client.post("/v1/accounts/MULTI-2/plans", json={"price_book_id": book_id, "effective_from": "2005-03-01"},
+                        headers=OP)
+        assert r.status_code == 201, r.json()
+    r = client.post("/v1/accounts/MULTI-2/gas-conversion", json={
+        "effective_from": "2005-03-01", "heating_value": "38.5", "pressure_correction": "0.9871"}, headers=OP)
+    assert r.status_code == 201 and r.json()["changes"][0]["operation"] == "gas.conversion"
+    r = client.post("/v1/accounts/MULTI-2/gas-conversion", json={
+        "effective_from": "2005-04-01", "heating_value": "-1", "pressure_correction": "1"}, headers=OP)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "INVALID_FIELD"
+    r = client.post("/v1/accounts/MULTI-2/plans/GREEN-DONATION/end", json={"on": "2005-03-20"}, headers=OP)
+    assert r.status_code == 200
+    assert [(c["operation"], c["after"]["effective_to"]) for c in r.json()["changes"]] == [
+        ("contribution.opt_out", "2005-03-20")]
+    shown = client.get("/v1/accounts/MULTI-2", headers=OP).json()
+    assert [(p["price_book_id"], p.get("service", "electricity"), p["effective_to"])
+            for p in shown["plan_assignments"]] == [
+        ("GREEN-DONATION", "contribution", "2005-03-20"), ("MS-ELEC", "electricity", None), ("MS-GAS", "gas", None)]
+    assert shown["gas_conversions"] == [{"account": "MULTI-2", "effective_from": "2005-03-01", "effective_to": None,
+                                         "heating_value": "38.500000", "pressure_correction": "0.987100"}]
+    assert env.sql("SELECT operation, changed_by FROM reference_changes WHERE account = 'MULTI-2' ORDER BY change_id") \
+        == [("account.create", "alice"), ("plan.assign", "alice"), ("plan.assign", "alice"),
+            ("contribution.opt_in", "alice"), ("gas.conversion", "alice"), ("contribution.opt_out", "alice")]
