@@ -23,7 +23,8 @@ accounts_app = typer.Typer(help="Billing accounts: create, import (CSV/JSON), li
                            no_args_is_help=True)
 meters_app = typer.Typer(help="Meters (NMIs) and telemetry subjects: attach (move-in), move-out, list.",
                          no_args_is_help=True)
-plans_app = typer.Typer(help="Plans: assign or switch an account's price book from a date, list.", no_args_is_help=True)
+plans_app = typer.Typer(help="Plans: assign or switch an account's price book (per service) from a date, end one "
+                             "(a contribution's opt-out), list.", no_args_is_help=True)
 
 By = Annotated[str | None, typer.Option("--by", help="who makes the change (audit); default $PIPELINE_OPERATOR or "
                                                      "the login name")]
@@ -292,7 +293,10 @@ def plans_assign(
     until: Annotated[str | None, typer.Option("--to", help="first day off the plan (default: open)")] = None,
     by: By = None, dry_run: DryRun = False,
 ) -> None:
-    """Assign or switch an account's plan from a date (mid-period switches prorate as always)."""
+    """Assign or switch an account's plan from a date (mid-period switches prorate as always). Only the plan of
+    the book's service is switched: an account has one plan per service (electricity, gas, water, a flat service)
+    side by side; a ``contribution`` book is a voluntary contribution opted into (seed 001; ``plans end`` opts
+    out)."""
     start = _date(since, "--from")
     assert start is not None
     _run([(1, rules.AssignPlan(account, price_book, start, _date(until, "--to")))], by, "cli", dry_run)

@@ -114,7 +114,8 @@ class DetachSubject:
 class AssignPlan:
     """``account`` is billed on price book ``price_book_id`` from ``effective_from`` (to ``effective_to`` or
     open). A plan open on ``effective_from`` is closed there: a switch mid-period prorates as the rating
-    stage always does (fixed charges by service days, tier limits by the fraction of the period)."""
+    stage always does (fixed charges by service days, tier limits by the fraction of the period). Only plans of
+    the book's service are switched or overlap (seed 001: one plan per service; contributions per book)."""
 
     account: str
     price_book_id: str
