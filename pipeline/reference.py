@@ -11,11 +11,12 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
+from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from pipeline.metrics_catalog import MetricDefinition
 from pipeline.rating.pricebook import PriceBook, book_in_effect
@@ -69,10 +70,41 @@ class TelemetrySubject(_Effective):
 
 
 class PlanAssignment(_Effective):
-    """Account → price book over an effective range (SPEC §4)."""
+    """Account → price book over an effective range (SPEC §4). ``service``: the service the book prices
+    (``PriceBook.service``; multi-service accounts, seed 001): an account has one plan per service at a time
+    (electricity, gas, water, a flat service), and any number of ``contribution`` plans (voluntary add-ons)."""
 
     account: str
     price_book_id: str
+    service: str = "electricity"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_service(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """``service`` is left out while it is ``electricity``: an electricity plan serializes (audit rows, the
+        operator API) exactly as before multi-service accounts."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("service") == "electricity":
+            data.pop("service")
+        return data
+
+
+class GasConversion(_Effective):
+    """The gas conversion factor of an account's gas meter from ``effective_from`` (local dates, seed 001):
+    gas is metered as a volume (m³) and billed as energy (MJ).
+
+    ``heating_value``: MJ per standard m³ (the gas's higher heating value, published by the distributor or
+    AEMO for the heating value zone, typically 37–40); ``pressure_correction``: the dimensionless pressure
+    (and temperature/altitude) correction factor of the meter's delivery pressure (about 0.98–1.02). The
+    energy is ``m³ × heating_value × pressure_correction`` (``pipeline.rating.services.gas_energy_mj``)."""
+
+    account: str
+    heating_value: Decimal = Field(gt=0, max_digits=12, decimal_places=6)
+    pressure_correction: Decimal = Field(gt=0, max_digits=12, decimal_places=6)
+
+    @property
+    def factor(self) -> Decimal:
+        """MJ per m³ of metered volume: ``heating_value × pressure_correction`` (exact)."""
+        return self.heating_value * self.pressure_correction
 
 
 class ReferenceFile(_Frozen):
@@ -86,10 +118,28 @@ class ReferenceFile(_Frozen):
     plan_assignments: tuple[PlanAssignment, ...]
     metric_definitions: tuple[MetricDefinition, ...] = ()
     telemetry_subjects: tuple[TelemetrySubject, ...] = ()
+    gas_conversions: tuple[GasConversion, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plan_services(cls, data: Any) -> Any:
+        """A plan assignment that does not name its service takes the service of its book when the book is in the
+        file (seed 001: a gas book's plan is a gas plan)."""
+        if not isinstance(data, dict) or not isinstance(data.get("plan_assignments"), list | tuple):
+            return data
+        services = {b.get("id"): b.get("service", "electricity") for b in data.get("price_books", ())
+                    if isinstance(b, dict)}
+        plans = [{**pa, "service": services[pa.get("price_book_id")]}
+                 if isinstance(pa, dict) and "service" not in pa and pa.get("price_book_id") in services else pa
+                 for pa in data["plan_assignments"]]
+        return {**data, "plan_assignments": plans}
 
     @model_validator(mode="after")
     def _check(self) -> ReferenceFile:
         names = {a.account for a in self.accounts}
+        for gc in self.gas_conversions:
+            if gc.account not in names:
+                raise ValueError(f"gas conversion names unknown account {gc.account}")
         for sp in self.service_points:
             if sp.account not in names:
                 raise ValueError(f"service point {sp.nmi} names unknown account {sp.account}")
@@ -100,9 +150,13 @@ class ReferenceFile(_Frozen):
             values = [getattr(m, attr) for m in self.metric_definitions]
             if len(set(values)) != len(values):
                 raise ValueError(f"metric definitions repeat a {attr}: {sorted(values)}")
+        services = {b.id: b.service for b in self.price_books}
         for pa in self.plan_assignments:
             if pa.account not in names:
                 raise ValueError(f"plan assignment names unknown account {pa.account}")
+            if services.get(pa.price_book_id, pa.service) != pa.service:
+                raise ValueError(f"plan assignment of {pa.account} to {pa.price_book_id} names service {pa.service!r}, "
+                                 f"but the book prices {services[pa.price_book_id]!r}")
         return self
 
     @classmethod
@@ -125,6 +179,7 @@ class ReferenceData:
     event_types: dict[str, MetricDefinition] = field(default_factory=dict)  # CloudEvents type → definition
     subjects: dict[str, tuple[TelemetrySubject, ...]] = field(default_factory=dict)  # subject → by effective_from
     subjects_by_account: dict[str, tuple[TelemetrySubject, ...]] = field(default_factory=dict)
+    gas: dict[str, tuple[GasConversion, ...]] = field(default_factory=dict)  # account → by effective_from
 
     def books_by_version(self) -> dict[tuple[str, int], PriceBook]:
         """(id, version) → price book, computed once per snapshot."""
@@ -141,6 +196,7 @@ class ReferenceData:
         price_books: list[PriceBook] | tuple[PriceBook, ...],
         metric_definitions: list[MetricDefinition] | tuple[MetricDefinition, ...] = (),
         telemetry_subjects: list[TelemetrySubject] | tuple[TelemetrySubject, ...] = (),
+        gas_conversions: list[GasConversion] | tuple[GasConversion, ...] = (),
     ) -> ReferenceData:
         sps: dict[str, list[ServicePoint]] = {}
         for sp in service_points:
@@ -161,12 +217,13 @@ class ReferenceData:
             event_types={m.event_type: m for m in metric_definitions},
             subjects=_grouped(telemetry_subjects, lambda s: s.subject),
             subjects_by_account=_grouped(telemetry_subjects, lambda s: s.account),
+            gas=_grouped(gas_conversions, lambda g: g.account),
         )
 
     @classmethod
     def from_file(cls, ref: ReferenceFile) -> ReferenceData:
         return cls.build(ref.accounts, ref.service_points, ref.plan_assignments, ref.price_books,
-                         ref.metric_definitions, ref.telemetry_subjects)
+                         ref.metric_definitions, ref.telemetry_subjects, ref.gas_conversions)
 
     def account_of(self, nmi: str, day: date) -> str | None:
         """The account served by ``nmi`` on local ``day`` (SPEC §1), or ``None``."""
@@ -198,19 +255,43 @@ class ReferenceData:
         service (fixed daily charges, proration; SPEC §4)."""
         return [*self.by_account.get(account, ()), *self.subjects_by_account.get(account, ())]
 
-    def plan_on(self, account: str, day: date) -> PlanAssignment | None:
-        """The plan assignment of ``account`` in force on ``day``."""
+    def plan_on(self, account: str, day: date, service: str = "electricity") -> PlanAssignment | None:
+        """The plan assignment of ``account`` for ``service`` in force on ``day``."""
         for pa in self.plans.get(account, ()):
-            if pa.covers(day):
+            if pa.covers(day) and pa.service == service:
                 return pa
         return None
 
-    def book_on(self, account: str, day: date) -> PriceBook | None:
-        """The price book version billing ``account`` on ``day`` (plan, then the latest version)."""
-        plan = self.plan_on(account, day)
+    def book_on(self, account: str, day: date, service: str = "electricity") -> PriceBook | None:
+        """The price book version billing ``account``'s ``service`` on ``day`` (plan, then the latest version)."""
+        plan = self.plan_on(account, day, service)
         if plan is None:
             return None
         return book_in_effect(list(self.price_books), plan.price_book_id, day)
+
+    def books_on(self, account: str, day: date) -> list[PriceBook]:
+        """Every price book version billing ``account`` on ``day``: one per service plan in force (electricity,
+        gas, water, flat services) and one per voluntary contribution opted into (seed 001), in plan order."""
+        books = list(self.price_books)
+        found = (book_in_effect(books, pa.price_book_id, day) for pa in self.plans.get(account, ()) if pa.covers(day))
+        return [b for b in found if b is not None]
+
+    def book_for(self, account: str, day: date, metric: str) -> PriceBook | None:
+        """The book that prices ``metric`` for ``account`` on ``day``: among ``books_on``, the first with a usage
+        component of the metric; else the electricity plan's book (a metric no plan prices still opens the
+        period there, as before multi-service accounts); ``None`` without either."""
+        books = self.books_on(account, day)
+        for b in books:
+            if b.usage_components(metric):
+                return b
+        return self.book_on(account, day)
+
+    def gas_conversion_on(self, account: str, day: date) -> GasConversion | None:
+        """The gas conversion factor of ``account`` in force on local ``day`` (seed 001), or ``None``."""
+        for gc in self.gas.get(account, ()):
+            if gc.covers(day):
+                return gc
+        return None
 
 
 def _nearest(ranges: tuple[ServicePoint | TelemetrySubject, ...], day: date) -> str | None:
@@ -226,8 +307,8 @@ def _nearest(ranges: tuple[ServicePoint | TelemetrySubject, ...], day: date) -> 
     return min(ranges, key=distance).account if ranges else None
 
 
-def _grouped(items: Iterable[TelemetrySubject], key: Callable[[TelemetrySubject], str]) -> dict[str, tuple]:
-    out: dict[str, list[TelemetrySubject]] = {}
+def _grouped(items: Iterable[Any], key: Callable[[Any], str]) -> dict[str, tuple]:
+    out: dict[str, list[Any]] = {}
     for item in items:
         out.setdefault(key(item), []).append(item)
     return {k: tuple(sorted(v, key=lambda s: s.effective_from)) for k, v in out.items()}

@@ -16,7 +16,15 @@ from typing import Any
 from pipeline.codec import Codec
 from pipeline.metrics_catalog import MetricDefinition
 from pipeline.rating.pricebook import PriceBook
-from pipeline.reference import Account, PlanAssignment, ReferenceData, ReferenceFile, ServicePoint, TelemetrySubject
+from pipeline.reference import (
+    Account,
+    GasConversion,
+    PlanAssignment,
+    ReferenceData,
+    ReferenceFile,
+    ServicePoint,
+    TelemetrySubject,
+)
 from pipeline.runtime import postgres
 
 
@@ -65,8 +73,11 @@ _CURRENT = {
                "FROM accounts WHERE account = %s",
     "service_point": "SELECT nmi, account, effective_from, effective_to FROM service_points "
                      "WHERE nmi = %s AND effective_from = %s",
-    "plan_assignment": "SELECT account, price_book_id, effective_from, effective_to FROM plan_assignments "
-                       "WHERE account = %s AND effective_from = %s",
+    "plan_assignment": "SELECT account, price_book_id, effective_from, effective_to, service FROM plan_assignments "
+                       "WHERE account = %s AND effective_from = %s AND service = %s "
+                       "AND (service <> 'contribution' OR price_book_id = %s)",
+    "gas_conversion": "SELECT account, effective_from, effective_to, heating_value, pressure_correction "
+                      "FROM gas_conversions WHERE account = %s AND effective_from = %s",
     "telemetry_subject": "SELECT subject, account, effective_from, effective_to FROM telemetry_subjects "
                          "WHERE subject = %s AND effective_from = %s",
 }
@@ -78,6 +89,14 @@ def _audit_upsert(conn: Any, entity: str, row: Any, by: str, source: str) -> Non
     upserts); this keeps what it replaced."""
     if isinstance(row, Account):
         key, params, effective = row.account, (row.account,), row.billing_anchor
+    elif isinstance(row, PlanAssignment):
+        from pipeline.accounts.rules import Change
+
+        key = Change("", entity, row, None, None).entity_key
+        params, effective = (row.account, row.effective_from, row.service, row.price_book_id), row.effective_from
+    elif isinstance(row, GasConversion):
+        key, params, effective = f"{row.account}@{row.effective_from}", (row.account, row.effective_from), \
+            row.effective_from
     else:
         ident = getattr(row, "nmi", None) or getattr(row, "subject", None) or row.account
         key, params, effective = f"{ident}@{row.effective_from}", (ident, row.effective_from), row.effective_from
@@ -90,8 +109,11 @@ def _audit_upsert(conn: Any, entity: str, row: Any, by: str, source: str) -> Non
                              currency=current[7].strip() if current[7] else None)
         else:
             before = type(row).model_validate(dict(zip(
-                {"service_point": ("nmi", "account"), "plan_assignment": ("account", "price_book_id"),
-                 "telemetry_subject": ("subject", "account")}[entity] + ("effective_from", "effective_to"),
+                {"service_point": ("nmi", "account", "effective_from", "effective_to"),
+                 "plan_assignment": ("account", "price_book_id", "effective_from", "effective_to", "service"),
+                 "gas_conversion": ("account", "effective_from", "effective_to", "heating_value",
+                                    "pressure_correction"),
+                 "telemetry_subject": ("subject", "account", "effective_from", "effective_to")}[entity],
                 current, strict=True)))
         if before == row:
             return
@@ -107,7 +129,8 @@ def load_reference_file(conn: Any, ref: ReferenceFile, by: str = "load reference
     in ``reference_changes`` (before/after, ``changed_by`` = ``by``, ``source``); nothing is deleted. The checked,
     effective-dated path is ``pipeline accounts import`` (``pipeline.accounts.store.run_operations``)."""
     for entity, rows in (("account", ref.accounts), ("service_point", ref.service_points),
-                         ("plan_assignment", ref.plan_assignments), ("telemetry_subject", ref.telemetry_subjects)):
+                         ("plan_assignment", ref.plan_assignments), ("telemetry_subject", ref.telemetry_subjects),
+                         ("gas_conversion", ref.gas_conversions)):
         for row in rows:
             _audit_upsert(conn, entity, row, by, source)
     for a in ref.accounts:
@@ -129,13 +152,23 @@ def load_reference_file(conn: Any, ref: ReferenceFile, by: str = "load reference
                  effective_to = EXCLUDED.effective_to""",
             (sp.nmi, sp.account, sp.effective_from, sp.effective_to),
         )
-    for pa in ref.plan_assignments:
+    for pa in ref.plan_assignments:  # one plan of a service starts on a day; contributions: one per book (0010)
+        conflict = ("(account, service, price_book_id, effective_from)" if pa.service == "contribution" else
+                    "(account, service, effective_from) WHERE service <> 'contribution'")
         conn.execute(
-            """INSERT INTO plan_assignments (account, price_book_id, effective_from, effective_to)
-               VALUES (%s, %s, %s, %s)
-               ON CONFLICT (account, effective_from) DO UPDATE SET price_book_id = EXCLUDED.price_book_id,
+            f"""INSERT INTO plan_assignments (account, price_book_id, effective_from, effective_to, service)
+               VALUES (%s, %s, %s, %s, %s)
+               ON CONFLICT {conflict} DO UPDATE SET price_book_id = EXCLUDED.price_book_id,
                  effective_to = EXCLUDED.effective_to""",
-            (pa.account, pa.price_book_id, pa.effective_from, pa.effective_to),
+            (pa.account, pa.price_book_id, pa.effective_from, pa.effective_to, pa.service),
+        )
+    for gc in ref.gas_conversions:
+        conn.execute(
+            """INSERT INTO gas_conversions (account, effective_from, effective_to, heating_value, pressure_correction)
+               VALUES (%s, %s, %s, %s, %s)
+               ON CONFLICT (account, effective_from) DO UPDATE SET effective_to = EXCLUDED.effective_to,
+                 heating_value = EXCLUDED.heating_value, pressure_correction = EXCLUDED.pressure_correction""",
+            (gc.account, gc.effective_from, gc.effective_to, gc.heating_value, gc.pressure_correction),
         )
     new_books = sum(store_price_book(conn, b) for b in ref.price_books)
     for m in ref.metric_definitions:
@@ -164,6 +197,7 @@ def load_reference_file(conn: Any, ref: ReferenceFile, by: str = "load reference
         "price_books": len(ref.price_books),
         "metric_definitions": len(ref.metric_definitions),
         "telemetry_subjects": len(ref.telemetry_subjects),
+        "gas_conversions": len(ref.gas_conversions),
     }
 
 
@@ -182,8 +216,15 @@ def read_reference(conn: Any) -> ReferenceData:
         for r in conn.execute("SELECT nmi, account, effective_from, effective_to FROM service_points")
     ]
     pas = [
-        PlanAssignment(account=r[0], price_book_id=r[1], effective_from=r[2], effective_to=r[3])
-        for r in conn.execute("SELECT account, price_book_id, effective_from, effective_to FROM plan_assignments")
+        PlanAssignment(account=r[0], price_book_id=r[1], effective_from=r[2], effective_to=r[3], service=r[4])
+        for r in conn.execute("SELECT account, price_book_id, effective_from, effective_to, service "
+                              "FROM plan_assignments ORDER BY account, effective_from, service, price_book_id")
+    ]
+    gas = [
+        GasConversion(account=r[0], effective_from=r[1], effective_to=r[2], heating_value=r[3],
+                      pressure_correction=r[4])
+        for r in conn.execute("SELECT account, effective_from, effective_to, heating_value, pressure_correction "
+                              "FROM gas_conversions")
     ]
     books = [PriceBook.model_validate(r[0]) for r in conn.execute("SELECT body FROM price_books")]
     metrics = [
@@ -198,7 +239,7 @@ def read_reference(conn: Any) -> ReferenceData:
         TelemetrySubject(subject=r[0], account=r[1], effective_from=r[2], effective_to=r[3])
         for r in conn.execute("SELECT subject, account, effective_from, effective_to FROM telemetry_subjects")
     ]
-    return ReferenceData.build(accounts, sps, pas, books, metrics, subjects)
+    return ReferenceData.build(accounts, sps, pas, books, metrics, subjects, gas)
 
 
 def price_book_record(codec: Codec, book: PriceBook) -> tuple[str, bytes]:

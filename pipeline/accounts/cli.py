@@ -23,7 +23,8 @@ accounts_app = typer.Typer(help="Billing accounts: create, import (CSV/JSON), li
                            no_args_is_help=True)
 meters_app = typer.Typer(help="Meters (NMIs) and telemetry subjects: attach (move-in), move-out, list.",
                          no_args_is_help=True)
-plans_app = typer.Typer(help="Plans: assign or switch an account's price book from a date, list.", no_args_is_help=True)
+plans_app = typer.Typer(help="Plans: assign or switch an account's price book (per service) from a date, end one "
+                             "(a contribution's opt-out), list.", no_args_is_help=True)
 
 By = Annotated[str | None, typer.Option("--by", help="who makes the change (audit); default $PIPELINE_OPERATOR or "
                                                      "the login name")]
@@ -222,7 +223,10 @@ def accounts_show(account: Annotated[str, typer.Argument(help="account id")]) ->
         typer.echo(f"    subject {ts.subject} {ts.effective_from} .. {ts.effective_to or 'open'}")
     typer.echo("  plans:")
     for pa in ref.plans.get(account, ()):
-        typer.echo(f"    {pa.price_book_id:24} {pa.effective_from} .. {pa.effective_to or 'open'}")
+        typer.echo(f"    {pa.price_book_id:24} {pa.service:12} {pa.effective_from} .. {pa.effective_to or 'open'}")
+    for gc in ref.gas.get(account, ()):
+        typer.echo(f"  gas conversion {gc.heating_value} MJ/m³ × {gc.pressure_correction} {gc.effective_from} .. "
+                   f"{gc.effective_to or 'open'}")
     typer.echo("  history:")
     for r in rows:
         before = f" before {json.dumps(r.before, sort_keys=True)}" if r.before else ""
@@ -289,17 +293,60 @@ def plans_assign(
     until: Annotated[str | None, typer.Option("--to", help="first day off the plan (default: open)")] = None,
     by: By = None, dry_run: DryRun = False,
 ) -> None:
-    """Assign or switch an account's plan from a date (mid-period switches prorate as always)."""
+    """Assign or switch an account's plan from a date (mid-period switches prorate as always). Only the plan of
+    the book's service is switched: an account has one plan per service (electricity, gas, water, a flat service)
+    side by side; a ``contribution`` book is a voluntary contribution opted into (seed 001; ``plans end`` opts
+    out)."""
     start = _date(since, "--from")
     assert start is not None
     _run([(1, rules.AssignPlan(account, price_book, start, _date(until, "--to")))], by, "cli", dry_run)
 
 
+@plans_app.command("end")
+def plans_end(
+    account: Annotated[str, typer.Argument(help="account id")],
+    price_book: Annotated[str, typer.Argument(help="the price book of the plan to end")],
+    on: Annotated[str, typer.Option("--on", help="first day off the plan (a contribution's opt-out date)")],
+    by: By = None, dry_run: DryRun = False,
+) -> None:
+    """End a plan from a date without a successor: a voluntary contribution's opt-out (seed 001), or a service
+    (gas, water, a flat service) no longer billed. Audited as ``contribution.opt_out`` / ``plan.end``."""
+    day = _date(on, "--on")
+    assert day is not None
+    _run([(1, rules.EndPlan(account, price_book, day))], by, "cli", dry_run)
+
+
 @plans_app.command("list")
 def plans_list(account: Annotated[str | None, typer.Option(help="only this account's")] = None) -> None:
-    """Every plan assignment over time."""
+    """Every plan assignment over time, with the service it bills (electricity, gas, water, a flat service,
+    contribution)."""
     ref = _snapshot()
     for acc, plans in sorted(ref.plans.items()):
         if account is None or acc == account:
             for pa in plans:
-                typer.echo(f"{acc:12} {pa.price_book_id:24} {pa.effective_from} .. {pa.effective_to or 'open'}")
+                typer.echo(f"{acc:12} {pa.price_book_id:24} {pa.service:12} {pa.effective_from} .. "
+                           f"{pa.effective_to or 'open'}")
+
+
+# --- gas conversion factors (seed 001) ---------------------------------------------------------------------------
+@meters_app.command("gas-factor")
+def meters_gas_factor(
+    account: Annotated[str, typer.Argument(help="account id")],
+    since: Annotated[str, typer.Option("--from", help="first day the factor applies (an open factor ends here)")],
+    heating_value: Annotated[str, typer.Option(help="heating value, MJ per m³ (decimal), e.g. 38.5")],
+    pressure_correction: Annotated[str, typer.Option(help="pressure correction factor (decimal), e.g. 0.987")],
+    until: Annotated[str | None, typer.Option("--to", help="first day without it (default: open)")] = None,
+    by: By = None, dry_run: DryRun = False,
+) -> None:
+    """Set the account's gas conversion factor from a date: gas read in m³ is billed in MJ = m³ × heating value
+    × pressure correction (``pipeline.rating.services``). Audited in the reference history."""
+    from decimal import Decimal, InvalidOperation
+
+    start = _date(since, "--from")
+    assert start is not None
+    try:
+        hv, pc = Decimal(heating_value), Decimal(pressure_correction)
+    except InvalidOperation:
+        typer.echo("--heating-value and --pressure-correction must be decimal numbers", err=True)
+        raise typer.Exit(2) from None
+    _run([(1, rules.SetGasConversion(account, start, hv, pc, _date(until, "--to")))], by, "cli", dry_run)

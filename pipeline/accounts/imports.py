@@ -154,4 +154,7 @@ def reference_operations(ref: ReferenceFile) -> Parsed:
     for i, pa in enumerate(ref.plan_assignments):
         add(f"plan_assignments[{i}]", rules.AssignPlan(pa.account, pa.price_book_id, pa.effective_from,
                                                        pa.effective_to))
+    for i, gc in enumerate(ref.gas_conversions):
+        add(f"gas_conversions[{i}]", rules.SetGasConversion(gc.account, gc.effective_from, gc.heating_value,
+                                                            gc.pressure_correction, gc.effective_to))
     return Parsed(ops, [], labels)

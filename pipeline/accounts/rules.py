@@ -19,12 +19,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import date
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.money import MINOR_UNITS
 from pipeline.rating.pricebook import PriceBook, book_in_effect
-from pipeline.reference import Account, PlanAssignment, ReferenceData, ServicePoint, TelemetrySubject
+from pipeline.reference import (
+    Account,
+    GasConversion,
+    PlanAssignment,
+    ReferenceData,
+    ServicePoint,
+    TelemetrySubject,
+)
 
 CYCLES = ("MONTHLY", "BIMONTHLY", "QUARTERLY", "ANNUAL")
 _NMI = re.compile(r"^[A-Za-z0-9]{10,11}$")
@@ -106,7 +114,8 @@ class DetachSubject:
 class AssignPlan:
     """``account`` is billed on price book ``price_book_id`` from ``effective_from`` (to ``effective_to`` or
     open). A plan open on ``effective_from`` is closed there: a switch mid-period prorates as the rating
-    stage always does (fixed charges by service days, tier limits by the fraction of the period)."""
+    stage always does (fixed charges by service days, tier limits by the fraction of the period). Only plans of
+    the book's service are switched or overlap (seed 001: one plan per service; contributions per book)."""
 
     account: str
     price_book_id: str
@@ -114,7 +123,31 @@ class AssignPlan:
     effective_to: date | None = None
 
 
-Operation = CreateAccount | AttachMeter | MoveOut | AttachSubject | DetachSubject | AssignPlan
+@dataclass(frozen=True)
+class EndPlan:
+    """The plan of ``price_book_id`` of ``account`` ends at ``on`` (its first day off the plan): for a voluntary
+    contribution, the opt-out (seed 001); for a service, the service stops being billed (no new plan)."""
+
+    account: str
+    price_book_id: str
+    on: date
+
+
+@dataclass(frozen=True)
+class SetGasConversion:
+    """The account's gas conversion factor from ``effective_from`` (seed 001): ``heating_value`` MJ/m³ and
+    the ``pressure_correction`` factor (``reference.GasConversion``). An open factor starting earlier is
+    closed there (like a plan switch); the stages re-read it at their next reference refresh."""
+
+    account: str
+    effective_from: date
+    heating_value: Decimal
+    pressure_correction: Decimal
+    effective_to: date | None = None
+
+
+Operation = (CreateAccount | AttachMeter | MoveOut | AttachSubject | DetachSubject | AssignPlan | EndPlan
+             | SetGasConversion)
 
 
 # --- changes ------------------------------------------------------------------------------------------------
@@ -127,8 +160,8 @@ class Change:
 
     operation: str
     entity: str
-    row: Account | ServicePoint | TelemetrySubject | PlanAssignment
-    before: Account | ServicePoint | TelemetrySubject | PlanAssignment | None
+    row: Account | ServicePoint | TelemetrySubject | PlanAssignment | GasConversion
+    before: Account | ServicePoint | TelemetrySubject | PlanAssignment | GasConversion | None
     effective: date | None
 
     @property
@@ -148,6 +181,9 @@ class Change:
             return f"{r.nmi}@{r.effective_from}"
         if isinstance(r, TelemetrySubject):
             return f"{r.subject}@{r.effective_from}"
+        if isinstance(r, PlanAssignment) and r.service != "electricity":  # seed 001: one plan per service
+            return f"{r.account}@{r.effective_from}/{r.service}" + (
+                f":{r.price_book_id}" if r.service == "contribution" else "")
         return f"{r.account}@{r.effective_from}"
 
     def audit(self) -> tuple[str, str, str, str, date | None, dict[str, Any] | None, dict[str, Any]]:
@@ -168,12 +204,13 @@ class Registry:
     subjects: dict[str, list[TelemetrySubject]] = field(default_factory=dict)
     plans: dict[str, list[PlanAssignment]] = field(default_factory=dict)  # account → ranges by effective_from
     books: list[PriceBook] = field(default_factory=list)
+    gas: dict[str, list[GasConversion]] = field(default_factory=dict)  # account → factors by effective_from
 
     @classmethod
     def of(cls, ref: ReferenceData) -> Registry:
         return cls(dict(ref.accounts), {k: list(v) for k, v in ref.service_points.items()},
                    {k: list(v) for k, v in ref.subjects.items()}, {k: list(v) for k, v in ref.plans.items()},
-                   list(ref.price_books))
+                   list(ref.price_books), {k: list(v) for k, v in ref.gas.items()})
 
     def apply(self, change: Change) -> None:
         """Record ``change`` here (after ``check`` returned it)."""
@@ -185,6 +222,8 @@ class Registry:
             ranges: list[Any] = self.meters.setdefault(row.nmi, [])
         elif isinstance(row, TelemetrySubject):
             ranges = self.subjects.setdefault(row.subject, [])
+        elif isinstance(row, GasConversion):
+            ranges = self.gas.setdefault(row.account, [])
         else:
             ranges = self.plans.setdefault(row.account, [])
         if change.before is not None:
@@ -256,6 +295,10 @@ def check(reg: Registry, op: Operation) -> tuple[list[Change], list[Problem]]:
     if isinstance(op, DetachSubject):
         return _close(reg.subjects.get(op.subject, []), op.on, "subject.detach", "telemetry_subject",
                       f"subject {op.subject}")
+    if isinstance(op, EndPlan):
+        return _end_plan(reg, op)
+    if isinstance(op, SetGasConversion):
+        return _set_gas_conversion(reg, op)
     return _assign_plan(reg, op)
 
 
@@ -350,12 +393,15 @@ def _assign_plan(reg: Registry, op: AssignPlan) -> tuple[list[Change], list[Prob
                                                     f"account {op.account} in {currency}", "price_book_id"))
     if out:
         return [], out
+    service = max(versions, key=lambda b: b.version).service
     row = PlanAssignment(account=op.account, price_book_id=op.price_book_id, effective_from=op.effective_from,
-                         effective_to=op.effective_to)
+                         effective_to=op.effective_to, service=service)
     changes: list[Change] = []
     for pa in reg.plans.get(op.account, []):
         if pa == row:
             return [], []
+        if not _same_plan_slot(pa, row):  # another service (or another contribution): plans side by side
+            continue
         if not _overlaps(op.effective_from, op.effective_to, pa.effective_from, pa.effective_to):
             continue
         if pa.effective_to is None and pa.effective_from < op.effective_from and not changes:
@@ -370,7 +416,55 @@ def _assign_plan(reg: Registry, op: AssignPlan) -> tuple[list[Change], list[Prob
                            "started before the new one is closed by a switch)", "effective_from"))
     if out:
         return [], out
-    return [*changes, Change("plan.assign", "plan_assignment", row, None, op.effective_from)], []
+    verb = "contribution.opt_in" if service == "contribution" else "plan.assign"
+    return [*changes, Change(verb, "plan_assignment", row, None, op.effective_from)], []
+
+
+def _same_plan_slot(a: PlanAssignment, b: PlanAssignment) -> bool:
+    """Whether two plans of one account exclude each other in time: the same service (seed 001: one plan per
+    service at a time), and for voluntary contributions the same book (several contributions at once)."""
+    return a.service == b.service and (a.service != "contribution" or a.price_book_id == b.price_book_id)
+
+
+def _end_plan(reg: Registry, op: EndPlan) -> tuple[list[Change], list[Problem]]:
+    """Close the open plan of ``op.price_book_id`` at ``op.on`` (a contribution's opt-out)."""
+    ranges = [pa for pa in reg.plans.get(op.account, []) if pa.price_book_id == op.price_book_id]
+    service = ranges[-1].service if ranges else ""
+    verb = "contribution.opt_out" if service == "contribution" else "plan.end"
+    return _close(ranges, op.on, verb, "plan_assignment", f"account {op.account}'s plan {op.price_book_id}")
+
+
+def _set_gas_conversion(reg: Registry, op: SetGasConversion) -> tuple[list[Change], list[Problem]]:
+    out = _range_problems(op.effective_from, op.effective_to)
+    if op.account not in reg.accounts:
+        out.append(Problem("UNKNOWN_ACCOUNT", f"account {op.account} does not exist", "account"))
+    for name in ("heating_value", "pressure_correction"):
+        value = getattr(op, name)
+        if not isinstance(value, Decimal) or not value.is_finite() or value <= 0:
+            out.append(Problem("INVALID_FIELD", f"{name.replace('_', ' ')} {value} must be a positive decimal", name))
+    if out:
+        return [], out
+    try:
+        row = GasConversion(account=op.account, effective_from=op.effective_from, effective_to=op.effective_to,
+                            heating_value=op.heating_value, pressure_correction=op.pressure_correction)
+    except ValueError as exc:  # more than 6 decimal places, too many digits
+        return [], [Problem("INVALID_FIELD", str(exc).splitlines()[-1].strip(), "heating_value")]
+    changes: list[Change] = []
+    for gc in reg.gas.get(op.account, []):
+        if gc == row:
+            return [], []
+        if not _overlaps(op.effective_from, op.effective_to, gc.effective_from, gc.effective_to):
+            continue
+        if gc.effective_to is None and gc.effective_from < op.effective_from and not changes:
+            changes.append(Change("gas.conversion_end", "gas_conversion",
+                                  gc.model_copy(update={"effective_to": op.effective_from}), gc, op.effective_from))
+            continue
+        out.append(Problem("OVERLAPPING_DATES", f"account {op.account} has a gas conversion factor over "
+                                                f"{_span(gc.effective_from, gc.effective_to)}, which overlaps "
+                                                f"{_span(op.effective_from, op.effective_to)}", "effective_from"))
+    if out:
+        return [], out
+    return [*changes, Change("gas.conversion", "gas_conversion", row, None, op.effective_from)], []
 
 
 def check_all(reg: Registry, ops: list[tuple[int, Operation]]) -> tuple[list[tuple[int, Change]],

@@ -20,7 +20,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from pipeline.accounts import rules
-from pipeline.reference import Account, PlanAssignment, ServicePoint, TelemetrySubject
+from pipeline.reference import Account, GasConversion, PlanAssignment, ServicePoint, TelemetrySubject
 from pipeline.refstore import read_reference
 from pipeline.runtime import postgres
 
@@ -89,6 +89,8 @@ def apply_change(conn: Any, c: rules.Change, by: str, source: str) -> int:
             "currency) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
             (row.account, row.name, row.timezone, row.holiday_region, row.billing_cycle, row.billing_anchor,
              row.net_days, row.currency))
+    elif isinstance(row, PlanAssignment | GasConversion) and (c.is_close or isinstance(row, GasConversion)):
+        _write_multi_service(conn, c)
     elif isinstance(row, ServicePoint | TelemetrySubject | PlanAssignment):
         table, key_col, key = {
             ServicePoint: ("service_points", "nmi", getattr(row, "nmi", None)),
@@ -102,9 +104,9 @@ def apply_change(conn: Any, c: rules.Change, by: str, source: str) -> int:
             if n != 1:
                 raise ConcurrentChange(f"{c.entity} {c.entity_key} is no longer open")
         elif isinstance(row, PlanAssignment):
-            conn.execute("INSERT INTO plan_assignments (account, price_book_id, effective_from, effective_to) "
-                         "VALUES (%s, %s, %s, %s)", (row.account, row.price_book_id, row.effective_from,
-                                                     row.effective_to))
+            conn.execute("INSERT INTO plan_assignments (account, price_book_id, effective_from, effective_to, service) "
+                         "VALUES (%s, %s, %s, %s, %s)", (row.account, row.price_book_id, row.effective_from,
+                                                         row.effective_to, row.service))
         else:
             conn.execute(f"INSERT INTO {table} ({key_col}, account, effective_from, effective_to) "
                          "VALUES (%s, %s, %s, %s)", (key, row.account, row.effective_from, row.effective_to))
@@ -112,6 +114,28 @@ def apply_change(conn: Any, c: rules.Change, by: str, source: str) -> int:
     return conn.execute(INSERT_CHANGE, (by, source, op, entity, entity_key, account, effective,
                                         postgres.jsonb(before) if before is not None else None,
                                         postgres.jsonb(after))).fetchone()[0]
+
+
+def _write_multi_service(conn: Any, c: rules.Change) -> None:
+    """Close a plan (one of several services or contributions of an account, migration 0010: the row is named
+    by its service and book too), or add or close a gas conversion factor. Raises ``ConcurrentChange`` when
+    the range to close is not open any more."""
+    row = c.row
+    if isinstance(row, PlanAssignment):
+        n = conn.execute("UPDATE plan_assignments SET effective_to = %s WHERE account = %s AND service = %s "
+                         "AND price_book_id = %s AND effective_from = %s AND effective_to IS NULL",
+                         (row.effective_to, row.account, row.service, row.price_book_id, row.effective_from)).rowcount
+    elif c.is_close:
+        n = conn.execute("UPDATE gas_conversions SET effective_to = %s WHERE account = %s AND effective_from = %s "
+                         "AND effective_to IS NULL", (row.effective_to, row.account, row.effective_from)).rowcount
+    else:
+        assert isinstance(row, GasConversion)
+        n = conn.execute("INSERT INTO gas_conversions (account, effective_from, effective_to, heating_value, "
+                         "pressure_correction) VALUES (%s, %s, %s, %s, %s)",
+                         (row.account, row.effective_from, row.effective_to, row.heating_value,
+                          row.pressure_correction)).rowcount
+    if n != 1:
+        raise ConcurrentChange(f"{c.entity} {c.entity_key} is no longer open")
 
 
 # --- reads ------------------------------------------------------------------------------------------------

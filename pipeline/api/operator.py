@@ -33,6 +33,7 @@ import json
 import time
 from collections.abc import Callable
 from datetime import date
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Security
@@ -97,6 +98,19 @@ class PlanIn(BaseModel):
 
     price_book_id: str
     effective_from: date
+    effective_to: date | None = None
+
+
+class GasFactorIn(BaseModel):
+    """The account's gas conversion factor from ``effective_from`` (seed 001): MJ = m³ × ``heating_value``
+    (MJ/m³) × ``pressure_correction``; decimal strings."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "effective_from": "2025-08-01", "heating_value": "38.5", "pressure_correction": "0.987"}]})
+
+    effective_from: date
+    heating_value: Decimal
+    pressure_correction: Decimal
     effective_to: date | None = None
 
 
@@ -252,6 +266,7 @@ def create_app(settings: Settings, database_url: str | None = None,
             "service_points": [sp.model_dump(mode="json") for sp in ref.by_account.get(account, ())],
             "telemetry_subjects": [t.model_dump(mode="json") for t in ref.subjects_by_account.get(account, ())],
             "plan_assignments": [p.model_dump(mode="json") for p in ref.plans.get(account, ())],
+            "gas_conversions": [g.model_dump(mode="json") for g in ref.gas.get(account, ())],
             "history": [r.as_json() for r in rows],
         }
 
@@ -293,6 +308,22 @@ def create_app(settings: Settings, database_url: str | None = None,
     async def assign_plan(account: str, body: PlanIn, request: Request, who: Operator, dry_run: DryRun = False,
                           idempotency_key: IdemKey = None) -> Response:
         op = rules.AssignPlan(account, body.price_book_id, body.effective_from, body.effective_to)
+        return await execute(request, who, idempotency_key, [(1, op)], dry_run, 201)
+
+    @app.post("/v1/accounts/{account}/plans/{price_book_id}/end", response_model=OperationResult,
+              responses=_ERRORS, summary="End a plan from a date (a voluntary contribution's opt-out)")
+    async def end_plan(account: str, price_book_id: str, body: EndIn, request: Request, who: Operator,
+                       dry_run: DryRun = False, idempotency_key: IdemKey = None) -> Response:
+        op = rules.EndPlan(account, price_book_id, body.on)
+        return await execute(request, who, idempotency_key, [(1, op)], dry_run, 200)
+
+    @app.post("/v1/accounts/{account}/gas-conversion", status_code=201, response_model=OperationResult,
+              responses=_ERRORS, summary="Set the gas conversion factor (heating value, pressure correction) from "
+                                         "a date")
+    async def gas_conversion(account: str, body: GasFactorIn, request: Request, who: Operator,
+                             dry_run: DryRun = False, idempotency_key: IdemKey = None) -> Response:
+        op = rules.SetGasConversion(account, body.effective_from, body.heating_value, body.pressure_correction,
+                                    body.effective_to)
         return await execute(request, who, idempotency_key, [(1, op)], dry_run, 201)
 
     @app.post("/v1/imports", status_code=201, response_model=OperationResult, responses=_ERRORS,

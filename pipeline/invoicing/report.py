@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 from pipeline.money import ZERO
+from pipeline.rating.services import section_key, section_title
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class InvoiceLineSummary:
     service_period_start: Any = None
     adjusts_invoice_number: str | None = None
     quality_flags: tuple[str, ...] = ()
+    service: str = "electricity"  # the service its price book bills (seed 001): the invoice section it is in
 
     @property
     def estimated(self) -> bool:
@@ -73,7 +75,7 @@ class InvoiceSummary:
         return sum((ln.amount for ln in self.lines), ZERO)
 
 
-KIND_ORDER = {"tou": 0, "per_unit": 0, "fixed_daily": 1, "feed_in": 2, "tax": 3}
+KIND_ORDER = {"tou": 0, "per_unit": 0, "fixed_daily": 1, "feed_in": 2, "tax": 3, "contribution": 4}
 
 SUMMARY_SQL = """
 WITH net AS (
@@ -84,14 +86,16 @@ WITH net AS (
 ), latest AS (
   SELECT DISTINCT ON (invoice_id, line_kind, period_start, component_id, band) invoice_id, line_kind,
          period_start AS service_start, component_id, band, component_kind, quantity, unit, rate,
-         explanation->'quality_flags' AS quality_flags
+         explanation->'quality_flags' AS quality_flags, price_book_id
   FROM invoice_lines WHERE (%(account)s::text IS NULL OR account = %(account)s)
   ORDER BY invoice_id, line_kind, period_start, component_id, band, source_partition, source_offset DESC
 )
 SELECT i.invoice_id, i.account, i.period_start, i.period_end, i.currency, i.status, i.invoice_number, i.bill_date,
        i.due_date, i.previous_balance, i.payments_total, i.amount_due,
        l.component_id, l.component_kind, l.band, l.quantity, l.unit, l.rate, n.amount, n.n, n.line_kind,
-       n.service_start, n.adjusts_invoice_number, l.quality_flags
+       n.service_start, n.adjusts_invoice_number, l.quality_flags,
+       (SELECT coalesce(pb.body->>'service', 'electricity') FROM price_books pb WHERE pb.id = l.price_book_id
+        ORDER BY pb.version DESC LIMIT 1) AS service
 FROM invoices i JOIN net n USING (invoice_id)
      JOIN latest l USING (invoice_id, line_kind, service_start, component_id, band)
 WHERE (%(period)s::date IS NULL OR i.period_start = %(period)s)
@@ -108,11 +112,12 @@ def invoice_summaries(conn: Any, account: str | None = None, period_start: Any =
     heads: dict[str, Any] = {}
     for row in rows:
         heads.setdefault(row[0], row[:12])
-        by_invoice.setdefault(row[0], []).append(InvoiceLineSummary(*row[12:23], tuple(row[23] or ())))
+        by_invoice.setdefault(row[0], []).append(InvoiceLineSummary(*row[12:23], tuple(row[23] or ()),
+                                                                    row[24] or "other"))
     out = []
     for inv_id, head in heads.items():
         lines = sorted(by_invoice[inv_id], key=lambda ln: (
-            ln.line_kind, str(ln.adjusts_invoice_number), ln.service_period_start,
+            ln.line_kind, str(ln.adjusts_invoice_number), ln.service_period_start, section_key(ln.service),
             KIND_ORDER.get(ln.component_kind, 9), ln.component_id, ln.band))
         out.append(InvoiceSummary(*head[:6], tuple(lines), *head[6:]))  # type: ignore[misc]
     return out
@@ -131,6 +136,32 @@ def _line_text(ln: InvoiceLineSummary, currency: str) -> str:
     return f"    {label:<22} {qty:<34} {_money(ln.amount):>10} {currency}"
 
 
+def services_of(inv: InvoiceSummary) -> dict[str, list[InvoiceLineSummary]]:
+    """The invoice's lines by service (seed 001: electricity, gas, water, flat services, contributions), in
+    section order (``rating.services.section_key``), each section's lines in invoice order."""
+    out: dict[str, list[InvoiceLineSummary]] = {}
+    for ln in sorted(inv.lines, key=lambda x: section_key(x.service)):
+        out.setdefault(ln.service, []).append(ln)
+    return out
+
+
+def _charges_text(charges: list[InvoiceLineSummary], currency: str) -> list[str]:
+    """The charge lines; on a multi-service invoice one section per service with its subtotal (seed 001)."""
+    if len({ln.service for ln in charges}) <= 1:
+        return [_line_text(ln, currency) for ln in charges]
+    out = []
+    sections: dict[str, list[InvoiceLineSummary]] = {}
+    for ln in charges:
+        sections.setdefault(ln.service, []).append(ln)
+    for service in sorted(sections, key=section_key):
+        lines = sections[service]
+        out.append(f"  {section_title(service)}:")
+        out += [_line_text(ln, currency) for ln in lines]
+        subtotal = sum((ln.amount for ln in lines), ZERO)
+        out.append(f"    {section_title(service) + ' subtotal':<57} {_money(subtotal):>10} {currency}")
+    return out
+
+
 def format_invoice(inv: InvoiceSummary) -> str:
     """A plain-text invoice: header (number, status, dates), charges, prior-period adjustments
     (naming the invoice each corrects and its service period), manual lines (Bill API, net), and the
@@ -143,7 +174,7 @@ def format_invoice(inv: InvoiceSummary) -> str:
         out.append(f"  bill date {inv.bill_date}   due date {inv.due_date}")
     charges = [ln for ln in inv.lines if ln.line_kind == "CHARGE"]
     adjustments = [ln for ln in inv.lines if ln.line_kind == "ADJUSTMENT"]
-    out += [_line_text(ln, inv.currency) for ln in charges]
+    out += _charges_text(charges, inv.currency)
     if adjustments:
         out.append("  prior-period adjustments:")
         group = None
@@ -200,12 +231,22 @@ def explain_line(conn: Any, line_id: str) -> str | None:
         f"  cause: {cause}",
         f"  appended {appended:%Y-%m-%d %H:%M:%S %Z} from {topic}[{partition}]@{offset}",
     ]
+    if exp.get("service"):
+        out.insert(3, f"  service: {section_title(exp['service'])}")
+    if exp.get("contribution"):
+        c = exp["contribution"]
+        out.append(f"  voluntary contribution: {c['amount']} {cur} per {c['per']}"
+                   f"{' (' + c['description'] + ')' if c.get('description') else ''}; {c['opted_in']}")
     windows = exp.get("windows", [])
     if windows:
         out.append(f"  window revisions ({len(windows)}):")
         for w in windows:
             out.append(f"    {w['window_id']} rev {w['revision']} {w['timing']}: value {w['value']} "
                        f"(delta {w['delta']}), quality {','.join(w['qualities'])}")
+            if "gas_conversion" in w:
+                g = w["gas_conversion"]
+                out.append(f"      gas: {g['volume_m3']} m³ × {g['heating_value_mj_per_m3']} MJ/m³ × "
+                           f"{g['pressure_correction']} = {g['energy_mj']} MJ")
             for src in w["sources"]:
                 out.append(f"      from {src}")
     elif cause.startswith("pricebook:"):

@@ -380,7 +380,7 @@ def tie_out(snap: Snapshot, policy: Callable[[str], w.WindowPolicy], ref: Any,
             return []
         day = start.astimezone(info.tz).date()
         p = period_containing(info.billing_cycle, info.billing_anchor, day)
-        book = ref.book_on(acct, day)
+        book = ref.book_for(acct, day, metric)  # the book of the metric's service (multi-service accounts)
         if book is None:
             return []
         return [(acct, p.start, metric, book.id, c.id) for c in book.usage_components(metric)

@@ -366,6 +366,24 @@ class DemandComponent(_Frozen):
         return self.interval_minutes * 60_000
 
 
+class ContributionComponent(_Frozen):
+    """A voluntary contribution (seed 001: "voluntary contributions" on the periodic bill): an opt-in fixed
+    add-on such as green power or a community donation, ``amount`` per bill (``per: "bill"``, prorated by
+    service days / period days like ``fixed_period``, SPEC §4) or per service day (``per: "day"``, like
+    ``fixed_daily``). Only in a book of service ``contribution``; the customer opts in and out with a plan
+    assignment of that book (``pipeline plans assign`` / ``plans end``), audited like every plan change."""
+
+    id: str
+    kind: Literal["contribution"]
+    per: Literal["bill", "day"]
+    amount: Rate
+    description: str = ""
+
+    @property
+    def unit(self) -> str:
+        return "period" if self.per == "bill" else "day"
+
+
 class TaxComponent(_Frozen):
     """A tax as a percentage of the rounded totals of named components (e.g. GST 10%)."""
 
@@ -377,10 +395,16 @@ class TaxComponent(_Frozen):
 
 Component = Annotated[
     TouComponent | PerUnitComponent | FixedDailyComponent | FeedInComponent | TaxComponent | TieredComponent
-    | PackageComponent | FixedPeriodComponent | SurchargeComponent | MinimumComponent | DemandComponent,
+    | PackageComponent | FixedPeriodComponent | SurchargeComponent | MinimumComponent | DemandComponent
+    | ContributionComponent,
     Field(discriminator="kind"),
 ]
 USAGE_KINDS = ("tou", "per_unit", "feed_in", "tiered", "package", "surcharge", "demand")
+SERVICE_UNITS: dict[str, tuple[str, ...]] = {"electricity": ("kWh", "kW", "kVArh"), "gas": ("MJ",), "water": ("kL",)}
+"""Units a metered service's usage components price in (multi-service accounts, seed 001): gas is billed in
+MJ (a volume in m³ is converted with the account's gas conversion factor, ``pipeline.rating.services``),
+water in kL. Other services (``contribution``, or a flat service such as ``sewerage``) have no usage."""
+SERVICE_NAME = r"^[a-z][a-z0-9_]{0,31}$"
 
 
 class PriceBook(_Frozen):
@@ -394,13 +418,22 @@ class PriceBook(_Frozen):
             (JSON ``null``): no public holidays, every day is a weekday or a weekend day (a TOU band may then
             not name the ``holiday`` day type). Must be given (``null`` included).
         effective_from / effective_to: local dates, ``effective_to`` exclusive (``None`` = open).
+        service: what the book prices on a multi-service account (seed 001): ``electricity`` (the default,
+            left out of the canonical JSON so older books keep their hash), ``gas`` (usage in MJ), ``water``
+            (kL), ``contribution`` (only ``contribution`` components: a voluntary add-on), or any other
+            lower-case name for a flat service (fixed components only, no usage). An account has at most one
+            plan per service at a time (several contributions at once); its invoice shows one section per
+            service.
         components: the charge components, ids unique.
     Raises ``pydantic.ValidationError`` on any inconsistency.
     """
 
+    _LATER_FIELDS: ClassVar[tuple[str, ...]] = ("service",)
+
     id: str
     version: int = Field(ge=1)
     name: str = ""
+    service: str = Field("electricity", pattern=SERVICE_NAME)
     currency: str
     timezone: str
     holiday_region: str | None
@@ -453,9 +486,32 @@ class PriceBook(_Frozen):
                     raise ValueError(f"tax {c.id!r} applies to unknown components {sorted(missing)}")
         if self.effective_to is not None and self.effective_to <= self.effective_from:
             raise ValueError("effective_to must be after effective_from")
+        self._check_service()
         if self.holiday_region is not None:
             _holiday_calendar(self.holiday_region)  # raises for an unknown region
         return self
+
+    def _check_service(self) -> None:
+        """A book's components fit its service (seed 001): contributions only in a ``contribution`` book and
+        nothing else there; usage of a metered service in its units (gas in MJ, water in kL); a flat service
+        (any other name) has no usage components."""
+        contributions = [c.id for c in self.components if isinstance(c, ContributionComponent)]
+        if self.service == "contribution":
+            others = [c.id for c in self.components if not isinstance(c, ContributionComponent)]
+            if others or not contributions:
+                raise ValueError(f"a contribution book has contribution components only: {others or 'none given'}")
+            return
+        if contributions:
+            raise ValueError(f"contribution components {contributions} belong in a book of service 'contribution', "
+                             f"not {self.service!r}")
+        usage = [c for c in self.components if c.kind in USAGE_KINDS and getattr(c, "metric", None)]
+        units = SERVICE_UNITS.get(self.service)
+        if units is None and usage:
+            raise ValueError(f"{self.service!r} is a flat service (not one of {sorted(SERVICE_UNITS)}): it has fixed "
+                             f"charges only, not usage components {[c.id for c in usage]}")
+        wrong = [f"{c.id} ({c.unit})" for c in usage if units is not None and c.unit not in units]
+        if wrong and self.service != "electricity":  # electricity books predate the check: any unit stays valid
+            raise ValueError(f"{self.service} usage is priced in {' or '.join(units or ())}: {', '.join(wrong)}")
 
     def canonical_json(self) -> str:
         """Deterministic JSON of the whole version (sorted keys, decimals as strings)."""

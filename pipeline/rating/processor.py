@@ -47,7 +47,8 @@ from pipeline.codec import Codec, DecodeError
 from pipeline.ingest.nem13 import SPREAD_MARK
 from pipeline.money import ZERO
 from pipeline.rating import rate as r
-from pipeline.rating.pricebook import DemandComponent, PriceBook, TouComponent
+from pipeline.rating.pricebook import ContributionComponent, DemandComponent, PriceBook, TouComponent
+from pipeline.rating.services import VOLUME_UNITS, gas_energy_mj
 from pipeline.records import RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
 from pipeline.runtime import timing
@@ -378,7 +379,7 @@ class RatingProcessor:
         account = ref.accounts[ps.account]
         for key, rw in rws:
             start = datetime.fromtimestamp(rw.window_start_ms / 1000, tz=UTC)
-            book = ref.book_on(ps.account, start.astimezone(account.tz).date())
+            book = ref.book_for(ps.account, start.astimezone(account.tz).date(), rw.metric)
             if book is None:
                 continue
             rw.keys, rw.demand_keys, unfit = window_keys(book, rw.metric, start, rw.window_ms)
@@ -407,12 +408,22 @@ class RatingProcessor:
             return
         local_day = win.window_start.astimezone(account.tz).date()
         period = r.period_containing(account.billing_cycle, account.billing_anchor, local_day)
-        book = ref.book_on(win.account, local_day)
+        book = ref.book_for(win.account, local_day, win.metric)
         if book is None:
             self._dead_letter(
                 record, "NO_PRICE_BOOK", f"no plan/price book for account {win.account} on {local_day}", ctx
             )
             return
+        value = win.value
+        if _is_gas_volume(ref, book, win.metric):
+            gc = ref.gas_conversion_on(win.account, local_day)
+            if gc is None:
+                self._dead_letter(record, "NO_GAS_CONVERSION_FACTOR",
+                                  f"{win.window_id}: {win.metric} is metered in m³ and {book.id} bills gas in MJ, but "
+                                  f"account {win.account} has no gas conversion factor on {local_day} (pipeline "
+                                  "meters gas-factor)", ctx)
+                return
+            value = gas_energy_mj(win.value, gc.heating_value, gc.pressure_correction)
         start_ms = int(win.window_start.timestamp() * 1000)
         end_ms = int(win.window_end.timestamp() * 1000)
         store = ctx.store(record.partition)
@@ -445,7 +456,7 @@ class RatingProcessor:
             fold(old_ps, held, -1, intervals, account.tz)
             if old_ps is not ps:
                 store.put(held.period_key.encode(), old_ps)
-        rw = RatedWindowState(win.revision, win.value, pkey, keys, demand_keys, start_ms, ZERO, win.metric, end_ms,
+        rw = RatedWindowState(win.revision, value, pkey, keys, demand_keys, start_ms, ZERO, win.metric, end_ms,
                               list(win.qualities), win.series)
         fold(ps, rw, 1, intervals, account.tz)
         store.put(pkey.encode(), ps)
@@ -496,14 +507,14 @@ def book_component(book: PriceBook, component_id: str) -> TouComponent:
 
 
 def service_days(ps: PeriodState, ref: ReferenceData) -> dict[tuple[str, int], int]:
-    """Days of the period on which the account had a service point, per price book version billing them."""
+    """Days of the period on which the account had a service point, per price book version billing them: on a
+    multi-service account each service's book (and each contribution opted into) counts the day (seed 001)."""
     ranges = ref.service_ranges(ps.account)
     out: dict[tuple[str, int], int] = {}
     day = ps.period_start
     while day < ps.period_end:
         if any(sp.covers(day) for sp in ranges):
-            book = ref.book_on(ps.account, day)
-            if book is not None:
+            for book in ref.books_on(ps.account, day):  # every service's book and each contribution (seed 001)
                 out[(book.id, book.version)] = out.get((book.id, book.version), 0) + 1
         day += timedelta(days=1)
     return out
@@ -610,10 +621,12 @@ def recompute(
             "cause": cause,
             "windows": [
                 {"window_id": c.window_id, "revision": c.revision, "timing": c.timing, "value": str(c.value),
-                 "delta": str(c.delta), "qualities": list(c.qualities), "sources": list(c.sources)}
+                 "delta": str(c.delta), "qualities": list(c.qualities), "sources": list(c.sources),
+                 **_conversion(ref, books[(line.book_id, line.book_version)], c)}
                 for c in related
             ],
             **checks,
+            **_service_explanation(books[(line.book_id, line.book_version)], line.component_id),
         }
         out.append(_Charge(key, RatedCharge(
             line_id=line_id, account=ps.account, period_start=ps.period_start, period_end=ps.period_end,
@@ -623,6 +636,39 @@ def recompute(
             price_book_version=line.book_version, cause=cause,
             explanation=json.dumps(explanation, sort_keys=True), watermark=watermark,
         )))
+    return out
+
+
+def _is_gas_volume(ref: ReferenceData, book: PriceBook, metric: str) -> bool:
+    """Whether windows of ``metric`` are gas volumes (m³) that ``book`` (a gas book, priced in MJ) bills as
+    energy: the metric's definition says m³ (seed 001)."""
+    definition = ref.metrics.get(metric)
+    return book.service == "gas" and definition is not None and definition.unit in VOLUME_UNITS
+
+
+def _conversion(ref: ReferenceData, book: PriceBook, win: UsageWindow) -> dict[str, Any]:
+    """For a gas volume window, how its m³ became MJ (``gas_energy_mj``): the factors in force on its day."""
+    if not _is_gas_volume(ref, book, win.metric):
+        return {}
+    account = ref.accounts[win.account]
+    gc = ref.gas_conversion_on(win.account, win.window_start.astimezone(account.tz).date())
+    if gc is None:
+        return {}
+    return {"gas_conversion": {"volume_m3": str(win.value),
+                               "heating_value_mj_per_m3": f"{gc.heating_value.normalize():f}",
+                               "pressure_correction": f"{gc.pressure_correction.normalize():f}",
+                               "energy_mj": str(gas_energy_mj(win.value, gc.heating_value, gc.pressure_correction)),
+                               "formula": "MJ = m³ × heating value × pressure correction"}}
+
+
+def _service_explanation(book: PriceBook, component_id: str) -> dict[str, Any]:
+    """The service a line bills (its invoice section) and, for a voluntary contribution, what it is."""
+    out: dict[str, Any] = {"service": book.service}
+    comp = next((c for c in book.components if c.id == component_id), None)
+    if isinstance(comp, ContributionComponent):
+        out["contribution"] = {"per": comp.per, "amount": str(comp.amount), "description": comp.description,
+                               "opted_in": "a voluntary contribution the account opted into (plan "
+                                           f"{book.id}); it ends when the account opts out"}
     return out
 
 

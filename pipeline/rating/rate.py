@@ -28,6 +28,7 @@ from decimal import Decimal
 
 from pipeline.money import ZERO, round_money
 from pipeline.rating.pricebook import (
+    ContributionComponent,
     DemandComponent,
     FeedInComponent,
     FixedDailyComponent,
@@ -240,6 +241,9 @@ def rate_period(
                 add(f"{book_id}|{comp.id}|", book, comp, Decimal(days), comp.rate, [])
             elif isinstance(comp, FixedPeriodComponent):
                 add(f"{book_id}|{comp.id}|", book, comp, fraction(book_id, version), comp.rate, [])
+            elif isinstance(comp, ContributionComponent):  # seed 001: per day like fixed_daily, per bill prorated
+                qty = Decimal(days) if comp.per == "day" else fraction(book_id, version)
+                add(f"{book_id}|{comp.id}|", book, comp, qty, comp.amount, [])
 
     lines: dict[str, LineTotal] = {key: _line(key, items, tuple(sorted(inputs[key]))) for key, items in parts.items()}
     # components computed from other components' rounded totals, per book (latest version in play)

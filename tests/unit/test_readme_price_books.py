@@ -64,3 +64,36 @@ def test_the_errors_the_readme_quotes_are_the_models(book: str, edit) -> None:
         PriceBook.model_validate(raw)
     message = caught.value.errors()[0]["msg"].removeprefix("Value error, ")
     assert f"`{message}`" in " ".join(section().split()), message
+
+
+# --- multi-service accounts (issue 17 part C, seed 001) ------------------------------------------------------------
+def service_examples() -> dict[str, PriceBook]:
+    text = README.read_text()
+    start = text.index("## Multi-service accounts and voluntary contributions")
+    blocks = re.findall(r"```json\n(.*?)\n```", text[start:text.index("\n## ", start + 5)], re.S)
+    return {b.id: b for b in (PriceBook.model_validate(json.loads(raw)) for raw in blocks)}
+
+
+def test_the_readme_shows_a_valid_price_book_per_service() -> None:
+    books = service_examples()
+    assert {b.id: b.service for b in books.values()} == {
+        "HOME-ELEC": "electricity", "HOME-GAS": "gas", "HOME-WATER": "water", "HOME-SEWERAGE": "sewerage",
+        "GREEN-DONATION": "contribution"}
+
+
+def test_the_readme_multi_service_numbers_are_what_rating_computes() -> None:
+    from pipeline.rating.services import gas_energy_mj
+
+    b = service_examples()
+    mj = gas_energy_mj(Decimal(100), Decimal("38.5"), Decimal("0.9871"))
+    assert mj == Decimal("3800.335000")
+    lines = rate_period(
+        {quantity_key(b["HOME-GAS"], "gas_usage", ""): mj,
+         quantity_key(b["HOME-WATER"], "water_usage", ""): Decimal("26.5")},
+        {("HOME-GAS", 1): 31, ("HOME-WATER", 1): 31, ("HOME-SEWERAGE", 1): 21, ("GREEN-DONATION", 1): 10},
+        {(x.id, 1): x for x in b.values()}, 31)
+    assert {k: v.total for k, v in lines.items()} == {
+        "HOME-GAS|gas_usage|": Decimal("133.01"), "HOME-WATER|water_usage|tier 1": Decimal("50.00"),
+        "HOME-WATER|water_usage|tier 2": Decimal("22.10"), "HOME-SEWERAGE|sewerage|": Decimal("20.32"),
+        "GREEN-DONATION|green_power|": Decimal("1.61"),
+        "HOME-GAS|gas_supply|": Decimal("21.70"), "HOME-WATER|water_service|": Decimal("25.00")}
