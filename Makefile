@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install monitoring-tools demo test unit integration soak bench stack-up stack-up-monitoring stack-down stack-status stack-reset lint clean
+.PHONY: install monitoring-tools browser-tools demo test unit integration soak bench stack-up stack-up-monitoring stack-down stack-status stack-reset lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,13 @@ install: $(STAMP)  ## Python dependencies into .venv
 monitoring-tools: install  ## Prometheus + promtool (Debian's `prometheus` package; apt-get as root or sudo -n)
 	$(BIN)/pipeline stack install-monitoring
 
+browser-tools: install  ## Chromium for the portal's headless test (Debian's `chromium`; apt-get as root or sudo -n)
+	$(BIN)/pipeline stack install-browser
+
 demo: install  ## stack up, topics, reference data, 4 stages, bundled real NEM12 files -> invoices
 	$(BIN)/pipeline demo
 
-test: install monitoring-tools  ## every test; integration tests start the local Kafka + Postgres (+ Prometheus) if not running
+test: install monitoring-tools browser-tools  ## every test; integration tests start the local Kafka + Postgres (+ Prometheus) if not running
 	$(BIN)/python -m pytest -q
 
 soak: install  ## 100 SIGKILLs, a broker and a Postgres restart over the bundled data; one-line verdict
@@ -29,7 +32,7 @@ soak: install  ## 100 SIGKILLs, a broker and a Postgres restart over the bundled
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: install monitoring-tools
+integration: install monitoring-tools browser-tools
 	$(BIN)/python -m pytest -q tests/integration
 
 stack-up: install

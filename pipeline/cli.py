@@ -96,6 +96,19 @@ def stack_install_monitoring() -> None:
         raise typer.Exit(1) from exc
 
 
+@stack_app.command("install-browser")
+def stack_install_browser() -> None:
+    """Make sure Chromium is installed for the portal's browser test (Debian's `chromium` package, with apt-get
+    as root or `sudo -n`); prints the binary. Exit 1 with what to do when it cannot be installed."""
+    from pipeline import browser
+
+    try:
+        typer.echo(f"chromium: {browser.ensure_chromium()}")
+    except browser.BrowserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop what `stack up` started (Prometheus too)."""

@@ -15,6 +15,9 @@ Endpoints (amounts are decimal strings in the bill's currency, major units; date
   the invoicing stage finalizes the bill: next gap-free invoice number, frozen statement → 200.
 * ``GET /v1/accounts/{account}/bills``; ``GET /v1/accounts/{account}/balance?currency=EUR&on=YYYY-MM-DD`` —
   the balance per currency and its total in ``currency`` at that day's loaded reference rates.
+* ``GET /v1/accounts/{account}/usage`` (usage so far, daily series, TOU bands, projected bill per method with
+  its confidence) and ``GET /v1/accounts/{account}/invoices`` (regular invoices with lines, statement and
+  estimated-read markers); ``GET /portal/{account}``: the same as an HTML page (``pipeline.api.portal``).
 * Operators only: ``POST /v1/accounts/{account}/api-keys`` (a customer key, shown once), ``POST
   /v1/exchange-rates`` (an ECB reference-rate CSV, ``text/csv``).
 
@@ -50,7 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import fx
 from pipeline.api import billstore as store
-from pipeline.api import idempotency
+from pipeline.api import idempotency, portal
 from pipeline.api.errors import BillApiError, ErrorBody, from_http, from_validation
 from pipeline.codec import Codec
 from pipeline.config import Settings
@@ -453,6 +456,9 @@ def create_app(settings: Settings, producer: Producer, codec: Codec, database_ur
         days = sorted({r.rate_date for r in rates})
         return JSONResponse({"source": source, "rates": len(rates), "inserted": n,
                              "dates": [days[0].isoformat(), days[-1].isoformat()] if days else []}, status_code=201)
+
+    # --- usage, invoices and the portal page (issue 17: pipeline.api.portal) ----------------------------
+    portal.install(app, run, caller, Caller, _ERRORS)
 
     @app.get("/v1/health", summary="Liveness")
     async def health() -> dict[str, str]:
