@@ -128,7 +128,7 @@ def test_prometheus_scrapes_every_process_on_its_real_metrics_port_with_the_rule
                 assert host in SERVICES, target
                 scraped[host] = (job["job_name"], static["labels"]["service"], int(port))
     expected = long_running()
-    assert set(expected) == {"ingest", "windowing", "rating", "invoicing", "relay", "http"}
+    assert set(expected) == {"ingest", "windowing", "rating", "invoicing", "relay", "http", "usage"}
     for name, (runs, port) in expected.items():
         assert scraped.get(name) == ("pipeline", runs, port), (name, scraped.get(name))
     for rule_file in config["rule_files"]:
