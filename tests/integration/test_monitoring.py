@@ -199,7 +199,7 @@ def test_prometheus_scrapes_every_process_lag_returns_to_zero_and_counts_match(
         ledger = dict(env.sql("SELECT status, count(*) FROM invoices GROUP BY status"))
         return (
             _by(base, 'pipeline_invoices{service="invoicing"}', "status"),
-            {s: float(ledger.get(s, 0)) for s in ("OPEN", "FINALIZED")},
+            {s: float(ledger.get(s, 0)) for s in ("OPEN", "REVIEW", "FINALIZED")},
         )
 
     _eventually("invoices by status as in the ledger", invoices, env, lambda pair: pair[0] == pair[1])
