@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 QUALITY_FLAGS = frozenset("AESFNV")  # MDFF quality methods (NEM12 spec §4.5 / Appendix C)
+ESTIMATED_QUALITY_FLAGS = frozenset("ESF")  # reads that are not actual: E forward estimate, S substituted, F final
 
 
 def _require_utc(name: str, value: datetime) -> None:

@@ -12,6 +12,7 @@ clock and the invoices live in Postgres, so closing carries on where it was afte
 from __future__ import annotations
 
 import time
+from typing import TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -22,6 +23,8 @@ from pipeline.records import InvoiceAdjustment, Payment, RatedCharge
 from pipeline.runtime import timing
 from pipeline.runtime.kafka import Incoming
 from pipeline.runtime.processor import Context, ProcessorBase
+
+T = TypeVar("T")
 
 LINES = Counter("pipeline_ledger_lines_total", "ledger lines by outcome", ["outcome"])
 PAYMENTS = Counter("pipeline_ledger_payments_total", "payments by outcome", ["outcome"])
@@ -84,24 +87,25 @@ class InvoicingProcessor(ProcessorBase):
                                            timing.read_ms(record.headers, timing.CLOSED))
 
     def _process_payment(self, record: Incoming, ctx: Context) -> None:
-        try:
-            payment = self.codec.decode(record.value or b"", Payment)
-        except DecodeError as exc:
-            reason = "INVALID_PAYMENT" if str(exc).startswith("invalid Payment") else "UNDECODABLE"
-            self._dead_letter(record, reason, str(exc), ctx)
-            PAYMENTS.labels("dead_lettered").inc()
-            return
-        self._payments.append(PendingPayment(payment, record.topic, record.partition, record.offset))
+        payment = self._decode(record, Payment, "INVALID_PAYMENT", PAYMENTS, ctx)
+        if payment is not None:
+            self._payments.append(PendingPayment(payment, record.topic, record.partition, record.offset))
 
     def _process_adjustment(self, record: Incoming, ctx: Context) -> None:
+        adj = self._decode(record, InvoiceAdjustment, "INVALID_ADJUSTMENT", MANUAL, ctx)
+        if adj is not None:
+            self._adjustments.append(PendingAdjustment(adj, record.topic, record.partition, record.offset))
+
+    def _decode(self, record: Incoming, cls: type[T], invalid_reason: str, outcomes: Counter, ctx: Context) -> T | None:
+        """``record`` as a ``cls``, or ``None`` after dead-lettering it: ``invalid_reason`` when it decodes but
+        breaks a rule of ``cls``, ``UNDECODABLE`` otherwise (counted on ``outcomes`` as ``dead_lettered``)."""
         try:
-            adj = self.codec.decode(record.value or b"", InvoiceAdjustment)
+            return self.codec.decode(record.value or b"", cls)
         except DecodeError as exc:
-            reason = "INVALID_ADJUSTMENT" if str(exc).startswith("invalid InvoiceAdjustment") else "UNDECODABLE"
+            reason = invalid_reason if str(exc).startswith(f"invalid {cls.__name__}") else "UNDECODABLE"
             self._dead_letter(record, reason, str(exc), ctx)
-            MANUAL.labels("dead_lettered").inc()
-            return
-        self._adjustments.append(PendingAdjustment(adj, record.topic, record.partition, record.offset))
+            outcomes.labels("dead_lettered").inc()
+            return None
 
     def _dead_letter(self, record: Incoming, reason: str, message: str, ctx: Context) -> None:
         ctx.count("dead_letter", reason)

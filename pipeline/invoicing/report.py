@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.money import ZERO
 from pipeline.rating.services import section_key, section_title
+from pipeline.records import ESTIMATED_QUALITY_FLAGS
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class InvoiceLineSummary:
         return any(q in ESTIMATED_FLAGS for q in self.quality_flags)
 
 
-ESTIMATED_FLAGS = frozenset("ESF")
+ESTIMATED_FLAGS = ESTIMATED_QUALITY_FLAGS
 """MDFF quality flags of reads that are not actual: E forward estimate, S substituted, F final substituted."""
 ESTIMATED_MARK = "*"
 ESTIMATED_NOTE = ("* includes estimated or substituted meter reads (quality E, S or F); "

@@ -49,7 +49,7 @@ from pipeline.money import ZERO
 from pipeline.rating import rate as r
 from pipeline.rating.pricebook import ContributionComponent, DemandComponent, PriceBook, TouComponent
 from pipeline.rating.services import VOLUME_UNITS, gas_energy_mj
-from pipeline.records import RatedCharge, UsageWindow
+from pipeline.records import ESTIMATED_QUALITY_FLAGS, RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
 from pipeline.runtime import timing
 from pipeline.runtime.kafka import Incoming
@@ -520,8 +520,6 @@ def service_days(ps: PeriodState, ref: ReferenceData) -> dict[tuple[str, int], i
     return out
 
 
-ESTIMATED_QUALITIES = frozenset("ESF")
-"""MDFF quality flags of reads that are not actual: E forward estimate, S substituted, F final substituted."""
 MISSING_DAYS_SHOWN = 5  # the first missing days named in an explanation (the count is always given)
 
 
@@ -551,7 +549,7 @@ def review_facts(ps: PeriodState, inputs: set[str], unit: str, ref: ReferenceDat
         if not k.startswith("unpriced|") and r.line_key_of(k) in inputs:  # unpriced|<metric>: no line
             windows += n
             counts = ps.quality_counts.get(k, {})
-            estimated += sum(counts.get(q, 0) for q in ESTIMATED_QUALITIES)
+            estimated += sum(counts.get(q, 0) for q in ESTIMATED_QUALITY_FLAGS)
     out: dict[str, Any] = {"window_count": windows, "estimated_windows": min(estimated, windows)}
     if unit == "kWh" and ps.format >= 3:
         dates = service_dates(ps, ref)

@@ -28,10 +28,11 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from pipeline.money import ZERO, minor_unit_exponent, quantity
+from pipeline.records import ESTIMATED_QUALITY_FLAGS
 from pipeline.usage import projection as pj
 
 FIXED_KINDS = frozenset({"fixed_daily", "fixed_period"})
-ESTIMATED_FLAGS = frozenset("ES")
+ESTIMATED_FLAGS = ESTIMATED_QUALITY_FLAGS  # E, S and F, as the bill marks them
 ALERT_KINDS = ("ACTUAL", "PROJECTED")
 
 
