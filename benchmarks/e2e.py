@@ -146,6 +146,8 @@ class E2E:
                                  topic_prefix=f"{self.tag}.", state_dir=self.folder / "state",
                                  partitions=args.partitions, stack_dir=self.folder / "stack")
         self.env = {**os.environ, "PIPELINE_DATABASE_URL": url, "PIPELINE_DATABASE_OWNER_URL": owner,
+                    "PIPELINE_POSTING_INTERVAL_DAYS": str(args.posting_interval_days),
+                    "PIPELINE_POSTING_IDLE_S": str(args.posting_idle_s),
                     "PIPELINE_TOPIC_PREFIX": f"{self.tag}.", "PIPELINE_STATE_DIR": str(self.folder / "state"),
                     "PIPELINE_STACK_DIR": str(self.folder / "stack"), "PIPELINE_PARTITIONS": str(args.partitions),
                     "PIPELINE_KAFKA_BOOTSTRAP": base.kafka_bootstrap}
@@ -255,7 +257,14 @@ class E2E:
         return f"E2E{a:07d}"
 
     def base(self) -> datetime:
-        """NEM midnight (14:00 UTC) ``days`` + 2 days ago: recent, aligned, ends before today."""
+        """NEM midnight (14:00 UTC) ``days`` + 2 days ago: recent, aligned, ends before today; with ``--month``,
+        local midnight (Australia/Sydney, the accounts' time zone) of the month's first day: one whole billing
+        period (the accounts' billing anchor is the 1st)."""
+        if self.args.month:
+            from zoneinfo import ZoneInfo
+
+            year, month = map(int, self.args.month.split("-"))
+            return datetime(year, month, 1, tzinfo=ZoneInfo("Australia/Sydney")).astimezone(UTC)
         day = datetime.now(UTC).replace(hour=14, minute=0, second=0, microsecond=0)
         return day - timedelta(days=self.args.days + 2)
 
@@ -467,6 +476,8 @@ def run(e2e: E2E, args: argparse.Namespace) -> None:
     acct_months = e2e.sql("SELECT count(*) FROM (SELECT DISTINCT account, period_start FROM invoice_lines "
                           "WHERE account LIKE 'E2E-%') x")[0][0]
     mode = f"streaming ({args.days * 288} batches, pause {args.pause}s)" if args.stream else "pre-produced"
+    postings = {r: int(metric_sum(scrape(e2e.ports["rating"]), "pipeline_rating_postings_total", reason=r))
+                for r in ("every_batch", "boundary", "period_end", "idle", "rerate")}
     print(f"e2e ({mode}, exactly-once, 4 stage processes): {readings:,} readings in {elapsed:.1f}s = "
           f"{readings / elapsed:,.0f} readings/s (first record consumed by ingest → last ledger line committed); "
           f"ingest outcomes {outcomes}")
@@ -478,8 +489,9 @@ def run(e2e: E2E, args: argparse.Namespace) -> None:
         + f"; sum {sum(cpu1[s] - cpu0[s] for s in STAGES):.1f} = "
           f"{sum(cpu1[s] - cpu0[s] for s in STAGES) / readings * 1e6:.0f} µs/reading")
     print(f"ledger: {lines:,} lines, {acct_months:,} account-months: {lines / max(acct_months, 1):.1f} lines per "
-          f"account-month ({mode}); {lines / (args.accounts * args.days):.1f} lines per account per day of data "
-          "(a month arriving the same way: roughly 30× that per account-month, an estimate)")
+          f"account-month ({mode}, {args.days} day(s) of data per account); {lines / (args.accounts * args.days):.1f} "
+          f"lines per account per day of data; posting interval {args.posting_interval_days} days, idle "
+          f"{args.posting_idle_s:g}s; rating postings by reason {({k: v for k, v in postings.items() if v})}")
     for p in spy.values():
         try:
             p.wait(args.py_spy + 60)
@@ -521,6 +533,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--days", type=int, default=1)
+    parser.add_argument("--month", default=None, metavar="YYYY-MM",
+                        help="the data covers this calendar month (Sydney time) instead of --days ending 2 days ago")
+    parser.add_argument("--posting-interval-days", type=int, default=Settings().posting_interval_days,
+                        help="rating's posting boundaries (PIPELINE_POSTING_INTERVAL_DAYS; 0 = post every batch)")
+    parser.add_argument("--posting-idle-s", type=float, default=2.0,
+                        help="rating posts what it holds once a partition's event clock stopped this long "
+                             "(PIPELINE_POSTING_IDLE_S; the feed here stops at the end of the data)")
     parser.add_argument("--partitions", type=int, default=Settings().partitions)
     parser.add_argument("--stream", action="store_true", help="produce each 5-minute interval as one batch, live")
     parser.add_argument("--pause", type=float, default=0.1, help="--stream: seconds between batches")
@@ -531,6 +550,9 @@ def main() -> None:
     parser.add_argument("--stall", type=float, default=120.0, help="fail when nothing moves for this long")
     parser.add_argument("--deadline", type=float, default=1200.0, help="fail when a phase takes longer")
     args = parser.parse_args()
+    if args.month:
+        year, month = map(int, args.month.split("-"))
+        args.days = ((date(year + month // 12, month % 12 + 1, 1)) - date(year, month, 1)).days
     e2e = E2E(args)
     try:
         run(e2e, args)

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -166,6 +166,22 @@ class Settings(BaseSettings):
         30.0, gt=0, description="how long a Bill API write waits for the invoicing stage to apply it before "
         "answering 504 (the request stays safe to retry with the same Idempotency-Key)")
 
+    # --- rating: when rated changes are posted to the ledger (issue 13, pipeline/rating/posting.py) ------------
+    posting_interval_days: int = Field(
+        7, ge=0, description="a period's rated changes are posted to the ledger when the event clock crosses its "
+        "start + k × this many days or its end (and at once after its end); 0 = after every batch (a ledger line per "
+        "changed charge per batch: ≈ 90 lines per account-day of live 5-minute data)",
+    )
+    posting_idle_s: float = Field(
+        3600.0, gt=0, description="pending rated changes are posted anyway once the event clock of their partition "
+        "has not moved for this long (processing time: the feed stopped); keep it below invoice_idle_close_s and "
+        "above the gap between two windows of a live feed (raise both above a day for daily-file feeds)",
+    )
+    posting_max_listed_windows: int = Field(
+        48, ge=1, description="window revisions listed one by one in a posted line's explanation; beyond, they are "
+        "summarised per local day (count and kWh) and identified by a digest",
+    )
+
     # --- invoicing (SPEC §5) ----------------------------------------------------------------
     invoice_close_delay_hours: float = Field(
         72.0, ge=0, description="an invoice closes at its period end (account time zone) + this, then is finalized"
@@ -180,7 +196,7 @@ class Settings(BaseSettings):
         "INV-{year}", description="invoice number series; {year} = bill date year, {currency} = ISO 4217 code"
     )
     invoice_idle_close_s: float | None = Field(
-        600.0, gt=0, description="with the event clock, an invoice whose close time the wall clock has passed is also "
+        7200.0, gt=0, description="with the event clock, an invoice whose close time the wall clock has passed is also "
         "finalized once no new line reached its account for this long (its own data stopped short of the close "
         "time); unset = only the account's own event clock closes it",
     )
@@ -245,6 +261,18 @@ class Settings(BaseSettings):
     s3_connect_timeout_s: float = Field(10.0, gt=0, description="deadline to connect to the S3 endpoint")
     s3_read_timeout_s: float = Field(60.0, gt=0, description="deadline for an answer from the S3 endpoint")
     s3_max_attempts: int = Field(3, ge=1, description="attempts per S3 call (botocore standard retries)")
+
+
+    @model_validator(mode="after")
+    def _posting_before_idle_close(self) -> Settings:
+        """Rating must post a stopped feed's pending changes before invoicing finalizes its invoice for want of
+        lines (``posting_idle_s`` < ``invoice_idle_close_s``), or those changes would land on the next invoice."""
+        if (self.posting_interval_days > 0 and self.invoice_idle_close_s is not None
+                and self.posting_idle_s >= self.invoice_idle_close_s):
+            raise ValueError(f"PIPELINE_POSTING_IDLE_S ({self.posting_idle_s:g}) must be below "
+                             f"PIPELINE_INVOICE_IDLE_CLOSE_S ({self.invoice_idle_close_s:g}) while rating holds "
+                             "changes for posting (PIPELINE_POSTING_INTERVAL_DAYS > 0; 0 posts every batch)")
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -14,6 +14,7 @@ from pipeline.invoicing.processor import InvoicingProcessor
 from pipeline.invoicing.validation import ReviewPolicy
 from pipeline.metrics_catalog import policies_from_catalog
 from pipeline.rating import processor as rating
+from pipeline.rating.posting import PostingPolicy
 from pipeline.refstore import ReferenceCache, postgres_loader
 from pipeline.runtime.loop import StageSpec
 from pipeline.topology import Topics
@@ -61,7 +62,10 @@ def build_stage(name: str, settings: Settings) -> StageSpec:
     if name == "rating":
         cache = ReferenceCache(postgres_loader(settings.database_url), settings.reference_refresh_s)
         enc, dec = rating.state_codec(codec)
-        return StageSpec("rating", [topics.usage_windows], rating.RatingProcessor(topics, codec, cache.get), enc, dec)
+        posting = PostingPolicy(settings.posting_interval_days, int(settings.posting_idle_s * 1000),
+                                settings.posting_max_listed_windows)
+        return StageSpec("rating", [topics.usage_windows], rating.RatingProcessor(topics, codec, cache.get, posting),
+                         enc, dec)
     if name == "invoicing":
         store = LedgerStore(settings.database_url, topics.group("invoicing"), codec,
                             timedelta(hours=settings.invoice_close_delay_hours), settings.invoice_clock,

@@ -239,6 +239,13 @@ def explain_line(conn: Any, line_id: str) -> str | None:
         out.append(f"  voluntary contribution: {c['amount']} {cur} per {c['per']}"
                    f"{' (' + c['description'] + ')' if c.get('description') else ''}; {c['opted_in']}")
     windows = exp.get("windows", [])
+    posting = exp.get("posting")
+    if posting:  # rating held the changes and posted them together (pipeline/rating/posting.py)
+        out.append(f"  posted ({posting['reason']}) for {posting['windows_total']} window revisions of the period"
+                   + (f"; the first {posting['windows_listed']} listed, this line's below" if posting.get("days")
+                      else ""))
+        for day in posting.get("days", []):
+            out.append(f"    {day['date']}: {day['windows']} window revisions, delta {day['delta']}")
     if windows:
         out.append(f"  window revisions ({len(windows)}):")
         for w in windows:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
@@ -47,6 +48,14 @@ from pipeline.codec import Codec, DecodeError
 from pipeline.ingest.nem13 import SPREAD_MARK
 from pipeline.money import ZERO
 from pipeline.rating import rate as r
+from pipeline.rating.posting import (
+    RERATE,
+    CauseDigest,
+    DaySummary,
+    PostingPolicy,
+    posting_boundaries_ms,
+    posting_reason,
+)
 from pipeline.rating.pricebook import ContributionComponent, DemandComponent, PriceBook, TouComponent
 from pipeline.rating.services import VOLUME_UNITS, gas_energy_mj
 from pipeline.records import ESTIMATED_QUALITY_FLAGS, RatedCharge, UsageWindow
@@ -60,6 +69,8 @@ log = logging.getLogger(__name__)
 
 REVISIONS = Counter("pipeline_rating_window_revisions_total", "window revisions by outcome", ["outcome"])
 LINES = Counter("pipeline_rating_lines_total", "delta lines emitted", ["component_kind"])
+POSTINGS = Counter("pipeline_rating_postings_total",
+                   "periods posted to the ledger, by reason (pipeline.rating.posting)", ["reason"])
 UNMEASURED = Counter("pipeline_rating_unmeasured_demand_total",
                      "windows left out of a demand they cannot measure while re-rating (logged)")
 
@@ -210,9 +221,18 @@ class _Touched:
     previous_versions: dict[str, list[int]] = field(default_factory=dict)  # book id → versions superseded
     arrived_ms: int | None = None  # earliest reading arrival / window close among the causes (runtime.timing)
     closed_ms: int | None = None
+    # posting policy (issue 13): with periods held across batches, ``causes`` lists at most the policy's
+    # max_listed_windows revisions and ``digest`` identifies all of them
+    digest: CauseDigest | None = None
+    since_clock_ms: int = 0  # the partition's event clock when the period became pending
+    watermark_ms: int | None = None  # highest window watermark among all causes
+    stored: bool = False  # an rq| entry holds it in the store
+    dirty: bool = False  # changed since it was last stored
 
 
 BOOKS_KEY = b"books"
+PENDING_PREFIX = b"rq|"  # rq|<period key> → a period held by the posting policy (RatingPending)
+POSTING_CLOCK_KEY = b"posting|clock"  # the partition's event clock: highest window watermark read (WatermarkState)
 REF_PREFIX = b"ref|"  # ref|<account> → [fingerprint of its service ranges and plans, change count] (issue 15)
 
 
@@ -299,22 +319,43 @@ def _upgrade(store: Any, pkey: str, ps: PeriodState, intervals: Callable[[str], 
 
 
 class RatingProcessor:
-    """Rates window revisions per (account, billing period) and emits delta lines."""
+    """Rates window revisions per (account, billing period) and emits delta lines.
 
-    def __init__(self, topics: Topics, codec: Codec, reference: Callable[[], ReferenceData]) -> None:
+    ``posting``: when the delta lines of a period with rated changes are emitted (``pipeline.rating.posting``;
+    default: after every batch); ``wall_ms``: processing time in ms (the posting policy's idle rule)."""
+
+    def __init__(self, topics: Topics, codec: Codec, reference: Callable[[], ReferenceData],
+                 posting: PostingPolicy | None = None,
+                 wall_ms: Callable[[], int] = lambda: int(time.monotonic() * 1000)) -> None:
         self.topics = topics
         self.codec = codec
         self.reference = reference
+        self.posting = posting or PostingPolicy()
+        self.wall_ms = wall_ms
         self._touched: dict[bytes, _Touched] = {}
         self._partitions: set[int] = set()
         self._ref_checked: dict[int, ReferenceData] = {}  # partition → the snapshot its accounts were checked on
+        self._clock: dict[int, int] = {}  # partition → event clock (ms): the highest window watermark read
+        self._clock_saved: dict[int, int] = {}
+        self._clock_moved: dict[int, int] = {}  # partition → wall ms when its clock last moved (or was loaded)
 
     def on_assign(self, partition: int, ctx: Context) -> None:
         self._partitions.add(partition)
+        if self.posting.every_batch:
+            return
+        store = ctx.store(partition)
+        held = store.get(POSTING_CLOCK_KEY)
+        self._clock[partition] = self._clock_saved[partition] = held if held is not None else -(2**62)
+        self._clock_moved[partition] = self.wall_ms()
+        for key, pending in store.scan(PENDING_PREFIX):  # periods held when the state was last committed
+            pending.partition = partition
+            self._touched[key[len(PENDING_PREFIX):]] = pending
 
     def on_revoke(self, partition: int) -> None:
         self._partitions.discard(partition)
         self._ref_checked.pop(partition, None)
+        for d in (self._clock, self._clock_saved, self._clock_moved):
+            d.pop(partition, None)
         self._touched = {k: v for k, v in self._touched.items() if v.partition != partition}
 
     def _apply_new_price_books(self, partition: int, ref: ReferenceData, ctx: Context) -> None:
@@ -341,6 +382,9 @@ class RatingProcessor:
             previous = {
                 b.id: sorted(int(v.split(":")[1]) for v in applied if v.split(":")[0] == b.id) for b in new
             }
+            if not self.posting.every_batch:
+                self._flush_pending(pkey.encode(), ref, ctx)
+                ps = store.get(pkey.encode())
             self._refold(store, pkey, ps, rws, ref)
             self._touched[pkey.encode()] = _Touched(partition, [], cause, previous)
 
@@ -365,6 +409,8 @@ class RatingProcessor:
             for wkey, rw in store.scan(f"rw|{account}|".encode()):
                 windows.setdefault(rw.period_key, []).append((wkey, rw))
             for pkey, _ps in list(store.scan(f"rp|{account}|".encode())):
+                if not self.posting.every_batch:
+                    self._flush_pending(pkey, ref, ctx)
                 ps: PeriodState = store.get(pkey)
                 self._refold(store, pkey.decode(), ps, windows.get(pkey.decode(), []), ref)
                 self._touched[pkey] = _Touched(partition, [], f"reference:{count}:{fingerprint}")
@@ -461,8 +507,24 @@ class RatingProcessor:
         fold(ps, rw, 1, intervals, account.tz)
         store.put(pkey.encode(), ps)
         store.put(wkey, rw)
-        touched = self._touched.setdefault(pkey.encode(), _Touched(record.partition))
-        touched.causes.append((win, keys + demand_keys))
+        touched = self._touched.get(pkey.encode())
+        if touched is None:
+            touched = self._touched[pkey.encode()] = _Touched(record.partition)
+            if not self.posting.every_batch:
+                touched.digest = CauseDigest()
+                touched.since_clock_ms = self._clock.get(record.partition, -(2**62))
+        if touched.digest is None:
+            touched.causes.append((win, keys + demand_keys))
+        else:
+            touched.dirty = True
+            if touched.digest.add(f"{win.window_id}@{win.revision}", local_day.isoformat(), str(win.delta),
+                                  self.posting.max_listed_windows):
+                touched.causes.append((win, keys + demand_keys))
+            wm = int(win.watermark.timestamp() * 1000)
+            touched.watermark_ms = wm if touched.watermark_ms is None else max(touched.watermark_ms, wm)
+            if wm > self._clock.get(record.partition, -(2**62)):
+                self._clock[record.partition] = wm
+                self._clock_moved[record.partition] = self.wall_ms()
         touched.arrived_ms = timing.earliest(touched.arrived_ms, timing.read_ms(record.headers, timing.ARRIVED))
         touched.closed_ms = timing.earliest(touched.closed_ms, timing.read_ms(record.headers, timing.CLOSED))
         REVISIONS.labels("accepted").inc()
@@ -472,25 +534,84 @@ class RatingProcessor:
         for p in sorted(self._partitions):
             self._apply_new_price_books(p, ref, ctx)
             self._apply_reference_changes(p, ref, ctx)
+        if not self.posting.every_batch:
+            for p, clock in self._clock.items():
+                if clock != self._clock_saved.get(p):
+                    ctx.store(p).put(POSTING_CLOCK_KEY, clock)
+                    self._clock_saved[p] = clock
         if not self._touched:
             return
+        now = self.wall_ms()
+        held: dict[bytes, _Touched] = {}
         for pkey, touched in sorted(self._touched.items()):
             store = ctx.store(touched.partition)
-            ps: PeriodState = store.get(pkey)
-            fkey = REF_PREFIX + ps.account.encode()
-            held = store.get(fkey)
-            fingerprint = reference_fingerprint(ref, ps.account)
-            if held is None or held[0] != fingerprint:  # rated on this reference data from now on
-                store.put(fkey, [fingerprint, held[1] if held is not None else "0"])
-            charges = recompute(ps, touched.causes, ref, touched.cause, touched.previous_versions)
-            headers = timing.headers(touched.arrived_ms, touched.closed_ms)
-            for charge in charges:
-                ps.emitted[charge.component_key] = charge.record.period_total
-                ctx.forward(self.topics.charges_rated, ps.account, self.codec.encode(charge.record), headers)
-                LINES.labels(charge.record.component_kind).inc()
-            if charges:
-                store.put(pkey, ps)
-        self._touched.clear()
+            reason = self._posting_reason(store.get(pkey), touched, ref, now)
+            if reason is None:
+                if touched.dirty:
+                    store.put(PENDING_PREFIX + pkey, touched)
+                    touched.stored, touched.dirty = True, False
+                held[pkey] = touched
+                continue
+            self._post(pkey, touched, reason, ref, ctx)
+        self._touched = held
+
+    def _posting_reason(self, ps: PeriodState, touched: _Touched, ref: ReferenceData, now_ms: int) -> str | None:
+        """Why ``touched`` is posted now (``pipeline.rating.posting``), or ``None`` to keep it pending."""
+        if touched.cause is not None:
+            return RERATE
+        if touched.digest is None:
+            return posting_reason(self.posting, (), 0, 0, 0)
+        account = ref.accounts.get(ps.account)
+        tz = account.tz if account is not None else UTC
+        memo_key = ("posting_boundaries", ps.period_start, ps.period_end, str(tz), self.posting.interval_days)
+        bounds = ref.memo.get(memo_key)
+        if bounds is None:
+            bounds = ref.memo[memo_key] = posting_boundaries_ms(ps.period_start, ps.period_end, tz,
+                                                                self.posting.interval_days)
+        p = touched.partition
+        return posting_reason(self.posting, bounds, touched.since_clock_ms, self._clock.get(p, -(2**62)),
+                              now_ms - self._clock_moved.get(p, now_ms))
+
+    def _post(self, pkey: bytes, touched: _Touched, reason: str, ref: ReferenceData, ctx: Context) -> None:
+        """Emit the period's delta lines against what it already emitted, and forget it as pending."""
+        store = ctx.store(touched.partition)
+        ps: PeriodState = store.get(pkey)
+        fkey = REF_PREFIX + ps.account.encode()
+        held = store.get(fkey)
+        fingerprint = reference_fingerprint(ref, ps.account)
+        if held is None or held[0] != fingerprint:  # rated on this reference data from now on
+            store.put(fkey, [fingerprint, held[1] if held is not None else "0"])
+        cause, posting, watermark = touched.cause, None, None
+        digest = touched.digest
+        if digest is not None and touched.cause is None:
+            cause = digest.cause() if digest.ids is None else None
+            watermark = (datetime.fromtimestamp(touched.watermark_ms / 1000, UTC)
+                         if touched.watermark_ms is not None else None)
+            posting = {"reason": reason, "windows_total": digest.count, "windows_listed": len(touched.causes)}
+            if digest.ids is None:
+                posting["days"] = [{"date": d, "windows": s.windows, "delta": s.delta}
+                                   for d, s in sorted(digest.days.items())]
+        charges = recompute(ps, touched.causes, ref, cause, touched.previous_versions,
+                            posting=posting, watermark=watermark)
+        headers = timing.headers(touched.arrived_ms, touched.closed_ms)
+        for charge in charges:
+            ps.emitted[charge.component_key] = charge.record.period_total
+            ctx.forward(self.topics.charges_rated, ps.account, self.codec.encode(charge.record), headers)
+            LINES.labels(charge.record.component_kind).inc()
+        if charges:
+            store.put(pkey, ps)
+        if touched.stored:
+            store.delete(PENDING_PREFIX + pkey)
+        POSTINGS.labels(reason).inc()
+
+    def _flush_pending(self, pkey: bytes, ref: ReferenceData, ctx: Context) -> None:
+        """Post a period's pending window changes before a re-rate changes its aggregates, so that they keep
+        their own cause (posting policy on)."""
+        touched = self._touched.pop(pkey, None)
+        if touched is not None and touched.cause is None and touched.digest is not None and touched.digest.count:
+            self._post(pkey, touched, RERATE, ref, ctx)
+        elif touched is not None and touched.stored:
+            ctx.store(touched.partition).delete(PENDING_PREFIX + pkey)
 
 
 @dataclass(frozen=True)
@@ -565,11 +686,17 @@ def recompute(
     ref: ReferenceData,
     cause_override: str | None = None,
     previous_versions: dict[str, list[int]] | None = None,
+    *,
+    posting: dict[str, Any] | None = None,
+    watermark: datetime | None = None,
 ) -> list[_Charge]:
     """Rate the period and return the delta lines against ``ps.emitted`` (pure given ``ref``).
 
     ``causes`` are the window revisions of this batch with the quantity keys each one feeds;
-    the line ids hash them, so the same input gives the same ids.
+    the line ids hash them, so the same input gives the same ids. With the posting policy on
+    (``pipeline.rating.posting``) they are the revisions listed since the period was last posted, ``posting``
+    (reason, windows in all, listed, and beyond the list a per-day summary) goes into each explanation, and
+    ``watermark`` is the highest watermark among all of them (``None``: the causes' own).
     """
     memo_key = ("service_days", ps.account, ps.period_start, ps.period_end)
     if memo_key not in ref.memo:  # depends on reference data only: once per snapshot
@@ -579,7 +706,8 @@ def recompute(
     totals = r.rate_period(ps.quantities, days, books, (ps.period_end - ps.period_start).days,
                            ps.peaks(demand_interval_ms(ref)))
     cause_ids = sorted(f"{c.window_id}@{c.revision}" for c, _ in causes)
-    watermark = max((c.watermark for c, _ in causes), default=None)  # the invoicing stage's event clock
+    if watermark is None:
+        watermark = max((c.watermark for c, _ in causes), default=None)  # the invoicing stage's event clock
     cause = cause_override or "windows:" + hashlib.sha256("\n".join(cause_ids).encode()).hexdigest()[:24]
     out = []
     for key in sorted(set(totals) | set(ps.emitted)):
@@ -624,6 +752,7 @@ def recompute(
                 for c in related
             ],
             **checks,
+            **({"posting": posting} if posting is not None else {}),
             **_service_explanation(books[(line.book_id, line.book_version)], line.component_id),
         }
         out.append(_Charge(key, RatedCharge(
@@ -677,6 +806,10 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     def encode(key: bytes, value: Any) -> bytes:
         if key == BOOKS_KEY or key.startswith(REF_PREFIX):  # ref|: [fingerprint, change count]
             return codec.encode({"versions": list(value)}, "AppliedPriceBooks")
+        if key == POSTING_CLOCK_KEY:
+            return codec.encode({"max_event_ms": value, "watermark_ms": value}, "WatermarkState")
+        if key.startswith(PENDING_PREFIX):
+            return _encode_pending(codec, value)
         if key.startswith(b"rw|"):
             return codec.encode({"revision": value.revision, "value": value.value,
                                  "period_key": value.period_key, "keys": value.keys,
@@ -699,6 +832,10 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     def decode(key: bytes, raw: bytes) -> Any:
         if key == BOOKS_KEY or key.startswith(REF_PREFIX):
             return list(codec.decode_dict(raw, "AppliedPriceBooks")["versions"])
+        if key == POSTING_CLOCK_KEY:
+            return codec.decode_dict(raw, "WatermarkState")["watermark_ms"]
+        if key.startswith(PENDING_PREFIX):
+            return _decode_pending(codec, raw)
         if key.startswith(b"rw|"):
             d = codec.decode_dict(raw, "RatedWindowState")
             return RatedWindowState(d["revision"], d["value"], d["period_key"], list(d["keys"]),
@@ -712,3 +849,23 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
                            {k: dict(v) for k, v in d["demand_kwh"].items()}, d["format"], dict(d["days"]))
 
     return encode, decode
+
+
+def _encode_pending(codec: Codec, t: _Touched) -> bytes:
+    """A period held by the posting policy as a ``RatingPending`` (its partition is the store's)."""
+    digest = t.digest or CauseDigest()
+    return codec.encode({
+        "since_clock_ms": t.since_clock_ms, "watermark_ms": t.watermark_ms, "arrived_ms": t.arrived_ms,
+        "closed_ms": t.closed_ms, "cause_ids": digest.ids, "chain": digest.chain, "count": digest.count,
+        "days": {d: {"windows": s.windows, "delta": s.delta} for d, s in digest.days.items()},
+        "causes": [codec.encode(win) for win, _ in t.causes], "cause_keys": [list(keys) for _, keys in t.causes],
+    }, "RatingPending")
+
+
+def _decode_pending(codec: Codec, raw: bytes) -> _Touched:
+    d = codec.decode_dict(raw, "RatingPending")
+    digest = CauseDigest(None if d["cause_ids"] is None else list(d["cause_ids"]), d["chain"], d["count"],
+                         {day: DaySummary(v["windows"], v["delta"]) for day, v in d["days"].items()})
+    causes = [(codec.decode(b, UsageWindow), list(keys)) for b, keys in zip(d["causes"], d["cause_keys"], strict=True)]
+    return _Touched(-1, causes, None, {}, d["arrived_ms"], d["closed_ms"], digest, d["since_clock_ms"],
+                    d["watermark_ms"], stored=True)

@@ -293,6 +293,9 @@ def isolated_env(base_settings: Settings, folder: Path, reference: bool = True) 
         # things finalize as they always did (partial months of the real files would be held); test_invoice_review
         # turns them on
         "PIPELINE_REVIEW_CHECKS": "[]",
+        # rating posts every batch's changes (SPEC §4 as first written): the tests of other things assert the lines
+        # that gives; test_posting turns the posting policy on (pipeline/rating/posting.py)
+        "PIPELINE_POSTING_INTERVAL_DAYS": "0",
     }
     settings = Settings(
         kafka_bootstrap=base_settings.kafka_bootstrap, database_url=url, database_owner_url=owner_url,

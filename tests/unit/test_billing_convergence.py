@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from pipeline.codec import default_codec
 from pipeline.config import Settings
+from pipeline.rating.posting import PostingPolicy
 from pipeline.rating.processor import RatingProcessor
 from pipeline.records import RatedCharge, SeriesMarker, UsageEvent
 from pipeline.reference import BUNDLED_REFERENCE, ReferenceData, ReferenceFile
@@ -59,12 +60,14 @@ steps = st.lists(st.one_of(
 ), min_size=4, max_size=80)
 
 
-def run(plan: list[tuple], lateness_ms: int) -> dict[tuple[str, str, str], tuple[Decimal, Decimal, Decimal]]:
-    """(account, period start, line) → (last quantity, last period total, sum of deltas)."""
+def run(plan: list[tuple], lateness_ms: int, posting: PostingPolicy | None = None,
+        ) -> dict[tuple[str, str, str], tuple[Decimal, Decimal, Decimal]]:
+    """(account, period start, line) → (last quantity, last period total, sum of deltas). ``posting``: rating's
+    posting policy (default: post every batch); its idle rule runs on the same processing-time clock."""
     policy = w.WindowPolicy(30 * 60_000, 3_600_000, lateness_ms, IDLE_MS)
     clock = [0]
     windowing = WindowingProcessor(TOPICS, CODEC, lambda _m: policy, clock_ms=lambda: clock[0])
-    rating = RatingProcessor(TOPICS, CODEC, lambda: REF)
+    rating = RatingProcessor(TOPICS, CODEC, lambda: REF, posting, wall_ms=lambda: clock[0])
     wctx, rctx = FakeContext(), FakeContext()
     windowing.on_assign(0, wctx)
     rating.on_assign(0, rctx)
@@ -96,6 +99,8 @@ def run(plan: list[tuple], lateness_ms: int) -> dict[tuple[str, str, str], tuple
     clock[0] = 4_000_000_000_000  # every quiet series closes
     windowing.punctuate(clock[0], wctx)
     feed_rating()
+    rating.punctuate(clock[0], rctx)
+    clock[0] += 2 * IDLE_MS  # the feed stopped: rating posts whatever its posting policy still holds
     rating.punctuate(clock[0], rctx)
     assert [t for t, _k, _v in wctx.forwarded if t != TOPICS.usage_windows] == []  # nothing refused
     out: dict[tuple[str, str, str], tuple[Decimal, Decimal, Decimal]] = {}
@@ -133,6 +138,25 @@ def test_billed_quantity_per_account_and_period_is_the_batch_total_whatever_the_
         assert deltas == total  # a line's deltas add up to its period total: no drift, nothing twice
         component = line.split("|")[0]
         if component == "energy":  # one line per TOU band: together, the period's import
+            billed[(account, period, "energy_import")] += quantity
+        elif component == "feed_in":
+            billed[(account, period, "energy_export")] += quantity
+    want = batch_quantities(plan)
+    assert {k: v for k, v in billed.items() if v} == {k: v for k, v in want.items() if v}
+
+
+@settings(max_examples=120, deadline=None)
+@given(steps, st.sampled_from([30 * 60_000, 10 * 365 * 86_400_000]))
+def test_holding_changes_for_posting_bills_the_same_whatever_the_interleaving(plan: list[tuple],
+                                                                               lateness_ms: int) -> None:
+    """Issue 13: with rating's posting policy on (a boundary every day, few windows listed), the ledger still
+    converges to the batch total; only how the deltas are grouped into lines changes."""
+    lines = run(plan, lateness_ms, PostingPolicy(interval_days=1, idle_ms=IDLE_MS, max_listed_windows=2))
+    billed: dict[tuple[str, str, str], Decimal] = defaultdict(Decimal)
+    for (account, period, line), (quantity, total, deltas) in lines.items():
+        assert deltas == total
+        component = line.split("|")[0]
+        if component == "energy":
             billed[(account, period, "energy_import")] += quantity
         elif component == "feed_in":
             billed[(account, period, "energy_export")] += quantity
