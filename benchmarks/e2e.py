@@ -31,6 +31,13 @@ throughput). Then the stages are stopped and the plain transactional consume →
 (``common.run_passthrough``) runs over the same ``meter.readings`` records. Last line:
 ``e2e/passthrough throughput ratio: X`` (records/s of the pipeline ÷ records/s of the passthrough).
 
+Rating posts with the product's posting policy (``pipeline.rating.posting``: boundaries every
+``--posting-interval-days``, default 7, and the period end) and posts what it still holds once a partition's
+event clock has stopped for ``--posting-idle-s`` (10 s here: the data ends, the feed stops; the product default is
+an hour). ``--posting-interval-days 0`` posts every batch (the ledger growth before issue 13). ``--month YYYY-MM``
+makes the data one whole billing period of every account (a calendar month in Sydney time), so that
+"lines per account-month" is what it says: e.g. ``--accounts 100 --month 2026-11 --stream --pause 0``.
+
 Every wait has a deadline (``--deadline``); a stage that dies or a pipeline that stops making progress
 makes the benchmark exit non-zero (after cleaning up).
 """
@@ -537,9 +544,10 @@ def main() -> None:
                         help="the data covers this calendar month (Sydney time) instead of --days ending 2 days ago")
     parser.add_argument("--posting-interval-days", type=int, default=Settings().posting_interval_days,
                         help="rating's posting boundaries (PIPELINE_POSTING_INTERVAL_DAYS; 0 = post every batch)")
-    parser.add_argument("--posting-idle-s", type=float, default=2.0,
+    parser.add_argument("--posting-idle-s", type=float, default=10.0,
                         help="rating posts what it holds once a partition's event clock stopped this long "
-                             "(PIPELINE_POSTING_IDLE_S; the feed here stops at the end of the data)")
+                             "(PIPELINE_POSTING_IDLE_S; the feed here stops at the end of the data; shorter, and a "
+                             "stage starved of CPU for that long looks like a stopped feed: extra postings)")
     parser.add_argument("--partitions", type=int, default=Settings().partitions)
     parser.add_argument("--stream", action="store_true", help="produce each 5-minute interval as one batch, live")
     parser.add_argument("--pause", type=float, default=0.1, help="--stream: seconds between batches")
