@@ -91,10 +91,10 @@ def posting_reason(policy: PostingPolicy, boundaries_ms: tuple[int, ...], since_
 @dataclass
 class DaySummary:
     """Window revisions of one local day in a posting whose causes are not all listed: how many, and the sum of
-    their deltas (the metric's unit, decimal text)."""
+    their deltas (the metric's unit)."""
 
     windows: int = 0
-    delta: str = "0"
+    delta: Decimal = Decimal(0)
 
 
 @dataclass
@@ -110,13 +110,13 @@ class CauseDigest:
     count: int = 0
     days: dict[str, DaySummary] = field(default_factory=dict)
 
-    def add(self, cause_id: str, local_day: str, delta: str, max_listed: int) -> bool:
+    def add(self, cause_id: str, local_day: str, delta: Decimal, max_listed: int) -> bool:
         """Record one cause; ``True`` while it is still listed one by one (the caller keeps the revision)."""
         self.count += 1
         self.chain = hashlib.sha256(f"{self.chain}\n{cause_id}".encode()).hexdigest()
         day = self.days.setdefault(local_day, DaySummary())
         day.windows += 1
-        day.delta = str(Decimal(day.delta) + Decimal(delta))
+        day.delta += delta
         if self.ids is not None and len(self.ids) < max_listed:
             self.ids.append(cause_id)
             return True

@@ -228,10 +228,12 @@ class _Touched:
     watermark_ms: int | None = None  # highest window watermark among all causes
     stored: bool = False  # an rq| entry holds it in the store
     dirty: bool = False  # changed since it was last stored
+    listed_stored: int = 0  # listed causes already under rqc|<period key>|<index>
 
 
 BOOKS_KEY = b"books"
 PENDING_PREFIX = b"rq|"  # rq|<period key> → a period held by the posting policy (RatingPending)
+PENDING_CAUSE_PREFIX = b"rqc|"  # rqc|<period key>|<index> → one of its listed causes (RatingPendingCause)
 POSTING_CLOCK_KEY = b"posting|clock"  # the partition's event clock: highest window watermark read (WatermarkState)
 REF_PREFIX = b"ref|"  # ref|<account> → [fingerprint of its service ranges and plans, change count] (issue 15)
 
@@ -347,9 +349,11 @@ class RatingProcessor:
         held = store.get(POSTING_CLOCK_KEY)
         self._clock[partition] = self._clock_saved[partition] = held if held is not None else -(2**62)
         self._clock_moved[partition] = self.wall_ms()
-        for key, pending in store.scan(PENDING_PREFIX):  # periods held when the state was last committed
+        for key, pending in list(store.scan(PENDING_PREFIX)):  # periods held when the state was last committed
+            pkey = key[len(PENDING_PREFIX):]
             pending.partition = partition
-            self._touched[key[len(PENDING_PREFIX):]] = pending
+            pending.causes = [store.get(_cause_key(pkey, i)) for i in range(pending.listed_stored)]
+            self._touched[pkey] = pending
 
     def on_revoke(self, partition: int) -> None:
         self._partitions.discard(partition)
@@ -517,7 +521,7 @@ class RatingProcessor:
             touched.causes.append((win, keys + demand_keys))
         else:
             touched.dirty = True
-            if touched.digest.add(f"{win.window_id}@{win.revision}", local_day.isoformat(), str(win.delta),
+            if touched.digest.add(f"{win.window_id}@{win.revision}", local_day.isoformat(), win.delta,
                                   self.posting.max_listed_windows):
                 touched.causes.append((win, keys + demand_keys))
             wm = int(win.watermark.timestamp() * 1000)
@@ -548,6 +552,9 @@ class RatingProcessor:
             reason = self._posting_reason(store.get(pkey), touched, ref, now)
             if reason is None:
                 if touched.dirty:
+                    for i in range(touched.listed_stored, len(touched.causes)):  # each listed cause once
+                        store.put(_cause_key(pkey, i), touched.causes[i])
+                    touched.listed_stored = len(touched.causes)
                     store.put(PENDING_PREFIX + pkey, touched)
                     touched.stored, touched.dirty = True, False
                 held[pkey] = touched
@@ -589,7 +596,7 @@ class RatingProcessor:
                          if touched.watermark_ms is not None else None)
             posting = {"reason": reason, "windows_total": digest.count, "windows_listed": len(touched.causes)}
             if digest.ids is None:
-                posting["days"] = [{"date": d, "windows": s.windows, "delta": s.delta}
+                posting["days"] = [{"date": d, "windows": s.windows, "delta": str(s.delta)}
                                    for d, s in sorted(digest.days.items())]
         charges = recompute(ps, touched.causes, ref, cause, touched.previous_versions,
                             posting=posting, watermark=watermark)
@@ -600,8 +607,7 @@ class RatingProcessor:
             LINES.labels(charge.record.component_kind).inc()
         if charges:
             store.put(pkey, ps)
-        if touched.stored:
-            store.delete(PENDING_PREFIX + pkey)
+        _forget_pending(store, pkey, touched)
         POSTINGS.labels(reason).inc()
 
     def _flush_pending(self, pkey: bytes, ref: ReferenceData, ctx: Context) -> None:
@@ -610,8 +616,8 @@ class RatingProcessor:
         touched = self._touched.pop(pkey, None)
         if touched is not None and touched.cause is None and touched.digest is not None and touched.digest.count:
             self._post(pkey, touched, RERATE, ref, ctx)
-        elif touched is not None and touched.stored:
-            ctx.store(touched.partition).delete(PENDING_PREFIX + pkey)
+        elif touched is not None:
+            _forget_pending(ctx.store(touched.partition), pkey, touched)
 
 
 @dataclass(frozen=True)
@@ -810,6 +816,8 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
             return codec.encode({"max_event_ms": value, "watermark_ms": value}, "WatermarkState")
         if key.startswith(PENDING_PREFIX):
             return _encode_pending(codec, value)
+        if key.startswith(PENDING_CAUSE_PREFIX):
+            return codec.encode({"window": codec.encode(value[0]), "keys": list(value[1])}, "RatingPendingCause")
         if key.startswith(b"rw|"):
             return codec.encode({"revision": value.revision, "value": value.value,
                                  "period_key": value.period_key, "keys": value.keys,
@@ -836,6 +844,9 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
             return codec.decode_dict(raw, "WatermarkState")["watermark_ms"]
         if key.startswith(PENDING_PREFIX):
             return _decode_pending(codec, raw)
+        if key.startswith(PENDING_CAUSE_PREFIX):
+            d = codec.decode_dict(raw, "RatingPendingCause")
+            return codec.decode(d["window"], UsageWindow), list(d["keys"])
         if key.startswith(b"rw|"):
             d = codec.decode_dict(raw, "RatedWindowState")
             return RatedWindowState(d["revision"], d["value"], d["period_key"], list(d["keys"]),
@@ -851,21 +862,33 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     return encode, decode
 
 
+def _cause_key(pkey: bytes, index: int) -> bytes:
+    return b"%s%s|%05d" % (PENDING_CAUSE_PREFIX, pkey, index)
+
+
+def _forget_pending(store: Any, pkey: bytes, touched: _Touched) -> None:
+    """Delete a posted period's pending entries (its header and listed causes), if it had any stored."""
+    if touched.stored:
+        store.delete(PENDING_PREFIX + pkey)
+    for i in range(touched.listed_stored):
+        store.delete(_cause_key(pkey, i))
+
+
 def _encode_pending(codec: Codec, t: _Touched) -> bytes:
-    """A period held by the posting policy as a ``RatingPending`` (its partition is the store's)."""
+    """A period held by the posting policy as a ``RatingPending`` header (its partition is the store's; its
+    listed causes are stored one per key, ``_cause_key``)."""
     digest = t.digest or CauseDigest()
     return codec.encode({
         "since_clock_ms": t.since_clock_ms, "watermark_ms": t.watermark_ms, "arrived_ms": t.arrived_ms,
         "closed_ms": t.closed_ms, "cause_ids": digest.ids, "chain": digest.chain, "count": digest.count,
-        "days": {d: {"windows": s.windows, "delta": s.delta} for d, s in digest.days.items()},
-        "causes": [codec.encode(win) for win, _ in t.causes], "cause_keys": [list(keys) for _, keys in t.causes],
+        "days": {d: {"windows": s.windows, "delta": str(s.delta)} for d, s in digest.days.items()},
+        "listed_stored": t.listed_stored,
     }, "RatingPending")
 
 
 def _decode_pending(codec: Codec, raw: bytes) -> _Touched:
     d = codec.decode_dict(raw, "RatingPending")
     digest = CauseDigest(None if d["cause_ids"] is None else list(d["cause_ids"]), d["chain"], d["count"],
-                         {day: DaySummary(v["windows"], v["delta"]) for day, v in d["days"].items()})
-    causes = [(codec.decode(b, UsageWindow), list(keys)) for b, keys in zip(d["causes"], d["cause_keys"], strict=True)]
-    return _Touched(-1, causes, None, {}, d["arrived_ms"], d["closed_ms"], digest, d["since_clock_ms"],
-                    d["watermark_ms"], stored=True)
+                         {day: DaySummary(v["windows"], Decimal(v["delta"])) for day, v in d["days"].items()})
+    return _Touched(-1, [], None, {}, d["arrived_ms"], d["closed_ms"], digest, d["since_clock_ms"],
+                    d["watermark_ms"], stored=True, listed_stored=d["listed_stored"])

@@ -205,13 +205,13 @@ def test_posting_reason_is_boundary_exactly_when_one_is_crossed(clocks: list[int
 def test_the_cause_of_a_fully_listed_posting_is_the_one_batch_formula() -> None:
     digest = CauseDigest()
     for i in range(3):
-        assert digest.add(f"w{i}@0", "2005-04-01", "0.25", 3)
+        assert digest.add(f"w{i}@0", "2005-04-01", Decimal("0.25"), 3)
     import hashlib
 
     assert digest.cause() == "windows:" + hashlib.sha256(b"w0@0\nw1@0\nw2@0").hexdigest()[:24]
-    assert not digest.add("w3@0", "2005-04-02", "0.5", 3)
+    assert not digest.add("w3@0", "2005-04-02", Decimal("0.5"), 3)
     assert digest.ids is None and digest.count == 4
-    assert digest.days["2005-04-01"].windows == 3 and digest.days["2005-04-02"].delta == "0.5"
+    assert digest.days["2005-04-01"].windows == 3 and digest.days["2005-04-02"].delta == Decimal("0.5")
     assert digest.cause().startswith("windows:") and digest.cause() != "windows:" + hashlib.sha256(
         b"w0@0\nw1@0\nw2@0\nw3@0").hexdigest()[:24]
 
