@@ -9,7 +9,8 @@ A fresh topic prefix, database (migrated, the bundled reference data plus N synt
 each, on the bundled ACTEWAGL-HOME-TOU price book) and state folder; everything is dropped afterwards.
 The input is N accounts × D days of 5-minute readings (channel E1) in the NEM12 gateway's record format:
 ``MeterReading`` Avro (``default_codec``), key NMI, header ``source_file``, then one completion marker per
-channel (``SeriesComplete``), as ``pipeline publish nem12`` sends a file. The data ends two days ago.
+channel (``SeriesComplete``), as ``pipeline publish nem12`` sends a file. The data is the last D days of last
+month (Sydney time), so it ends with a billing period (``--mid-period``: it ends two days ago).
 
 - default: the input is pre-produced to ``meter.readings``, then the four stages are started.
 - ``--stream``: the stages are started first; each 5-minute interval of all accounts is produced as one
@@ -264,16 +265,23 @@ class E2E:
         return f"E2E{a:07d}"
 
     def base(self) -> datetime:
-        """NEM midnight (14:00 UTC) ``days`` + 2 days ago: recent, aligned, ends before today; with ``--month``,
-        local midnight (Australia/Sydney, the accounts' time zone) of the month's first day: one whole billing
-        period (the accounts' billing anchor is the 1st)."""
-        if self.args.month:
-            from zoneinfo import ZoneInfo
+        """Where the data starts (UTC). With ``--month``: local midnight (Australia/Sydney, the accounts' time
+        zone) of the month's first day, one whole billing period (the accounts' billing anchor is the 1st).
+        Otherwise the last ``days`` days before local midnight of the current month's first day: the data ends
+        with a billing period, as a month's last readings do, so rating posts the period as the data completes it
+        (``--mid-period``: NEM midnight ``days`` + 2 days ago instead; the last posting then waits for
+        ``--posting-idle-s``, the freshness cost of posting, inside the measured time)."""
+        from zoneinfo import ZoneInfo
 
+        sydney = ZoneInfo("Australia/Sydney")
+        if self.args.month:
             year, month = map(int, self.args.month.split("-"))
-            return datetime(year, month, 1, tzinfo=ZoneInfo("Australia/Sydney")).astimezone(UTC)
-        day = datetime.now(UTC).replace(hour=14, minute=0, second=0, microsecond=0)
-        return day - timedelta(days=self.args.days + 2)
+            return datetime(year, month, 1, tzinfo=sydney).astimezone(UTC)
+        if self.args.mid_period:
+            day = datetime.now(UTC).replace(hour=14, minute=0, second=0, microsecond=0)
+            return day - timedelta(days=self.args.days + 2)
+        first = datetime.now(sydney).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        return datetime(first.year, first.month, 1, tzinfo=sydney).astimezone(UTC) - timedelta(days=self.args.days)
 
     def produce(self, stream: bool) -> tuple[int, int]:
         """Produce the readings (and the markers); returns (readings, markers)."""
@@ -540,6 +548,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--days", type=int, default=1)
+    parser.add_argument("--mid-period", action="store_true",
+                        help="the data ends 2 days ago (mid-period) instead of at last month's end")
     parser.add_argument("--month", default=None, metavar="YYYY-MM",
                         help="the data covers this calendar month (Sydney time) instead of --days ending 2 days ago")
     parser.add_argument("--posting-interval-days", type=int, default=Settings().posting_interval_days,

@@ -7,9 +7,10 @@ aggregates, totals and explanation inputs are updated on every revision, as befo
 emission of ``new total − emitted total``: a period with unposted changes (a *pending* period) is posted when
 
 - ``every_batch``: the policy is off (``interval_days`` 0): after every batch, SPEC §4 as first written;
-- ``boundary``: the partition's event clock (the highest window watermark rating has read on the partition)
-  crossed one of the period's posting boundaries since the period became pending: local midnight of the
-  period start + k × ``interval_days`` (k ≥ 1), in the account's time zone;
+- ``boundary``: the partition's event clock (the highest window watermark or window end rating has read on the
+  partition: a window its series' completion marker closed reaches past the watermark) crossed one of the
+  period's posting boundaries since the period became pending: local midnight of the period start + k ×
+  ``interval_days`` (k ≥ 1), in the account's time zone;
 - ``period_end``: the clock is at or past the period's end (the period is complete in event time; every later
   change — a late reading, a correction — is posted with the batch that brings it);
 - ``idle``: the event clock has not moved for ``idle_ms`` of processing time (the feed stopped: what is

@@ -234,7 +234,7 @@ class _Touched:
 BOOKS_KEY = b"books"
 PENDING_PREFIX = b"rq|"  # rq|<period key> → a period held by the posting policy (RatingPending)
 PENDING_CAUSE_PREFIX = b"rqc|"  # rqc|<period key>|<index> → one of its listed causes (RatingPendingCause)
-POSTING_CLOCK_KEY = b"posting|clock"  # the partition's event clock: highest window watermark read (WatermarkState)
+POSTING_CLOCK_KEY = b"posting|clock"  # the partition's event clock: highest window watermark or end (WatermarkState)
 REF_PREFIX = b"ref|"  # ref|<account> → [fingerprint of its service ranges and plans, change count] (issue 15)
 
 
@@ -526,8 +526,11 @@ class RatingProcessor:
                 touched.causes.append((win, keys + demand_keys))
             wm = int(win.watermark.timestamp() * 1000)
             touched.watermark_ms = wm if touched.watermark_ms is None else max(touched.watermark_ms, wm)
-            if wm > self._clock.get(record.partition, -(2**62)):
-                self._clock[record.partition] = wm
+            # the posting clock: how far the windows read here reach in event time (a window closed by its series'
+            # completion marker or idle time reaches past the watermark: its series is done up to its end)
+            reach = max(wm, end_ms)
+            if reach > self._clock.get(record.partition, -(2**62)):
+                self._clock[record.partition] = reach
                 self._clock_moved[record.partition] = self.wall_ms()
         touched.arrived_ms = timing.earliest(touched.arrived_ms, timing.read_ms(record.headers, timing.ARRIVED))
         touched.closed_ms = timing.earliest(touched.closed_ms, timing.read_ms(record.headers, timing.CLOSED))
