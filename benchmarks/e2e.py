@@ -198,6 +198,9 @@ class E2E:
 
     def cleanup(self) -> None:
         self.stop_stages(kill=True)
+        if self.args.keep_logs and (self.folder / "logs").is_dir():
+            shutil.copytree(self.folder / "logs", Path(self.args.keep_logs) / self.tag)
+            print(f"stage logs kept in {Path(self.args.keep_logs) / self.tag}")
         if self.topics_created:
             try:
                 delete_topics(self.settings.kafka_bootstrap,
@@ -548,6 +551,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--days", type=int, default=1)
+    parser.add_argument("--keep-logs", default=None, metavar="DIR", help="copy the stage logs there at the end")
     parser.add_argument("--mid-period", action="store_true",
                         help="the data ends 2 days ago (mid-period) instead of at last month's end")
     parser.add_argument("--month", default=None, metavar="YYYY-MM",

@@ -550,6 +550,11 @@ class RatingProcessor:
             return
         now = self.wall_ms()
         held: dict[bytes, _Touched] = {}
+        if not self.posting.every_batch:
+            for p, moved in self._clock_moved.items():
+                if now - moved >= self.posting.idle_ms and any(t.partition == p for t in self._touched.values()):
+                    log.info("partition %d: event clock %d unchanged for %.1f s: posting what it holds", p,
+                             self._clock.get(p, 0), (now - moved) / 1000)
         for pkey, touched in sorted(self._touched.items()):
             store = ctx.store(touched.partition)
             reason = self._posting_reason(store.get(pkey), touched, ref, now)
