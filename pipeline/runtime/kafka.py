@@ -722,11 +722,17 @@ class StageClients:
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Produce inside the current transaction (begun on first use)."""
-        producer = self._begin()
-        kwargs = {} if partition is None else {"partition": partition}
+        txn = self._txn  # once per record: the transaction already open on the producer this thread may use
+        if txn is not None and txn.in_txn and getattr(self._local, "generation", None) in (None, txn.generation):
+            producer = txn.producer  # what _begin() returns then, without its lock (one attribute read is atomic)
+        else:
+            producer = self._begin()
         while True:
             try:
-                producer.produce(topic, value, key, headers=headers, **kwargs)
+                if partition is None:
+                    producer.produce(topic, value, key, headers=headers)  # type: ignore[union-attr]
+                else:
+                    producer.produce(topic, value, key, partition, headers=headers)  # type: ignore[union-attr]
                 return
             except BufferError:
                 producer.poll(0.05)
