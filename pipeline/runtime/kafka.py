@@ -185,11 +185,20 @@ class Incoming(NamedTuple):
 _new = tuple.__new__
 
 
+def _headers(headers: list[tuple[str, bytes | None]]) -> tuple[tuple[str, bytes], ...]:
+    """A message's headers as ``Incoming`` keeps them: a header without a value has ``b""``."""
+    out = tuple(headers)
+    for _k, v in out:
+        if v is None:
+            return tuple((k, v if v is not None else b"") for k, v in out)
+    return out
+
+
 def _incoming(msg: Message) -> Incoming:
     headers = msg.headers()
     return _new(Incoming, (  # Incoming(...) without the cost of its Python-level constructor
         msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
-        tuple((k, v if v is not None else b"") for k, v in headers) if headers else (), msg.timestamp()[1],
+        _headers(headers) if headers else (), msg.timestamp()[1],
     ))
 
 
@@ -646,11 +655,14 @@ class StageClients:
         callbacks run meanwhile). Non-fatal consumer errors (the broker away: ``_TRANSPORT``,
         ``_ALL_BROKERS_DOWN``, ...) are logged, at most once per 30 s per error code: the client
         recovers from them by itself. Raises ``KafkaIOError`` on a fatal consumer error."""
-        out = []
+        out: list[Incoming] = []
+        append, new, incoming = out.append, _new, Incoming
         for msg in self.consumer.consume(max_records, timeout_s):
             err = msg.error()
-            if err is None:
-                out.append(_incoming(msg))
+            if err is None:  # _incoming(msg), inline: once per record
+                headers = msg.headers()
+                append(new(incoming, (msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                                      _headers(headers) if headers else (), msg.timestamp()[1])))
             elif err.code() == KafkaError._PARTITION_EOF:
                 continue
             elif err.fatal():
@@ -710,11 +722,17 @@ class StageClients:
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Produce inside the current transaction (begun on first use)."""
-        producer = self._begin()
-        kwargs = {} if partition is None else {"partition": partition}
+        txn = self._txn  # once per record: the transaction already open on the producer this thread may use
+        if txn is not None and txn.in_txn and getattr(self._local, "generation", None) in (None, txn.generation):
+            producer = txn.producer  # what _begin() returns then, without its lock (one attribute read is atomic)
+        else:
+            producer = self._begin()
         while True:
             try:
-                producer.produce(topic, value, key, headers=headers, **kwargs)
+                if partition is None:
+                    producer.produce(topic, value, key, headers=headers)  # type: ignore[union-attr]
+                else:
+                    producer.produce(topic, value, key, partition, headers=headers)  # type: ignore[union-attr]
                 return
             except BufferError:
                 producer.poll(0.05)

@@ -269,8 +269,10 @@ class _Ctx:
                 headers: list[tuple[str, bytes]] | None = None) -> None:
         if isinstance(key, str):
             key = key.encode()
-        self._r.clients.produce(topic, key, value, headers=headers)
-        self._r.produced[topic] = self._r.produced.get(topic, 0) + 1
+        r = self._r  # once per record forwarded: attribute lookups kept few
+        r.clients.produce(topic, key, value, None, headers)
+        produced = r.produced
+        produced[topic] = produced.get(topic, 0) + 1
 
     def count(self, kind: str, reason: str) -> None:
         counts = self._r.counts

@@ -297,7 +297,7 @@ class WindowingProcessor:
             else:
                 outcome = apply(state, event_id, iv, clock)
             if outcome is not _DUPLICATE and outcome is not _REFUSED:
-                arrived = timing.arrival_ms(record)
+                arrived = timing.arrival_ms(record) if record.headers else record.timestamp_ms
                 if arrived < t.arrived.get(key, arrived + 1):
                     t.arrived[key] = arrived
                 added = chunks.get(key)

@@ -270,19 +270,24 @@ def apply_interval(state: WindowState, event_id: str, iv: Interval, clock: Serie
     """
     intervals = state.intervals
     held = intervals.get(event_id)
-    if not supersedes(held, iv):
-        return Outcome.DUPLICATE
+    if held is not None and held.version_ms >= iv.version_ms:  # not supersedes(held, iv)
+        return _DUPLICATE
     intervals[event_id] = iv
     if held is None:
-        outcome = Outcome.ACCEPTED
+        outcome = _ACCEPTED
     else:
-        outcome = Outcome.SUPERSEDED
+        outcome = _SUPERSEDED
         if held.value == iv.value and held.quality == iv.quality:
             return outcome  # identical content: keep the newer version, nothing to re-emit
     state.dirty = True
-    if state.revision >= 0 or closes_at(clock) >= state.end_ms:  # the same as closed_window(...) >= end
+    # the same as closed_window(...) >= end; closes_at(clock), inline
+    if state.revision >= 0 or (clock.watermark_ms if clock.watermark_ms >= clock.closed_through_ms
+                               else clock.closed_through_ms) >= state.end_ms:
         state.late = True
     return outcome
+
+
+_ACCEPTED, _SUPERSEDED, _DUPLICATE = Outcome.ACCEPTED, Outcome.SUPERSEDED, Outcome.DUPLICATE  # looked up once
 
 
 def is_due(state: WindowState, clock: SeriesClock) -> bool:

@@ -10,7 +10,22 @@ Every format is Avro single-object encoding, encoded and decoded by fastavro thr
   scale 6), converted with ``int.from_bytes``/``int.to_bytes`` (big-endian two's complement,
   the shortest length, as fastavro writes a ``Decimal``).
 
-This module only converts values; it writes and reads no Avro bytes itself.
+The hottest records also have a hand-written Avro binary path here (Avro 1.11 specification,
+"Binary encoding": zig-zag varints, length-prefixed strings and bytes, arrays as one block then 0),
+cheaper per record than fastavro's general reader and writer (about 2-3x for an event, a revision;
+``benchmarks/windowing.py``). Varints of times seen lately are remembered (bounded caches): an
+interval's times and a file's version repeat across events.
+
+- ``EventReader`` reads a ``UsageEvent`` of the current schema itself when every string and the
+  value are shorter than 64 bytes and every time fits 9 varint bytes (every real event); anything
+  else (another writer schema, a long field, corrupt or truncated bytes) goes through
+  ``Codec.decode_plain``, which gives the result or the ``DecodeError``;
+- ``WindowWire`` writes window heads, events entries and window revisions by hand when their
+  schemas are the ones it knows (``_shape``), and hands every value it cannot write (a string of
+  4 KiB or more, a number beyond the Avro type, a value of the wrong type) to
+  ``Codec.encode_plain``, so the bytes and the errors are the codec's.
+
+``tests/unit/test_windowing_wire.py`` checks both against fastavro byte for byte.
 """
 
 from __future__ import annotations
@@ -73,6 +88,138 @@ def unscaled_of(micro: int) -> bytes:
     return micro.to_bytes((abs(micro).bit_length() + 8) // 8, "big", signed=True)
 
 
+# --- the hand-written Avro binary path (module doc) -----------------------------------------------------
+_INT64 = 1 << 63
+_new = tuple.__new__
+_INT32 = 1 << 31
+_ONE_BYTE = [bytes((i,)) for i in range(128)]
+
+
+def _long(v: int) -> bytes:
+    """The Avro ``long`` encoding of ``v``: zig-zag, then a little-endian base-128 varint.
+    ``OverflowError`` beyond 64 bits (the codec then decides)."""
+    if not -_INT64 <= v < _INT64:
+        raise OverflowError(v)
+    n = (v << 1) ^ (v >> 63)
+    if n < 0x80:
+        return _ONE_BYTE[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SIZES = [_long(i) for i in range(4096)]  # the Avro long of each length below 4 KiB
+
+
+def _int(v: int) -> bytes:
+    """An Avro ``int`` (``OverflowError`` beyond 32 bits: the codec then decides)."""
+    if not -_INT32 <= v < _INT32:
+        raise OverflowError(v)
+    return _long(v)
+
+
+def _boolean(v: bool) -> bytes:
+    """An Avro ``boolean``: one byte, 1 or 0."""
+    if type(v) is not bool:
+        raise TypeError(type(v))
+    return b"\x01" if v else b"\x00"
+
+
+_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+
+
+def _type_name(t: Any) -> Any:
+    """The base type of a primitive (or logical) type of a parsed schema; other types as they are."""
+    if isinstance(t, dict) and t.get("type") in _PRIMITIVES:
+        return t["type"]
+    return t
+
+
+def _shape(fields: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """(name, type) of each field of a parsed schema, logical types as their base type, an enum as
+    ``("enum", symbols)``, an array as ``("array", item type)``: what the hand-written paths compare
+    a schema with before they take it on."""
+    out: list[tuple[str, Any]] = []
+    for f in fields:
+        t = f["type"]
+        if isinstance(t, dict) and t.get("type") == "enum":
+            t = ("enum", tuple(t["symbols"]))
+        elif isinstance(t, dict) and t.get("type") == "array":
+            t = ("array", _type_name(t["items"]))
+        out.append((f["name"], _type_name(t)))
+    return out
+
+
+_LONG_BYTES: dict[int, bytes] = {}  # Avro longs written lately (window bounds and watermarks repeat)
+
+
+def _long_seen(v: int) -> bytes:
+    """``_long(v)``, remembered (at most 65,536 values)."""
+    b = _LONG_BYTES.get(v)
+    if b is None:
+        b = _long(v)
+        if len(_LONG_BYTES) >= 65_536:
+            _LONG_BYTES.clear()
+        _LONG_BYTES[v] = b
+    return b
+
+
+def _put_strings(out: list[bytes], strings: Iterable[str]) -> None:
+    """Append the Avro ``string`` of each of ``strings`` to ``out`` (``IndexError`` at 4 KiB or more,
+    ``AttributeError`` for what is not a string: the caller's general path decides)."""
+    for v in strings:
+        b = v.encode()
+        out.append(_SIZES[len(b)])
+        out.append(b)
+
+
+def _string_parts(v: str) -> tuple[bytes, bytes]:
+    """The Avro ``string`` of ``v`` as (length, UTF-8 bytes); errors as ``_put_strings``."""
+    b = v.encode()
+    return _SIZES[len(b)], b
+
+
+def _put_string_array(out: list[bytes], strings: list[str]) -> None:
+    """Append an Avro ``array`` of strings to ``out`` as fastavro writes it (one block, then 0)."""
+    if type(strings) not in (list, tuple):
+        raise TypeError(type(strings))
+    if strings:
+        out.append(_long(len(strings)))
+        _put_strings(out, strings)
+    out.append(b"\x00")
+
+
+# UsageEvent as EventReader reads it by hand (``_shape`` of the current schema)
+_EVENT_SHAPE = [
+    ("event_id", "string"), ("account", "string"), ("series", "string"), ("metric", "string"), ("unit", "string"),
+    ("event_time", "long"), ("event_end", "long"), ("value", "bytes"), ("version", "long"), ("quality", "string"),
+    ("source", "string"),
+]
+
+
+def _varint(data: bytes, p: int) -> tuple[int, int]:
+    """An Avro ``long`` at ``data[p]`` of at most 9 bytes: (value, position after it). ``IndexError``
+    past the end; ``OverflowError`` for a longer varint (the codec then decides)."""
+    b = data[p]
+    if b < 0x80:
+        return (b >> 1) ^ -(b & 1), p + 1
+    n = b & 0x7F
+    shift = 7
+    p += 1
+    while True:
+        b = data[p]
+        p += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (n >> 1) ^ -(n & 1), p
+        shift += 7
+        if shift > 56:
+            raise OverflowError("varint longer than 9 bytes")
+
+
 # --- usage events in ----------------------------------------------------------------------------------
 class PlainEvent(NamedTuple):
     """What the windowing stage uses of a ``UsageEvent``: times in epoch ms UTC, ``value`` in
@@ -93,18 +240,31 @@ class PlainEvent(NamedTuple):
 
 
 class EventReader:
-    """``UsageEvent`` bytes → ``PlainEvent``, through ``Codec.decode_plain`` (fastavro).
+    """``UsageEvent`` bytes → ``PlainEvent``: by hand for the current schema (module doc), else
+    through ``Codec.decode_plain`` (fastavro).
 
     Accepts and rejects what ``Codec.decode(data, UsageEvent)`` does: besides the codec's own
     checks (marker, fingerprint, body, trailing bytes), a time outside ``datetime``'s range or a
     decimal of more than 28 digits raises ``DecodeError`` as there. Every ``UsageEvent`` schema
-    (current and ``schemas/history``) has scale 6, so the unscaled value is the micro-units.
+    (current and ``schemas/history``) has scale 6, so the unscaled value is the micro-units. The
+    hand-written path returns only what the codec's path would return for the same bytes; on
+    anything unusual it steps aside and the codec's path decides.
     """
 
     def __init__(self, codec: Codec) -> None:
         self._decode = codec.decode_plain
+        fields = codec.schema("UsageEvent")["fields"]
+        same = _shape(fields) == _EVENT_SHAPE
+        self._header = codec.header("UsageEvent") if same else None
 
     def __call__(self, data: bytes) -> PlainEvent:
+        if self._header is not None and type(data) is bytes and data[:10] == self._header:
+            try:
+                got = _read_event(data)
+            except (IndexError, OverflowError, UnicodeDecodeError):
+                got = None
+            if got is not None:
+                return got
         d = self._decode(data, "UsageEvent")
         event_time, version, value = d["event_time"], d["version"], micro_of(d["value"])
         if not (_MIN_MS <= event_time <= _MAX_MS and _MIN_MS <= d["event_end"] <= _MAX_MS
@@ -115,6 +275,90 @@ class EventReader:
         account, series = d["account"], d["series"]
         return tuple.__new__(PlainEvent, (d["event_id"], account, series, d["metric"], d["unit"], event_time, value,
                                           version, d["quality"], d["source"], key_prefix(account, series)))
+
+
+# Avro longs read lately, by the bytes they start (``_longs``): an interval's times and a file's version repeat
+_TIMES: dict[bytes, tuple[int, int, int]] = {}  # event_time and event_end
+_VERSIONS: dict[bytes, tuple[int, int, int]] = {}  # version
+_LONGS_MAX = 65_536
+
+
+def _longs(seen: dict[bytes, tuple[int, int, int]], data: bytes, p: int, width: int,
+           count: int) -> tuple[int, int, int]:
+    """``count`` (1 or 2) Avro longs at ``data[p]``: (first, second or 0, position after them). The
+    same ``width`` bytes always read the same way when the varints end within them (each ends at its
+    first byte below 0x80), so such readings are remembered, by those bytes (events of one interval
+    share their times, events of one file their version), in ``seen`` (one per ``width`` and ``count``).
+    ``IndexError``/``OverflowError`` as ``_varint``."""
+    window = data[p:p + width]
+    got = seen.get(window)
+    if got is not None:
+        return got[0], got[1], p + got[2]
+    first, q = _varint(data, p)
+    second = 0
+    if count == 2:
+        second, q = _varint(data, q)
+    if q - p <= len(window):  # they ended inside the window: remember it
+        if len(seen) >= _LONGS_MAX:
+            seen.clear()
+        seen[window] = (first, second, q - p)
+    return first, second, q
+
+
+def _read_event(data: bytes) -> PlainEvent | None:
+    """The ``PlainEvent`` of the body of a current-schema ``UsageEvent`` (after its 10-byte header),
+    read by hand (``_EVENT_SHAPE``), or ``None`` when the general path must decide: a string or the
+    value of 64 bytes or more, bytes left over, a value out of range. ``IndexError`` (truncated),
+    ``OverflowError`` (a varint beyond 9 bytes) and ``UnicodeDecodeError`` mean the same.
+    A length byte ``n`` below 0x80 with its low bit clear is the length ``n >> 1`` (zig-zag)."""
+    n = data[10]
+    if n > 0x7F or n & 1:  # 64 bytes or more, or a negative length
+        return None
+    p = 11 + (n >> 1)
+    event_id = data[11:p]
+    n = data[p]
+    if n > 0x7F or n & 1:
+        return None
+    q = p + 1 + (n >> 1)
+    account = data[p + 1:q]
+    n = data[q]
+    if n > 0x7F or n & 1:
+        return None
+    p = q + 1 + (n >> 1)
+    series = data[q + 1:p]
+    n = data[p]
+    if n > 0x7F or n & 1:
+        return None
+    q = p + 1 + (n >> 1)
+    metric = data[p + 1:q]
+    n = data[q]
+    if n > 0x7F or n & 1:
+        return None
+    p = q + 1 + (n >> 1)
+    unit = data[q + 1:p]
+    event_time, event_end, p = _longs(_TIMES, data, p, 12, 2)  # 6 bytes each from 1971 to 2109
+    n = data[p]
+    if n > 0x7F or n & 1:
+        return None
+    q = p + 1 + (n >> 1)
+    value = int.from_bytes(data[p + 1:q], "big", signed=True)
+    version, _, p = _longs(_VERSIONS, data, q, 6, 1)
+    n = data[p]
+    if n > 0x7F or n & 1:
+        return None
+    q = p + 1 + (n >> 1)
+    quality = data[p + 1:q]
+    n = data[q]
+    if n > 0x7F or n & 1:
+        return None
+    p = q + 1 + (n >> 1)
+    if p != len(data) or not (_MIN_MS <= event_time <= _MAX_MS and _MIN_MS <= event_end <= _MAX_MS
+                              and _MIN_MS <= version <= _MAX_MS and -_MAX_UNSCALED < value < _MAX_UNSCALED):
+        return None
+    return _new(PlainEvent, (
+        event_id.decode(), account.decode(), series.decode(), metric.decode(), unit.decode(), event_time, value,
+        version, quality.decode(), data[q + 1:p].decode(), WIN_PREFIX + account + b"|" + series + b"|",
+    ))
 
 
 # --- window state ⇄ changelog, window revisions out ---------------------------------------------------
@@ -128,6 +372,22 @@ def events_key(window_key: bytes, first_offset: int) -> bytes:
 def events_prefix(window_key: bytes) -> bytes:
     """The key prefix of every events entry of the window stored at ``window_key``."""
     return EVENTS_PREFIX + window_key[len(WIN_PREFIX):] + b"|"
+
+
+# the schemas WindowWire writes by hand (``_shape``); another schema goes through the codec
+_HEAD_SHAPE = [
+    ("window_id", "string"), ("account", "string"), ("series", "string"), ("metric", "string"), ("unit", "string"),
+    ("start_ms", "long"), ("end_ms", "long"), ("aggregation", "string"), ("revision", "int"),
+    ("emitted_value", "bytes"), ("dirty", "boolean"), ("late", "boolean"),
+]
+_REVISION_SHAPE = [
+    ("window_id", "string"), ("account", "string"), ("series", "string"), ("metric", "string"), ("unit", "string"),
+    ("window_start", "long"), ("window_end", "long"), ("revision", "int"), ("timing", ("enum", ("ON_TIME", "LATE"))),
+    ("value", "bytes"), ("delta", "bytes"), ("count", "int"), ("qualities", ("array", "string")),
+    ("sources", ("array", "string")), ("watermark", "long"),
+]
+_CLOCK_SHAPE = [("max_event_ms", "long"), ("watermark_ms", "long"), ("closed_through_ms", "long"), ("metric", "string")]
+_TIMING = {"ON_TIME": _long(0), "LATE": _long(1)}  # the enum's index
 
 
 class WindowWire:
@@ -149,9 +409,28 @@ class WindowWire:
         self._encode = codec.encode_plain
         self._decode = codec.decode_plain
         self._read = EventReader(codec)
+        known = [(f["name"], f["type"]) for f in codec.schema("WindowEvents")["fields"]] == \
+            [("events", {"type": "array", "items": "bytes"})]
+        self._events_header = codec.header("WindowEvents") if known else None
+        known = _shape(codec.schema("WindowHead")["fields"]) == _HEAD_SHAPE
+        self._head_header = codec.header("WindowHead") if known else None
+        known = _shape(codec.schema("UsageWindow")["fields"]) == _REVISION_SHAPE
+        self._revision_header = codec.header("UsageWindow") if known else None
 
     def state(self, s: w.WindowState) -> bytes:
-        """The changelog value of a window's head (everything but its intervals)."""
+        """The changelog value of a window's head (everything but its intervals): by hand when the
+        schema is the one known here (``_HEAD_SHAPE``), the same bytes as ``Codec.encode_plain``."""
+        if self._head_header is not None:
+            try:
+                out = [self._head_header]
+                _put_strings(out, (s.window_id, s.account, s.series, s.metric, s.unit))
+                out += (_long_seen(s.start_ms), _long_seen(s.end_ms))
+                _put_strings(out, (s.aggregation,))
+                emitted = unscaled_of(s.emitted)
+                out += (_int(s.revision), _SIZES[len(emitted)], emitted, _boolean(s.dirty), _boolean(s.late))
+                return b"".join(out)
+            except (IndexError, TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
+                pass  # the codec writes it, or says why not
         return self._encode({
             "window_id": s.window_id, "account": s.account, "series": s.series, "metric": s.metric, "unit": s.unit,
             "start_ms": s.start_ms, "end_ms": s.end_ms, "aggregation": s.aggregation, "revision": s.revision,
@@ -220,7 +499,16 @@ class WindowWire:
         return state
 
     def events(self, raws: list[bytes]) -> bytes:
-        """The ``WindowEvents`` entry of the ``UsageEvent`` records ``raws`` (as consumed, in order)."""
+        """The ``WindowEvents`` entry of the ``UsageEvent`` records ``raws`` (as consumed, in order):
+        written by hand (one array block, then 0) when the schema is the one known here, the same
+        bytes as ``Codec.encode_plain``."""
+        if self._events_header is not None and raws:
+            try:
+                sizes = _SIZES
+                return b"".join([self._events_header, _long(len(raws)),
+                                 *[x for raw in raws for x in (sizes[len(raw)], raw)], b"\x00"])
+            except (IndexError, TypeError):  # 4 KiB or more, or not bytes: the codec writes them
+                pass
         return self._encode({"events": raws}, "WindowEvents")
 
     def intervals(self, entries: Iterable[bytes], base: dict[str, w.Interval] | None = None) -> dict[str, w.Interval]:
@@ -239,7 +527,21 @@ class WindowWire:
         return held
 
     def revision(self, rev: w.Revision) -> bytes:
-        """The ``UsageWindow`` record of ``rev``."""
+        """The ``UsageWindow`` record of ``rev``: by hand when the schema is the one known here
+        (``_REVISION_SHAPE``), the same bytes as ``Codec.encode_plain``."""
+        if self._revision_header is not None:
+            try:
+                out = [self._revision_header]
+                _put_strings(out, (rev.window_id, rev.account, rev.series, rev.metric, rev.unit))
+                value, delta = unscaled_of(rev.value), unscaled_of(rev.delta)
+                out += (_long_seen(rev.start_ms), _long_seen(rev.end_ms), _int(rev.revision), _TIMING[rev.timing],
+                        _SIZES[len(value)], value, _SIZES[len(delta)], delta, _int(rev.count))
+                _put_string_array(out, rev.qualities)
+                _put_string_array(out, rev.sources)
+                out.append(_long_seen(rev.watermark_ms))
+                return b"".join(out)
+            except (KeyError, IndexError, TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
+                pass  # the codec writes it, or says why not
         return self._encode({
             "window_id": rev.window_id, "account": rev.account, "series": rev.series, "metric": rev.metric,
             "unit": rev.unit, "window_start": rev.start_ms, "window_end": rev.end_ms, "revision": rev.revision,
@@ -259,10 +561,18 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     included, see ``docs/semantics.md``).
     """
     wire = WindowWire(codec)
+    known = _shape(codec.schema("SeriesClockState")["fields"]) == _CLOCK_SHAPE
+    clock_header = codec.header("SeriesClockState") if known else None
 
     def encode(key: bytes, value: Any) -> bytes:
         prefix = key[:2]
         if prefix == CLOCK_PREFIX:
+            if clock_header is not None:
+                try:
+                    return b"".join((clock_header, _long_seen(value.max_event_ms), _long_seen(value.watermark_ms),
+                                     _long_seen(value.closed_through_ms), *_string_parts(value.metric)))
+                except (IndexError, TypeError, OverflowError, AttributeError, UnicodeError):
+                    pass  # the codec writes it, or says why not
             return codec.encode_plain(value._asdict(), "SeriesClockState")
         if prefix in (EVENTS_PREFIX, ARCHIVE_PREFIX):
             return value  # type: ignore[no-any-return]
