@@ -53,7 +53,16 @@ from pipeline.config import Settings
 from pipeline.ingest.nem13 import is_register_correction
 from pipeline.ingest.telemetry import OutsideServiceDates, RejectedInput, identity_bytes, read_cloudevent
 from pipeline.ingest.telemetry import to_usage_event as telemetry_usage_event
-from pipeline.ingest.wire import avro_decimal, avro_long, avro_string, read_reading, read_seen, seen_bytes
+from pipeline.ingest.wire import (
+    avro_decimal,
+    avro_long,
+    avro_string,
+    read_head,
+    read_seen,
+    read_tail,
+    seen_bytes,
+    split_reading,
+)
 from pipeline.money import quantity
 from pipeline.records import QUALITY_FLAGS, LateEvent, MeterReading, SeriesComplete, SeriesMarker, UsageEvent
 from pipeline.reference import ReferenceData
@@ -243,8 +252,9 @@ class IngestProcessor(ProcessorBase):
         # the hot path of meter readings (``_reading``): headers of the current schemas, memos of derived bytes
         self._reading_header = codec.header("MeterReading")
         self._event_header = codec.header("UsageEvent")
-        self._channels: dict[tuple[str, str], tuple[bytes, int, int] | None] = {}  # (suffix, uom) → metric+unit
-        self._stamps: dict[int, str] = {}  # interval start ms → its minute in the event id
+        self._heads: dict[bytes, Any] = {}  # raw nmi+suffix+uom → _head(…)
+        self._tails: dict[bytes, Any] = {}  # raw quality … source_file → _tail(…)
+        self._stamps: dict[int, bytes] = {}  # interval start ms → its minute in the event id
         self._longs: dict[int, bytes] = {}  # epoch ms → Avro long
         self._tally: dict[tuple[str, str, str], int] | None = None  # outcomes of the batch being processed
 
@@ -320,14 +330,30 @@ class IngestProcessor(ProcessorBase):
         value = record.value
         if value is None:
             return False
-        r = read_reading(value, self._reading_header)
-        if r is None:
+        parts = split_reading(value, self._reading_header)
+        if parts is None:
             return False
-        nmi, suffix, uom, start, end, unscaled, quality, _, version, _, source_file, source_record, _ = r
+        head, start, end, unscaled, tail, source_record, _ = parts
+        channel = self._heads.get(head, _MISSING)  # what the NMI, suffix and uom give
+        if channel is _MISSING:
+            if len(self._heads) > _MEMO_MAX:
+                self._heads.clear()
+            channel = self._heads[head] = _head(head)
+        if channel is None:
+            return False  # invalid UTF-8, a channel or unit not billed: the general path
+        rest = self._tails.get(tail, _MISSING)  # what quality, version and source file give
+        if rest is _MISSING:
+            if len(self._tails) > _MEMO_MAX:
+                self._tails.clear()
+            rest = self._tails[tail] = _tail(tail)
+        if rest is None:
+            return False  # invalid UTF-8, a version out of range or an unknown quality flag: the general path
         length = end - start
-        if length <= 0 or quality not in QUALITY_FLAGS or not 0 <= unscaled < MAX_ABS_UNSCALED \
+        if length <= 0 or not 0 <= unscaled < MAX_ABS_UNSCALED \
                 or DAY_MS % length or (start + NEM_OFFSET_MS) % length or start > now + self.rules.future_bound_ms:
             return False  # invalid, misaligned, future, negative (a correction?) or out of range: the general path
+        nmi, metric_unit, num, den, key_prefix, id_prefix, series = channel  # type: ignore[misc]
+        quality, version, version_long, source_prefix = rest  # type: ignore[misc]
         day = (start + NEM_OFFSET_MS) // DAY_MS  # NEM (AEST) day number
         account = accounts.get((nmi, day), _MISSING)
         if account is _MISSING:
@@ -335,14 +361,8 @@ class IngestProcessor(ProcessorBase):
             account = accounts[(nmi, day)] = None if name is None else (name, avro_string(name))
         if account is None:
             return False  # unknown NMI or outside its service dates (refused, refreshed): the general path
-        channel = self._channels.get((suffix, uom), _MISSING)
-        if channel is _MISSING:
-            channel = self._channels[(suffix, uom)] = _channel(suffix, uom)
-        if channel is None:
-            return False
-        metric_unit, num, den = channel  # type: ignore[misc]
         part.live.add(METER)
-        key = b"m|%s\x00%s\x00%d" % (nmi.encode(), suffix.encode(), start)
+        key = b"%s%d" % (key_prefix, start)
         # _observe, unrolled
         horizon_end = end + self.rules.meter_horizon_ms
         clock = part.clocks[METER]
@@ -363,14 +383,15 @@ class IngestProcessor(ProcessorBase):
             if stamp is None:
                 if len(self._stamps) > _MEMO_MAX:
                     self._stamps.clear()
-                stamp = self._stamps[start] = f"{EPOCH + start * MS:%Y-%m-%dT%H:%MZ}"
+                stamp = self._stamps[start] = f"{EPOCH + start * MS:%Y-%m-%dT%H:%MZ}".encode()
             micro = unscaled if num == den else (2 * unscaled * num + den) // (2 * den)  # half-up (SPEC §4)
             longs = self._longs
+            event_id = id_prefix + stamp
+            source = b"%s%d" % (source_prefix, source_record)
             event = b"".join((
-                self._event_header, avro_string(f"nem12:{nmi}:{suffix}:{stamp}"), account[1],  # type: ignore[index]
-                avro_string(f"{nmi}/{suffix}"), metric_unit, longs.get(start) or self._long(start),
-                longs.get(end) or self._long(end), avro_decimal(micro), longs.get(version) or self._long(version),
-                avro_string(quality), avro_string(f"{source_file}#{source_record}"),
+                self._event_header, avro_long(len(event_id)), event_id, account[1],  # type: ignore[index]
+                series, metric_unit, longs.get(start) or self._long(start), longs.get(end) or self._long(end),
+                avro_decimal(micro), version_long, quality, avro_long(len(source)), source,
             ))
             ctx.forward(self.topics.usage_events, account[0], event,  # type: ignore[index]
                         [(timing.ARRIVED, b"%d" % timing.arrival_ms(record))])
@@ -549,15 +570,35 @@ class IngestProcessor(ProcessorBase):
             child.inc(n)
 
 
-def _channel(suffix: str, uom: str) -> tuple[bytes, int, int] | None:
-    """The metric and unit of a meter channel as Avro strings, and the unit factor as a fraction
-    ``num / den`` (``CHANNEL_METRICS``, ``UNITS``); ``None`` when the channel or unit is not billed."""
+def _head(head: bytes) -> tuple[str, bytes, int, int, bytes, bytes, bytes] | None:
+    """What a reading's NMI, suffix and uom (``wire.split_reading``'s ``head``) give its usage event:
+    ``(nmi, metric and unit as Avro strings, num, den, state key prefix, event id prefix, series as an Avro
+    string)``, the unit factor being ``num / den`` (``CHANNEL_METRICS``, ``UNITS``); ``None`` on invalid
+    UTF-8 or when the channel or unit is not billed."""
+    names = read_head(head)
+    if names is None:
+        return None
+    nmi, suffix, uom = names
     metric = CHANNEL_METRICS.get(suffix[:1].upper())
     unit = UNITS.get(uom.lower())
     if metric is None or unit is None:
         return None
     num, den = unit[1].as_integer_ratio()
-    return avro_string(metric) + avro_string(unit[0]), num, den
+    return (nmi, avro_string(metric) + avro_string(unit[0]), num, den,
+            b"%s%s\x00%s\x00" % (METER_PREFIX, nmi.encode(), suffix.encode()),  # + start ms: the key of _meter
+            f"nem12:{nmi}:{suffix}:".encode(),  # + start minute: MeterReading.identity
+            avro_string(f"{nmi}/{suffix}"))
+
+
+def _tail(tail: bytes) -> tuple[bytes, int, bytes, bytes] | None:
+    """What a reading's quality … source_file (``wire.split_reading``'s ``tail``) give its usage event:
+    ``(quality as an Avro string, version ms, version as an Avro long, source prefix "<file>#")``; ``None``
+    on invalid UTF-8, a version out of the fast range or a quality flag that is not one."""
+    rest = read_tail(tail)
+    if rest is None or rest[0] not in QUALITY_FLAGS:
+        return None
+    quality, _, version, _, source_file = rest
+    return avro_string(quality), version, avro_long(version), f"{source_file}#".encode()
 
 
 # --- state serialization (changelog values are Avro: schemas/ingest_seen.avsc, ingest_clock.avsc) --------------

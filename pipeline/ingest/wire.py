@@ -8,9 +8,9 @@ precision 28, scale 6) its unscaled value in big-endian two's complement, as sho
 it; ``timestamp-millis`` its epoch milliseconds as a long. Tests prove the output byte-identical to
 ``Codec.encode`` (``tests/unit/test_ingest_wire.py``).
 
-``read_reading`` accepts only the common case and answers ``None`` for anything else (an unknown or
-older writer schema, a truncated or odd body, a value outside the ranges below): the caller then takes
-the general path through ``Codec``, which reads every writer version and names every error, so
+``split_reading`` (and ``read_reading``) accept only the common case and answer ``None`` for anything
+else (an unknown or older writer schema, a truncated or odd body, a value outside the ranges below): the
+caller then takes the general path through ``Codec``, which reads every writer version and names every error, so
 nothing a reader of the general path would refuse or read differently is read here.
 """
 
@@ -29,8 +29,7 @@ _SMALL = [bytes((((n << 1) ^ (n >> 63)) & 0xFF,)) for n in range(64)]  # longs 0
 
 class PlainReading(NamedTuple):
     """The fields of a ``MeterReading`` in their Avro base form: times in epoch ms UTC, ``unscaled`` the
-    value in micro-units of ``uom`` (scale 6). ``read_reading`` returns them as a plain tuple in this
-    order (cheaper to build): ``PlainReading(*t)`` names them."""
+    value in micro-units of ``uom`` (scale 6)."""
 
     nmi: str
     suffix: str
@@ -47,13 +46,16 @@ class PlainReading(NamedTuple):
     correction: bool
 
 
-def read_reading(data: bytes, header: bytes) -> PlainReading | None:
-    """Read single-object ``data`` written with the current ``MeterReading`` schema (whose 10-byte
-    single-object header is ``header``), or ``None`` when ``data`` is anything else or outside the
-    fast path: another writer schema, a truncated body, trailing bytes, invalid UTF-8, an ``nmi``,
-    ``suffix``, ``uom``, ``quality`` or ``version_source`` of 64 bytes or more, a time before 1970 or
-    after 9998, ``source_record`` outside 0 … 2³¹ − 1, an empty or over-long decimal, a union index
-    or a boolean byte other than 0 or 1, a varint longer than 10 bytes."""
+def split_reading(data: bytes, header: bytes) -> tuple[bytes, int, int, int, bytes, int, bool] | None:
+    """The parts of single-object ``data`` written with the current ``MeterReading`` schema (whose 10-byte
+    single-object header is ``header``): ``(head, start_ms, end_ms, unscaled, tail, source_record,
+    correction)``, where ``head`` is the raw Avro of ``nmi``, ``suffix``, ``uom`` (``read_head``) and
+    ``tail`` that of ``quality`` … ``source_file`` (``read_tail``): the parts a day's file repeats, which
+    a caller may memoize. ``None`` when ``data`` is anything else or outside the fast path: another
+    writer schema, a truncated body, trailing bytes, a string of 64 bytes or more (but ``source_file``
+    and ``reason_code``), an interval time before 1970 or after 9998, ``source_record`` outside
+    0 … 2³¹ − 1, an empty or over-long decimal, a union index or a boolean byte other than 0 or 1, a
+    varint longer than 10 bytes. UTF-8 is checked by ``read_head`` and ``read_tail``."""
     if data[:10] != header:
         return None
     try:
@@ -63,17 +65,15 @@ def read_reading(data: bytes, header: bytes) -> PlainReading | None:
         if b & 0x81:
             return None
         p = 11 + (b >> 1)
-        nmi = data[11:p].decode()
         b = data[p]
         if b & 0x81:
             return None
-        q = p + 1 + (b >> 1)
-        suffix = data[p + 1:q].decode()
-        b = data[q]
+        p += 1 + (b >> 1)
+        b = data[p]
         if b & 0x81:
             return None
-        p = q + 1 + (b >> 1)
-        uom = data[q + 1:p].decode()
+        p += 1 + (b >> 1)
+        head = data[10:p]
         start_ms, p = _time(data, p)
         end_ms, p = _time(data, p)
         b = data[p]  # decimal: 1 … MAX_DECIMAL_BYTES bytes
@@ -83,26 +83,23 @@ def read_reading(data: bytes, header: bytes) -> PlainReading | None:
         if q > len(data):
             return None
         unscaled = int.from_bytes(data[p + 1:q], "big", signed=True)
-        b = data[q]
+        b = data[q]  # quality
         if b & 0x81:
             return None
         p = q + 1 + (b >> 1)
-        quality = data[q + 1:p].decode()
-        b = data[p]  # ["null", "string"]
+        b = data[p]  # reason_code: ["null", "string"]
         if b == 0:
-            reason_code = None
             p += 1
         elif b == 2:
-            reason_code, p = _string(data, p + 1)
+            p = _skip_string(data, p + 1)
         else:
             return None
-        version_ms, p = _time(data, p)
-        b = data[p]
+        _, p = _time(data, p)  # version
+        b = data[p]  # version_source
         if b & 0x81:
             return None
-        q = p + 1 + (b >> 1)
-        version_source = data[p + 1:q].decode()
-        source_file, p = _string(data, q)
+        p = _skip_string(data, p + 1 + (b >> 1))  # source_file
+        tail = data[q:p]
         b = data[p]
         if b < 0x80:
             source_record = (b >> 1) ^ -(b & 1)
@@ -110,13 +107,58 @@ def read_reading(data: bytes, header: bytes) -> PlainReading | None:
         else:
             source_record, p = _long(data, p)
         flag = data[p]
-    except (IndexError, ValueError):  # truncated, invalid UTF-8, negative length, over-long varint
+    except (IndexError, ValueError):  # truncated, negative length, over-long varint
         return None
     if p + 1 != len(data) or flag > 1 or not 0 <= source_record < MAX_FAST_INT \
-            or not (0 <= start_ms < MAX_FAST_MS and 0 <= end_ms < MAX_FAST_MS and 0 <= version_ms < MAX_FAST_MS):
+            or not (0 <= start_ms < MAX_FAST_MS and 0 <= end_ms < MAX_FAST_MS):
         return None
-    return (nmi, suffix, uom, start_ms, end_ms, unscaled, quality, reason_code,  # type: ignore[return-value]
-            version_ms, version_source, source_file, source_record, flag == 1)  # a PlainReading's fields
+    return head, start_ms, end_ms, unscaled, tail, source_record, flag == 1
+
+
+def read_head(head: bytes) -> tuple[str, str, str] | None:
+    """``(nmi, suffix, uom)`` of the ``head`` of ``split_reading``; ``None`` on invalid UTF-8."""
+    try:
+        p = 1 + (head[0] >> 1)
+        q = p + 1 + (head[p] >> 1)
+        return head[1:p].decode(), head[p + 1:q].decode(), head[q + 1:].decode()
+    except (IndexError, ValueError):
+        return None
+
+
+def read_tail(tail: bytes) -> tuple[str, str | None, int, str, str] | None:
+    """``(quality, reason_code, version_ms, version_source, source_file)`` of the ``tail`` of
+    ``split_reading``; ``None`` on invalid UTF-8 or a version before 1970 or after 9998."""
+    try:
+        p = 1 + (tail[0] >> 1)
+        quality = tail[1:p].decode()
+        if tail[p] == 0:
+            reason_code, p = None, p + 1
+        else:
+            reason_code, p = _string(tail, p + 1)
+        version_ms, p = _time(tail, p)
+        q = p + 1 + (tail[p] >> 1)
+        version_source = tail[p + 1:q].decode()
+        source_file, _ = _string(tail, q)
+    except (IndexError, ValueError):
+        return None
+    if not 0 <= version_ms < MAX_FAST_MS:
+        return None
+    return quality, reason_code, version_ms, version_source, source_file
+
+
+def read_reading(data: bytes, header: bytes) -> PlainReading | None:
+    """``split_reading`` with its ``head`` and ``tail`` read: every field of the reading, or ``None``
+    when any of the three does."""
+    parts = split_reading(data, header)
+    if parts is None:
+        return None
+    head, start_ms, end_ms, unscaled, tail, source_record, correction = parts
+    names, rest = read_head(head), read_tail(tail)
+    if names is None or rest is None:
+        return None
+    quality, reason_code, version_ms, version_source, source_file = rest
+    return PlainReading(*names, start_ms, end_ms, unscaled, quality, reason_code, version_ms, version_source,
+                        source_file, source_record, correction)
 
 
 def _time(data: bytes, pos: int) -> tuple[int, int]:
@@ -143,6 +185,20 @@ def _long(data: bytes, pos: int) -> tuple[int, int]:
         n |= (b & 0x7F) << shift
         shift += 7
     return (n >> 1) ^ -(n & 1), pos
+
+
+def _skip_string(data: bytes, pos: int) -> int:
+    """The position after the Avro string at ``pos``; ``ValueError``/``IndexError`` when it is not one."""
+    b = data[pos]
+    if b < 0x80:
+        n = (b >> 1) ^ -(b & 1)
+        pos += 1
+    else:
+        n, pos = _long(data, pos)
+    stop = pos + n
+    if n < 0 or stop > len(data):
+        raise ValueError("bad string length")
+    return stop
 
 
 def _string(data: bytes, pos: int) -> tuple[str, int]:

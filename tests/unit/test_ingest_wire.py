@@ -48,8 +48,8 @@ texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=70)
 
 
 def mostly(common: list[str]) -> st.SearchStrategy[str]:
-    """One of ``common`` 4 times in 5, else any text."""
-    return st.tuples(st.integers(0, 4), st.sampled_from(common), texts).map(lambda t: t[1] if t[0] else t[2])
+    """One of ``common`` 9 times in 10, else any text."""
+    return st.tuples(st.integers(0, 9), st.sampled_from(common), texts).map(lambda t: t[1] if t[0] else t[2])
 
 
 nmis = mostly(["NEM1201002", "NEM1201004", "NEM1202022", "NEM1311002", "NEM9999999"])
@@ -72,10 +72,12 @@ values = st.one_of(
 
 @st.composite
 def readings(draw: st.DrawFn) -> MeterReading:
-    length = draw(lengths_min)
-    if draw(st.integers(0, 3)):  # mostly aligned to the NEM day (AEST midnight = 14:00 UTC), so mostly billable
-        start = datetime(2005, 2, 28, 14, tzinfo=UTC) + timedelta(minutes=length * draw(st.integers(0, 90 * 48)))
+    if draw(st.integers(0, 3)) != 3:  # mostly aligned to the NEM day (AEST midnight = 14:00 UTC): mostly billable
+        length = draw(st.sampled_from([30, 5, 15, 60, 1440, 1]))
+        start = datetime(2005, 3, 9, 14, tzinfo=UTC) + timedelta(minutes=length * draw(st.integers(0, 80 * 24 * 2)))
+        start = min(start, datetime(2005, 5, 31, 14, tzinfo=UTC))
     else:
+        length = draw(lengths_min)
         start = draw(starts)
     end = start + timedelta(minutes=length)
     if end.year > 9999:
@@ -257,7 +259,7 @@ def test_the_generated_readings_are_mostly_billable() -> None:
     """The comparisons above see every outcome, accepted most (else they would prove little)."""
     seen: dict[str, int] = {}
 
-    @settings(max_examples=200, deadline=None, database=None)
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True)
     @given(readings())
     def count(reading: MeterReading) -> None:
         data = encoded(reading)
