@@ -32,6 +32,13 @@ clock passes its horizon: a telemetry id ``dedupe horizon`` after its event time
 ``PIPELINE_METER_DEDUPE_HORIZON_DAYS`` after its end. An input older than its horizon is forwarded
 as ``accepted``: windowing, which keeps every window (hot or archived), then finds it a duplicate or
 bills it.
+
+Throughput (issue 13): ``process_batch`` takes an ordinary meter reading (current schema, accepted,
+superseded or duplicate) through a hot path that reads and writes the Avro by hand (``pipeline.ingest.wire``:
+integer milliseconds and micro-units, byte-identical to ``Codec``), memoizes what the channel, the file
+and the NMI's service point give, and builds no dataclass; anything else, and any reading the hot path
+does not accept at once, takes the general path (``check_reading``, ``to_usage_event``), which decides it
+exactly as before. ``tests/unit/test_ingest_wire.py`` proves the two paths forward, keep and count the same.
 """
 
 from __future__ import annotations
@@ -40,9 +47,9 @@ import dataclasses
 import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -53,8 +60,18 @@ from pipeline.config import Settings
 from pipeline.ingest.nem13 import is_register_correction
 from pipeline.ingest.telemetry import OutsideServiceDates, RejectedInput, identity_bytes, read_cloudevent
 from pipeline.ingest.telemetry import to_usage_event as telemetry_usage_event
+from pipeline.ingest.wire import (
+    avro_decimal,
+    avro_long,
+    avro_string,
+    read_head,
+    read_seen,
+    read_tail,
+    seen_bytes,
+    split_reading,
+)
 from pipeline.money import quantity
-from pipeline.records import LateEvent, MeterReading, SeriesComplete, SeriesMarker, UsageEvent
+from pipeline.records import QUALITY_FLAGS, LateEvent, MeterReading, SeriesComplete, SeriesMarker, UsageEvent
 from pipeline.reference import ReferenceData
 from pipeline.runtime import timing
 from pipeline.runtime.kafka import Incoming
@@ -69,6 +86,8 @@ DAY_MS = 86_400_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MS = timedelta(milliseconds=1)
 MAX_ABS_VALUE = Decimal(10) ** 15  # no interval measures this much: a corrupt or hostile value
+MAX_ABS_UNSCALED = 10**21  # MAX_ABS_VALUE in micro-units (scale 6)
+EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 OUTCOMES = Counter("pipeline_ingest_records_total", "ingest records by input, outcome and dead-letter reason",
                    ["input", "outcome", "reason"])
 OUTCOME_NAMES = ("accepted", "duplicate", "superseded", "refused", "dead_lettered", "marker")
@@ -83,6 +102,9 @@ UNITS = {
 
 _USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(UsageEvent))  # flat: the Avro datum is its fields
 _OUTCOME_COUNTERS: dict[tuple[str, str, str], Any] = {}
+_ACCOUNT_MEMO = "ingest.account"  # ReferenceData.memo: (NMI, NEM day number) → (account, its Avro string) | None
+_MEMO_MAX = 1_000_000  # entries of a memo before it starts again
+_MISSING = object()
 
 CLOCK_PREFIX = b"c|"
 METER_PREFIX = b"m|"
@@ -234,6 +256,14 @@ class IngestProcessor(ProcessorBase):
         self.reasons: dict[str, int] = {}
         self._parts: dict[int, _Partition] = {}
         self._horizon = {METER: self.rules.meter_horizon_ms, TELEMETRY: self.rules.telemetry_horizon_ms}
+        # the hot path of meter readings (``_reading``): headers of the current schemas, memos of derived bytes
+        self._reading_header = codec.header("MeterReading")
+        self._event_header = codec.header("UsageEvent")
+        self._heads: dict[bytes, Any] = {}  # raw nmi+suffix+uom → _head(…)
+        self._tails: dict[bytes, Any] = {}  # raw quality … source_file → _tail(…)
+        self._stamps: dict[int, bytes] = {}  # interval start ms → its minute in the event id
+        self._longs: dict[int, bytes] = {}  # epoch ms → Avro long
+        self._tally: dict[tuple[str, str, str], int] | None = None  # outcomes of the batch being processed
 
     # --- ownership ----------------------------------------------------------------------------------
     def on_assign(self, partition: int, ctx: Context) -> None:
@@ -261,14 +291,133 @@ class IngestProcessor(ProcessorBase):
 
     # --- records ------------------------------------------------------------------------------------------
     def process(self, record: Incoming, ctx: Context) -> None:
-        part = self._partition(record.partition, ctx)
-        if record.topic == self.topics.telemetry_events:
-            self._telemetry(record, part, ctx)
-        else:
-            self._meter(record, part, ctx)
+        """Handle one input record (``process_batch`` of one)."""
+        self.process_batch((record,), ctx)
 
-    def _meter(self, record: Incoming, part: _Partition, ctx: Context) -> None:
+    def process_batch(self, records: Sequence[Incoming], ctx: Context) -> None:
+        """Handle ``records`` in order, each as described in the module doc. Per batch: one wall-clock
+        reading (``clock_ms``, for ``FUTURE_EVENT``), one reference snapshot (taken again after a record
+        that needed the general path, which may refresh it), and the outcome counters incremented once.
+
+        A meter reading in the current ``MeterReading`` schema that is accepted, superseded or a
+        duplicate goes the hot path (``_reading``: plain Avro, integer milliseconds and micro-units,
+        memoized lookups, no dataclass); every other record, and any reading the hot path does not
+        accept at once, goes the general path (``_meter``), which decides it as it always did."""
+        tally: dict[tuple[str, str, str], int] = {}
+        self._tally = tally
         now = self.clock_ms()
+        telemetry = self.topics.telemetry_events
+        ref: ReferenceData | None = None
+        accounts: dict[Any, Any] = {}
+        try:
+            for record in records:
+                part = self._partition(record.partition, ctx)
+                if record.topic == telemetry:
+                    self._telemetry(record, part, ctx, now)
+                    ref = None
+                    continue
+                if ref is None:
+                    ref = self.reference()
+                    accounts = ref.memo.get(_ACCOUNT_MEMO)  # type: ignore[assignment]
+                    if accounts is None or len(accounts) > _MEMO_MAX:
+                        accounts = ref.memo[_ACCOUNT_MEMO] = {}
+                if not self._reading(record, part, ctx, now, ref, accounts):
+                    self._meter(record, part, ctx, now)
+                    ref = None  # the general path may have refreshed the reference data
+        finally:
+            self._tally = None
+            self._publish(tally)
+
+    def _reading(self, record: Incoming, part: _Partition, ctx: Context, now: int, ref: ReferenceData,
+                 accounts: dict[Any, Any]) -> bool:
+        """The hot path of one meter reading: ``True`` when it was accepted, superseded or a duplicate
+        (forwarded, state and counts as ``_meter`` would), ``False`` (nothing done) when the general path
+        must decide it. Same checks as ``check_reading`` and ``to_usage_event`` in integer milliseconds and
+        micro-units; the ``UsageEvent`` written by ``wire`` (byte-identical to ``Codec.encode``)."""
+        value = record.value
+        if value is None:
+            return False
+        parts = split_reading(value, self._reading_header)
+        if parts is None:
+            return False
+        head, start, end, unscaled, tail, source_record, _ = parts
+        channel = self._heads.get(head, _MISSING)  # what the NMI, suffix and uom give
+        if channel is _MISSING:
+            if len(self._heads) > _MEMO_MAX:
+                self._heads.clear()
+            channel = self._heads[head] = _head(head)
+        if channel is None:
+            return False  # invalid UTF-8, a channel or unit not billed: the general path
+        rest = self._tails.get(tail, _MISSING)  # what quality, version and source file give
+        if rest is _MISSING:
+            if len(self._tails) > _MEMO_MAX:
+                self._tails.clear()
+            rest = self._tails[tail] = _tail(tail)
+        if rest is None:
+            return False  # invalid UTF-8, a version out of range or an unknown quality flag: the general path
+        length = end - start
+        if length <= 0 or not 0 <= unscaled < MAX_ABS_UNSCALED \
+                or DAY_MS % length or (start + NEM_OFFSET_MS) % length or start > now + self.rules.future_bound_ms:
+            return False  # invalid, misaligned, future, negative (a correction?) or out of range: the general path
+        nmi, metric_unit, num, den, key_prefix, id_prefix, series = channel  # type: ignore[misc]
+        quality, version, version_long, source_prefix = rest  # type: ignore[misc]
+        day = (start + NEM_OFFSET_MS) // DAY_MS  # NEM (AEST) day number
+        account = accounts.get((nmi, day), _MISSING)
+        if account is _MISSING:
+            name = ref.account_of(nmi, date.fromordinal(EPOCH_ORDINAL + day))
+            account = accounts[(nmi, day)] = None if name is None else (name, avro_string(name))
+        if account is None:
+            return False  # unknown NMI or outside its service dates (refused, refreshed): the general path
+        part.live.add(METER)
+        key = b"%s%d" % (key_prefix, start)
+        # _observe, unrolled
+        horizon_end = end + self.rules.meter_horizon_ms
+        clock = part.clocks[METER]
+        outcome = "accepted"
+        if horizon_end > clock.watermark_ms:  # else forgotten or never held: downstream decides
+            store = ctx.store(record.partition)
+            held: Seen | None = store.get(key)
+            if held is None:
+                store.put(key, Seen(end, version))
+                heapq.heappush(part.expiry[METER], (horizon_end, key))
+            elif version > held.version_ms:
+                store.put(key, Seen(held.time_ms, version))
+                outcome = "superseded"
+            else:
+                outcome = "duplicate"
+        if outcome != "duplicate":
+            stamp = self._stamps.get(start)
+            if stamp is None:
+                if len(self._stamps) > _MEMO_MAX:
+                    self._stamps.clear()
+                stamp = self._stamps[start] = f"{EPOCH + start * MS:%Y-%m-%dT%H:%MZ}".encode()
+            micro = unscaled if num == den else (2 * unscaled * num + den) // (2 * den)  # half-up (SPEC §4)
+            longs = self._longs
+            event_id = id_prefix + stamp
+            source = b"%s%d" % (source_prefix, source_record)
+            event = b"".join((
+                self._event_header, avro_long(len(event_id)), event_id, account[1],  # type: ignore[index]
+                series, metric_unit, longs.get(start) or self._long(start), longs.get(end) or self._long(end),
+                avro_decimal(micro), version_long, quality, avro_long(len(source)), source,
+            ))
+            ctx.forward(self.topics.usage_events, account[0], event,  # type: ignore[index]
+                        [(timing.ARRIVED, b"%d" % timing.arrival_ms(record))])
+        if start > clock.max_event_ms:  # _advance
+            self._advance(part, METER, start)
+        tally = self._tally
+        labels = (METER, outcome, "")
+        tally[labels] = tally.get(labels, 0) + 1  # type: ignore[index]
+        return True
+
+    def _long(self, ms: int) -> bytes:
+        raw = self._longs.get(ms)
+        if raw is None:
+            if len(self._longs) > _MEMO_MAX:
+                self._longs.clear()
+            raw = self._longs[ms] = avro_long(ms)
+        return raw
+
+    def _meter(self, record: Incoming, part: _Partition, ctx: Context, now: int) -> None:
         part.live.add(METER)
         try:
             datum = self.codec.decode_dict(record.value or b"", "MeterReading")
@@ -321,8 +470,7 @@ class IngestProcessor(ProcessorBase):
             ctx.forward(self.topics.usage_events, account, self.codec.encode(marker))
         self._count(METER, "marker", "")
 
-    def _telemetry(self, record: Incoming, part: _Partition, ctx: Context) -> None:
-        now = self.clock_ms()
+    def _telemetry(self, record: Incoming, part: _Partition, ctx: Context, now: int) -> None:
         part.live.add(TELEMETRY)
         try:
             ce = read_cloudevent(record.headers, record.value)
@@ -411,29 +559,82 @@ class IngestProcessor(ProcessorBase):
         self._count(kind, "dead_lettered", reason)
 
     def _count(self, kind: str, outcome: str, reason: str) -> None:
-        self.counts[outcome] = self.counts.get(outcome, 0) + 1
-        labels = ("telemetry" if kind == TELEMETRY else "meter", outcome, reason)
-        child = _OUTCOME_COUNTERS.get(labels)
-        if child is None:
-            child = _OUTCOME_COUNTERS[labels] = OUTCOMES.labels(*labels)
-        child.inc()
+        tally = self._tally
+        if tally is None:  # outside a batch
+            self._publish({(kind, outcome, reason): 1})
+        else:
+            labels = (kind, outcome, reason)
+            tally[labels] = tally.get(labels, 0) + 1
+
+    def _publish(self, tally: dict[tuple[str, str, str], int]) -> None:
+        """Add (kind, outcome, reason) → records to ``counts`` and the Prometheus counter."""
+        for (kind, outcome, reason), n in tally.items():
+            self.counts[outcome] = self.counts.get(outcome, 0) + n
+            labels = ("telemetry" if kind == TELEMETRY else "meter", outcome, reason)
+            child = _OUTCOME_COUNTERS.get(labels)
+            if child is None:
+                child = _OUTCOME_COUNTERS[labels] = OUTCOMES.labels(*labels)
+            child.inc(n)
+
+
+def _head(head: bytes) -> tuple[str, bytes, int, int, bytes, bytes, bytes] | None:
+    """What a reading's NMI, suffix and uom (``wire.split_reading``'s ``head``) give its usage event:
+    ``(nmi, metric and unit as Avro strings, num, den, state key prefix, event id prefix, series as an Avro
+    string)``, the unit factor being ``num / den`` (``CHANNEL_METRICS``, ``UNITS``); ``None`` on invalid
+    UTF-8 or when the channel or unit is not billed."""
+    names = read_head(head)
+    if names is None:
+        return None
+    nmi, suffix, uom = names
+    metric = CHANNEL_METRICS.get(suffix[:1].upper())
+    unit = UNITS.get(uom.lower())
+    if metric is None or unit is None:
+        return None
+    num, den = unit[1].as_integer_ratio()
+    return (nmi, avro_string(metric) + avro_string(unit[0]), num, den,
+            b"%s%s\x00%s\x00" % (METER_PREFIX, nmi.encode(), suffix.encode()),  # + start ms: the key of _meter
+            f"nem12:{nmi}:{suffix}:".encode(),  # + start minute: MeterReading.identity
+            avro_string(f"{nmi}/{suffix}"))
+
+
+def _tail(tail: bytes) -> tuple[bytes, int, bytes, bytes] | None:
+    """What a reading's quality … source_file (``wire.split_reading``'s ``tail``) give its usage event:
+    ``(quality as an Avro string, version ms, version as an Avro long, source prefix "<file>#")``; ``None``
+    on invalid UTF-8, a version out of the fast range or a quality flag that is not one."""
+    rest = read_tail(tail)
+    if rest is None or rest[0] not in QUALITY_FLAGS:
+        return None
+    quality, _, version, _, source_file = rest
+    return avro_string(quality), version, avro_long(version), f"{source_file}#".encode()
 
 
 # --- state serialization (changelog values are Avro: schemas/ingest_seen.avsc, ingest_clock.avsc) --------------
 def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[bytes, bytes], Any]]:
     """``(encode, decode)`` for the ingest store: clocks (``c|…``) and identities seen (``m|…``, ``t|…``)."""
 
+    seen_header = codec.header("IngestSeen")
+    memo: dict[tuple[int, int], bytes] = {}  # (time_ms, version_ms) → bytes: a day's file shares both
+
     def encode(key: bytes, value: Any) -> bytes:
-        if key.startswith(CLOCK_PREFIX):
+        if key[:2] == CLOCK_PREFIX:
             return codec.encode({"max_event_ms": value.max_event_ms, "watermark_ms": value.watermark_ms},
                                 "IngestClock")
-        return codec.encode({"time_ms": value.time_ms, "version_ms": value.version_ms}, "IngestSeen")
+        pair = (value.time_ms, value.version_ms)
+        raw = memo.get(pair)
+        if raw is None:
+            if len(memo) > 100_000:
+                memo.clear()
+            raw = memo[pair] = seen_bytes(seen_header, *pair)  # = codec.encode(…, "IngestSeen")
+        return raw
 
     def decode(key: bytes, raw: bytes) -> Any:
         if key.startswith(CLOCK_PREFIX):
             d = codec.decode_dict(raw, "IngestClock")
             return Clock(d["max_event_ms"], d["watermark_ms"])
-        d = codec.decode_dict(raw, "IngestSeen")
+        seen = read_seen(raw, seen_header)
+        if seen is not None:
+            return Seen(*seen)
+        d = codec.decode_dict(raw, "IngestSeen")  # another writer version, or bytes to refuse with DecodeError
         return Seen(d["time_ms"], d["version_ms"])
 
     return encode, decode
