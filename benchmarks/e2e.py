@@ -34,7 +34,7 @@ throughput). Then the stages are stopped and the plain transactional consume →
 
 Rating posts with the product's posting policy (``pipeline.rating.posting``: boundaries every
 ``--posting-interval-days``, default 7, and the period end) and posts what it still holds once a partition's
-event clock has stopped for ``--posting-idle-s`` (10 s here: the data ends, the feed stops; the product default is
+partition has had no input for ``--posting-idle-s`` (10 s here: the data ends, the feed stops; the product default is
 an hour). ``--posting-interval-days 0`` posts every batch (the ledger growth before issue 13). ``--month YYYY-MM``
 makes the data one whole billing period of every account (a calendar month in Sydney time), so that
 "lines per account-month" is what it says: e.g. ``--accounts 100 --month 2026-11 --stream --pause 0``.
@@ -559,7 +559,7 @@ def main() -> None:
     parser.add_argument("--posting-interval-days", type=int, default=Settings().posting_interval_days,
                         help="rating's posting boundaries (PIPELINE_POSTING_INTERVAL_DAYS; 0 = post every batch)")
     parser.add_argument("--posting-idle-s", type=float, default=10.0,
-                        help="rating posts what it holds once a partition's event clock stopped this long "
+                        help="rating posts what it holds once a partition had no input this long "
                              "(PIPELINE_POSTING_IDLE_S; the feed here stops at the end of the data; shorter, and a "
                              "stage starved of CPU for that long looks like a stopped feed: extra postings)")
     parser.add_argument("--partitions", type=int, default=Settings().partitions)

@@ -1085,7 +1085,7 @@ def demo(
     os.environ.setdefault("PIPELINE_IDLE_TIMEOUT_S", "5")  # historic data: a quiet meter's last windows close soon
     os.environ.setdefault("PIPELINE_INVOICE_IDLE_CLOSE_S", "10")  # ... and its last invoices are finalized
     # rating holds rated changes for weekly postings (pipeline/rating/posting.py); the sample files are short
-    # pieces of history, so what is pending is posted 3 s after a partition's event clock stops
+    # pieces of history, so what is pending is posted 3 s after a partition's input stops
     os.environ.setdefault("PIPELINE_POSTING_IDLE_S", "3")
     # the checks before finalizing would hold 43 of the 46 invoices: the bundled sample files cover a few days of
     # most months (MISSING_SERVICE_DAYS); export PIPELINE_REVIEW_CHECKS to see them held (`pipeline invoice review`)

@@ -173,8 +173,8 @@ class Settings(BaseSettings):
         "changed charge per batch: ≈ 90 lines per account-day of live 5-minute data)",
     )
     posting_idle_s: float = Field(
-        3600.0, gt=0, description="pending rated changes are posted anyway once the event clock of their partition "
-        "has not moved for this long (processing time: the feed stopped); keep it below invoice_idle_close_s and "
+        3600.0, gt=0, description="pending rated changes are posted anyway once their partition has had no window "
+        "revision for this long (processing time: the feed stopped); keep it below invoice_idle_close_s and "
         "above the gap between two windows of a live feed (raise both above a day for daily-file feeds)",
     )
     posting_max_listed_windows: int = Field(

@@ -175,7 +175,7 @@ def configure(env: Env) -> None:
     env.env.update({
         "PIPELINE_INVOICE_IDLE_CLOSE_S": "6",  # invoices close while data is still arriving: adjustments too
         # rating holds changes for weekly postings (pipeline/rating/posting.py) and posts them once a partition's
-        # event clock has stopped for 2 s: faults meet pending changes too
+        # input has stopped for 2 s: faults meet pending changes too
         "PIPELINE_POSTING_INTERVAL_DAYS": "7",
         "PIPELINE_POSTING_IDLE_S": "2",
         "PIPELINE_INVOICE_CLOSE_CHECK_S": "1",

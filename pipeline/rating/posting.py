@@ -13,8 +13,9 @@ emission of ``new total − emitted total``: a period with unposted changes (a *
   ``interval_days`` (k ≥ 1), in the account's time zone;
 - ``period_end``: the clock is at or past the period's end (the period is complete in event time; every later
   change — a late reading, a correction — is posted with the batch that brings it);
-- ``idle``: the event clock has not moved for ``idle_ms`` of processing time (the feed stopped: what is
-  pending reaches the ledger anyway);
+- ``idle``: no window revision has reached the partition for ``idle_ms`` of processing time (the feed stopped:
+  what is pending reaches the ledger anyway; input that keeps coming while the clock stands still, lagging
+  series catching up, is not a stopped feed);
 - ``rerate``: a price book version or reference change re-rated the period (an operator's action, posted at
   once; the pending window changes are posted first, with their own cause).
 
@@ -41,7 +42,7 @@ EVERY_BATCH, BOUNDARY, PERIOD_END, IDLE, RERATE = "every_batch", "boundary", "pe
 @dataclass(frozen=True, slots=True)
 class PostingPolicy:
     """``interval_days``: days between a period's interim postings (0 = post every batch); ``idle_ms``: processing
-    time without event-time progress after which pending periods are posted; ``max_listed_windows``: window
+    time without input on a partition after which its pending periods are posted; ``max_listed_windows``: window
     revisions listed one by one in a posting's explanation (the rest are summarised per local day)."""
 
     interval_days: int = 0
@@ -77,7 +78,7 @@ def posting_reason(policy: PostingPolicy, boundaries_ms: tuple[int, ...], since_
 
     ``boundaries_ms``: ``posting_boundaries_ms`` of the period (its last one is the period end);
     ``since_clock_ms``: the partition's event clock when the period became pending; ``clock_ms``: the clock now;
-    ``idle_for_ms``: processing time since the clock last moved."""
+    ``idle_for_ms``: processing time since the partition's last input."""
     if policy.every_batch:
         return EVERY_BATCH
     if clock_ms >= boundaries_ms[-1]:

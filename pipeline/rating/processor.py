@@ -339,7 +339,7 @@ class RatingProcessor:
         self._ref_checked: dict[int, ReferenceData] = {}  # partition → the snapshot its accounts were checked on
         self._clock: dict[int, int] = {}  # partition → event clock (ms): the highest window watermark read
         self._clock_saved: dict[int, int] = {}
-        self._clock_moved: dict[int, int] = {}  # partition → wall ms when its clock last moved (or was loaded)
+        self._last_input: dict[int, int] = {}  # partition → wall ms of its last window revision (or assignment)
 
     def on_assign(self, partition: int, ctx: Context) -> None:
         self._partitions.add(partition)
@@ -348,7 +348,7 @@ class RatingProcessor:
         store = ctx.store(partition)
         held = store.get(POSTING_CLOCK_KEY)
         self._clock[partition] = self._clock_saved[partition] = held if held is not None else -(2**62)
-        self._clock_moved[partition] = self.wall_ms()
+        self._last_input[partition] = self.wall_ms()
         for key, pending in list(store.scan(PENDING_PREFIX)):  # periods held when the state was last committed
             pkey = key[len(PENDING_PREFIX):]
             pending.partition = partition
@@ -358,7 +358,7 @@ class RatingProcessor:
     def on_revoke(self, partition: int) -> None:
         self._partitions.discard(partition)
         self._ref_checked.pop(partition, None)
-        for d in (self._clock, self._clock_saved, self._clock_moved):
+        for d in (self._clock, self._clock_saved, self._last_input):
             d.pop(partition, None)
         self._touched = {k: v for k, v in self._touched.items() if v.partition != partition}
 
@@ -446,6 +446,8 @@ class RatingProcessor:
         REVISIONS.labels("dead_lettered").inc()
 
     def process(self, record: Incoming, ctx: Context) -> None:
+        if not self.posting.every_batch:  # the partition's input is alive (the posting policy's idle rule)
+            self._last_input[record.partition] = self.wall_ms()
         try:
             win = self.codec.decode(record.value or b"", UsageWindow)
         except DecodeError as exc:
@@ -531,7 +533,6 @@ class RatingProcessor:
             reach = max(wm, end_ms)
             if reach > self._clock.get(record.partition, -(2**62)):
                 self._clock[record.partition] = reach
-                self._clock_moved[record.partition] = self.wall_ms()
         touched.arrived_ms = timing.earliest(touched.arrived_ms, timing.read_ms(record.headers, timing.ARRIVED))
         touched.closed_ms = timing.earliest(touched.closed_ms, timing.read_ms(record.headers, timing.CLOSED))
         REVISIONS.labels("accepted").inc()
@@ -551,10 +552,10 @@ class RatingProcessor:
         now = self.wall_ms()
         held: dict[bytes, _Touched] = {}
         if not self.posting.every_batch:
-            for p, moved in self._clock_moved.items():
-                if now - moved >= self.posting.idle_ms and any(t.partition == p for t in self._touched.values()):
-                    log.info("partition %d: event clock %d unchanged for %.1f s: posting what it holds", p,
-                             self._clock.get(p, 0), (now - moved) / 1000)
+            for p, last in self._last_input.items():
+                if now - last >= self.posting.idle_ms and any(t.partition == p for t in self._touched.values()):
+                    log.info("partition %d: no window revision for %.1f s (event clock %d): posting what it holds", p,
+                             (now - last) / 1000, self._clock.get(p, 0))
         for pkey, touched in sorted(self._touched.items()):
             store = ctx.store(touched.partition)
             reason = self._posting_reason(store.get(pkey), touched, ref, now)
@@ -585,7 +586,7 @@ class RatingProcessor:
                                                                 self.posting.interval_days)
         p = touched.partition
         return posting_reason(self.posting, bounds, touched.since_clock_ms, self._clock.get(p, -(2**62)),
-                              now_ms - self._clock_moved.get(p, now_ms))
+                              now_ms - self._last_input.get(p, now_ms))
 
     def _post(self, pkey: bytes, touched: _Touched, reason: str, ref: ReferenceData, ctx: Context) -> None:
         """Emit the period's delta lines against what it already emitted, and forget it as pending."""
