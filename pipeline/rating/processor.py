@@ -49,7 +49,7 @@ from pipeline.money import ZERO
 from pipeline.rating import rate as r
 from pipeline.rating.pricebook import ContributionComponent, DemandComponent, PriceBook, TouComponent
 from pipeline.rating.services import VOLUME_UNITS, gas_energy_mj
-from pipeline.rating.wire import decode_window, encode_charge
+from pipeline.rating.wire import decimal_bytes, decode_window, encode_charge
 from pipeline.records import ESTIMATED_QUALITY_FLAGS, RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
 from pipeline.runtime import timing
@@ -917,11 +917,12 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         if key == BOOKS_KEY or key.startswith(REF_PREFIX) or key.startswith(REKEY_PREFIX):  # ref|, rk|: strings
             return codec.encode({"versions": list(value)}, "AppliedPriceBooks")
         if key.startswith(b"rw|"):
-            return codec.encode({"revision": value.revision, "value": value.value,
-                                 "period_key": value.period_key, "keys": value.keys,
-                                 "demand_keys": value.demand_keys, "window_start_ms": value.window_start_ms,
-                                 "kw": str(value.kw), "metric": value.metric, "window_end_ms": value.window_end_ms,
-                                 "qualities": value.qualities}, "RatedWindowState")
+            return codec.encode_plain({"revision": value.revision, "value": decimal_bytes(value.value),
+                                       "period_key": value.period_key, "keys": value.keys,
+                                       "demand_keys": value.demand_keys, "window_start_ms": value.window_start_ms,
+                                       "kw": str(value.kw), "metric": value.metric,
+                                       "window_end_ms": value.window_end_ms, "qualities": value.qualities},
+                                      "RatedWindowState")
         return codec.encode(
             {"account": value.account, "period_start": value.period_start, "period_end": value.period_end,
              "quantities": {k: v.quantize(QUANTUM) for k, v in value.quantities.items()},

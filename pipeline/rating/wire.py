@@ -104,6 +104,19 @@ def _exact(value: Decimal) -> Decimal:
     return q
 
 
+def decimal_bytes(value: Decimal) -> bytes:
+    """An Avro ``decimal`` (precision 28, scale 6) in its base form, the unscaled big-endian two's-complement
+    bytes, exactly as fastavro writes a ``Decimal`` (for ``Codec.encode_plain``). ``ValueError`` as fastavro:
+    more than 28 digits, or more than 6 decimal places."""
+    _sign, digits, exponent = value.as_tuple()
+    if len(digits) > 28:
+        raise ValueError("The decimal precision is bigger than allowed by schema")
+    if not isinstance(exponent, int) or exponent < -6:
+        raise ValueError("Scale provided in schema does not match the decimal")
+    n = int(value.scaleb(6))
+    return n.to_bytes(((-n if n < 0 else n).bit_length() + 8) // 8, "big", signed=True)
+
+
 def encode_charge(codec: Codec, c: RatedCharge) -> bytes:
     """``codec.encode(c)`` without the generic dataclass walk: the same bytes."""
     return codec.encode({

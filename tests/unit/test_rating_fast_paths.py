@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from pipeline.rating import processor as rp
 from pipeline.rating.pricebook import PriceBook
 from pipeline.rating.processor import RatingProcessor
-from pipeline.rating.wire import decode_window, encode_charge
+from pipeline.rating.wire import decimal_bytes, decode_window, encode_charge
 from pipeline.records import RatedCharge, UsageWindow
 from tests.unit.test_rating_processor import ACC, CODEC, PROP_BOOK, TOPICS, Harness, reference, utc, window
 
@@ -37,7 +37,7 @@ names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_si
     window_end=moments, revision=st.integers(0, 2**31 - 1), timing=st.sampled_from(["ON_TIME", "LATE"]),
     value=decimals, delta=decimals, count=st.integers(0, 2**31 - 1), qualities=st.lists(names).map(tuple),
     sources=st.lists(names).map(tuple), watermark=moments))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_decode_window_reads_what_codec_decode_reads(win: UsageWindow) -> None:
     data = CODEC.encode(win)
     fast, slow = decode_window(CODEC, data), CODEC.decode(data, UsageWindow)
@@ -60,7 +60,7 @@ def test_decode_window_refuses_what_codec_decode_refuses() -> None:
     component_id=names, component_kind=names, band=names, quantity=decimals, unit=names, rate=decimals,
     amount=decimals, period_total=decimals, price_book_id=names, price_book_version=st.integers(0, 2**31 - 1),
     cause=names, explanation=names, watermark=st.none() | moments))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_encode_charge_is_byte_identical_to_codec_encode(charge: RatedCharge) -> None:
     assert encode_charge(CODEC, charge) == CODEC.encode(charge)
 
@@ -72,6 +72,20 @@ def test_encode_charge_refuses_more_than_six_decimals_like_codec_encode() -> Non
         CODEC.encode(charge)
     with pytest.raises(ValueError, match="6 decimal places"):
         encode_charge(CODEC, charge)
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False) | decimals)
+@settings(max_examples=500, deadline=None)
+def test_decimal_bytes_is_what_fastavro_writes_or_refuses(value: Decimal) -> None:
+    state = {"revision": 1, "value": value, "period_key": "rp|A|2024-05-01", "keys": ["B|1|c|"], "demand_keys": [],
+             "window_start_ms": 1, "kw": "0", "metric": "m", "window_end_ms": 2, "qualities": ["A"]}
+    try:
+        expected = CODEC.encode(state, "RatedWindowState")
+    except ValueError:
+        with pytest.raises(ValueError):
+            decimal_bytes(value)
+        return
+    assert CODEC.encode_plain({**state, "value": decimal_bytes(value)}, "RatedWindowState") == expected
 
 
 def version(n: int, peak: str = "0.50", **changes: Any) -> PriceBook:
