@@ -7,6 +7,16 @@ State per input partition:
   key (counted, so a superseded estimate stops marking the line), and per demand component the kWh of each
   (meter, demand interval): the total of the meter's channels of the metric (E1 + E2 ...).
 
+- ``rk|<period key>`` → ``["<book id>|<version>><book id>|<version>", ...]`` (issue 13; written only by the re-rating
+  fast path below): the versions whose keys the period's aggregates were moved to without touching its windows, so a
+  stored window's keys (``rw|``, still naming the old version) resolve to the period's current keys
+  (``resolve_key``). Absent: every stored key is current (all state written before issue 13).
+
+Re-rating after a superseding price book version (SPEC §4): when one version is in effect on every day of a period
+and differs from the versions the period's keys name only in rates (``key_structure``), the period's aggregates are
+re-keyed in place (``_rekey_period``: the same state as rebuilding it from its windows); otherwise (band or
+interval changes, a version starting mid-period, an older state format) the period is rebuilt from its windows.
+
 A window revision updates the aggregates by (new − old) value; all revisions of one (account,
 period) in a batch are coalesced into one recompute with ``rate_period`` at the end of the batch,
 which emits ``new total − emitted total`` per line, only where non-zero.
