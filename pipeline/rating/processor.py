@@ -7,6 +7,16 @@ State per input partition:
   key (counted, so a superseded estimate stops marking the line), and per demand component the kWh of each
   (meter, demand interval): the total of the meter's channels of the metric (E1 + E2 ...).
 
+- ``rk|<period key>`` → ``["<book id>|<version>><book id>|<version>", ...]`` (issue 13; written only by the re-rating
+  fast path below): the versions whose keys the period's aggregates were moved to without touching its windows, so a
+  stored window's keys (``rw|``, still naming the old version) resolve to the period's current keys
+  (``resolve_key``). Absent: every stored key is current (all state written before issue 13).
+
+Re-rating after a superseding price book version (SPEC §4): when one version is in effect on every day of a period
+and differs from the versions the period's keys name only in rates (``key_structure``), the period's aggregates are
+re-keyed in place (``_rekey_period``: the same state as rebuilding it from its windows); otherwise (band or
+interval changes, a version starting mid-period, an older state format) the period is rebuilt from its windows.
+
 A window revision updates the aggregates by (new − old) value; all revisions of one (account,
 period) in a batch are coalesced into one recompute with ``rate_period`` at the end of the batch,
 which emits ``new total − emitted total`` per line, only where non-zero.
@@ -58,6 +68,7 @@ from pipeline.rating.posting import (
 )
 from pipeline.rating.pricebook import ContributionComponent, DemandComponent, PriceBook, TouComponent
 from pipeline.rating.services import VOLUME_UNITS, gas_energy_mj
+from pipeline.rating.wire import decimal_bytes, decode_window, encode_charge
 from pipeline.records import ESTIMATED_QUALITY_FLAGS, RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
 from pipeline.runtime import timing
@@ -71,6 +82,10 @@ REVISIONS = Counter("pipeline_rating_window_revisions_total", "window revisions 
 LINES = Counter("pipeline_rating_lines_total", "delta lines emitted", ["component_kind"])
 POSTINGS = Counter("pipeline_rating_postings_total",
                    "periods posted to the ledger, by reason (pipeline.rating.posting)", ["reason"])
+_REV_ACCEPTED = REVISIONS.labels("accepted")  # children cached: a labels() lookup per record costs
+_REV_DUPLICATE = REVISIONS.labels("duplicate")
+_REV_DEAD_LETTERED = REVISIONS.labels("dead_lettered")
+_LINES_BY_KIND: dict[str, Any] = {}
 UNMEASURED = Counter("pipeline_rating_unmeasured_demand_total",
                      "windows left out of a demand they cannot measure while re-rating (logged)")
 
@@ -176,7 +191,7 @@ def fold(ps: PeriodState, rw: RatedWindowState, sign: int, interval_ms: Callable
     revisions gives the same state."""
     value = rw.value if sign > 0 else -rw.value
     if tz is not None:
-        day = datetime.fromtimestamp(rw.window_start_ms / 1000, tz=UTC).astimezone(tz).date().isoformat()
+        day = local_day_iso(tz, rw.window_start_ms)
         n = ps.days.get(day, 0) + sign
         if n:
             ps.days[day] = n
@@ -201,6 +216,69 @@ def fold(ps: PeriodState, rw: RatedWindowState, sign: int, interval_ms: Callable
     if not rw.keys and not rw.demand_keys:  # a metric this plan does not price still activates the period
         k = "unpriced|" + rw.metric
         ps.windows[k] = ps.windows.get(k, 0) + sign
+
+
+_DAY_MEMO: dict[tuple[tzinfo, int], tuple[date, str]] = {}
+_DAY_MEMO_MAX = 500_000
+
+
+def _local_day(tz: tzinfo, start_ms: int) -> tuple[date, str]:
+    key = (tz, start_ms)
+    found = _DAY_MEMO.get(key)
+    if found is None:
+        if len(_DAY_MEMO) >= _DAY_MEMO_MAX:
+            _DAY_MEMO.clear()
+        day = datetime.fromtimestamp(start_ms / 1000, tz=UTC).astimezone(tz).date()
+        found = _DAY_MEMO[key] = (day, day.isoformat())
+    return found
+
+
+def local_date(tz: tzinfo, start_ms: int) -> date:
+    """The local date (in ``tz``) of the instant ``start_ms`` (epoch ms, UTC); memoized (pure)."""
+    return _local_day(tz, start_ms)[0]
+
+
+def local_day_iso(tz: tzinfo, start_ms: int) -> str:
+    """``local_date(tz, start_ms).isoformat()``, memoized."""
+    return _local_day(tz, start_ms)[1]
+
+
+def _period_of(ref: ReferenceData, account: Any, local_day: date) -> tuple[r.BillingPeriod, str]:
+    """The account's billing period containing ``local_day`` and its start as ISO text (memoized per snapshot)."""
+    memo = ref.memo.setdefault("rating_period", {})
+    key = (account.billing_cycle, account.billing_anchor, local_day)
+    found = memo.get(key)
+    if found is None:
+        period = r.period_containing(account.billing_cycle, account.billing_anchor, local_day)
+        found = memo[key] = (period, period.start.isoformat())
+    return found
+
+
+def _book_for(ref: ReferenceData, account: str, local_day: date, metric: str) -> PriceBook | None:
+    """``ref.book_for`` memoized per snapshot."""
+    memo = ref.memo.setdefault("rating_book_for", {})
+    key = (account, local_day, metric)
+    try:
+        return memo[key]  # type: ignore[no-any-return]
+    except KeyError:
+        found = memo[key] = ref.book_for(account, local_day, metric)
+        return found
+
+
+def _window_keys_memo(ref: ReferenceData, book: PriceBook, metric: str, start_ms: int, window_ms: int,
+                      ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[DemandComponent, ...]]:
+    """``window_keys`` memoized per snapshot by (book version, metric, start, length): the keys depend on the
+    book's bands and the instant only, so every account on one book shares them."""
+    memo = ref.memo.setdefault("rating_window_keys", {})
+    key = (book.id, book.version, metric, start_ms, window_ms)
+    found = memo.get(key)
+    if found is None:
+        if len(memo) >= _DAY_MEMO_MAX:
+            memo.clear()
+        start = datetime.fromtimestamp(start_ms / 1000, tz=UTC)
+        keys, demand_keys, unfit = window_keys(book, metric, start, window_ms)
+        found = memo[key] = (tuple(keys), tuple(demand_keys), tuple(unfit))
+    return found
 
 
 def _count_flags(ps: PeriodState, key: str, qualities: list[str], sign: int) -> None:
@@ -236,6 +314,150 @@ PENDING_PREFIX = b"rq|"  # rq|<period key> → a period held by the posting poli
 PENDING_CAUSE_PREFIX = b"rqc|"  # rqc|<period key>|<index> → one of its listed causes (RatingPendingCause)
 POSTING_CLOCK_KEY = b"posting|clock"  # the partition's event clock: highest window watermark or end (WatermarkState)
 REF_PREFIX = b"ref|"  # ref|<account> → [fingerprint of its service ranges and plans, change count] (issue 15)
+REKEY_PREFIX = b"rk|"  # rk|<period key> → ["<book id>|<version>><version>", ...]: versions re-keyed in place
+
+
+def key_structure(book: PriceBook) -> tuple[Any, ...]:
+    """What the quantity and demand keys a window feeds under ``book`` depend on (``window_keys``, ``fold``): the
+    book's time zone and holiday region and, per usage component in order, its id, kind, metric, TOU bands
+    (names, times, default) and demand interval and band limit; not rates, tiers or blocks. Two versions of a
+    book with equal structures key every window alike, up to the version."""
+    comps = []
+    for c in book.components:
+        if c.kind not in ("tou", "per_unit", "feed_in", "tiered", "package", "surcharge", "demand"):
+            continue
+        entry: tuple[Any, ...] = (c.id, c.kind, getattr(c, "metric", None))
+        if isinstance(c, TouComponent):
+            entry += (c.default_band, tuple((b.band, tuple(t.model_dump_json() for t in b.times)) for b in c.bands))
+        elif isinstance(c, DemandComponent):
+            entry += (c.interval_minutes, c.tou_component, c.band)
+        comps.append(entry)
+    return (book.timezone, book.holiday_region, tuple(comps))
+
+
+def _structure(ref: ReferenceData, book: PriceBook) -> tuple[Any, ...]:
+    memo = ref.memo.setdefault("rating_key_structure", {})
+    key = (book.id, book.version)
+    if key not in memo:
+        memo[key] = key_structure(book)
+    return memo[key]  # type: ignore[no-any-return]
+
+
+def _aliases(store: Any, pkey: str) -> dict[str, str]:
+    """``<book id>|<version>`` → ``<book id>|<version>`` a period's keys were moved to (``_rekey_period``)."""
+    held = store.get(REKEY_PREFIX + pkey.encode())
+    return dict(a.split(">", 1) for a in held) if held else {}
+
+
+def resolve_key(key: str, aliases: dict[str, str]) -> str:
+    """A window's stored quantity or demand key (``book|version|component|band``) as its period holds it now."""
+    book_id, version, rest = key.split("|", 2)
+    moved = aliases.get(f"{book_id}|{version}")
+    return key if moved is None else f"{moved}|{rest}"
+
+
+def _resolve_held(store: Any, held: RatedWindowState) -> None:
+    """Point a stored revision's keys at the version its period now holds them under (re-keyed in place)."""
+    aliases = _aliases(store, held.period_key)
+    if aliases:
+        held.keys = [resolve_key(k, aliases) for k in held.keys]
+        held.demand_keys = [resolve_key(k, aliases) for k in held.demand_keys]
+
+
+def _in_effect(ref: ReferenceData, book_id: str, start: date, end: date) -> set[int]:
+    """The versions of ``book_id`` in effect (``book_in_effect``) on the days ``[start, end)``."""
+    memo = ref.memo.setdefault("rating_in_effect", {})
+    key = (book_id, start, end)
+    if key not in memo:
+        versions = [b for b in ref.price_books if b.id == book_id]
+        found, day = set(), start
+        while day < end:
+            covering = [b.version for b in versions if b.covers(day)]
+            if covering:
+                found.add(max(covering))
+            day += timedelta(days=1)
+        memo[key] = found
+    return memo[key]  # type: ignore[no-any-return]
+
+
+def _rekey_period(store: Any, pkey: str, ps: PeriodState, new: list[PriceBook], ref: ReferenceData) -> bool:
+    """Apply newly published versions to a period without its windows, when that gives what rebuilding it from
+    its windows would (``RatingProcessor._refold``): for each new book id, one version N is in effect on every
+    day of the period and every version the period's keys name has N's key structure (``key_structure``: only
+    rates differ). Then each key ``book|v|component|band`` moves to ``book|N|component|band`` (quantities and
+    windows summed, quality counts and demand kWh per slot merged; the old quantity keys stay at zero and the
+    old demand keys empty, as a rebuild leaves them) and ``rk|<period>`` records ``book|v → book|N`` so that a
+    later revision of a window stored under v is removed from N. False (nothing changed) otherwise."""
+    books = ref.books_by_version()
+    targets: dict[str, str] = {}
+    for book_id in sorted({b.id for b in new}):
+        versions = _in_effect(ref, book_id, ps.period_start, ps.period_end)
+        if len(versions) > 1:
+            return False
+        if not versions:
+            continue
+        (n,) = versions
+        targets[book_id] = f"{book_id}|{n}"
+    if not targets:
+        return True
+    moves: dict[str, str] = {}
+    for key in (*ps.quantities, *ps.windows, *ps.quality_counts, *ps.demand_kwh, *ps.qualities, *ps.demand):
+        book_id, sep, rest = key.partition("|")
+        target = targets.get(book_id) if sep else None
+        if target is None:
+            continue
+        version = rest.partition("|")[0]
+        source = f"{book_id}|{version}"
+        if source == target or source in moves:
+            continue
+        old = books.get((book_id, int(version)))
+        if old is None or _structure(ref, old) != _structure(ref, books[(book_id, int(target.split("|")[1]))]):
+            return False
+        moves[source] = target
+    if ps.qualities or ps.demand:
+        return False  # format 1 leftovers: rebuild from the windows
+    if not moves:
+        return True
+
+    def moved(key: str) -> str:
+        return resolve_key(key, moves) if not key.startswith("unpriced|") else key
+
+    quantities: dict[str, Decimal] = {}
+    for k, q in ps.quantities.items():
+        k2 = moved(k)
+        if k2 != k:
+            quantities.setdefault(k, ZERO)
+        quantities[k2] = quantities.get(k2, ZERO) + q
+    windows: dict[str, int] = {}
+    for k, n in ps.windows.items():
+        k2 = moved(k)
+        windows[k2] = windows.get(k2, 0) + n
+    counts: dict[str, dict[str, int]] = {}
+    for k, qc in ps.quality_counts.items():
+        merged = counts.setdefault(moved(k), {})
+        for flag, n in qc.items():
+            total = merged.get(flag, 0) + n
+            if total:
+                merged[flag] = total
+            else:
+                merged.pop(flag, None)
+    demand: dict[str, dict[str, Decimal]] = {}
+    for k, slots in ps.demand_kwh.items():
+        k2 = moved(k)
+        if k2 != k:
+            demand.setdefault(k, {})
+        merged_slots = demand.setdefault(k2, {})
+        for slot, kwh in slots.items():
+            total = merged_slots.get(slot, ZERO) + kwh
+            if total:
+                merged_slots[slot] = total
+            else:
+                merged_slots.pop(slot, None)
+    ps.quantities, ps.windows, ps.quality_counts, ps.demand_kwh = quantities, windows, counts, demand
+    aliases = {src: moves.get(dst, dst) for src, dst in _aliases(store, pkey).items()}
+    aliases.update(moves)
+    store.put(REKEY_PREFIX + pkey.encode(), sorted(f"{src}>{dst}" for src, dst in aliases.items() if src != dst))
+    return True
 
 
 def reference_fingerprint(ref: ReferenceData, account: str) -> str:
@@ -375,22 +597,35 @@ class RatingProcessor:
         new = [b for b in ref.price_books if f"{b.id}:{b.version}" not in set(applied or [])]
         if applied is None or not new:
             return
-        windows: dict[str, list[tuple[bytes, RatedWindowState]]] = {}
-        for key, rw in store.scan(b"rw|"):
-            windows.setdefault(rw.period_key, []).append((key, rw))
         cause = "pricebook:" + ",".join(sorted(f"{b.id}:v{b.version}" for b in new))
-        for pkey, rws in sorted(windows.items()):
-            ps: PeriodState = store.get(pkey.encode())
+        previous = {
+            b.id: sorted(int(v.split(":")[1]) for v in applied if v.split(":")[0] == b.id) for b in new
+        }
+        slow: dict[str, list[tuple[str, PeriodState]]] = {}  # account → periods to rebuild from their windows
+        for bpkey, ps in list(store.scan(b"rp|")):
             if not any(_overlaps(b, ps.period_start, ps.period_end) for b in new):
                 continue
-            previous = {
-                b.id: sorted(int(v.split(":")[1]) for v in applied if v.split(":")[0] == b.id) for b in new
-            }
-            if not self.posting.every_batch:
-                self._flush_pending(pkey.encode(), ref, ctx)
-                ps = store.get(pkey.encode())
-            self._refold(store, pkey, ps, rws, ref)
-            self._touched[pkey.encode()] = _Touched(partition, [], cause, previous)
+            pkey = bpkey.decode()
+            if not self.posting.every_batch:  # pending window changes are posted first, with their own cause
+                self._flush_pending(bpkey, ref, ctx)
+                ps = store.get(bpkey)
+            if ps.format >= FORMAT and not ps.days:
+                continue  # no window folded into it (the general path below re-rates periods with windows)
+            if ps.format >= FORMAT and _rekey_period(store, pkey, ps, new, ref):
+                store.put(bpkey, ps)
+                self._touched[bpkey] = _Touched(partition, [], cause, previous)
+            else:
+                slow.setdefault(ps.account, []).append((pkey, ps))
+        for account, periods in sorted(slow.items()):
+            windows: dict[str, list[tuple[bytes, RatedWindowState]]] = {}
+            for key, rw in store.scan(f"rw|{account}|".encode()):
+                windows.setdefault(rw.period_key, []).append((key, rw))
+            for pkey, ps in periods:
+                rws = windows.get(pkey)
+                if not rws:
+                    continue
+                self._refold(store, pkey, ps, rws, ref)
+                self._touched[pkey.encode()] = _Touched(partition, [], cause, previous)
 
     def _apply_reference_changes(self, partition: int, ref: ReferenceData, ctx: Context) -> None:
         """Re-rate the periods of the accounts whose service ranges or plans changed since their periods were
@@ -427,29 +662,33 @@ class RatingProcessor:
         _reset(ps)
         intervals = demand_interval_ms(ref)
         account = ref.accounts[ps.account]
+        tz = account.tz
         for key, rw in rws:
-            start = datetime.fromtimestamp(rw.window_start_ms / 1000, tz=UTC)
-            book = ref.book_for(ps.account, start.astimezone(account.tz).date(), rw.metric)
+            book = _book_for(ref, ps.account, local_date(tz, rw.window_start_ms), rw.metric)
             if book is None:
                 continue
-            rw.keys, rw.demand_keys, unfit = window_keys(book, rw.metric, start, rw.window_ms)
+            keys, demand_keys, unfit = _window_keys_memo(ref, book, rw.metric, rw.window_start_ms, rw.window_ms)
+            rw.keys, rw.demand_keys = list(keys), list(demand_keys)
             for comp in unfit:  # cannot refuse a stored revision: left out of that demand, loudly
                 UNMEASURED.inc()
                 log.error("re-rating %s: %s", key.decode(), unfit_message(book, comp, rw.window_ms))
             rw.series = series_of(key[3:].decode(), ps.account)
-            fold(ps, rw, 1, intervals, account.tz)
+            fold(ps, rw, 1, intervals, tz)
             store.put(key, rw)
         store.put(pkey.encode(), ps)
+        alias_key = REKEY_PREFIX + pkey.encode()
+        if store.get(alias_key) is not None:  # every window's keys are current again
+            store.delete(alias_key)
 
     def _dead_letter(self, record: Incoming, reason: str, message: str, ctx: Context) -> None:
         dead_letter(ctx, self.codec, self.topics.dlq_ingest, "rating", record, reason, message)
-        REVISIONS.labels("dead_lettered").inc()
+        _REV_DEAD_LETTERED.inc()
 
     def process(self, record: Incoming, ctx: Context) -> None:
         if not self.posting.every_batch:  # the partition's input is alive (the posting policy's idle rule)
             self._last_input[record.partition] = self.wall_ms()
         try:
-            win = self.codec.decode(record.value or b"", UsageWindow)
+            win = decode_window(self.codec, record.value or b"")
         except DecodeError as exc:
             self._dead_letter(record, "UNDECODABLE", str(exc), ctx)
             return
@@ -458,9 +697,11 @@ class RatingProcessor:
         if account is None:
             self._dead_letter(record, "UNKNOWN_ACCOUNT", f"account {win.account!r} has no reference data", ctx)
             return
-        local_day = win.window_start.astimezone(account.tz).date()
-        period = r.period_containing(account.billing_cycle, account.billing_anchor, local_day)
-        book = ref.book_for(win.account, local_day, win.metric)
+        start_ms, end_ms = win.window_start_ms, win.window_end_ms
+        tz = account.tz
+        local_day = local_date(tz, start_ms)
+        period, pstart_iso = _period_of(ref, account, local_day)
+        book = _book_for(ref, win.account, local_day, win.metric)
         if book is None:
             self._dead_letter(
                 record, "NO_PRICE_BOOK", f"no plan/price book for account {win.account} on {local_day}", ctx
@@ -476,15 +717,14 @@ class RatingProcessor:
                                   "meters gas-factor)", ctx)
                 return
             value = gas_energy_mj(win.value, gc.heating_value, gc.pressure_correction)
-        start_ms = int(win.window_start.timestamp() * 1000)
-        end_ms = int(win.window_end.timestamp() * 1000)
         store = ctx.store(record.partition)
         wkey = b"rw|" + win.window_id.encode()
         held: RatedWindowState | None = store.get(wkey)
         if held is not None and held.revision >= win.revision:
-            REVISIONS.labels("duplicate").inc()
+            _REV_DUPLICATE.inc()
             return
-        if win.sources and all(src.startswith(SPREAD_MARK) for src in win.sources):
+        sources = win.sources
+        if sources and sources[0].startswith(SPREAD_MARK) and all(src.startswith(SPREAD_MARK) for src in sources):
             timed = [c.id for c in book.usage_components(win.metric) if isinstance(c, TouComponent | DemandComponent)]
             if timed:
                 self._dead_letter(record, "ACCUMULATION_ON_INTERVAL_TARIFF",
@@ -492,50 +732,53 @@ class RatingProcessor:
                                   f"time of day, and {book.id} v{book.version} prices {win.metric} by time of use or "
                                   f"demand ({', '.join(timed)}); bill this meter on a flat or tiered plan", ctx)
                 return
-        keys, demand_keys, unfit = window_keys(book, win.metric, win.window_start, end_ms - start_ms)
+        keys, demand_keys, unfit = _window_keys_memo(ref, book, win.metric, start_ms, end_ms - start_ms)
         if unfit:
             self._dead_letter(record, "DEMAND_INTERVAL_FINER_THAN_DATA",
                               unfit_message(book, unfit[0], end_ms - start_ms), ctx)
             return
         intervals = demand_interval_ms(ref)
-        pkey = f"rp|{win.account}|{period.start.isoformat()}"
-        ps: PeriodState = store.get(pkey.encode()) or PeriodState(win.account, period.start, period.end)
-        _upgrade(store, pkey, ps, intervals, account.tz)
+        pkey = f"rp|{win.account}|{pstart_iso}"
+        bpkey = pkey.encode()
+        ps: PeriodState = store.get(bpkey) or PeriodState(win.account, period.start, period.end)
+        _upgrade(store, pkey, ps, intervals, tz)
         if held is not None:
             held.series = win.series
             old_ps = ps if held.period_key == pkey else store.get(held.period_key.encode())
-            _upgrade(store, held.period_key, old_ps, intervals, account.tz)
-            fold(old_ps, held, -1, intervals, account.tz)
+            _upgrade(store, held.period_key, old_ps, intervals, tz)
+            _resolve_held(store, held)
+            fold(old_ps, held, -1, intervals, tz)
             if old_ps is not ps:
                 store.put(held.period_key.encode(), old_ps)
-        rw = RatedWindowState(win.revision, value, pkey, keys, demand_keys, start_ms, ZERO, win.metric, end_ms,
-                              list(win.qualities), win.series)
-        fold(ps, rw, 1, intervals, account.tz)
-        store.put(pkey.encode(), ps)
+        rw = RatedWindowState(win.revision, value, pkey, list(keys), list(demand_keys), start_ms, ZERO, win.metric,
+                              end_ms, list(win.qualities), win.series)
+        fold(ps, rw, 1, intervals, tz)
+        store.put(bpkey, ps)
         store.put(wkey, rw)
-        touched = self._touched.get(pkey.encode())
+        touched = self._touched.get(bpkey)
         if touched is None:
-            touched = self._touched[pkey.encode()] = _Touched(record.partition)
+            touched = self._touched[bpkey] = _Touched(record.partition)
             if not self.posting.every_batch:
                 touched.digest = CauseDigest()
                 touched.since_clock_ms = self._clock.get(record.partition, -(2**62))
         if touched.digest is None:
-            touched.causes.append((win, keys + demand_keys))
+            touched.causes.append((win, [*keys, *demand_keys]))  # type: ignore[arg-type]
         else:
             touched.dirty = True
             if touched.digest.add(f"{win.window_id}@{win.revision}", local_day.isoformat(), win.delta,
                                   self.posting.max_listed_windows):
-                touched.causes.append((win, keys + demand_keys))
-            wm = int(win.watermark.timestamp() * 1000)
+                touched.causes.append((win, [*keys, *demand_keys]))  # type: ignore[arg-type]
+            wm = win.watermark_ms
             touched.watermark_ms = wm if touched.watermark_ms is None else max(touched.watermark_ms, wm)
             # the posting clock: how far the windows read here reach in event time (a window closed by its series'
             # completion marker or idle time reaches past the watermark: its series is done up to its end)
             reach = max(wm, end_ms)
             if reach > self._clock.get(record.partition, -(2**62)):
                 self._clock[record.partition] = reach
-        touched.arrived_ms = timing.earliest(touched.arrived_ms, timing.read_ms(record.headers, timing.ARRIVED))
-        touched.closed_ms = timing.earliest(touched.closed_ms, timing.read_ms(record.headers, timing.CLOSED))
-        REVISIONS.labels("accepted").inc()
+        if record.headers:
+            touched.arrived_ms = timing.earliest(touched.arrived_ms, timing.read_ms(record.headers, timing.ARRIVED))
+            touched.closed_ms = timing.earliest(touched.closed_ms, timing.read_ms(record.headers, timing.CLOSED))
+        _REV_ACCEPTED.inc()
 
     def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
         ref = self.reference()
@@ -612,8 +855,12 @@ class RatingProcessor:
         headers = timing.headers(touched.arrived_ms, touched.closed_ms)
         for charge in charges:
             ps.emitted[charge.component_key] = charge.record.period_total
-            ctx.forward(self.topics.charges_rated, ps.account, self.codec.encode(charge.record), headers)
-            LINES.labels(charge.record.component_kind).inc()
+            ctx.forward(self.topics.charges_rated, ps.account, encode_charge(self.codec, charge.record), headers)
+            kind = charge.record.component_kind
+            counter = _LINES_BY_KIND.get(kind)
+            if counter is None:
+                counter = _LINES_BY_KIND[kind] = LINES.labels(kind)
+            counter.inc()
         if charges:
             store.put(pkey, ps)
         _forget_pending(store, pkey, touched)
@@ -819,20 +1066,22 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     """``(encode, decode)`` for the rating store."""
 
     def encode(key: bytes, value: Any) -> bytes:
-        if key == BOOKS_KEY or key.startswith(REF_PREFIX):  # ref|: [fingerprint, change count]
+        if key == BOOKS_KEY or key.startswith(REF_PREFIX) or key.startswith(REKEY_PREFIX):  # ref|, rk|: strings
             return codec.encode({"versions": list(value)}, "AppliedPriceBooks")
         if key == POSTING_CLOCK_KEY:
             return codec.encode({"max_event_ms": value, "watermark_ms": value}, "WatermarkState")
         if key.startswith(PENDING_PREFIX):
             return _encode_pending(codec, value)
         if key.startswith(PENDING_CAUSE_PREFIX):
-            return codec.encode({"window": codec.encode(value[0]), "keys": list(value[1])}, "RatingPendingCause")
+            return codec.encode({"window": codec.encode(_usage_window(value[0])), "keys": list(value[1])},
+                                "RatingPendingCause")
         if key.startswith(b"rw|"):
-            return codec.encode({"revision": value.revision, "value": value.value,
-                                 "period_key": value.period_key, "keys": value.keys,
-                                 "demand_keys": value.demand_keys, "window_start_ms": value.window_start_ms,
-                                 "kw": str(value.kw), "metric": value.metric, "window_end_ms": value.window_end_ms,
-                                 "qualities": value.qualities}, "RatedWindowState")
+            return codec.encode_plain({"revision": value.revision, "value": decimal_bytes(value.value),
+                                       "period_key": value.period_key, "keys": value.keys,
+                                       "demand_keys": value.demand_keys, "window_start_ms": value.window_start_ms,
+                                       "kw": str(value.kw), "metric": value.metric,
+                                       "window_end_ms": value.window_end_ms, "qualities": value.qualities},
+                                      "RatedWindowState")
         return codec.encode(
             {"account": value.account, "period_start": value.period_start, "period_end": value.period_end,
              "quantities": {k: v.quantize(QUANTUM) for k, v in value.quantities.items()},
@@ -847,7 +1096,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         )
 
     def decode(key: bytes, raw: bytes) -> Any:
-        if key == BOOKS_KEY or key.startswith(REF_PREFIX):
+        if key == BOOKS_KEY or key.startswith(REF_PREFIX) or key.startswith(REKEY_PREFIX):
             return list(codec.decode_dict(raw, "AppliedPriceBooks")["versions"])
         if key == POSTING_CLOCK_KEY:
             return codec.decode_dict(raw, "WatermarkState")["watermark_ms"]
@@ -855,7 +1104,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
             return _decode_pending(codec, raw)
         if key.startswith(PENDING_CAUSE_PREFIX):
             d = codec.decode_dict(raw, "RatingPendingCause")
-            return codec.decode(d["window"], UsageWindow), list(d["keys"])
+            return decode_window(codec, d["window"]), list(d["keys"])
         if key.startswith(b"rw|"):
             d = codec.decode_dict(raw, "RatedWindowState")
             return RatedWindowState(d["revision"], d["value"], d["period_key"], list(d["keys"]),
@@ -881,6 +1130,15 @@ def _forget_pending(store: Any, pkey: bytes, touched: _Touched) -> None:
         store.delete(PENDING_PREFIX + pkey)
     for i in range(touched.listed_stored):
         store.delete(_cause_key(pkey, i))
+
+
+def _usage_window(win: Any) -> UsageWindow:
+    """The ``UsageWindow`` record of a window revision as rating read it (``wire.Window``), to store it."""
+    if isinstance(win, UsageWindow):
+        return win
+    return UsageWindow(win.window_id, win.account, win.series, win.metric, win.unit, win.window_start, win.window_end,
+                       win.revision, win.timing, win.value, win.delta, win.count, tuple(win.qualities),
+                       tuple(win.sources), win.watermark)
 
 
 def _encode_pending(codec: Codec, t: _Touched) -> bytes:

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import Decimal
+from functools import lru_cache
 
 from pipeline.money import ZERO, round_money
 from pipeline.rating.pricebook import (
@@ -98,6 +99,7 @@ def quantity_key(book: PriceBook, component_id: str, band: str) -> str:
     return f"{book.id}|{book.version}|{component_id}|{band}"
 
 
+@lru_cache(maxsize=65_536)
 def line_key_of(qkey: str) -> str:
     """The charge line a quantity key belongs to: ``book id|component id|band`` (version dropped)."""
     book_id, _version, component, band = qkey.split("|")

@@ -1,0 +1,193 @@
+"""Rating's fast paths (issue 13) give exactly what the general ones give:
+
+- ``wire.decode_window`` reads what ``Codec.decode(data, UsageWindow)`` reads; ``wire.encode_charge`` writes the
+  bytes ``Codec.encode`` writes;
+- a superseding price book version applied by re-keying a period's aggregates (``_rekey_period``: only rates
+  changed, one version in effect over the period) emits the same lines, byte for byte (ids, explanations,
+  amounts), as rebuilding the period from its windows, also for window revisions that arrive afterwards
+  (their stored keys resolve through the period's ``rk|`` aliases) and over several versions in a row.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.rating import processor as rp
+from pipeline.rating.pricebook import PriceBook
+from pipeline.rating.processor import RatingProcessor
+from pipeline.rating.wire import decimal_bytes, decode_window, encode_charge
+from pipeline.records import RatedCharge, UsageWindow
+from tests.unit.test_rating_processor import ACC, CODEC, PROP_BOOK, TOPICS, Harness, reference, utc, window
+
+D = Decimal
+decimals = st.decimals(min_value=D("-1e15"), max_value=D("1e15"), places=6, allow_nan=False, allow_infinity=False)
+moments = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2100, 1, 1)).map(
+    lambda d: d.replace(microsecond=d.microsecond // 1000 * 1000, tzinfo=UTC))
+names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+
+
+@given(st.builds(
+    UsageWindow, window_id=names, account=names, series=names, metric=names, unit=names, window_start=moments,
+    window_end=moments, revision=st.integers(0, 2**31 - 1), timing=st.sampled_from(["ON_TIME", "LATE"]),
+    value=decimals, delta=decimals, count=st.integers(0, 2**31 - 1), qualities=st.lists(names).map(tuple),
+    sources=st.lists(names).map(tuple), watermark=moments))
+@settings(max_examples=300, deadline=None)
+def test_decode_window_reads_what_codec_decode_reads(win: UsageWindow) -> None:
+    data = CODEC.encode(win)
+    fast, slow = decode_window(CODEC, data), CODEC.decode(data, UsageWindow)
+    for name in UsageWindow.__dataclass_fields__:
+        assert getattr(fast, name) == getattr(slow, name), name
+        assert str(getattr(fast, name)) == str(getattr(slow, name)), name
+
+
+def test_decode_window_refuses_what_codec_decode_refuses() -> None:
+    with pytest.raises(rp.DecodeError):
+        decode_window(CODEC, b"\xc3\x01garbage")
+    d = CODEC.decode_plain(CODEC.encode(window(utc(2024, 5, 1), "1")), "UsageWindow")
+    d["revision"] = -1
+    with pytest.raises(rp.DecodeError, match="revision"):
+        decode_window(CODEC, CODEC.encode_plain(d, "UsageWindow"))
+
+
+@given(st.builds(
+    RatedCharge, line_id=names, account=names, period_start=st.dates(), period_end=st.dates(), currency=names,
+    component_id=names, component_kind=names, band=names, quantity=decimals, unit=names, rate=decimals,
+    amount=decimals, period_total=decimals, price_book_id=names, price_book_version=st.integers(0, 2**31 - 1),
+    cause=names, explanation=names, watermark=st.none() | moments))
+@settings(max_examples=300, deadline=None)
+def test_encode_charge_is_byte_identical_to_codec_encode(charge: RatedCharge) -> None:
+    assert encode_charge(CODEC, charge) == CODEC.encode(charge)
+
+
+def test_encode_charge_refuses_more_than_six_decimals_like_codec_encode() -> None:
+    charge = RatedCharge("id", ACC, date(2024, 5, 1), date(2024, 6, 1), "AUD", "c", "tou", "", D("1.0000001"), "kWh",
+                         D("1"), D("1"), D("1"), "B", 1, "cause", "{}")
+    with pytest.raises(ValueError, match="6 decimal places"):
+        CODEC.encode(charge)
+    with pytest.raises(ValueError, match="6 decimal places"):
+        encode_charge(CODEC, charge)
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False) | decimals)
+@settings(max_examples=500, deadline=None)
+def test_decimal_bytes_is_what_fastavro_writes_or_refuses(value: Decimal) -> None:
+    state = {"revision": 1, "value": value, "period_key": "rp|A|2024-05-01", "keys": ["B|1|c|"], "demand_keys": [],
+             "window_start_ms": 1, "kw": "0", "metric": "m", "window_end_ms": 2, "qualities": ["A"]}
+    try:
+        expected = CODEC.encode(state, "RatedWindowState")
+    except ValueError:
+        with pytest.raises(ValueError):
+            decimal_bytes(value)
+        return
+    assert CODEC.encode_plain({**state, "value": decimal_bytes(value)}, "RatedWindowState") == expected
+
+
+def version(n: int, peak: str = "0.50", **changes: Any) -> PriceBook:
+    raw = PROP_BOOK.model_dump(mode="json")
+    raw["version"] = n
+    for comp in raw["components"]:
+        if comp["id"] == "energy":
+            comp["bands"][0]["rate"] = peak
+        if comp["id"] == "demand":
+            comp["rate"] = f"0.4{n}"
+    raw.update(changes)
+    return PriceBook.model_validate(raw)
+
+
+class Stage(Harness):
+    def __init__(self, books: list[PriceBook]) -> None:
+        super().__init__(reference(books))
+        self.data = reference(books)
+        self.processor = RatingProcessor(TOPICS, CODEC, lambda: self.data)
+        self.processor.on_assign(0, self.ctx)
+
+    def raw(self) -> list[bytes]:
+        return [v for _t, _k, v in self.ctx.forwarded]
+
+
+MAY_SLOTS = [utc(2024, 4, 30, 14, 0) + timedelta(hours=7 * i + 0.5 * (i % 3)) for i in range(100)]
+SUPERSEDING = {
+    "rates": lambda n: version(n, peak=f"0.5{n}"),  # same bands: re-keyed in place
+    "bands": lambda n: version(n, peak=f"0.5{n}", components=[
+        {**c, "bands": [{**c["bands"][0], "times": [{"day_types": ["weekday"], "start": "15:00", "end": "20:00"}]},
+                        *c["bands"][1:]]} if c["id"] == "energy" else c
+        for c in PROP_BOOK.model_dump(mode="json")["components"]]),
+    "mid_period": lambda n: version(n, peak=f"0.5{n}", effective_from="2024-05-15"),
+}
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[tuple[str, Any]]:
+    steps: list[tuple[str, Any]] = []
+    revisions: dict[int, int] = {}
+    for _ in range(draw(st.integers(3, 14))):
+        kind = draw(st.sampled_from(["windows", "windows", "publish"]))
+        if kind == "publish":
+            steps.append(("publish", draw(st.sampled_from(sorted(SUPERSEDING)))))
+            continue
+        batch = []
+        for slot in draw(st.lists(st.integers(0, len(MAY_SLOTS) - 1), min_size=1, max_size=6)):
+            rev = revisions.get(slot, -1) + 1
+            revisions[slot] = rev
+            batch.append((slot, rev, draw(st.decimals(min_value=0, max_value=9, places=3))))
+        steps.append(("windows", batch))
+    return steps
+
+
+def run(history: list[tuple[str, Any]], fast: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list[bytes], int]:
+    monkeypatch.setattr(rp, "_rekey_period", rp._rekey_period if fast else lambda *a: False)
+    books = [PROP_BOOK]
+    stage = Stage(books)
+    values: dict[int, Decimal] = {}
+    for kind, arg in history:
+        if kind == "publish":
+            books = [*books, SUPERSEDING[arg](len(books) + 1)]
+            stage.data = reference(books)
+        else:
+            for slot, rev, value in arg:
+                stage.feed(window(MAY_SLOTS[slot], value, rev, values.get(slot, "0")))
+                values[slot] = value
+        stage.flush()
+    aliases = sum(1 for k, _v in stage.ctx.store(0).scan(rp.REKEY_PREFIX))
+    monkeypatch.undo()
+    return stage.raw(), aliases
+
+
+@given(histories())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_rekeying_a_period_emits_what_rebuilding_it_from_its_windows_emits(
+        monkeypatch: pytest.MonkeyPatch, history: list[tuple[str, Any]]) -> None:
+    fast, _ = run(history, True, monkeypatch)
+    slow, none = run(history, False, monkeypatch)
+    assert none == 0
+    assert fast == slow
+
+
+def test_rates_only_versions_are_rekeyed_in_place_and_later_revisions_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
+    history: list[tuple[str, Any]] = [
+        ("windows", [(0, 0, D("1.5")), (5, 0, D("2.25")), (40, 0, D("3"))]),
+        ("publish", "rates"),
+        ("windows", [(5, 1, D("4")), (41, 0, D("1"))]),
+        ("publish", "rates"),
+        ("windows", [(0, 1, D("0.5")), (5, 2, D("0")), (41, 1, D("2"))]),
+        ("publish", "bands"),
+        ("windows", [(40, 1, D("7"))]),
+    ]
+    for cut in range(1, len(history) + 1):
+        fast, _ = run(history[:cut], True, monkeypatch)
+        slow, _ = run(history[:cut], False, monkeypatch)
+        assert fast == slow, cut
+    _, aliases = run(history[:5], True, monkeypatch)
+    assert aliases == 1  # the May period re-keyed v1 → v2 → v3 in place
+    _, aliases = run(history, True, monkeypatch)
+    assert aliases == 0  # a version that moves band times rebuilds the period from its windows (aliases dropped)
+    charges = [CODEC.decode(v, RatedCharge) for v in run(history[:2], True, monkeypatch)[0]]
+    assert charges[-1].cause == "pricebook:PROP:v2"
+    assert rp.key_structure(version(2, peak="0.99")) == rp.key_structure(PROP_BOOK)
+    assert rp.key_structure(SUPERSEDING["bands"](2)) != rp.key_structure(PROP_BOOK)
