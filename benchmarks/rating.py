@@ -6,6 +6,9 @@
 Runs the real rating processor over a real RocksDB store with Avro state encoding at every batch
 commit (what the stage does between Kafka transactions); Kafka I/O is not included (see
 benchmarks/windowing.py for the broker-bound comparison). Uses the bundled ActewAGL TOU price book.
+Rating posts with the product's posting policy (``pipeline.rating.posting``: weekly boundaries and the period
+end; the processing-time clock advances 1 ms per batch, and after the last batch the feed stops, so what is
+still held is posted inside the timed run); ``--posting-interval-days 0`` posts every batch (before issue 13).
 
 Then (unless ``--no-passthrough``; needs the local stack: ``pipeline stack up``) the same window revisions
 are produced to a fresh topic (4 partitions, key account) and the plain transactional consume → produce
@@ -31,6 +34,7 @@ from common import bench_topics, run_passthrough
 
 from pipeline.codec import default_codec
 from pipeline.config import Settings
+from pipeline.rating.posting import PostingPolicy
 from pipeline.rating.pricebook import PriceBook
 from pipeline.rating.processor import RatingProcessor, state_codec
 from pipeline.records import UsageWindow
@@ -65,6 +69,9 @@ def main() -> None:
                         help="revisions per rating batch (the stage's batch size; larger batches touch each period "
                              "fewer times: a quicker way to build a month of state for the re-rating figure)")
     parser.add_argument("--no-passthrough", action="store_true", help="skip the Kafka passthrough (no stack needed)")
+    parser.add_argument("--posting-interval-days", type=int, default=Settings().posting_interval_days,
+                        help="rating's posting policy (pipeline.rating.posting; 0 = post every batch, as before "
+                             "issue 13); the product default")
     args = parser.parse_args()
 
     raw_book = json.loads(BUNDLED_REFERENCE.read_text())["price_books"][0]
@@ -81,7 +88,9 @@ def main() -> None:
     enc, dec = state_codec(codec)
     store = open_fresh_store(Path(tempfile.mkdtemp(prefix="bench-rating-")) / "0", enc, dec)
     ctx = _Ctx(store)
-    proc = RatingProcessor(topics, codec, lambda: ref["data"])
+    wall = [0]  # processing time (ms) of the posting policy's idle rule: 1 ms per batch, then the feed stops
+    posting = PostingPolicy(args.posting_interval_days, 3_600_000, Settings().posting_max_listed_windows)
+    proc = RatingProcessor(topics, codec, lambda: ref["data"], posting, wall_ms=lambda: wall[0])
     proc.on_assign(0, ctx)
 
     start = datetime(2025, 3, 1, tzinfo=UTC) - timedelta(hours=11)  # local March (AEDT)
@@ -106,12 +115,17 @@ def main() -> None:
     for i in range(0, len(records), args.batch):
         for rec in records[i:i + args.batch]:
             proc.process(rec, ctx)
+        wall[0] += 1
         proc.punctuate(0, ctx)
         commit()
+    wall[0] += posting.idle_ms  # the feed stopped: whatever the posting policy holds is posted (timed too)
+    proc.punctuate(0, ctx)
+    commit()
     rated = time.perf_counter() - t0
     lines_first = ctx.forwarded
     print(f"{len(records):,} window revisions ({args.accounts} accounts × {per_account} windows) "
-          f"rated in {rated:.1f}s: {len(records) / rated:,.0f} revisions/s, {lines_first:,} delta lines")
+          f"rated in {rated:.1f}s: {len(records) / rated:,.0f} revisions/s, {lines_first:,} delta lines "
+          f"({lines_first / args.accounts:.1f} per account-month; posting interval {args.posting_interval_days} days)")
 
     v2_raw = json.loads(json.dumps(raw_book))
     v2_raw["version"] = 2

@@ -307,6 +307,7 @@ class _Touched:
     stored: bool = False  # an rq| entry holds it in the store
     dirty: bool = False  # changed since it was last stored
     listed_stored: int = 0  # listed causes already under rqc|<period key>|<index>
+    raw: list[bytes] = field(default_factory=list)  # the listed causes' record bytes (stored as they came)
 
 
 BOOKS_KEY = b"books"
@@ -574,7 +575,9 @@ class RatingProcessor:
         for key, pending in list(store.scan(PENDING_PREFIX)):  # periods held when the state was last committed
             pkey = key[len(PENDING_PREFIX):]
             pending.partition = partition
-            pending.causes = [store.get(_cause_key(pkey, i)) for i in range(pending.listed_stored)]
+            stored = [store.get(_cause_key(pkey, i)) for i in range(pending.listed_stored)]
+            pending.causes = [(win, keys) for win, keys, _raw in stored]
+            pending.raw = [raw for _win, _keys, raw in stored]
             self._touched[pkey] = pending
 
     def on_revoke(self, partition: int) -> None:
@@ -768,6 +771,7 @@ class RatingProcessor:
             if touched.digest.add(f"{win.window_id}@{win.revision}", local_day.isoformat(), win.delta,
                                   self.posting.max_listed_windows):
                 touched.causes.append((win, [*keys, *demand_keys]))  # type: ignore[arg-type]
+                touched.raw.append(record.value or b"")
             wm = win.watermark_ms
             touched.watermark_ms = wm if touched.watermark_ms is None else max(touched.watermark_ms, wm)
             # the posting clock: how far the windows read here reach in event time (a window closed by its series'
@@ -805,7 +809,7 @@ class RatingProcessor:
             if reason is None:
                 if touched.dirty:
                     for i in range(touched.listed_stored, len(touched.causes)):  # each listed cause once
-                        store.put(_cause_key(pkey, i), touched.causes[i])
+                        store.put(_cause_key(pkey, i), (*touched.causes[i], touched.raw[i]))
                     touched.listed_stored = len(touched.causes)
                     store.put(PENDING_PREFIX + pkey, touched)
                     touched.stored, touched.dirty = True, False
@@ -1073,8 +1077,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         if key.startswith(PENDING_PREFIX):
             return _encode_pending(codec, value)
         if key.startswith(PENDING_CAUSE_PREFIX):
-            return codec.encode({"window": codec.encode(_usage_window(value[0])), "keys": list(value[1])},
-                                "RatingPendingCause")
+            return codec.encode({"window": value[2], "keys": list(value[1])}, "RatingPendingCause")
         if key.startswith(b"rw|"):
             return codec.encode_plain({"revision": value.revision, "value": decimal_bytes(value.value),
                                        "period_key": value.period_key, "keys": value.keys,
@@ -1104,7 +1107,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
             return _decode_pending(codec, raw)
         if key.startswith(PENDING_CAUSE_PREFIX):
             d = codec.decode_dict(raw, "RatingPendingCause")
-            return decode_window(codec, d["window"]), list(d["keys"])
+            return decode_window(codec, d["window"]), list(d["keys"]), d["window"]
         if key.startswith(b"rw|"):
             d = codec.decode_dict(raw, "RatedWindowState")
             return RatedWindowState(d["revision"], d["value"], d["period_key"], list(d["keys"]),
@@ -1130,15 +1133,6 @@ def _forget_pending(store: Any, pkey: bytes, touched: _Touched) -> None:
         store.delete(PENDING_PREFIX + pkey)
     for i in range(touched.listed_stored):
         store.delete(_cause_key(pkey, i))
-
-
-def _usage_window(win: Any) -> UsageWindow:
-    """The ``UsageWindow`` record of a window revision as rating read it (``wire.Window``), to store it."""
-    if isinstance(win, UsageWindow):
-        return win
-    return UsageWindow(win.window_id, win.account, win.series, win.metric, win.unit, win.window_start, win.window_end,
-                       win.revision, win.timing, win.value, win.delta, win.count, tuple(win.qualities),
-                       tuple(win.sources), win.watermark)
 
 
 def _encode_pending(codec: Codec, t: _Touched) -> bytes:
