@@ -68,7 +68,7 @@ from pipeline.rating.posting import (
 )
 from pipeline.rating.pricebook import ContributionComponent, DemandComponent, PriceBook, TouComponent
 from pipeline.rating.services import VOLUME_UNITS, gas_energy_mj
-from pipeline.rating.wire import decimal_bytes, decode_window, encode_charge
+from pipeline.rating.wire import WindowStateWriter, decode_window, encode_charge
 from pipeline.records import ESTIMATED_QUALITY_FLAGS, RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
 from pipeline.runtime import timing
@@ -183,24 +183,37 @@ def series_of(window_id: str, account: str) -> str:
 
 
 def fold(ps: PeriodState, rw: RatedWindowState, sign: int, interval_ms: Callable[[str], int],
-         tz: tzinfo | None = None) -> None:
+         tz: tzinfo | None = None, day: str | None = None) -> None:
     """Add (``sign`` 1) or remove (−1) one window revision's contribution to a period's aggregates:
     its value on each quantity key, its windows and quality flags, its kWh on the demand interval of its
     meter for each demand key (``interval_ms(demand key)``) and, given the account's time zone ``tz``, one
-    window on the local day it starts. Exact (Decimal), so any order of adds and removes of the same
-    revisions gives the same state."""
+    window on the local day it starts (``day``: that day's ISO date when the caller has it). Exact (Decimal),
+    so any order of adds and removes of the same revisions gives the same state."""
     value = rw.value if sign > 0 else -rw.value
     if tz is not None:
-        day = local_day_iso(tz, rw.window_start_ms)
+        if day is None:
+            day = local_day_iso(tz, rw.window_start_ms)
         n = ps.days.get(day, 0) + sign
         if n:
             ps.days[day] = n
         else:
             ps.days.pop(day, None)
+    quantities, windows, counts_by_key, qualities = ps.quantities, ps.windows, ps.quality_counts, rw.qualities
     for k in rw.keys:
-        ps.quantities[k] = ps.quantities.get(k, ZERO) + value
-        ps.windows[k] = ps.windows.get(k, 0) + sign
-        _count_flags(ps, k, rw.qualities, sign)
+        quantities[k] = quantities.get(k, ZERO) + value
+        windows[k] = windows.get(k, 0) + sign
+        if qualities:
+            counts = counts_by_key.get(k)
+            if counts is None:
+                counts = counts_by_key[k] = {}
+            for q in qualities:
+                n = counts.get(q, 0) + sign
+                if n:
+                    counts[q] = n
+                else:
+                    del counts[q]
+        else:
+            counts_by_key.setdefault(k, {})
     if rw.demand_keys:
         meter = meter_of(rw.series)
         for k in rw.demand_keys:
@@ -252,6 +265,34 @@ def _period_of(ref: ReferenceData, account: Any, local_day: date) -> tuple[r.Bil
         period = r.period_containing(account.billing_cycle, account.billing_anchor, local_day)
         found = memo[key] = (period, period.start.isoformat())
     return found
+
+
+def _tz_of(ref: ReferenceData, account: Any) -> tzinfo:
+    """The account's time zone, memoized per snapshot."""
+    memo = ref.memo.setdefault("rating_tz", {})
+    tz = memo.get(account.account)
+    if tz is None:
+        tz = memo[account.account] = account.tz
+    return tz  # type: ignore[no-any-return]
+
+
+def _account_day(ref: ReferenceData, account: Any, metric: str, local_day: date,
+                 ) -> tuple[r.BillingPeriod, str, bytes, PriceBook | None, bool]:
+    """What rating needs of (account, metric, local day) in one memo per snapshot: the billing period, its state
+    key (``rp|<account>|<period start>``, as text and bytes), the price book in force (``None``: none) and whether
+    the metric is a gas volume that book bills as energy (``_is_gas_volume``)."""
+    memo = ref.memo.setdefault("rating_account_day", {})
+    key = (account.account, metric, local_day)
+    found = memo.get(key)
+    if found is None:
+        if len(memo) >= _DAY_MEMO_MAX:
+            memo.clear()
+        period, pstart_iso = _period_of(ref, account, local_day)
+        book = _book_for(ref, account.account, local_day, metric)
+        pkey = f"rp|{account.account}|{pstart_iso}"
+        found = memo[key] = (period, pkey, pkey.encode(), book,
+                             book is not None and _is_gas_volume(ref, book, metric))
+    return found  # type: ignore[no-any-return]
 
 
 def _book_for(ref: ReferenceData, account: str, local_day: date, metric: str) -> PriceBook | None:
@@ -563,6 +604,7 @@ class RatingProcessor:
         self._clock: dict[int, int] = {}  # partition → event clock (ms): the highest window watermark read
         self._clock_saved: dict[int, int] = {}
         self._last_input: dict[int, int] = {}  # partition → wall ms of its last window revision (or assignment)
+        self._accepted = 0  # revisions accepted since the last punctuation (counted there: one metric update per batch)
 
     def on_assign(self, partition: int, ctx: Context) -> None:
         self._partitions.add(partition)
@@ -701,17 +743,16 @@ class RatingProcessor:
             self._dead_letter(record, "UNKNOWN_ACCOUNT", f"account {win.account!r} has no reference data", ctx)
             return
         start_ms, end_ms = win.window_start_ms, win.window_end_ms
-        tz = account.tz
-        local_day = local_date(tz, start_ms)
-        period, pstart_iso = _period_of(ref, account, local_day)
-        book = _book_for(ref, win.account, local_day, win.metric)
+        tz = _tz_of(ref, account)
+        local_day, day_iso = _local_day(tz, start_ms)
+        period, pkey, bpkey, book, gas = _account_day(ref, account, win.metric, local_day)
         if book is None:
             self._dead_letter(
                 record, "NO_PRICE_BOOK", f"no plan/price book for account {win.account} on {local_day}", ctx
             )
             return
         value = win.value
-        if _is_gas_volume(ref, book, win.metric):
+        if gas:
             gc = ref.gas_conversion_on(win.account, local_day)
             if gc is None:
                 self._dead_letter(record, "NO_GAS_CONVERSION_FACTOR",
@@ -741,10 +782,9 @@ class RatingProcessor:
                               unfit_message(book, unfit[0], end_ms - start_ms), ctx)
             return
         intervals = demand_interval_ms(ref)
-        pkey = f"rp|{win.account}|{pstart_iso}"
-        bpkey = pkey.encode()
         ps: PeriodState = store.get(bpkey) or PeriodState(win.account, period.start, period.end)
-        _upgrade(store, pkey, ps, intervals, tz)
+        if ps.format < FORMAT:
+            _upgrade(store, pkey, ps, intervals, tz)
         if held is not None:
             held.series = win.series
             old_ps = ps if held.period_key == pkey else store.get(held.period_key.encode())
@@ -755,7 +795,7 @@ class RatingProcessor:
                 store.put(held.period_key.encode(), old_ps)
         rw = RatedWindowState(win.revision, value, pkey, list(keys), list(demand_keys), start_ms, ZERO, win.metric,
                               end_ms, list(win.qualities), win.series)
-        fold(ps, rw, 1, intervals, tz)
+        fold(ps, rw, 1, intervals, tz, day_iso)
         store.put(bpkey, ps)
         store.put(wkey, rw)
         touched = self._touched.get(bpkey)
@@ -768,7 +808,7 @@ class RatingProcessor:
             touched.causes.append((win, [*keys, *demand_keys]))  # type: ignore[arg-type]
         else:
             touched.dirty = True
-            if touched.digest.add(f"{win.window_id}@{win.revision}", local_day.isoformat(), win.delta,
+            if touched.digest.add(f"{win.window_id}@{win.revision}", day_iso, win.delta,
                                   self.posting.max_listed_windows):
                 touched.causes.append((win, [*keys, *demand_keys]))  # type: ignore[arg-type]
                 touched.raw.append(record.value or b"")
@@ -782,9 +822,12 @@ class RatingProcessor:
         if record.headers:
             touched.arrived_ms = timing.earliest(touched.arrived_ms, timing.read_ms(record.headers, timing.ARRIVED))
             touched.closed_ms = timing.earliest(touched.closed_ms, timing.read_ms(record.headers, timing.CLOSED))
-        _REV_ACCEPTED.inc()
+        self._accepted += 1
 
     def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
+        if self._accepted:
+            _REV_ACCEPTED.inc(self._accepted)
+            self._accepted = 0
         ref = self.reference()
         for p in sorted(self._partitions):
             self._apply_new_price_books(p, ref, ctx)
@@ -1068,8 +1111,13 @@ def _service_explanation(book: PriceBook, component_id: str) -> dict[str, Any]:
 # --- state serialization (Avro, schemas/rated_window_state.avsc and rating_period_state.avsc) -------
 def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[bytes, bytes], Any]]:
     """``(encode, decode)`` for the rating store."""
+    write_window = WindowStateWriter(codec)
 
     def encode(key: bytes, value: Any) -> bytes:
+        if key[:3] == b"rw|":  # the most frequent: one per window revision
+            return write_window(value.revision, value.value, value.period_key, value.keys, value.demand_keys,
+                                value.window_start_ms, "0" if value.kw is ZERO else str(value.kw), value.metric,
+                                value.window_end_ms, value.qualities)
         if key == BOOKS_KEY or key.startswith(REF_PREFIX) or key.startswith(REKEY_PREFIX):  # ref|, rk|: strings
             return codec.encode({"versions": list(value)}, "AppliedPriceBooks")
         if key == POSTING_CLOCK_KEY:
@@ -1078,13 +1126,6 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
             return _encode_pending(codec, value)
         if key.startswith(PENDING_CAUSE_PREFIX):
             return codec.encode({"window": value[2], "keys": list(value[1])}, "RatingPendingCause")
-        if key.startswith(b"rw|"):
-            return codec.encode_plain({"revision": value.revision, "value": decimal_bytes(value.value),
-                                       "period_key": value.period_key, "keys": value.keys,
-                                       "demand_keys": value.demand_keys, "window_start_ms": value.window_start_ms,
-                                       "kw": str(value.kw), "metric": value.metric,
-                                       "window_end_ms": value.window_end_ms, "qualities": value.qualities},
-                                      "RatedWindowState")
         return codec.encode(
             {"account": value.account, "period_start": value.period_start, "period_end": value.period_end,
              "quantities": {k: v.quantize(QUANTUM) for k, v in value.quantities.items()},

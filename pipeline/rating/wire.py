@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from pipeline import avrowire as aw
 from pipeline.codec import Codec, DecodeError
 from pipeline.records import RatedCharge
 
@@ -84,10 +85,142 @@ class Window:
         return _ms_datetime(self.watermark_ms)
 
 
+_WINDOW_FIELDS = ("window_id", "account", "series", "metric", "unit", "window_start", "window_end", "revision",
+                  "timing", "value", "delta", "count", "qualities", "sources", "watermark")
+_WINDOW_SHAPE = [
+    ("window_id", "string"), ("account", "string"), ("series", "string"), ("metric", "string"), ("unit", "string"),
+    ("window_start", "long"), ("window_end", "long"), ("revision", "int"), ("timing", ("enum", ("ON_TIME", "LATE"))),
+    ("value", "bytes"), ("delta", "bytes"), ("count", "int"), ("qualities", ("array", "string")),
+    ("sources", ("array", "string")), ("watermark", "long"),
+]
+_HEADERS: dict[int, tuple[Codec, bytes | None]] = {}
+_DECIMALS: dict[bytes, Decimal] = {}  # unscaled bytes → Decimal, remembered (values repeat: 0.1 kWh steps)
+_TIMING = ("ON_TIME", "LATE")
+_BOUNDS: dict[bytes, tuple[int, int, int]] = {}  # 20 bytes at the window bounds → (start ms, end ms, their length)
+_read_long = aw.read_long
+_new_window = object.__new__
+
+
+def _window_header(codec: Codec) -> bytes | None:
+    """The single-object header of the current ``UsageWindow`` schema when it is the one ``_read_window`` reads
+    (``_WINDOW_SHAPE``), else ``None`` (every record goes through the codec)."""
+    found = _HEADERS.get(id(codec))
+    if found is None or found[0] is not codec:
+        same = aw.shape(codec.schema("UsageWindow")["fields"]) == _WINDOW_SHAPE
+        found = _HEADERS[id(codec)] = (codec, codec.header("UsageWindow") if same else None)
+    return found[1]
+
+
+def _short_decimal(raw: bytes) -> Decimal:
+    d = _DECIMALS.get(raw)
+    if d is None:
+        if len(_DECIMALS) >= 65_536:
+            _DECIMALS.clear()
+        d = _DECIMALS[raw] = _decimal(raw)
+    return d
+
+
+def _read_window(data: bytes) -> Window:
+    """The ``Window`` of a current-schema ``UsageWindow`` (``_WINDOW_SHAPE``; Avro 1.11 binary encoding) after its
+    10-byte header, read by hand. Strings and decimals shorter than 64 bytes only (a one-byte length); anything
+    else, a truncated body or bytes left over raise ``ValueError``, ``IndexError``, ``OverflowError`` or
+    ``UnicodeDecodeError`` (the caller then asks the codec). Positions only grow, so one check at the end
+    (``p == len(data)``) catches every overrun of a slice."""
+    w = _new_window(Window)
+    n = data[10]
+    if n > 0x7F or n & 1:
+        raise ValueError("long or negative length")
+    p = 11 + (n >> 1)
+    w.window_id = data[11:p].decode()
+    n = data[p]
+    if n > 0x7F or n & 1:
+        raise ValueError("long or negative length")
+    q = p + 1 + (n >> 1)
+    w.account = data[p + 1:q].decode()
+    n = data[q]
+    if n > 0x7F or n & 1:
+        raise ValueError("long or negative length")
+    p = q + 1 + (n >> 1)
+    w.series = data[q + 1:p].decode()
+    n = data[p]
+    if n > 0x7F or n & 1:
+        raise ValueError("long or negative length")
+    q = p + 1 + (n >> 1)
+    w.metric = data[p + 1:q].decode()
+    n = data[q]
+    if n > 0x7F or n & 1:
+        raise ValueError("long or negative length")
+    p = q + 1 + (n >> 1)
+    w.unit = data[q + 1:p].decode()
+    bounds = data[p:p + 20]  # a window's bounds repeat across accounts: their reading is remembered by their bytes
+    seen = _BOUNDS.get(bounds)
+    if seen is None:
+        start, q = _read_long(data, p)
+        end, q = _read_long(data, q)
+        seen = (start, end, q - p)
+        if q - p <= len(bounds):  # both ended inside the 20 bytes: the same bytes always read this way
+            if len(_BOUNDS) >= 65_536:
+                _BOUNDS.clear()
+            _BOUNDS[bounds] = seen
+    w.window_start_ms, w.window_end_ms = seen[0], seen[1]
+    p += seen[2]
+    w.revision, p = _read_long(data, p)
+    n = data[p]
+    if n != 0 and n != 2:  # the zig-zag of index 0 or 1; anything else: the codec decides
+        raise ValueError("not a Timing symbol")
+    w.timing = _TIMING[n >> 1]
+    n = data[p + 1]
+    if n > 0x7F or n & 1:
+        raise ValueError("long or negative length")
+    q = p + 2 + (n >> 1)
+    w.value = _short_decimal(data[p + 2:q])
+    n = data[q]
+    if n > 0x7F or n & 1:
+        raise ValueError("long or negative length")
+    p = q + 1 + (n >> 1)
+    w.delta = _short_decimal(data[q + 1:p])
+    w.count, p = _read_long(data, p)
+    for name in ("qualities", "sources"):
+        items: list[str] = []
+        n, p = _read_long(data, p)
+        while n:
+            if n < 0:
+                raise ValueError("negative array block count")
+            for _ in range(n):
+                size, p = _read_long(data, p)
+                if size < 0:
+                    raise ValueError("negative length")
+                q = p + size
+                items.append(data[p:q].decode())
+                p = q
+            n, p = _read_long(data, p)
+        setattr(w, name, tuple(items))
+    w.watermark_ms, p = _read_long(data, p)
+    if p != len(data):
+        raise ValueError("truncated, or bytes left over")
+    return w
+
+
 def decode_window(codec: Codec, data: bytes) -> Window:
     """Decode a ``UsageWindow`` record. Raises ``DecodeError`` as ``Codec.decode`` does: unreadable bytes, a
-    negative revision, a timestamp outside years 1–9999."""
-    d = codec.decode_plain(data, "UsageWindow")
+    negative revision, a timestamp outside years 1–9999.
+
+    A record of the current schema is read by hand (``_read_window``: the same values as fastavro, tested); any
+    other writer schema, and anything the hand reader does not read exactly, goes through ``Codec.decode_plain``."""
+    header = _window_header(codec)
+    if header is not None and type(data) is bytes and data[:10] == header:
+        try:
+            w = _read_window(data)
+        except (IndexError, OverflowError, UnicodeDecodeError, ValueError):
+            pass
+        else:
+            if (w.revision >= 0 and _MIN_MS <= w.window_start_ms <= _MAX_MS and _MIN_MS <= w.window_end_ms <= _MAX_MS
+                    and _MIN_MS <= w.watermark_ms <= _MAX_MS):
+                return w
+    return _checked(codec.decode_plain(data, "UsageWindow"))
+
+
+def _checked(d: dict[str, Any]) -> Window:
     if d["revision"] < 0:
         raise DecodeError("invalid UsageWindow: revision must be >= 0")
     for name in ("window_start", "window_end", "watermark"):
@@ -127,3 +260,73 @@ def encode_charge(codec: Codec, c: RatedCharge) -> bytes:
         "price_book_version": c.price_book_version, "cause": c.cause, "explanation": c.explanation,
         "watermark": c.watermark,
     }, "RatedCharge")
+
+
+_RW_SHAPE = [
+    ("revision", "int"), ("value", "bytes"), ("period_key", "string"), ("keys", ("array", "string")),
+    ("demand_keys", ("array", "string")), ("window_start_ms", "long"), ("kw", "string"), ("metric", "string"),
+    ("window_end_ms", "long"), ("qualities", ("array", "string")),
+]
+_INT32 = 1 << 31
+_MEMO_MAX = 100_000
+
+
+class WindowStateWriter:
+    """``RatedWindowState`` (rating's ``rw|`` state) → its ``Codec.encode_plain`` bytes, written by hand
+    (``pipeline.avrowire``) when the current schema is the one it knows (``_RW_SHAPE``), else through the codec.
+
+    ``writer(revision, value, period_key, keys, demand_keys, window_start_ms, kw, metric, window_end_ms,
+    qualities)`` with ``value`` a ``Decimal`` (scale ≤ 6) and ``kw`` its text. The parts shared by the windows of
+    one period (period key, quantity and demand keys; kW and metric; quality flags) are remembered as bytes
+    (bounded memos). Errors as the codec's: ``ValueError`` for a value the schema cannot hold."""
+
+    def __init__(self, codec: Codec) -> None:
+        self._codec = codec
+        self._hand = aw.shape(codec.schema("RatedWindowState")["fields"]) == _RW_SHAPE
+        self._header = codec.header("RatedWindowState") if self._hand else b""
+        self._keys: dict[tuple[str, tuple[str, ...], tuple[str, ...]], bytes] = {}
+        self._tail: dict[tuple[str, str], bytes] = {}
+        self._flags: dict[tuple[str, ...], bytes] = {}
+        self._values: dict[Decimal, bytes] = {}
+
+    def __call__(self, revision: int, value: Decimal, period_key: str, keys: list[str], demand_keys: list[str],
+                 window_start_ms: int, kw: str, metric: str, window_end_ms: int, qualities: list[str]) -> bytes:
+        if self._hand and -_INT32 <= revision < _INT32:
+            try:
+                return self._write(revision, value, period_key, keys, demand_keys, window_start_ms, kw, metric,
+                                   window_end_ms, qualities)
+            except (TypeError, OverflowError, AttributeError):
+                pass  # the codec decides (and raises what it raises)
+        return self._codec.encode_plain({
+            "revision": revision, "value": decimal_bytes(value), "period_key": period_key, "keys": keys,
+            "demand_keys": demand_keys, "window_start_ms": window_start_ms, "kw": kw, "metric": metric,
+            "window_end_ms": window_end_ms, "qualities": qualities}, "RatedWindowState")
+
+    def _write(self, revision: int, value: Decimal, period_key: str, keys: list[str], demand_keys: list[str],
+               window_start_ms: int, kw: str, metric: str, window_end_ms: int, qualities: list[str]) -> bytes:
+        memo_key = (period_key, tuple(keys), tuple(demand_keys))
+        mid = self._keys.get(memo_key)
+        if mid is None:
+            if len(self._keys) >= _MEMO_MAX:
+                self._keys.clear()
+            mid = self._keys[memo_key] = (aw.string_bytes(period_key) + aw.string_array_bytes(memo_key[1])
+                                          + aw.string_array_bytes(memo_key[2]))
+        tail = self._tail.get((kw, metric))
+        if tail is None:
+            if len(self._tail) >= _MEMO_MAX:
+                self._tail.clear()
+            tail = self._tail[(kw, metric)] = aw.string_bytes(kw) + aw.string_bytes(metric)
+        fkey = tuple(qualities)
+        flags = self._flags.get(fkey)
+        if flags is None:
+            if len(self._flags) >= _MEMO_MAX:
+                self._flags.clear()
+            flags = self._flags[fkey] = aw.string_array_bytes(fkey)
+        raw = self._values.get(value)
+        if raw is None:  # an equal Decimal always has the same unscaled bytes (one that needs > 6 places never hits)
+            if len(self._values) >= _MEMO_MAX:
+                self._values.clear()
+            raw = self._values[value] = aw.bytes_bytes(decimal_bytes(value))
+        seen = aw.long_bytes_seen
+        return b"".join((self._header, aw.long_bytes(revision), raw, mid, seen(window_start_ms), tail,
+                         seen(window_end_ms), flags))

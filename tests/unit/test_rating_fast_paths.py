@@ -18,10 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.codec import DecodeError
 from pipeline.rating import processor as rp
+from pipeline.rating import wire
 from pipeline.rating.pricebook import PriceBook
 from pipeline.rating.processor import RatingProcessor
-from pipeline.rating.wire import decimal_bytes, decode_window, encode_charge
+from pipeline.rating.wire import Window, WindowStateWriter, decimal_bytes, decode_window, encode_charge
 from pipeline.records import RatedCharge, UsageWindow
 from tests.unit.test_rating_processor import ACC, CODEC, PROP_BOOK, TOPICS, Harness, reference, utc, window
 
@@ -86,6 +88,100 @@ def test_decimal_bytes_is_what_fastavro_writes_or_refuses(value: Decimal) -> Non
             decimal_bytes(value)
         return
     assert CODEC.encode_plain({**state, "value": decimal_bytes(value)}, "RatedWindowState") == expected
+
+
+long_names = st.text(st.characters(exclude_categories=("Cs",)), max_size=70)  # ≥ 64 bytes: multi-byte lengths
+windows = st.builds(
+    UsageWindow, window_id=long_names, account=names, series=long_names, metric=names, unit=names,
+    window_start=moments, window_end=moments, revision=st.integers(0, 2**31 - 1),
+    timing=st.sampled_from(["ON_TIME", "LATE"]),
+    value=decimals | st.decimals(min_value=D("-1e21"), max_value=D("1e21"), places=6), delta=decimals,
+    count=st.integers(0, 2**31 - 1), qualities=st.lists(long_names, max_size=4).map(tuple),
+    sources=st.lists(long_names, max_size=4).map(tuple), watermark=moments)
+mutations = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 400), st.integers(1, 255)),
+    st.tuples(st.just("cut"), st.integers(0, 400), st.just(0)),
+    st.tuples(st.just("append"), st.integers(0, 255), st.integers(1, 3)),
+)
+
+
+def codec_window(raw: bytes) -> wire.Window:
+    """``decode_window``'s general path (``Codec.decode_plain`` and its checks), never the hand reader."""
+    return wire._checked(CODEC.decode_plain(raw, "UsageWindow"))
+
+
+@given(windows, st.lists(mutations, max_size=3))
+@settings(max_examples=600, deadline=None)
+def test_hand_window_reader_reads_or_refuses_exactly_what_the_codec_does(
+        win: UsageWindow, how: list[tuple[str, int, int]]) -> None:
+    """Long and multi-byte strings, large values, corrupt, truncated or extended bodies: ``decode_window`` (hand
+    reader first) gives the codec's window or its ``DecodeError``."""
+    raw = CODEC.encode(win)
+    for kind, a, b in how:
+        if kind == "flip":
+            if len(raw) > 10:  # in the body: the header is checked before any decoding
+                i = 10 + a % (len(raw) - 10)
+                raw = raw[:i] + bytes([raw[i] ^ b]) + raw[i + 1:]
+        elif kind == "cut":
+            raw = raw[: a % (len(raw) + 1)]
+        else:
+            raw = raw + bytes([a]) * b
+    try:
+        expected = codec_window(raw)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            decode_window(CODEC, raw)
+        return
+    got = decode_window(CODEC, raw)
+    for name in Window.__slots__:
+        assert getattr(got, name) == getattr(expected, name), name
+        assert str(getattr(got, name)) == str(getattr(expected, name)), name
+
+
+def test_hand_window_reader_steps_aside_for_another_schema_and_odd_enum_bytes() -> None:
+    raw = CODEC.encode(window(utc(2024, 5, 1), "1.5"))
+    assert wire._window_header(CODEC) == raw[:10]
+    d = CODEC.decode_plain(raw, "UsageWindow")
+    late = CODEC.encode_plain({**d, "timing": "LATE"}, "UsageWindow")
+    assert decode_window(CODEC, late).timing == "LATE"
+    on_time = CODEC.encode_plain({**d, "timing": "ON_TIME"}, "UsageWindow")
+    (i,) = [i for i in range(len(late)) if late[i] != on_time[i]]  # the enum's index byte: 2 (LATE) vs 0
+    for odd in (0x01, 0x04, 0x06):  # index -1, 2, 3: no such symbol; the hand reader leaves them to the codec
+        raw = late[:i] + bytes([odd]) + late[i + 1:]
+        with pytest.raises(ValueError, match="Timing"):
+            wire._read_window(raw)
+        try:
+            expected = codec_window(raw).timing
+        except DecodeError:
+            with pytest.raises(DecodeError):
+                decode_window(CODEC, raw)
+            continue
+        assert decode_window(CODEC, raw).timing == expected  # fastavro reads index -1 as the last symbol
+
+
+state_lists = st.lists(long_names, max_size=4)
+
+
+@given(st.integers(-(2**40), 2**40), decimals | st.decimals(allow_nan=False, allow_infinity=False), long_names,
+       state_lists, state_lists, st.integers(-(2**63), 2**63 - 1), st.sampled_from(["0", "1.5"]), names,
+       st.integers(-(2**63), 2**63 - 1), state_lists)
+@settings(max_examples=400, deadline=None)
+def test_window_state_writer_is_byte_identical_to_the_codec_or_refuses_like_it(
+        revision: int, value: Decimal, period_key: str, keys: list[str], demand_keys: list[str], start: int, kw: str,
+        metric: str, end: int, qualities: list[str]) -> None:
+    writer = WindowStateWriter(CODEC)
+    state = {"revision": revision, "value": value, "period_key": period_key, "keys": keys,
+             "demand_keys": demand_keys, "window_start_ms": start, "kw": kw, "metric": metric, "window_end_ms": end,
+             "qualities": qualities}
+    args = (revision, value, period_key, keys, demand_keys, start, kw, metric, end, qualities)
+    try:
+        expected = CODEC.encode(state, "RatedWindowState")
+    except (ValueError, OverflowError) as exc:
+        with pytest.raises(type(exc)):
+            writer(*args)
+        return
+    assert writer(*args) == expected
+    assert writer(*args) == expected  # again, from its memos
 
 
 def version(n: int, peak: str = "0.50", **changes: Any) -> PriceBook:
