@@ -68,7 +68,7 @@ from pipeline.rating.posting import (
 )
 from pipeline.rating.pricebook import ContributionComponent, DemandComponent, PriceBook, TouComponent
 from pipeline.rating.services import VOLUME_UNITS, gas_energy_mj
-from pipeline.rating.wire import WindowStateWriter, decode_window, encode_charge
+from pipeline.rating.wire import PeriodStateWriter, WindowStateWriter, decode_window, encode_charge
 from pipeline.records import ESTIMATED_QUALITY_FLAGS, RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
 from pipeline.runtime import timing
@@ -1112,6 +1112,7 @@ def _service_explanation(book: PriceBook, component_id: str) -> dict[str, Any]:
 def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[bytes, bytes], Any]]:
     """``(encode, decode)`` for the rating store."""
     write_window = WindowStateWriter(codec)
+    write_period = PeriodStateWriter(codec)
 
     def encode(key: bytes, value: Any) -> bytes:
         if key[:3] == b"rw|":  # the most frequent: one per window revision
@@ -1126,6 +1127,9 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
             return _encode_pending(codec, value)
         if key.startswith(PENDING_CAUSE_PREFIX):
             return codec.encode({"window": value[2], "keys": list(value[1])}, "RatingPendingCause")
+        fast = write_period(value)
+        if fast is not None:
+            return fast
         return codec.encode(
             {"account": value.account, "period_start": value.period_start, "period_end": value.period_end,
              "quantities": {k: v.quantize(QUANTUM) for k, v in value.quantities.items()},

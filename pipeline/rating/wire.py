@@ -9,7 +9,8 @@ the generic dataclass conversions of ``pipeline.codec`` (same bytes, same values
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -330,3 +331,154 @@ class WindowStateWriter:
         seen = aw.long_bytes_seen
         return b"".join((self._header, aw.long_bytes(revision), raw, mid, seen(window_start_ms), tail,
                          seen(window_end_ms), flags))
+
+
+_PS_SHAPE = [
+    ("account", "string"), ("period_start", "int"), ("period_end", "int"),
+    ("quantities", {"type": "map", "values": "bytes"}),
+    ("qualities", {"type": "map", "values": {"type": "array", "items": "string"}}),
+    ("windows", {"type": "map", "values": "int"}), ("emitted", {"type": "map", "values": "bytes"}),
+    ("demand", {"type": "map", "values": {"type": "map", "values": "string"}}),
+    ("quality_counts", {"type": "map", "values": {"type": "map", "values": "int"}}),
+    ("demand_kwh", {"type": "map", "values": {"type": "map", "values": "bytes"}}), ("format", "int"),
+    ("days", {"type": "map", "values": "int"}),
+]
+_QUANTUM = Decimal("0.000001")
+_EPOCH_DAY = date(1970, 1, 1).toordinal()
+
+
+class PeriodStateWriter:
+    """``PeriodState`` (rating's ``rp|`` state) → the bytes ``Codec.encode`` writes for its ``RatingPeriodState``
+    datum, written by hand (``pipeline.avrowire``; Avro maps as fastavro writes them: one block in the dict's order,
+    then 0) when the current schema is the one it knows (``_PS_SHAPE``); otherwise, or on any value it does not
+    write exactly (a number beyond its Avro type, a decimal of more than 6 places or 28 digits, a value of the wrong
+    type), ``None``: the caller encodes through the codec, which gives the bytes or the error.
+
+    Quantities and demand kWh are written at 6 places (quantized, as the state encoder gives them to the codec);
+    emitted totals as they are. Strings and decimals seen lately are remembered as bytes (bounded memos)."""
+
+    def __init__(self, codec: Codec) -> None:
+        shape = [(f["name"], _strip(f["type"])) for f in codec.schema("RatingPeriodState")["fields"]]
+        self._hand = shape == _PS_SHAPE
+        self._header = codec.header("RatingPeriodState") if self._hand else b""
+        self._strings: dict[str, bytes] = {}
+        self._decimals: dict[Decimal, bytes] = {}
+        self._entries: dict[tuple[str, int], bytes] = {}
+
+    def __call__(self, ps: Any) -> bytes | None:
+        if not self._hand:
+            return None
+        try:
+            return self._write(ps)
+        except (TypeError, OverflowError, AttributeError, ValueError, KeyError, ArithmeticError):
+            return None
+
+    def _s(self, v: str) -> bytes:
+        b = self._strings.get(v)
+        if b is None:
+            if len(self._strings) >= _MEMO_MAX:
+                self._strings.clear()
+            b = self._strings[v] = aw.string_bytes(v)
+        return b
+
+    def _int_map(self, m: dict[str, int]) -> bytes:
+        """An Avro map of ``int``: its (key, value) entries remembered as bytes (day and window counts repeat)."""
+        if type(m) is not dict:
+            raise TypeError(type(m))
+        if not m:
+            return b"\x00"
+        memo = self._entries
+        parts = [aw.long_bytes(len(m))]
+        for item in m.items():
+            b = memo.get(item)
+            if b is None:
+                if len(memo) >= _MEMO_MAX:
+                    memo.clear()
+                b = memo[item] = self._s(item[0]) + _int_bytes(item[1])
+            parts.append(b)
+        parts.append(b"\x00")
+        return b"".join(parts)
+
+    def _decimal_map(self, m: dict[str, Decimal], quantize: bool) -> bytes:
+        """An Avro map of ``decimal`` (scale 6): at 6 places when ``quantize``, else as given."""
+        if type(m) is not dict:
+            raise TypeError(type(m))
+        if not m:
+            return b"\x00"
+        memo = self._decimals
+        parts = [aw.long_bytes(len(m))]
+        for k, v in m.items():
+            parts.append(self._s(k))
+            b = memo.get(v) if quantize and type(v) is Decimal else None
+            if b is None:
+                if type(v) is not Decimal or not v.is_finite():
+                    raise TypeError(type(v))
+                b = aw.bytes_bytes(decimal_bytes(v.quantize(_QUANTUM) if quantize else v))
+                if quantize:  # equal Decimals: the same bytes at 6 places (as given, 1.0 and 1.0000000 differ)
+                    if len(memo) >= _MEMO_MAX:
+                        memo.clear()
+                    memo[v] = b
+            parts.append(b)
+        parts.append(b"\x00")
+        return b"".join(parts)
+
+    def _nested(self, m: dict[str, Any], inner: Callable[[Any], bytes]) -> bytes:
+        """An Avro map of maps (or arrays): each value written by ``inner``."""
+        if type(m) is not dict:
+            raise TypeError(type(m))
+        if not m:
+            return b"\x00"
+        return b"".join([aw.long_bytes(len(m)), *(self._s(k) + inner(v) for k, v in m.items()), b"\x00"])
+
+    def _strings_map(self, m: dict[str, Any]) -> bytes:
+        if type(m) is not dict:
+            raise TypeError(type(m))
+        if not m:
+            return b"\x00"
+        return b"".join([aw.long_bytes(len(m)), *(self._s(k) + self._s(str(v)) for k, v in m.items()), b"\x00"])
+
+    def _write(self, ps: Any) -> bytes:
+        """The record's bytes (``TypeError``, ``OverflowError``, ``ValueError`` on a value it does not write)."""
+        return b"".join((
+            self._header, self._s(ps.account), aw.long_bytes(_day_number(ps.period_start)),
+            aw.long_bytes(_day_number(ps.period_end)), self._decimal_map(ps.quantities, True),
+            self._nested(ps.qualities, _string_array), self._int_map(ps.windows),
+            self._decimal_map(ps.emitted, False), self._nested(ps.demand, self._strings_map),
+            self._nested(ps.quality_counts, self._int_map),
+            self._nested(ps.demand_kwh, lambda m: self._decimal_map(m, True)), _int_bytes(ps.format),
+            self._int_map(ps.days),
+        ))
+
+
+def _string_array(items: Any) -> bytes:
+    if type(items) is not list:
+        raise TypeError(type(items))
+    return aw.string_array_bytes(items)
+
+
+def _strip(t: Any) -> Any:
+    """A schema type with logical types as their base type (``date`` → ``int``, ``decimal`` → ``bytes``)."""
+    if isinstance(t, dict):
+        if t.get("type") == "map":
+            return {"type": "map", "values": _strip(t["values"])}
+        if t.get("type") == "array":
+            return {"type": "array", "items": _strip(t["items"])}
+        if "logicalType" in t or t.get("type") in aw._PRIMITIVES:
+            return t["type"]
+    return t
+
+
+def _day_number(d: Any) -> int:
+    """An Avro ``date``: days since 1970-01-01 (``TypeError`` for what is not a date)."""
+    if type(d) is not date:
+        raise TypeError(type(d))
+    return d.toordinal() - _EPOCH_DAY
+
+
+def _int_bytes(v: int) -> bytes:
+    """An Avro ``int`` (``OverflowError`` beyond 32 bits, ``TypeError`` for what is not an ``int``)."""
+    if type(v) is not int:
+        raise TypeError(type(v))
+    if not -_INT32 <= v < _INT32:
+        raise OverflowError(v)
+    return aw.long_bytes(v)
