@@ -68,7 +68,7 @@ from pipeline.rating.posting import (
 )
 from pipeline.rating.pricebook import ContributionComponent, DemandComponent, PriceBook, TouComponent
 from pipeline.rating.services import VOLUME_UNITS, gas_energy_mj
-from pipeline.rating.wire import PeriodStateWriter, WindowStateWriter, decode_window, encode_charge
+from pipeline.rating.wire import PendingWriter, PeriodStateWriter, WindowStateWriter, decode_window, encode_charge
 from pipeline.records import ESTIMATED_QUALITY_FLAGS, RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
 from pipeline.runtime import timing
@@ -1113,6 +1113,7 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     """``(encode, decode)`` for the rating store."""
     write_window = WindowStateWriter(codec)
     write_period = PeriodStateWriter(codec)
+    write_pending = PendingWriter(codec)
 
     def encode(key: bytes, value: Any) -> bytes:
         if key[:3] == b"rw|":  # the most frequent: one per window revision
@@ -1124,9 +1125,12 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         if key == POSTING_CLOCK_KEY:
             return codec.encode({"max_event_ms": value, "watermark_ms": value}, "WatermarkState")
         if key.startswith(PENDING_PREFIX):
-            return _encode_pending(codec, value)
+            datum = _pending_datum(value)
+            return write_pending.header(datum) or codec.encode(datum, "RatingPending")
         if key.startswith(PENDING_CAUSE_PREFIX):
-            return codec.encode({"window": value[2], "keys": list(value[1])}, "RatingPendingCause")
+            keys = list(value[1])
+            return write_pending.cause(value[2], keys) or codec.encode({"window": value[2], "keys": keys},
+                                                                      "RatingPendingCause")
         fast = write_period(value)
         if fast is not None:
             return fast
@@ -1180,16 +1184,16 @@ def _forget_pending(store: Any, pkey: bytes, touched: _Touched) -> None:
         store.delete(_cause_key(pkey, i))
 
 
-def _encode_pending(codec: Codec, t: _Touched) -> bytes:
-    """A period held by the posting policy as a ``RatingPending`` header (its partition is the store's; its
+def _pending_datum(t: _Touched) -> dict[str, Any]:
+    """A period held by the posting policy as a ``RatingPending`` datum (its partition is the store's; its
     listed causes are stored one per key, ``_cause_key``)."""
     digest = t.digest or CauseDigest()
-    return codec.encode({
+    return {
         "since_clock_ms": t.since_clock_ms, "watermark_ms": t.watermark_ms, "arrived_ms": t.arrived_ms,
         "closed_ms": t.closed_ms, "cause_ids": digest.ids, "chain": digest.chain, "count": digest.count,
         "days": {d: {"windows": s.windows, "delta": str(s.delta)} for d, s in digest.days.items()},
         "listed_stored": t.listed_stored,
-    }, "RatingPending")
+    }
 
 
 def _decode_pending(codec: Codec, raw: bytes) -> _Touched:

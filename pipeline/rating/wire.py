@@ -482,3 +482,94 @@ def _int_bytes(v: int) -> bytes:
     if not -_INT32 <= v < _INT32:
         raise OverflowError(v)
     return aw.long_bytes(v)
+
+
+_PENDING_SHAPE = [
+    ("since_clock_ms", "long"), ("watermark_ms", ["null", "long"]), ("arrived_ms", ["null", "long"]),
+    ("closed_ms", ["null", "long"]), ("cause_ids", ["null", {"type": "array", "items": "string"}]), ("chain", "string"),
+    ("count", "int"),
+    ("days", {"type": "map", "values": {"type": "record", "name": "meterbilling.state.PendingDay", "fields": [
+        {"name": "windows", "type": "int"}, {"name": "delta", "type": "string"}]}}),
+    ("listed_stored", "int"),
+]
+_CAUSE_SHAPE = [("window", "bytes"), ("keys", {"type": "array", "items": "string"})]
+
+
+class PendingWriter:
+    """Rating's posting-policy state written by hand (``pipeline.avrowire``) as ``Codec.encode`` writes it, when the
+    current schemas are the ones it knows (``_PENDING_SHAPE``, ``_CAUSE_SHAPE``); otherwise, or for a value it does
+    not write exactly, ``None`` (the caller encodes through the codec, which gives the bytes or the error).
+
+    - ``header(datum)``: a ``RatingPending`` datum (``processor._pending_datum``; a union
+      ``[null, long]`` or ``[null, array]`` as index 0 or 1 then the value);
+    - ``cause(window, keys)``: a ``RatingPendingCause`` (the window revision's record bytes, its keys)."""
+
+    def __init__(self, codec: Codec) -> None:
+        def shape(name: str) -> list[tuple[str, Any]]:
+            return [(f["name"], _strip(f["type"])) for f in codec.schema(name)["fields"]]
+
+        self._header = codec.header("RatingPending") if shape("RatingPending") == _PENDING_SHAPE else None
+        self._cause = codec.header("RatingPendingCause") if shape("RatingPendingCause") == _CAUSE_SHAPE else None
+        self._strings: dict[str, bytes] = {}
+
+    def cause(self, window: bytes, keys: list[str]) -> bytes | None:
+        if self._cause is None or type(window) is not bytes:
+            return None
+        try:
+            return b"".join((self._cause, aw.bytes_bytes(window), aw.string_array_bytes(keys)))
+        except (TypeError, OverflowError, AttributeError):
+            return None
+
+    def header(self, d: dict[str, Any]) -> bytes | None:
+        if self._header is None:
+            return None
+        try:
+            return self._write(d)
+        except (TypeError, OverflowError, AttributeError, KeyError):
+            return None
+
+    def _s(self, v: str) -> bytes:
+        b = self._strings.get(v)
+        if b is None:
+            if len(self._strings) >= _MEMO_MAX:
+                self._strings.clear()
+            b = self._strings[v] = aw.string_bytes(v)
+        return b
+
+    def _write(self, d: dict[str, Any]) -> bytes:
+        out = [self._header, _long(d["since_clock_ms"])]
+        for name in ("watermark_ms", "arrived_ms", "closed_ms"):
+            v = d[name]
+            out.append(b"\x00" if v is None else b"\x02" + _long(v))
+        ids = d["cause_ids"]
+        if ids is None:
+            out.append(b"\x00")
+        else:
+            if type(ids) is not list:
+                raise TypeError(type(ids))
+            out.append(b"\x02")
+            out.append(aw.string_array_bytes(ids))
+        out.append(aw.string_bytes(d["chain"]))
+        out.append(_int_bytes(d["count"]))
+        days = d["days"]
+        if type(days) is not dict:
+            raise TypeError(type(days))
+        if days:
+            out.append(aw.long_bytes(len(days)))
+            s = self._s
+            for day, summary in days.items():
+                if type(summary) is not dict:
+                    raise TypeError(type(summary))
+                out.append(s(day))
+                out.append(_int_bytes(summary["windows"]))
+                out.append(aw.string_bytes(summary["delta"]))
+        out.append(b"\x00")
+        out.append(_int_bytes(d["listed_stored"]))
+        return b"".join(out)
+
+
+def _long(v: int) -> bytes:
+    """An Avro ``long`` (``TypeError`` for what is not an ``int``)."""
+    if type(v) is not int:
+        raise TypeError(type(v))
+    return aw.long_bytes(v)

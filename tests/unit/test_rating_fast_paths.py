@@ -233,6 +233,31 @@ def test_period_state_is_written_by_hand_as_the_codec_writes_it_or_left_to_it(ps
     assert (back.account, back.quantities.keys(), back.days) == (ps.account, ps.quantities.keys(), ps.days)
 
 
+maybe_ms = st.none() | st.integers(-(2**63), 2**63 - 1)
+pending_headers = st.fixed_dictionaries({
+    "since_clock_ms": st.integers(-(2**63), 2**63 - 1), "watermark_ms": maybe_ms, "arrived_ms": maybe_ms,
+    "closed_ms": maybe_ms, "cause_ids": st.none() | st.lists(long_names, max_size=5), "chain": long_names,
+    "count": int32 | st.integers(2**31, 2**33),
+    "days": st.dictionaries(names, st.fixed_dictionaries({"windows": int32, "delta": long_names}), max_size=35),
+    "listed_stored": int32,
+})
+
+
+@given(pending_headers, st.binary(max_size=300), st.lists(long_names, max_size=4))
+@settings(max_examples=400, deadline=None)
+def test_pending_state_is_written_by_hand_as_the_codec_writes_it(header: dict[str, Any], window: bytes,
+                                                                   keys: list[str]) -> None:
+    """The posting policy's ``rq|`` header and ``rqc|`` causes: the hand writer's bytes are the codec's; an int
+    beyond 32 bits it leaves to the codec (``None``)."""
+    writer = wire.PendingWriter(CODEC)
+    expected = CODEC.encode(header, "RatingPending")
+    if -(2**31) <= header["count"] < 2**31:
+        assert writer.header(header) == expected
+    else:
+        assert writer.header(header) is None
+    assert writer.cause(window, keys) == CODEC.encode({"window": window, "keys": keys}, "RatingPendingCause")
+
+
 def version(n: int, peak: str = "0.50", **changes: Any) -> PriceBook:
     raw = PROP_BOOK.model_dump(mode="json")
     raw["version"] = n
