@@ -59,6 +59,7 @@ from pipeline.ingest.nem13 import SPREAD_MARK
 from pipeline.money import ZERO
 from pipeline.rating import rate as r
 from pipeline.rating.posting import (
+    IDLE,
     RERATE,
     CauseDigest,
     DaySummary,
@@ -841,14 +842,15 @@ class RatingProcessor:
             return
         now = self.wall_ms()
         held: dict[bytes, _Touched] = {}
-        if not self.posting.every_batch:
-            for p, last in self._last_input.items():
-                if now - last >= self.posting.idle_ms and any(t.partition == p for t in self._touched.values()):
-                    log.info("partition %d: no window revision for %.1f s (event clock %d): posting what it holds", p,
-                             (now - last) / 1000, self._clock.get(p, 0))
+        idle_logged: set[int] = set()
         for pkey, touched in sorted(self._touched.items()):
             store = ctx.store(touched.partition)
             reason = self._posting_reason(store.get(pkey), touched, ref, now)
+            if reason == IDLE and touched.partition not in idle_logged:  # once per partition and punctuation
+                p = touched.partition
+                idle_logged.add(p)
+                log.info("partition %d: no window revision for %.1f s (event clock %d): posting what it holds", p,
+                         (now - self._last_input.get(p, now)) / 1000, self._clock.get(p, 0))
             if reason is None:
                 if touched.dirty:
                     for i in range(touched.listed_stored, len(touched.causes)):  # each listed cause once
