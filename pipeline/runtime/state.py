@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import BlockBasedOptions, Options, Rdict, WriteBatch, WriteOptions
 
 _DELETED = object()
 
@@ -26,6 +26,17 @@ class _Raw(bytes):
     """A value staged with ``put_raw``: already encoded, written as it is, never cached."""
 
     __slots__ = ()
+
+
+def _options() -> Options:
+    """RocksDB options of a partition store: raw bytes, and a bloom filter of 10 bits per key on every table, so a
+    lookup of a key the store does not hold (a first reading, a new window: most lookups) rarely reads a table
+    block (about 1 % false positives; measured on 300,000 keys: 3.8 → 1.6 µs per miss)."""
+    options = Options(raw_mode=True)
+    table = BlockBasedOptions()
+    table.set_bloom_filter(10, False)
+    options.set_block_based_table_factory(table)
+    return options
 
 
 class PartitionStore:
@@ -53,7 +64,7 @@ class PartitionStore:
         self._cache: dict[bytes, Any] = {}  # decoded committed values (saves RocksDB reads + decoding)
         self._cache_max = cache_max
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = Rdict(str(path), options=Options(raw_mode=True))
+        self._db = Rdict(str(path), options=_options())
         no_wal = WriteOptions()
         no_wal.disable_wal = True  # the changelog is the durable copy; the directory is never reopened
         self._db.set_write_options(no_wal)
