@@ -115,7 +115,9 @@ class Settings(BaseSettings):
     )
     idle_timeout_s: float = Field(
         30.0, gt=0, description="a series with pending windows and no event for this long (processing time) has "
-        "them emitted; never refuses later data (it re-emits a LATE revision)",
+        "them emitted; never refuses later data (it re-emits a LATE revision). The first of three 'the feed stopped' "
+        "timers, each after the one before: windowing idle_timeout_s < rating posting_idle_s < invoicing "
+        "invoice_idle_close_s",
     )
     back_billing_limit_days: float | None = Field(
         None, ge=0, description="refuse (usage.late, BACK_BILLING_LIMIT) a reading that would raise the bill of a "
@@ -174,8 +176,9 @@ class Settings(BaseSettings):
     )
     posting_idle_s: float = Field(
         3600.0, gt=0, description="pending rated changes are posted anyway once their partition has had no window "
-        "revision for this long (processing time: the feed stopped); keep it below invoice_idle_close_s and "
-        "above the gap between two windows of a live feed (raise both above a day for daily-file feeds)",
+        "revision for this long (processing time: the feed stopped); the second 'the feed stopped' timer: above "
+        "idle_timeout_s and the gap between two windows of a live feed, below invoice_idle_close_s (checked at "
+        "start-up: those changes must land before the invoice closes; raise both above a day for daily-file feeds)",
     )
     posting_max_listed_windows: int = Field(
         48, ge=1, description="window revisions listed one by one in a posted line's explanation; beyond, they are "
@@ -198,7 +201,8 @@ class Settings(BaseSettings):
     invoice_idle_close_s: float | None = Field(
         7200.0, gt=0, description="with the event clock, an invoice whose close time the wall clock has passed is also "
         "finalized once no new line reached its account for this long (its own data stopped short of the close "
-        "time); unset = only the account's own event clock closes it",
+        "time); unset = only the account's own event clock closes it. The third 'the feed stopped' timer: above "
+        "posting_idle_s, so that rating has posted what it held first",
     )
     invoice_close_check_s: float = Field(5.0, gt=0, description="how often invoicing looks for invoices to close")
     # --- checks before finalizing (issue 17, pipeline/invoicing/validation.py) -------------------------------
