@@ -9,8 +9,9 @@ is the ``int`` index of its symbol; an ``array`` is blocks of ``long`` count the
 ``pipeline.codec`` (fastavro) stays the reference: a hand path is taken only for a schema whose fields it
 knows (``shape``), returns only what fastavro returns for the same bytes, and on anything unusual (a
 truncated body, an overlong varint, a negative array block, bytes left over, invalid UTF-8) raises, so the
-caller falls back to the codec, which gives the result or the ``DecodeError``. Property tests compare each
-hand path with fastavro (``tests/unit/test_avrowire.py``, ``tests/unit/test_rating_wire.py``).
+caller falls back to the codec, which gives the result or the ``DecodeError``. Used by rating's readers and
+writers (``pipeline.rating.wire``). Property tests compare each
+hand path with fastavro (``tests/unit/test_avrowire.py``, ``tests/unit/test_rating_fast_paths.py``).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def string_array_bytes(items: list[str] | tuple[str, ...]) -> bytes:
 
 def read_long(data: bytes, p: int) -> tuple[int, int]:
     """The Avro ``long`` at ``data[p]``: (value, position after it). ``IndexError`` past the end,
-    ``OverflowError`` for a varint longer than 10 bytes."""
+    ``OverflowError`` for a varint longer than 10 bytes or beyond 64 bits."""
     b = data[p]
     if b < 0x80:
         return (b >> 1) ^ -(b & 1), p + 1
@@ -91,6 +92,8 @@ def read_long(data: bytes, p: int) -> tuple[int, int]:
         p += 1
         n |= (b & 0x7F) << shift
         if b < 0x80:
+            if n >> 64:
+                raise OverflowError("varint beyond 64 bits")
             return (n >> 1) ^ -(n & 1), p
         shift += 7
         if shift > 63:
@@ -115,78 +118,3 @@ def shape(fields: list[dict[str, Any]]) -> list[tuple[str, Any]]:
             t = ("array", _type_name(t["items"]))
         out.append((f["name"], _type_name(t)))
     return out
-
-
-_STRING, _BYTES, _LONG, _ENUM, _STRINGS = range(5)
-
-
-class FlatReader:
-    """Reads the body of a record whose fields are all ``string``, ``bytes``, ``int``, ``long``, ``enum``
-    or ``array`` of ``string`` (logical types in their base form, as ``Codec.decode_plain`` gives them).
-
-    ``FlatReader(shape(fields))``; ``ValueError`` when a field has another type. ``read(data, start)`` →
-    the field values in schema order (``list``). Raises ``IndexError``, ``OverflowError``,
-    ``UnicodeDecodeError`` or ``ValueError`` on what it does not read exactly as fastavro would (the
-    caller then asks the codec)."""
-
-    def __init__(self, fields: list[tuple[str, Any]]) -> None:
-        ops: list[tuple[int, Any]] = []
-        for name, t in fields:
-            if t == "string":
-                ops.append((_STRING, None))
-            elif t == "bytes":
-                ops.append((_BYTES, None))
-            elif t in ("int", "long"):
-                ops.append((_LONG, None))
-            elif isinstance(t, tuple) and t[0] == "enum":
-                ops.append((_ENUM, t[1]))
-            elif t == ("array", "string"):
-                ops.append((_STRINGS, None))
-            else:
-                raise ValueError(f"field {name}: type {t!r} is not read by hand")
-        self._ops = tuple(ops)
-
-    def read(self, data: bytes, p: int) -> list[Any]:
-        """The field values of the body at ``data[p:]``, which must end exactly at ``len(data)``."""
-        out: list[Any] = []
-        append = out.append
-        for op, arg in self._ops:
-            b = data[p]
-            if b < 0x80:  # a one-byte varint (most lengths, counts, small numbers)
-                v = (b >> 1) ^ -(b & 1)
-                p += 1
-            else:
-                v, p = read_long(data, p)
-            if op <= _BYTES:  # _STRING or _BYTES
-                if v < 0:
-                    raise ValueError("negative length")
-                q = p + v
-                if q > len(data):
-                    raise IndexError("truncated")
-                append(data[p:q].decode() if op == _STRING else data[p:q])
-                p = q
-            elif op == _LONG:
-                append(v)
-            elif op == _ENUM:
-                if v < 0:
-                    raise ValueError("negative enum index")
-                append(arg[v])
-            else:  # an array of strings: blocks of (count, items) until a 0 count
-                items: list[str] = []
-                while v:
-                    if v < 0:
-                        raise ValueError("negative array block count")
-                    for _ in range(v):
-                        n, p = read_long(data, p)
-                        if n < 0:
-                            raise ValueError("negative length")
-                        q = p + n
-                        if q > len(data):
-                            raise IndexError("truncated")
-                        items.append(data[p:q].decode())
-                        p = q
-                    v, p = read_long(data, p)
-                append(items)
-        if p != len(data):
-            raise ValueError("bytes left over")
-        return out
