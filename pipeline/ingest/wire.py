@@ -25,6 +25,8 @@ MAX_DECIMAL_BYTES = 12  # |unscaled| < 2**95 > 10**28: precision 28
 MAX_UNSCALED = 10**28
 
 _SMALL = [bytes((((n << 1) ^ (n >> 63)) & 0xFF,)) for n in range(64)]  # longs 0..63: one byte
+_TIMES: dict[bytes, int] = {}  # 6 bytes of a complete 6-byte varint (epoch ms 2004 … 2039) → its value (``_time``)
+_TIMES_MAX = 200_000
 
 
 class PlainReading(NamedTuple):
@@ -74,8 +76,16 @@ def split_reading(data: bytes, header: bytes) -> tuple[bytes, int, int, int, byt
             return None
         p += 1 + (b >> 1)
         head = data[10:p]
-        start_ms, p = _time(data, p)
-        end_ms, p = _time(data, p)
+        start_ms = _TIMES.get(data[p:p + 6])  # a memo of 6-byte varints: a day's file repeats its times
+        if start_ms is None:
+            start_ms, p = _time(data, p)
+        else:
+            p += 6
+        end_ms = _TIMES.get(data[p:p + 6])
+        if end_ms is None:
+            end_ms, p = _time(data, p)
+        else:
+            p += 6
         b = data[p]  # decimal: 1 … MAX_DECIMAL_BYTES bytes
         if b & 0x81 or not 0 < b >> 1 <= MAX_DECIMAL_BYTES:
             return None
@@ -162,11 +172,16 @@ def read_reading(data: bytes, header: bytes) -> PlainReading | None:
 
 
 def _time(data: bytes, pos: int) -> tuple[int, int]:
-    """``_long`` for the common size of epoch milliseconds now (6 bytes: 2004 … 2039), unrolled."""
-    b0, b1, b2, b3, b4, b5 = data[pos:pos + 6]  # ValueError when fewer are left
+    """``_long`` for the common size of epoch milliseconds now (6 bytes: 2004 … 2039), unrolled; remembers
+    such a varint in ``_TIMES`` (what ``split_reading`` looks its times up in first)."""
+    raw = data[pos:pos + 6]
+    b0, b1, b2, b3, b4, b5 = raw  # ValueError when fewer are left
     if b0 & b1 & b2 & b3 & b4 & 0x80 and b5 < 0x80:
         n = (b0 & 0x7F) | (b1 & 0x7F) << 7 | (b2 & 0x7F) << 14 | (b3 & 0x7F) << 21 | (b4 & 0x7F) << 28 | b5 << 35
-        return (n >> 1) ^ -(n & 1), pos + 6
+        if len(_TIMES) >= _TIMES_MAX:
+            _TIMES.clear()
+        n = _TIMES[raw] = (n >> 1) ^ -(n & 1)
+        return n, pos + 6
     return _long(data, pos)
 
 
