@@ -111,6 +111,7 @@ CLOCK_PREFIX = b"c|"
 METER_PREFIX = b"m|"
 TELEMETRY_PREFIX = b"t|"
 METER, TELEMETRY = "m", "t"
+_LABELS = {outcome: (METER, outcome, "") for outcome in ("accepted", "superseded", "duplicate")}  # of the hot path
 
 
 class RejectedReading(RejectedInput):
@@ -271,6 +272,7 @@ class IngestProcessor(ProcessorBase):
         self._tails: dict[bytes, Any] = {}  # raw quality … source_file → _tail(…)
         self._stamps: dict[int, bytes] = {}  # interval start ms → its minute in the event id
         self._longs: dict[int, bytes] = {}  # epoch ms → Avro long
+        self._decimals: dict[int, bytes] = {}  # micro-units → Avro decimal
         self._tally: dict[tuple[str, str, str], int] | None = None  # outcomes of the batch being processed
         self._arrived: int | None = None  # the arrival time of the last reading forwarded, and its header list
         self._arrived_header: list[tuple[str, bytes]] = []
@@ -320,9 +322,13 @@ class IngestProcessor(ProcessorBase):
         telemetry = self.topics.telemetry_events
         ref: ReferenceData | None = None
         accounts: dict[Any, Any] = {}
+        parts = self._parts
+        stores: dict[int, Any] = {}  # the batch's stores (a store is replaced only in a rebalance, between batches)
+        reading = self._reading
         try:
             for record in records:
-                part = self._partition(record.partition, ctx)
+                p = record.partition
+                part = parts.get(p) or self._partition(p, ctx)
                 if record.topic == telemetry:
                     self._telemetry(record, part, ctx, now)
                     ref = None
@@ -332,19 +338,23 @@ class IngestProcessor(ProcessorBase):
                     accounts = ref.memo.get(_ACCOUNT_MEMO)  # type: ignore[assignment]
                     if accounts is None or len(accounts) > _MEMO_MAX:
                         accounts = ref.memo[_ACCOUNT_MEMO] = {}
-                if not self._reading(record, part, ctx, now, ref, accounts):
+                store = stores.get(p)
+                if store is None:
+                    store = stores[p] = ctx.store(p)
+                if not reading(record, part, store, ctx, now, ref, accounts):
                     self._meter(record, part, ctx, now)
                     ref = None  # the general path may have refreshed the reference data
         finally:
             self._tally = None
             self._publish(tally)
 
-    def _reading(self, record: Incoming, part: _Partition, ctx: Context, now: int, ref: ReferenceData,
+    def _reading(self, record: Incoming, part: _Partition, store: Any, ctx: Context, now: int, ref: ReferenceData,
                  accounts: dict[Any, Any]) -> bool:
         """The hot path of one meter reading: ``True`` when it was accepted, superseded or a duplicate
         (forwarded, state and counts as ``_meter`` would), ``False`` (nothing done) when the general path
         must decide it. Same checks as ``check_reading`` and ``to_usage_event`` in integer milliseconds and
-        micro-units; the ``UsageEvent`` written by ``wire`` (byte-identical to ``Codec.encode``)."""
+        micro-units; the ``UsageEvent`` written by ``wire`` (byte-identical to ``Codec.encode``). ``store``:
+        ``ctx.store(record.partition)``; the store is read only for an identity ``part.held`` says it holds."""
         value = record.value
         if value is None:
             return False
@@ -366,9 +376,10 @@ class IngestProcessor(ProcessorBase):
             rest = self._tails[tail] = _tail(tail)
         if rest is None:
             return False  # invalid UTF-8, a version out of range or an unknown quality flag: the general path
+        rules = self.rules
         length = end - start
         if length <= 0 or not 0 <= unscaled < MAX_ABS_UNSCALED \
-                or DAY_MS % length or (start + NEM_OFFSET_MS) % length or start > now + self.rules.future_bound_ms:
+                or DAY_MS % length or (start + NEM_OFFSET_MS) % length or start > now + rules.future_bound_ms:
             return False  # invalid, misaligned, future, negative (a correction?) or out of range: the general path
         nmi, metric_unit, num, den, key_prefix, id_prefix, series = channel  # type: ignore[misc]
         quality, version, version_long, source_prefix = rest  # type: ignore[misc]
@@ -382,21 +393,24 @@ class IngestProcessor(ProcessorBase):
         part.live.add(METER)
         key = b"%s%d" % (key_prefix, start)
         # _observe, unrolled
-        horizon_end = end + self.rules.meter_horizon_ms
+        horizon_end = end + rules.meter_horizon_ms
         clock = part.clocks[METER]
         outcome = "accepted"
         if horizon_end > clock.watermark_ms:  # else forgotten or never held: downstream decides
-            store = ctx.store(record.partition)
-            held: Seen | None = store.get(key) if key in part.held else None
-            if held is None:
+            if key not in part.held:  # most readings: a new identity, nothing to read
                 store.put(key, _new(Seen, (end, version)))
                 heapq.heappush(part.expiry[METER], (horizon_end, key))
                 part.held.add(key)
-            elif version > held.version_ms:
-                store.put(key, _new(Seen, (held.time_ms, version)))
-                outcome = "superseded"
             else:
-                outcome = "duplicate"
+                held: Seen | None = store.get(key)
+                if held is None:  # (never: part.held is exact) decided as a new identity
+                    store.put(key, _new(Seen, (end, version)))
+                    heapq.heappush(part.expiry[METER], (horizon_end, key))
+                elif version > held.version_ms:
+                    store.put(key, _new(Seen, (held.time_ms, version)))
+                    outcome = "superseded"
+                else:
+                    outcome = "duplicate"
         if outcome != "duplicate":
             stamp = self._stamps.get(start)
             if stamp is None:
@@ -404,6 +418,11 @@ class IngestProcessor(ProcessorBase):
                     self._stamps.clear()
                 stamp = self._stamps[start] = f"{EPOCH + start * MS:%Y-%m-%dT%H:%MZ}".encode()
             micro = unscaled if num == den else (2 * unscaled * num + den) // (2 * den)  # half-up (SPEC §4)
+            decimal = self._decimals.get(micro)
+            if decimal is None:
+                if len(self._decimals) > _MEMO_MAX:
+                    self._decimals.clear()
+                decimal = self._decimals[micro] = avro_decimal(micro)
             longs = self._longs
             event_id = id_prefix + stamp
             source = b"%s%d" % (source_prefix, source_record)
@@ -411,7 +430,7 @@ class IngestProcessor(ProcessorBase):
             event = b"".join((
                 self._event_header, _SMALL[n] if n < 64 else avro_long(n), event_id, account[1],  # type: ignore[index]
                 series, metric_unit, longs.get(start) or self._long(start), longs.get(end) or self._long(end),
-                avro_decimal(micro), version_long, quality, _SMALL[m] if m < 64 else avro_long(m), source,
+                decimal, version_long, quality, _SMALL[m] if m < 64 else avro_long(m), source,
             ))
             # the arrival header (runtime.timing.arrival_ms): one list for the records of the same arrival
             arrived = timing.arrival_ms(record) if record.headers else record.timestamp_ms
@@ -422,7 +441,7 @@ class IngestProcessor(ProcessorBase):
         if start > clock.max_event_ms:  # _advance
             self._advance(part, METER, start)
         tally = self._tally
-        labels = (METER, outcome, "")
+        labels = _LABELS[outcome]
         tally[labels] = tally.get(labels, 0) + 1  # type: ignore[index]
         return True
 

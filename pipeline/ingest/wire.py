@@ -104,7 +104,10 @@ def split_reading(data: bytes, header: bytes) -> tuple[bytes, int, int, int, byt
             p = _skip_string(data, p + 1)
         else:
             return None
-        _, p = _time(data, p)  # version
+        if data[p:p + 6] in _TIMES:  # version
+            p += 6
+        else:
+            _, p = _time(data, p)
         b = data[p]  # version_source
         if b & 0x81:
             return None
