@@ -381,8 +381,8 @@ class IngestProcessor(ProcessorBase):
         if length <= 0 or not 0 <= unscaled < MAX_ABS_UNSCALED \
                 or DAY_MS % length or (start + NEM_OFFSET_MS) % length or start > now + rules.future_bound_ms:
             return False  # invalid, misaligned, future, negative (a correction?) or out of range: the general path
-        nmi, metric_unit, num, den, key_prefix, id_prefix, series = channel  # type: ignore[misc]
-        quality, version, version_long, source_prefix = rest  # type: ignore[misc]
+        nmi, series_metric_unit, num, den, key_prefix, id_prefix = channel  # type: ignore[misc]
+        version, version_quality, source_prefix = rest  # type: ignore[misc]
         day = (start + NEM_OFFSET_MS) // DAY_MS  # NEM (AEST) day number
         account = accounts.get((nmi, day), _MISSING)
         if account is _MISSING:
@@ -429,8 +429,8 @@ class IngestProcessor(ProcessorBase):
             n, m = len(event_id), len(source)
             event = b"".join((
                 self._event_header, _SMALL[n] if n < 64 else avro_long(n), event_id, account[1],  # type: ignore[index]
-                series, metric_unit, longs.get(start) or self._long(start), longs.get(end) or self._long(end),
-                decimal, version_long, quality, _SMALL[m] if m < 64 else avro_long(m), source,
+                series_metric_unit, longs.get(start) or self._long(start), longs.get(end) or self._long(end),
+                decimal, version_quality, _SMALL[m] if m < 64 else avro_long(m), source,
             ))
             # the arrival header (runtime.timing.arrival_ms): one list for the records of the same arrival
             arrived = timing.arrival_ms(record) if record.headers else record.timestamp_ms
@@ -616,11 +616,11 @@ class IngestProcessor(ProcessorBase):
             child.inc(n)
 
 
-def _head(head: bytes) -> tuple[str, bytes, int, int, bytes, bytes, bytes] | None:
+def _head(head: bytes) -> tuple[str, bytes, int, int, bytes, bytes] | None:
     """What a reading's NMI, suffix and uom (``wire.split_reading``'s ``head``) give its usage event:
-    ``(nmi, metric and unit as Avro strings, num, den, state key prefix, event id prefix, series as an Avro
-    string)``, the unit factor being ``num / den`` (``CHANNEL_METRICS``, ``UNITS``); ``None`` on invalid
-    UTF-8 or when the channel or unit is not billed."""
+    ``(nmi, series, metric and unit as Avro strings (the event's fields in that order), num, den, state key
+    prefix, event id prefix)``, the unit factor being ``num / den`` (``CHANNEL_METRICS``, ``UNITS``); ``None``
+    on invalid UTF-8 or when the channel or unit is not billed."""
     names = read_head(head)
     if names is None:
         return None
@@ -630,21 +630,21 @@ def _head(head: bytes) -> tuple[str, bytes, int, int, bytes, bytes, bytes] | Non
     if metric is None or unit is None:
         return None
     num, den = unit[1].as_integer_ratio()
-    return (nmi, avro_string(metric) + avro_string(unit[0]), num, den,
+    return (nmi, avro_string(f"{nmi}/{suffix}") + avro_string(metric) + avro_string(unit[0]), num, den,
             b"%s%s\x00%s\x00" % (METER_PREFIX, nmi.encode(), suffix.encode()),  # + start ms: the key of _meter
-            f"nem12:{nmi}:{suffix}:".encode(),  # + start minute: MeterReading.identity
-            avro_string(f"{nmi}/{suffix}"))
+            f"nem12:{nmi}:{suffix}:".encode())  # + start minute: MeterReading.identity
 
 
-def _tail(tail: bytes) -> tuple[bytes, int, bytes, bytes] | None:
+def _tail(tail: bytes) -> tuple[int, bytes, bytes] | None:
     """What a reading's quality … source_file (``wire.split_reading``'s ``tail``) give its usage event:
-    ``(quality as an Avro string, version ms, version as an Avro long, source prefix "<file>#")``; ``None``
-    on invalid UTF-8, a version out of the fast range or a quality flag that is not one."""
+    ``(version ms, version as an Avro long then quality as an Avro string (the event's fields in that order),
+    source prefix "<file>#")``; ``None`` on invalid UTF-8, a version out of the fast range or a quality flag
+    that is not one."""
     rest = read_tail(tail)
     if rest is None or rest[0] not in QUALITY_FLAGS:
         return None
     quality, _, version, _, source_file = rest
-    return avro_string(quality), version, avro_long(version), f"{source_file}#".encode()
+    return version, avro_long(version) + avro_string(quality), f"{source_file}#".encode()
 
 
 # --- state serialization (changelog values are Avro: schemas/ingest_seen.avsc, ingest_clock.avsc) --------------
@@ -652,18 +652,17 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     """``(encode, decode)`` for the ingest store: clocks (``c|…``) and identities seen (``m|…``, ``t|…``)."""
 
     seen_header = codec.header("IngestSeen")
-    memo: dict[tuple[int, int], bytes] = {}  # (time_ms, version_ms) → bytes: a day's file shares both
+    memo: dict[Seen, bytes] = {}  # (time_ms, version_ms) → bytes: a day's file shares both
 
     def encode(key: bytes, value: Any) -> bytes:
         if key[:2] == CLOCK_PREFIX:
             return codec.encode({"max_event_ms": value.max_event_ms, "watermark_ms": value.watermark_ms},
                                 "IngestClock")
-        pair = (value.time_ms, value.version_ms)
-        raw = memo.get(pair)
+        raw = memo.get(value)  # a Seen is its (time_ms, version_ms)
         if raw is None:
             if len(memo) > 100_000:
                 memo.clear()
-            raw = memo[pair] = seen_bytes(seen_header, *pair)  # = codec.encode(…, "IngestSeen")
+            raw = memo[value] = seen_bytes(seen_header, *value)  # = codec.encode(…, "IngestSeen")
         return raw
 
     def decode(key: bytes, raw: bytes) -> Any:
