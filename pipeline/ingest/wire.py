@@ -117,6 +117,10 @@ def split_reading(data: bytes, header: bytes) -> tuple[bytes, int, int, int, byt
         if b < 0x80:
             source_record = (b >> 1) ^ -(b & 1)
             p += 1
+        elif data[p + 1] < 0x80:  # 2 bytes: records 64 … 8191 of a file
+            n = (b & 0x7F) | data[p + 1] << 7
+            source_record = (n >> 1) ^ -(n & 1)
+            p += 2
         else:
             source_record, p = _long(data, p)
         flag = data[p]
