@@ -61,7 +61,7 @@ from pipeline.ingest.nem13 import is_register_correction
 from pipeline.ingest.telemetry import OutsideServiceDates, RejectedInput, identity_bytes, read_cloudevent
 from pipeline.ingest.telemetry import to_usage_event as telemetry_usage_event
 from pipeline.ingest.wire import (
-    _SMALL,
+    SMALL_LONGS,
     avro_decimal,
     avro_long,
     avro_string,
@@ -428,9 +428,9 @@ class IngestProcessor(ProcessorBase):
             source = b"%s%d" % (source_prefix, source_record)
             n, m = len(event_id), len(source)
             event = b"".join((
-                self._event_header, _SMALL[n] if n < 64 else avro_long(n), event_id, account[1],  # type: ignore[index]
+                self._event_header, SMALL_LONGS[n] if n < 64 else avro_long(n), event_id, account[1],  # type: ignore[index]
                 series_metric_unit, longs.get(start) or self._long(start), longs.get(end) or self._long(end),
-                decimal, version_quality, _SMALL[m] if m < 64 else avro_long(m), source,
+                decimal, version_quality, SMALL_LONGS[m] if m < 64 else avro_long(m), source,
             ))
             # the arrival header (runtime.timing.arrival_ms): one list for the records of the same arrival
             arrived = timing.arrival_ms(record) if record.headers else record.timestamp_ms

@@ -24,7 +24,7 @@ MAX_FAST_INT = 2**31  # Avro int: 32-bit signed
 MAX_DECIMAL_BYTES = 12  # |unscaled| < 2**95 > 10**28: precision 28
 MAX_UNSCALED = 10**28
 
-_SMALL = [bytes((((n << 1) ^ (n >> 63)) & 0xFF,)) for n in range(64)]  # longs 0..63: one byte
+SMALL_LONGS = [bytes((((n << 1) ^ (n >> 63)) & 0xFF,)) for n in range(64)]  # longs 0..63: one byte
 _TIMES: dict[bytes, int] = {}  # 6 bytes of a complete 6-byte varint (epoch ms 2004 … 2039) → its value (``_time``)
 _TIMES_MAX = 200_000
 
@@ -256,7 +256,7 @@ def avro_string(value: str) -> bytes:
     """An Avro ``string``: its UTF-8 length as a long, then the UTF-8 bytes."""
     raw = value.encode()
     n = len(raw)
-    return (_SMALL[n] if n < 64 else avro_long(n)) + raw
+    return (SMALL_LONGS[n] if n < 64 else avro_long(n)) + raw
 
 
 def avro_decimal(unscaled: int) -> bytes:
@@ -266,7 +266,7 @@ def avro_decimal(unscaled: int) -> bytes:
     if not -MAX_UNSCALED < unscaled < MAX_UNSCALED:
         raise ValueError(f"decimal of {unscaled} micro-units has more than 28 digits")
     raw = unscaled.to_bytes((abs(unscaled).bit_length() + 8) // 8, "big", signed=True)
-    return _SMALL[len(raw)] + raw
+    return SMALL_LONGS[len(raw)] + raw
 
 
 def seen_bytes(header: bytes, time_ms: int, version_ms: int) -> bytes:
