@@ -39,6 +39,8 @@ integer milliseconds and micro-units, byte-identical to ``Codec``), memoizes wha
 and the NMI's service point give, and builds no dataclass; anything else, and any reading the hot path
 does not accept at once, takes the general path (``check_reading``, ``to_usage_event``), which decides it
 exactly as before. ``tests/unit/test_ingest_wire.py`` proves the two paths forward, keep and count the same.
+Both paths read the store only for an identity the partition holds (``_Partition.held``, the keys of the expiry
+heaps): a new identity costs no RocksDB read (``tests/unit/test_ingest_held.py``).
 """
 
 from __future__ import annotations
