@@ -39,6 +39,8 @@ integer milliseconds and micro-units, byte-identical to ``Codec``), memoizes wha
 and the NMI's service point give, and builds no dataclass; anything else, and any reading the hot path
 does not accept at once, takes the general path (``check_reading``, ``to_usage_event``), which decides it
 exactly as before. ``tests/unit/test_ingest_wire.py`` proves the two paths forward, keep and count the same.
+Both paths read the store only for an identity the partition holds (``_Partition.held``, the keys of the expiry
+heaps): a new identity costs no RocksDB read (``tests/unit/test_ingest_held.py``).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import Counter
 
@@ -61,6 +63,7 @@ from pipeline.ingest.nem13 import is_register_correction
 from pipeline.ingest.telemetry import OutsideServiceDates, RejectedInput, identity_bytes, read_cloudevent
 from pipeline.ingest.telemetry import to_usage_event as telemetry_usage_event
 from pipeline.ingest.wire import (
+    SMALL_LONGS,
     avro_decimal,
     avro_long,
     avro_string,
@@ -110,6 +113,7 @@ CLOCK_PREFIX = b"c|"
 METER_PREFIX = b"m|"
 TELEMETRY_PREFIX = b"t|"
 METER, TELEMETRY = "m", "t"
+_LABELS = {outcome: (METER, outcome, "") for outcome in ("accepted", "superseded", "duplicate")}  # of the hot path
 
 
 class RejectedReading(RejectedInput):
@@ -215,13 +219,16 @@ class Clock:
 NO_CLOCK = Clock(-(2**62), -(2**62))
 
 
-@dataclass(frozen=True, slots=True)
-class Seen:
+class Seen(NamedTuple):
     """An identity forwarded: ``time_ms`` = telemetry first-seen event time or meter interval end;
-    ``version_ms`` = the highest meter version forwarded (the event time for telemetry)."""
+    ``version_ms`` = the highest meter version forwarded (the event time for telemetry). Immutable (a named
+    tuple: made once per reading forwarded, so its construction is kept cheap)."""
 
     time_ms: int
     version_ms: int
+
+
+_new = tuple.__new__  # Seen(a, b) without the keyword handling: _new(Seen, (a, b))
 
 
 @dataclass
@@ -230,6 +237,10 @@ class _Partition:
     expiry: dict[str, list[tuple[int, bytes]]]  # heap of (horizon end, key) per kind
     dirty: set[str] = field(default_factory=set)
     live: set[str] = field(default_factory=set)  # kinds this process has read here since it (re)loaded the state
+    # every identity key the store holds (pending writes included): the keys of ``expiry``. A key not in it needs
+    # no store read (most readings are new: no RocksDB miss per reading). Exact, as the store of a partition is
+    # written by this processor only and the view is rebuilt from the store after a restore or an abort
+    held: set[bytes] = field(default_factory=set)
 
 
 class IngestProcessor(ProcessorBase):
@@ -263,7 +274,10 @@ class IngestProcessor(ProcessorBase):
         self._tails: dict[bytes, Any] = {}  # raw quality … source_file → _tail(…)
         self._stamps: dict[int, bytes] = {}  # interval start ms → its minute in the event id
         self._longs: dict[int, bytes] = {}  # epoch ms → Avro long
+        self._decimals: dict[int, bytes] = {}  # micro-units → Avro decimal
         self._tally: dict[tuple[str, str, str], int] | None = None  # outcomes of the batch being processed
+        self._arrived: int | None = None  # the arrival time of the last reading forwarded, and its header list
+        self._arrived_header: list[tuple[str, bytes]] = []
 
     # --- ownership ----------------------------------------------------------------------------------
     def on_assign(self, partition: int, ctx: Context) -> None:
@@ -286,7 +300,8 @@ class IngestProcessor(ProcessorBase):
                 heap = [(seen.time_ms + self._horizon[kind], key) for key, seen in store.scan(prefix)]
                 heapq.heapify(heap)
                 expiry[kind] = heap
-            part = self._parts[partition] = _Partition(clocks, expiry)
+            held = {key for heap in expiry.values() for _, key in heap}
+            part = self._parts[partition] = _Partition(clocks, expiry, held=held)
         return part
 
     # --- records ------------------------------------------------------------------------------------------
@@ -309,9 +324,13 @@ class IngestProcessor(ProcessorBase):
         telemetry = self.topics.telemetry_events
         ref: ReferenceData | None = None
         accounts: dict[Any, Any] = {}
+        parts = self._parts
+        stores: dict[int, Any] = {}  # the batch's stores (a store is replaced only in a rebalance, between batches)
+        reading = self._reading
         try:
             for record in records:
-                part = self._partition(record.partition, ctx)
+                p = record.partition
+                part = parts.get(p) or self._partition(p, ctx)
                 if record.topic == telemetry:
                     self._telemetry(record, part, ctx, now)
                     ref = None
@@ -321,19 +340,23 @@ class IngestProcessor(ProcessorBase):
                     accounts = ref.memo.get(_ACCOUNT_MEMO)  # type: ignore[assignment]
                     if accounts is None or len(accounts) > _MEMO_MAX:
                         accounts = ref.memo[_ACCOUNT_MEMO] = {}
-                if not self._reading(record, part, ctx, now, ref, accounts):
+                store = stores.get(p)
+                if store is None:
+                    store = stores[p] = ctx.store(p)
+                if not reading(record, part, store, ctx, now, ref, accounts):
                     self._meter(record, part, ctx, now)
                     ref = None  # the general path may have refreshed the reference data
         finally:
             self._tally = None
             self._publish(tally)
 
-    def _reading(self, record: Incoming, part: _Partition, ctx: Context, now: int, ref: ReferenceData,
+    def _reading(self, record: Incoming, part: _Partition, store: Any, ctx: Context, now: int, ref: ReferenceData,
                  accounts: dict[Any, Any]) -> bool:
         """The hot path of one meter reading: ``True`` when it was accepted, superseded or a duplicate
         (forwarded, state and counts as ``_meter`` would), ``False`` (nothing done) when the general path
         must decide it. Same checks as ``check_reading`` and ``to_usage_event`` in integer milliseconds and
-        micro-units; the ``UsageEvent`` written by ``wire`` (byte-identical to ``Codec.encode``)."""
+        micro-units; the ``UsageEvent`` written by ``wire`` (byte-identical to ``Codec.encode``). ``store``:
+        ``ctx.store(record.partition)``; the store is read only for an identity ``part.held`` says it holds."""
         value = record.value
         if value is None:
             return False
@@ -355,12 +378,13 @@ class IngestProcessor(ProcessorBase):
             rest = self._tails[tail] = _tail(tail)
         if rest is None:
             return False  # invalid UTF-8, a version out of range or an unknown quality flag: the general path
+        rules = self.rules
         length = end - start
         if length <= 0 or not 0 <= unscaled < MAX_ABS_UNSCALED \
-                or DAY_MS % length or (start + NEM_OFFSET_MS) % length or start > now + self.rules.future_bound_ms:
+                or DAY_MS % length or (start + NEM_OFFSET_MS) % length or start > now + rules.future_bound_ms:
             return False  # invalid, misaligned, future, negative (a correction?) or out of range: the general path
-        nmi, metric_unit, num, den, key_prefix, id_prefix, series = channel  # type: ignore[misc]
-        quality, version, version_long, source_prefix = rest  # type: ignore[misc]
+        nmi, series_metric_unit, num, den, key_prefix, id_prefix = channel  # type: ignore[misc]
+        version, version_quality, source_prefix = rest  # type: ignore[misc]
         day = (start + NEM_OFFSET_MS) // DAY_MS  # NEM (AEST) day number
         account = accounts.get((nmi, day), _MISSING)
         if account is _MISSING:
@@ -371,20 +395,24 @@ class IngestProcessor(ProcessorBase):
         part.live.add(METER)
         key = b"%s%d" % (key_prefix, start)
         # _observe, unrolled
-        horizon_end = end + self.rules.meter_horizon_ms
+        horizon_end = end + rules.meter_horizon_ms
         clock = part.clocks[METER]
         outcome = "accepted"
         if horizon_end > clock.watermark_ms:  # else forgotten or never held: downstream decides
-            store = ctx.store(record.partition)
-            held: Seen | None = store.get(key)
-            if held is None:
-                store.put(key, Seen(end, version))
+            if key not in part.held:  # most readings: a new identity, nothing to read
+                store.put(key, _new(Seen, (end, version)))
                 heapq.heappush(part.expiry[METER], (horizon_end, key))
-            elif version > held.version_ms:
-                store.put(key, Seen(held.time_ms, version))
-                outcome = "superseded"
+                part.held.add(key)
             else:
-                outcome = "duplicate"
+                held: Seen | None = store.get(key)
+                if held is None:  # (never: part.held is exact) decided as a new identity
+                    store.put(key, _new(Seen, (end, version)))
+                    heapq.heappush(part.expiry[METER], (horizon_end, key))
+                elif version > held.version_ms:
+                    store.put(key, _new(Seen, (held.time_ms, version)))
+                    outcome = "superseded"
+                else:
+                    outcome = "duplicate"
         if outcome != "duplicate":
             stamp = self._stamps.get(start)
             if stamp is None:
@@ -392,20 +420,30 @@ class IngestProcessor(ProcessorBase):
                     self._stamps.clear()
                 stamp = self._stamps[start] = f"{EPOCH + start * MS:%Y-%m-%dT%H:%MZ}".encode()
             micro = unscaled if num == den else (2 * unscaled * num + den) // (2 * den)  # half-up (SPEC §4)
+            decimal = self._decimals.get(micro)
+            if decimal is None:
+                if len(self._decimals) > _MEMO_MAX:
+                    self._decimals.clear()
+                decimal = self._decimals[micro] = avro_decimal(micro)
             longs = self._longs
             event_id = id_prefix + stamp
             source = b"%s%d" % (source_prefix, source_record)
+            n, m = len(event_id), len(source)
             event = b"".join((
-                self._event_header, avro_long(len(event_id)), event_id, account[1],  # type: ignore[index]
-                series, metric_unit, longs.get(start) or self._long(start), longs.get(end) or self._long(end),
-                avro_decimal(micro), version_long, quality, avro_long(len(source)), source,
+                self._event_header, SMALL_LONGS[n] if n < 64 else avro_long(n), event_id, account[1],  # type: ignore[index]
+                series_metric_unit, longs.get(start) or self._long(start), longs.get(end) or self._long(end),
+                decimal, version_quality, SMALL_LONGS[m] if m < 64 else avro_long(m), source,
             ))
-            ctx.forward(self.topics.usage_events, account[0], event,  # type: ignore[index]
-                        [(timing.ARRIVED, b"%d" % timing.arrival_ms(record))])
+            # the arrival header (runtime.timing.arrival_ms): one list for the records of the same arrival
+            arrived = timing.arrival_ms(record) if record.headers else record.timestamp_ms
+            if arrived != self._arrived:
+                self._arrived = arrived
+                self._arrived_header = [(timing.ARRIVED, b"%d" % arrived)]
+            ctx.forward(self.topics.usage_events, account[0], event, self._arrived_header)  # type: ignore[index]
         if start > clock.max_event_ms:  # _advance
             self._advance(part, METER, start)
         tally = self._tally
-        labels = (METER, outcome, "")
+        labels = _LABELS[outcome]
         tally[labels] = tally.get(labels, 0) + 1  # type: ignore[index]
         return True
 
@@ -507,10 +545,11 @@ class IngestProcessor(ProcessorBase):
         horizon_end = time_ms + self._horizon[kind]
         if horizon_end <= part.clocks[kind].watermark_ms:
             return "accepted"  # forgotten or never held: downstream decides
-        held: Seen | None = store.get(key)
+        held: Seen | None = store.get(key) if key in part.held else None
         if held is None:
             store.put(key, Seen(time_ms, version_ms))
             heapq.heappush(part.expiry[kind], (horizon_end, key))
+            part.held.add(key)
             return "accepted"
         if kind == METER and version_ms > held.version_ms:
             store.put(key, Seen(held.time_ms, version_ms))
@@ -534,7 +573,9 @@ class IngestProcessor(ProcessorBase):
                 clock = part.clocks[kind]
                 heap = part.expiry[kind]
                 while heap and heap[0][0] <= clock.watermark_ms:
-                    store.delete(heapq.heappop(heap)[1])
+                    key = heapq.heappop(heap)[1]
+                    store.delete(key)
+                    part.held.discard(key)
             for kind in part.dirty:
                 store.put(CLOCK_PREFIX + kind.encode(), part.clocks[kind])
             part.dirty.clear()
@@ -577,11 +618,11 @@ class IngestProcessor(ProcessorBase):
             child.inc(n)
 
 
-def _head(head: bytes) -> tuple[str, bytes, int, int, bytes, bytes, bytes] | None:
+def _head(head: bytes) -> tuple[str, bytes, int, int, bytes, bytes] | None:
     """What a reading's NMI, suffix and uom (``wire.split_reading``'s ``head``) give its usage event:
-    ``(nmi, metric and unit as Avro strings, num, den, state key prefix, event id prefix, series as an Avro
-    string)``, the unit factor being ``num / den`` (``CHANNEL_METRICS``, ``UNITS``); ``None`` on invalid
-    UTF-8 or when the channel or unit is not billed."""
+    ``(nmi, series, metric and unit as Avro strings (the event's fields in that order), num, den, state key
+    prefix, event id prefix)``, the unit factor being ``num / den`` (``CHANNEL_METRICS``, ``UNITS``); ``None``
+    on invalid UTF-8 or when the channel or unit is not billed."""
     names = read_head(head)
     if names is None:
         return None
@@ -591,21 +632,21 @@ def _head(head: bytes) -> tuple[str, bytes, int, int, bytes, bytes, bytes] | Non
     if metric is None or unit is None:
         return None
     num, den = unit[1].as_integer_ratio()
-    return (nmi, avro_string(metric) + avro_string(unit[0]), num, den,
+    return (nmi, avro_string(f"{nmi}/{suffix}") + avro_string(metric) + avro_string(unit[0]), num, den,
             b"%s%s\x00%s\x00" % (METER_PREFIX, nmi.encode(), suffix.encode()),  # + start ms: the key of _meter
-            f"nem12:{nmi}:{suffix}:".encode(),  # + start minute: MeterReading.identity
-            avro_string(f"{nmi}/{suffix}"))
+            f"nem12:{nmi}:{suffix}:".encode())  # + start minute: MeterReading.identity
 
 
-def _tail(tail: bytes) -> tuple[bytes, int, bytes, bytes] | None:
+def _tail(tail: bytes) -> tuple[int, bytes, bytes] | None:
     """What a reading's quality … source_file (``wire.split_reading``'s ``tail``) give its usage event:
-    ``(quality as an Avro string, version ms, version as an Avro long, source prefix "<file>#")``; ``None``
-    on invalid UTF-8, a version out of the fast range or a quality flag that is not one."""
+    ``(version ms, version as an Avro long then quality as an Avro string (the event's fields in that order),
+    source prefix "<file>#")``; ``None`` on invalid UTF-8, a version out of the fast range or a quality flag
+    that is not one."""
     rest = read_tail(tail)
     if rest is None or rest[0] not in QUALITY_FLAGS:
         return None
     quality, _, version, _, source_file = rest
-    return avro_string(quality), version, avro_long(version), f"{source_file}#".encode()
+    return version, avro_long(version) + avro_string(quality), f"{source_file}#".encode()
 
 
 # --- state serialization (changelog values are Avro: schemas/ingest_seen.avsc, ingest_clock.avsc) --------------
@@ -613,18 +654,17 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     """``(encode, decode)`` for the ingest store: clocks (``c|…``) and identities seen (``m|…``, ``t|…``)."""
 
     seen_header = codec.header("IngestSeen")
-    memo: dict[tuple[int, int], bytes] = {}  # (time_ms, version_ms) → bytes: a day's file shares both
+    memo: dict[Seen, bytes] = {}  # (time_ms, version_ms) → bytes: a day's file shares both
 
     def encode(key: bytes, value: Any) -> bytes:
         if key[:2] == CLOCK_PREFIX:
             return codec.encode({"max_event_ms": value.max_event_ms, "watermark_ms": value.watermark_ms},
                                 "IngestClock")
-        pair = (value.time_ms, value.version_ms)
-        raw = memo.get(pair)
+        raw = memo.get(value)  # a Seen is its (time_ms, version_ms)
         if raw is None:
             if len(memo) > 100_000:
                 memo.clear()
-            raw = memo[pair] = seen_bytes(seen_header, *pair)  # = codec.encode(…, "IngestSeen")
+            raw = memo[value] = seen_bytes(seen_header, *value)  # = codec.encode(…, "IngestSeen")
         return raw
 
     def decode(key: bytes, raw: bytes) -> Any:

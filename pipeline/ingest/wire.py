@@ -24,7 +24,9 @@ MAX_FAST_INT = 2**31  # Avro int: 32-bit signed
 MAX_DECIMAL_BYTES = 12  # |unscaled| < 2**95 > 10**28: precision 28
 MAX_UNSCALED = 10**28
 
-_SMALL = [bytes((((n << 1) ^ (n >> 63)) & 0xFF,)) for n in range(64)]  # longs 0..63: one byte
+SMALL_LONGS = [bytes((((n << 1) ^ (n >> 63)) & 0xFF,)) for n in range(64)]  # longs 0..63: one byte
+_TIMES: dict[bytes, int] = {}  # 6 bytes of a complete 6-byte varint (epoch ms 2004 … 2039) → its value (``_time``)
+_TIMES_MAX = 200_000
 
 
 class PlainReading(NamedTuple):
@@ -74,8 +76,16 @@ def split_reading(data: bytes, header: bytes) -> tuple[bytes, int, int, int, byt
             return None
         p += 1 + (b >> 1)
         head = data[10:p]
-        start_ms, p = _time(data, p)
-        end_ms, p = _time(data, p)
+        start_ms = _TIMES.get(data[p:p + 6])  # a memo of 6-byte varints: a day's file repeats its times
+        if start_ms is None:
+            start_ms, p = _time(data, p)
+        else:
+            p += 6
+        end_ms = _TIMES.get(data[p:p + 6])
+        if end_ms is None:
+            end_ms, p = _time(data, p)
+        else:
+            p += 6
         b = data[p]  # decimal: 1 … MAX_DECIMAL_BYTES bytes
         if b & 0x81 or not 0 < b >> 1 <= MAX_DECIMAL_BYTES:
             return None
@@ -94,7 +104,10 @@ def split_reading(data: bytes, header: bytes) -> tuple[bytes, int, int, int, byt
             p = _skip_string(data, p + 1)
         else:
             return None
-        _, p = _time(data, p)  # version
+        if data[p:p + 6] in _TIMES:  # version
+            p += 6
+        else:
+            _, p = _time(data, p)
         b = data[p]  # version_source
         if b & 0x81:
             return None
@@ -104,6 +117,10 @@ def split_reading(data: bytes, header: bytes) -> tuple[bytes, int, int, int, byt
         if b < 0x80:
             source_record = (b >> 1) ^ -(b & 1)
             p += 1
+        elif data[p + 1] < 0x80:  # 2 bytes: records 64 … 8191 of a file
+            n = (b & 0x7F) | data[p + 1] << 7
+            source_record = (n >> 1) ^ -(n & 1)
+            p += 2
         else:
             source_record, p = _long(data, p)
         flag = data[p]
@@ -162,11 +179,16 @@ def read_reading(data: bytes, header: bytes) -> PlainReading | None:
 
 
 def _time(data: bytes, pos: int) -> tuple[int, int]:
-    """``_long`` for the common size of epoch milliseconds now (6 bytes: 2004 … 2039), unrolled."""
-    b0, b1, b2, b3, b4, b5 = data[pos:pos + 6]  # ValueError when fewer are left
+    """``_long`` for the common size of epoch milliseconds now (6 bytes: 2004 … 2039), unrolled; remembers
+    such a varint in ``_TIMES`` (what ``split_reading`` looks its times up in first)."""
+    raw = data[pos:pos + 6]
+    b0, b1, b2, b3, b4, b5 = raw  # ValueError when fewer are left
     if b0 & b1 & b2 & b3 & b4 & 0x80 and b5 < 0x80:
         n = (b0 & 0x7F) | (b1 & 0x7F) << 7 | (b2 & 0x7F) << 14 | (b3 & 0x7F) << 21 | (b4 & 0x7F) << 28 | b5 << 35
-        return (n >> 1) ^ -(n & 1), pos + 6
+        if len(_TIMES) >= _TIMES_MAX:
+            _TIMES.clear()
+        n = _TIMES[raw] = (n >> 1) ^ -(n & 1)
+        return n, pos + 6
     return _long(data, pos)
 
 
@@ -234,7 +256,7 @@ def avro_string(value: str) -> bytes:
     """An Avro ``string``: its UTF-8 length as a long, then the UTF-8 bytes."""
     raw = value.encode()
     n = len(raw)
-    return (_SMALL[n] if n < 64 else avro_long(n)) + raw
+    return (SMALL_LONGS[n] if n < 64 else avro_long(n)) + raw
 
 
 def avro_decimal(unscaled: int) -> bytes:
@@ -244,7 +266,7 @@ def avro_decimal(unscaled: int) -> bytes:
     if not -MAX_UNSCALED < unscaled < MAX_UNSCALED:
         raise ValueError(f"decimal of {unscaled} micro-units has more than 28 digits")
     raw = unscaled.to_bytes((abs(unscaled).bit_length() + 8) // 8, "big", signed=True)
-    return _SMALL[len(raw)] + raw
+    return SMALL_LONGS[len(raw)] + raw
 
 
 def seen_bytes(header: bytes, time_ms: int, version_ms: int) -> bytes:
