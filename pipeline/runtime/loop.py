@@ -317,6 +317,13 @@ class StageRunner:
         self._inflight: _Commit | None = None  # the commit in flight
         for counter in (RECORDS_IN, COMMITS, REWINDS, REPLACEMENTS):  # exported as 0 from the start, not absent
             counter.labels(spec.name)
+        # the stage's own series of the per-batch metrics, looked up once (``labels`` takes a lock each call)
+        self._records_in = RECORDS_IN.labels(spec.name)
+        self._process_seconds = PROCESS_SECONDS.labels(spec.name)
+        self._commits = COMMITS.labels(spec.name)
+        self._commit_seconds = COMMIT_SECONDS.labels(spec.name)
+        self._last_commit = LAST_COMMIT.labels(spec.name)
+        self._records_out: dict[str, Any] = {}  # topic → its RECORDS_OUT series
         self._rewind = False  # a transaction was aborted or given up: resume from the last commit
         self._replace = False  # the transactional producer must be replaced first
         self._replacements: deque[float] = deque()
@@ -476,7 +483,7 @@ class StageRunner:
                 self._process(batch)
                 self.spec.processor.punctuate(int(time.time() * 1000), self.ctx)
                 if batch:
-                    PROCESS_SECONDS.labels(self.spec.name).observe(time.monotonic() - t0)
+                    self._process_seconds.observe(time.monotonic() - t0)
                 self._commit()
                 self._monitor()
             except ProducerUnusable as exc:  # producing on a fenced or failed producer
@@ -503,7 +510,7 @@ class StageRunner:
                 processor.process(record, self.ctx)
         self.offsets.update({(r.topic, r.partition): r.offset + 1 for r in batch})  # in order: the last wins
         self._consumed.update(self.offsets)
-        RECORDS_IN.labels(self.spec.name).inc(len(batch))
+        self._records_in.inc(len(batch))
 
     def _commit(self) -> None:
         t0 = time.monotonic()
@@ -521,7 +528,7 @@ class StageRunner:
         encoded: dict[int, dict[bytes, bytes | None]] = {}
         for partition, store in self.stores.items():
             if store.has_pending():
-                changes = dict(store.pending_changes())
+                changes = store.encoded_changes()
                 encoded[partition] = changes
                 self.clients.produce_all(self._changelog, changes.items(), partition)  # type: ignore[arg-type]
         if not self.offsets and not encoded and not self.produced:
@@ -537,7 +544,10 @@ class StageRunner:
         for partition, changes in encoded.items():  # while the commit is in flight (see the module doc)
             self.stores[partition].flush(changes)
         for topic, n in self.produced.items():
-            RECORDS_OUT.labels(self.spec.name, topic).inc(n)
+            series = self._records_out.get(topic)
+            if series is None:
+                series = self._records_out[topic] = RECORDS_OUT.labels(self.spec.name, topic)
+            series.inc(n)
         self.produced.clear()
 
     def _await_commit(self) -> None:
@@ -559,12 +569,12 @@ class StageRunner:
             return
         exc = commit.error
         if exc is None:
-            COMMITS.labels(self.spec.name).inc()
-            COMMIT_SECONDS.labels(self.spec.name).observe(time.monotonic() - commit.t0)
+            self._commits.inc()
+            self._commit_seconds.observe(time.monotonic() - commit.t0)
             self._committed.update(commit.offsets)
             self._published(commit.counts)
             if commit.offsets:
-                LAST_COMMIT.labels(self.spec.name).set(time.time())
+                self._last_commit.set(time.time())
             return
         if isinstance(exc, TransactionAborted):
             log.warning("%s: %s; resuming from the last commit", self.spec.name, exc)

@@ -124,6 +124,7 @@ class _Tables:
         accounts: account → its billing clock (highest event time of its series), back-billing only.
         arrived: window key → the earliest arrival (epoch ms, ``runtime.timing``) of the events folded
             into it since its last revision; monitoring only, in memory (lost on a restart).
+        gauge: the partition's series of ``pipeline_windowing_pending_windows``.
     """
 
     pending: dict[bytes, dict[bytes, int]] = field(default_factory=dict)
@@ -136,6 +137,7 @@ class _Tables:
     fresh: dict[bytes, w.WindowState] = field(default_factory=dict)
     accounts: dict[str, int] = field(default_factory=dict)
     arrived: dict[bytes, int] = field(default_factory=dict)
+    gauge: Any = None
 
 
 class WindowingProcessor:
@@ -206,7 +208,8 @@ class WindowingProcessor:
             ck = key_prefix(state.account, state.series)
             self._pending(t, ck, key, state.end_ms, now, self._policy_of(state.metric))
             t.check.add(ck)
-        PENDING.labels(str(partition)).set(sum(map(len, t.pending.values())))
+        t.gauge = PENDING.labels(str(partition))
+        t.gauge.set(sum(map(len, t.pending.values())))
 
     @staticmethod
     def _pending(t: _Tables, ck: bytes, key: bytes, end: int, now: int, policy: w.WindowPolicy) -> None:
@@ -471,11 +474,12 @@ class WindowingProcessor:
                 self._sweep(store, t, ck)
             for ck in t.moved:
                 store.put(clock_key(ck), t.clocks[ck])
+            if t.check or due:  # windows may have become pending or been emitted
+                t.gauge.set(sum(map(len, t.pending.values())))
             t.moved.clear()
             t.check.clear()
             if len(t.clocks) > CLOCKS_HELD:
                 t.clocks.clear()  # the store keeps them; every decision reads a clock at its window boundary
-            PENDING.labels(str(p)).set(sum(map(len, t.pending.values())))
         self._publish()
 
     def _idle_ms(self, store: Any, t: _Tables, ck: bytes) -> int:
