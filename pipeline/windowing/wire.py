@@ -192,6 +192,47 @@ def _put_string_array(out: list[bytes], strings: list[str]) -> None:
     out.append(b"\x00")
 
 
+_WINDOW_PARTS: dict[tuple[Any, ...], bytes] = {}  # see _window_part
+_ARRAYS: dict[tuple[Any, ...], bytes] = {}  # see _string_array
+
+
+def _window_part(window_id: str, account: str, series: str, metric: str, unit: str, start: int, end: int) -> bytes:
+    """The Avro of the five strings and two longs a window head and a window revision both start with
+    (``_HEAD_SHAPE``, ``_REVISION_SHAPE``), remembered (at most 65,536 windows): a window's head and
+    its revision are written at the same emission. Errors as ``_put_strings`` and ``_long`` (nothing
+    is remembered then); ``TypeError`` for times that are not ``int``."""
+    if type(start) is not int or type(end) is not int:
+        raise TypeError("window bounds must be int")
+    key = (window_id, account, series, metric, unit, start, end)
+    got = _WINDOW_PARTS.get(key)
+    if got is None:
+        out: list[bytes] = []
+        _put_strings(out, (window_id, account, series, metric, unit))
+        out += (_long(start), _long(end))
+        got = b"".join(out)
+        if len(_WINDOW_PARTS) >= 65_536:
+            _WINDOW_PARTS.clear()
+        _WINDOW_PARTS[key] = got
+    return got
+
+
+def _string_array(strings: list[str]) -> bytes:
+    """``_put_string_array`` as bytes, remembered (at most 65,536 arrays): a window's qualities and
+    sources repeat from revision to revision."""
+    if type(strings) not in (list, tuple):
+        raise TypeError(type(strings))
+    key = tuple(strings)
+    got = _ARRAYS.get(key)
+    if got is None:
+        out: list[bytes] = []
+        _put_string_array(out, strings)
+        got = b"".join(out)
+        if len(_ARRAYS) >= 65_536:
+            _ARRAYS.clear()
+        _ARRAYS[key] = got
+    return got
+
+
 # UsageEvent as EventReader reads it by hand (``_shape`` of the current schema)
 _EVENT_SHAPE = [
     ("event_id", "string"), ("account", "string"), ("series", "string"), ("metric", "string"), ("unit", "string"),
@@ -480,13 +521,11 @@ class WindowWire:
         schema is the one known here (``_HEAD_SHAPE``), the same bytes as ``Codec.encode_plain``."""
         if self._head_header is not None:
             try:
-                out = [self._head_header]
-                _put_strings(out, (s.window_id, s.account, s.series, s.metric, s.unit))
-                out += (_long_seen(s.start_ms), _long_seen(s.end_ms))
-                _put_strings(out, (s.aggregation,))
                 emitted = unscaled_of(s.emitted)
-                out += (_int(s.revision), _SIZES[len(emitted)], emitted, _boolean(s.dirty), _boolean(s.late))
-                return b"".join(out)
+                return b"".join((self._head_header,
+                                 _window_part(s.window_id, s.account, s.series, s.metric, s.unit, s.start_ms, s.end_ms),
+                                 *_string_parts(s.aggregation), _int(s.revision), _SIZES[len(emitted)], emitted,
+                                 _boolean(s.dirty), _boolean(s.late)))
             except (IndexError, TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
                 pass  # the codec writes it, or says why not
         return self._encode({
@@ -589,15 +628,14 @@ class WindowWire:
         (``_REVISION_SHAPE``), the same bytes as ``Codec.encode_plain``."""
         if self._revision_header is not None:
             try:
-                out = [self._revision_header]
-                _put_strings(out, (rev.window_id, rev.account, rev.series, rev.metric, rev.unit))
                 value, delta = unscaled_of(rev.value), unscaled_of(rev.delta)
-                out += (_long_seen(rev.start_ms), _long_seen(rev.end_ms), _int(rev.revision), _TIMING[rev.timing],
-                        _SIZES[len(value)], value, _SIZES[len(delta)], delta, _int(rev.count))
-                _put_string_array(out, rev.qualities)
-                _put_string_array(out, rev.sources)
-                out.append(_long_seen(rev.watermark_ms))
-                return b"".join(out)
+                return b"".join((
+                    self._revision_header,
+                    _window_part(rev.window_id, rev.account, rev.series, rev.metric, rev.unit, rev.start_ms,
+                                 rev.end_ms),
+                    _int(rev.revision), _TIMING[rev.timing], _SIZES[len(value)], value, _SIZES[len(delta)], delta,
+                    _int(rev.count), _string_array(rev.qualities), _string_array(rev.sources),
+                    _long_seen(rev.watermark_ms)))
             except (KeyError, IndexError, TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
                 pass  # the codec writes it, or says why not
         return self._encode({

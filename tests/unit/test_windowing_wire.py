@@ -288,7 +288,12 @@ def test_revision_is_the_usage_window_codec_encode_writes(s: w.WindowState, revi
                          revision, timing, w.to_decimal(value), w.to_decimal(delta), len(s.intervals),
                          tuple(rev.qualities), tuple(rev.sources), dt(watermark))
     assert WIRE.revision(rev) == CODEC.encode(record)
-    assert CODEC.decode(WIRE.revision(rev), UsageWindow) == record
+    assert CODEC.decode(WIRE.revision(rev), UsageWindow) == record  # written again: the remembered parts answer
+    head = WIRE.state(s)  # the head shares its start with the revision (remembered by the first of them)
+    assert head == CODEC.encode_plain({
+        "window_id": s.window_id, "account": s.account, "series": s.series, "metric": s.metric, "unit": s.unit,
+        "start_ms": s.start_ms, "end_ms": s.end_ms, "aggregation": s.aggregation, "revision": s.revision,
+        "emitted_value": unscaled_of(s.emitted), "dirty": s.dirty, "late": s.late}, "WindowHead")
 
 
 def test_decimals_beyond_the_schema_are_refused_like_the_codec_refuses_them() -> None:
