@@ -132,6 +132,12 @@ class PartitionStore:
             else:
                 yield key, encode(key, value)
 
+    def encoded_changes(self) -> dict[bytes, bytes | None]:
+        """``dict(pending_changes())``, made in one pass (once per commit, over every staged write)."""
+        encode, deleted, raw = self._encode, _DELETED, _Raw
+        return {key: None if value is deleted else value if type(value) is raw else encode(key, value)
+                for key, value in self._pending.items()}
+
     def has_pending(self) -> bool:
         """Whether anything was written since the last flush/discard."""
         return bool(self._pending)

@@ -124,6 +124,7 @@ class _Tables:
         accounts: account → its billing clock (highest event time of its series), back-billing only.
         arrived: window key → the earliest arrival (epoch ms, ``runtime.timing``) of the events folded
             into it since its last revision; monitoring only, in memory (lost on a restart).
+        gauge: the partition's series of ``pipeline_windowing_pending_windows``.
     """
 
     pending: dict[bytes, dict[bytes, int]] = field(default_factory=dict)
@@ -136,6 +137,7 @@ class _Tables:
     fresh: dict[bytes, w.WindowState] = field(default_factory=dict)
     accounts: dict[str, int] = field(default_factory=dict)
     arrived: dict[bytes, int] = field(default_factory=dict)
+    gauge: Any = None
 
 
 class WindowingProcessor:
@@ -206,7 +208,8 @@ class WindowingProcessor:
             ck = key_prefix(state.account, state.series)
             self._pending(t, ck, key, state.end_ms, now, self._policy_of(state.metric))
             t.check.add(ck)
-        PENDING.labels(str(partition)).set(sum(map(len, t.pending.values())))
+        t.gauge = PENDING.labels(str(partition))
+        t.gauge.set(sum(map(len, t.pending.values())))
 
     @staticmethod
     def _pending(t: _Tables, ck: bytes, key: bytes, end: int, now: int, policy: w.WindowPolicy) -> None:
@@ -244,21 +247,25 @@ class WindowingProcessor:
         now = self.clock_ms()
         read, policies, outcomes, apply = self._read, self._policies, self.outcomes, w.apply_interval
         limit = self.back_billing_limit_ms
-        stores: dict[int, Any] = {}
         chunks: dict[bytes, tuple[Any, int, list[bytes]]] = {}  # window key → (store, first offset, events)
-        touched: set[bytes] = set()
+        touched: dict[int, set[bytes]] = {}  # partition → its series that had an event
+        counts = dict.fromkeys(outcomes, 0)  # outcome → events of this batch
+        last_p = None
         for record in records:
-            p = record.partition
-            raw = record.value or b""
-            store = stores.get(p)
-            if store is None:
-                store = stores[p] = ctx.store(p)
-            t = self._t[p]
-            fresh = t.fresh
+            _topic, p, offset, _key, raw, headers, arrived = record
+            if p != last_p:  # the records of a partition come in runs: its tables are looked up once per run
+                last_p = p
+                store = ctx.store(p)
+                t = self._t[p]
+                fresh, clocks, arrivals = t.fresh, t.clocks, t.arrived
+                mine = touched.get(p)
+                if mine is None:
+                    mine = touched[p] = set()
             try:
                 (event_id, account, series, metric, unit, event_ms, value, version, quality, source,
-                 prefix) = read(raw)
+                 prefix) = read(raw or b"")
             except DecodeError as exc:
+                raw = raw or b""
                 if self.codec.record_name(raw) == "SeriesMarker":
                     self._marker(record, raw, t, store, ctx)
                 else:
@@ -267,7 +274,7 @@ class WindowingProcessor:
                 continue
             policy = policies.get(metric) or self._policy_of(metric)
             ck = prefix  # the series: its windows' key prefix (its clock's store key is clock_key(prefix))
-            clock = t.clocks.get(ck) or self._load_clock(t, store, ck)
+            clock = clocks.get(ck) or self._load_clock(t, store, ck)
             size = policy.size_ms
             start = event_ms - event_ms % size  # w.window_bounds
             end = start + size
@@ -297,12 +304,13 @@ class WindowingProcessor:
             else:
                 outcome = apply(state, event_id, iv, clock)
             if outcome is not _DUPLICATE and outcome is not _REFUSED:
-                arrived = timing.arrival_ms(record) if record.headers else record.timestamp_ms
-                if arrived < t.arrived.get(key, arrived + 1):
-                    t.arrived[key] = arrived
+                if headers:  # timing.arrival_ms(record): its arrival header, else its Kafka timestamp
+                    arrived = timing.arrival_ms(record)
+                if arrived < arrivals.get(key, arrived + 1):
+                    arrivals[key] = arrived
                 added = chunks.get(key)
                 if added is None:
-                    chunks[key] = (store, record.offset, [raw])
+                    chunks[key] = (store, offset, [raw])
                 else:
                     added[2].append(raw)
                 if flags != (state.dirty, state.late):  # the head changed (or was created, or brought back)
@@ -313,7 +321,7 @@ class WindowingProcessor:
                         store.put(key, state)
                     if state.dirty:  # pending until its series closes past its end or goes quiet
                         self._pending(t, ck, key, end, now, policy)
-            outcomes[outcome] += 1
+            counts[outcome] += 1
             if event_ms > clock.max_event_ms:  # w.advance, inline; the clock is kept at the window boundary it
                 watermark = event_ms - policy.out_of_orderness_ms  # reached (windows.SeriesClock), exactly
                 if watermark < clock.watermark_ms:  # when a back-billing limit needs its highest event time
@@ -322,16 +330,18 @@ class WindowingProcessor:
                 before = clock.watermark_ms if clock.watermark_ms >= closed else closed
                 after = watermark if watermark >= closed else closed
                 if limit is not None or clock.metric != metric or before // size != after // size:
-                    t.clocks[ck] = clock = _new(w.SeriesClock, (event_ms, watermark, closed, metric))
+                    clocks[ck] = clock = _new(w.SeriesClock, (event_ms, watermark, closed, metric))
                     t.moved.add(ck)
                 if limit is not None and event_ms > t.accounts.get(account, event_ms):
                     t.accounts[account] = event_ms  # a billing clock already known moves with its series
             elif clock.metric != metric:
-                t.clocks[ck] = clock = clock._replace(metric=metric)
+                clocks[ck] = clock = clock._replace(metric=metric)
                 t.moved.add(ck)
-            touched.add(ck)
-        for t in self._t.values():  # every series that had an event is active now, and checked at punctuation
-            mine = touched & t.clocks.keys()
+            mine.add(ck)
+        for outcome, n in counts.items():
+            outcomes[outcome] += n
+        for p, mine in touched.items():  # every series that had an event is active now, and checked at punctuation
+            t = self._t[p]
             t.check |= mine
             t.active.update(dict.fromkeys(mine, now))
         events = self._wire.events
@@ -464,11 +474,12 @@ class WindowingProcessor:
                 self._sweep(store, t, ck)
             for ck in t.moved:
                 store.put(clock_key(ck), t.clocks[ck])
+            if t.check or due:  # windows may have become pending or been emitted
+                t.gauge.set(sum(map(len, t.pending.values())))
             t.moved.clear()
             t.check.clear()
             if len(t.clocks) > CLOCKS_HELD:
                 t.clocks.clear()  # the store keeps them; every decision reads a clock at its window boundary
-            PENDING.labels(str(p)).set(sum(map(len, t.pending.values())))
         self._publish()
 
     def _idle_ms(self, store: Any, t: _Tables, ck: bytes) -> int:

@@ -192,6 +192,47 @@ def _put_string_array(out: list[bytes], strings: list[str]) -> None:
     out.append(b"\x00")
 
 
+_WINDOW_PARTS: dict[tuple[Any, ...], bytes] = {}  # see _window_part
+_ARRAYS: dict[tuple[Any, ...], bytes] = {}  # see _string_array
+
+
+def _window_part(window_id: str, account: str, series: str, metric: str, unit: str, start: int, end: int) -> bytes:
+    """The Avro of the five strings and two longs a window head and a window revision both start with
+    (``_HEAD_SHAPE``, ``_REVISION_SHAPE``), remembered (at most 65,536 windows): a window's head and
+    its revision are written at the same emission. Errors as ``_put_strings`` and ``_long`` (nothing
+    is remembered then); ``TypeError`` for times that are not ``int``."""
+    if type(start) is not int or type(end) is not int:
+        raise TypeError("window bounds must be int")
+    key = (window_id, account, series, metric, unit, start, end)
+    got = _WINDOW_PARTS.get(key)
+    if got is None:
+        out: list[bytes] = []
+        _put_strings(out, (window_id, account, series, metric, unit))
+        out += (_long(start), _long(end))
+        got = b"".join(out)
+        if len(_WINDOW_PARTS) >= 65_536:
+            _WINDOW_PARTS.clear()
+        _WINDOW_PARTS[key] = got
+    return got
+
+
+def _string_array(strings: list[str]) -> bytes:
+    """``_put_string_array`` as bytes, remembered (at most 65,536 arrays): a window's qualities and
+    sources repeat from revision to revision."""
+    if type(strings) not in (list, tuple):
+        raise TypeError(type(strings))
+    key = tuple(strings)
+    got = _ARRAYS.get(key)
+    if got is None:
+        out: list[bytes] = []
+        _put_string_array(out, strings)
+        got = b"".join(out)
+        if len(_ARRAYS) >= 65_536:
+            _ARRAYS.clear()
+        _ARRAYS[key] = got
+    return got
+
+
 # UsageEvent as EventReader reads it by hand (``_shape`` of the current schema)
 _EVENT_SHAPE = [
     ("event_id", "string"), ("account", "string"), ("series", "string"), ("metric", "string"), ("unit", "string"),
@@ -305,60 +346,118 @@ def _longs(seen: dict[bytes, tuple[int, int, int]], data: bytes, p: int, width: 
     return first, second, q
 
 
-def _read_event(data: bytes) -> PlainEvent | None:
+_SERIES: dict[bytes, tuple[str, str, str, str, bytes]] = {}  # account..unit bytes → the strings, key prefix
+_TAILS: dict[bytes, tuple[str, str]] = {}  # quality and source bytes (the end of an event) → the strings
+_VALUES: dict[bytes, int] = {}  # a value's bytes (length byte included) → micro-units
+
+
+def _series_of(segment: bytes) -> tuple[str, str, str, str, bytes] | None:
+    """(account, series, metric, unit, key prefix) of the four Avro strings ``segment`` holds exactly
+    (each shorter than 64 bytes, as ``_read_event`` checked), remembered (at most 65,536) in
+    ``_SERIES``; ``None`` when they do not end where the segment does. ``UnicodeDecodeError`` as
+    ``bytes.decode``."""
+    strings = []
+    p = 0
+    for _ in range(4):
+        q = p + 1 + (segment[p] >> 1)
+        strings.append(segment[p + 1:q])
+        p = q
+    if p != len(segment):
+        return None
+    account, series, metric, unit = strings
+    got = (account.decode(), series.decode(), metric.decode(), unit.decode(),
+           WIN_PREFIX + account + b"|" + series + b"|")
+    if len(_SERIES) >= _LONGS_MAX:
+        _SERIES.clear()
+    _SERIES[segment] = got
+    return got
+
+
+def _tail_of(tail: bytes) -> tuple[str, str] | None:
+    """(quality, source) of the two Avro strings ``tail`` holds exactly, each shorter than 64 bytes,
+    remembered (at most 65,536) in ``_TAILS``; ``None`` for anything else (bytes left over, a
+    longer or negative length). ``IndexError`` (truncated) and ``UnicodeDecodeError`` as there."""
+    n = tail[0]
+    if n > 0x7F or n & 1:
+        return None
+    q = 1 + (n >> 1)
+    n = tail[q]
+    if n > 0x7F or n & 1 or q + 1 + (n >> 1) != len(tail):
+        return None
+    got = tail[1:q].decode(), tail[q + 1:].decode()
+    if len(_TAILS) >= _LONGS_MAX:
+        _TAILS.clear()
+    _TAILS[tail] = got
+    return got
+
+
+def _read_event(data: bytes, from_bytes: Callable[..., int] = int.from_bytes) -> PlainEvent | None:
     """The ``PlainEvent`` of the body of a current-schema ``UsageEvent`` (after its 10-byte header),
     read by hand (``_EVENT_SHAPE``), or ``None`` when the general path must decide: a string or the
     value of 64 bytes or more, bytes left over, a value out of range. ``IndexError`` (truncated),
     ``OverflowError`` (a varint beyond 9 bytes) and ``UnicodeDecodeError`` mean the same.
-    A length byte ``n`` below 0x80 with its low bit clear is the length ``n >> 1`` (zig-zag)."""
+    A length byte ``n`` below 0x80 with its low bit clear is the length ``n >> 1`` (zig-zag).
+
+    What repeats from event to event is read once and remembered by its bytes (bounded caches): the
+    series' strings (account, series, metric, unit) with its key prefix, the times, the value, the
+    version, and the quality with the source; the same bytes always read the same way."""
     n = data[10]
     if n > 0x7F or n & 1:  # 64 bytes or more, or a negative length
         return None
-    p = 11 + (n >> 1)
-    event_id = data[11:p]
+    s = p = 11 + (n >> 1)  # the event id ends, the account starts
+    n = data[p]
+    if n > 0x7F or n & 1:
+        return None
+    p += 1 + (n >> 1)
+    n = data[p]
+    if n > 0x7F or n & 1:
+        return None
+    p += 1 + (n >> 1)
+    n = data[p]
+    if n > 0x7F or n & 1:
+        return None
+    p += 1 + (n >> 1)
+    n = data[p]
+    if n > 0x7F or n & 1:
+        return None
+    p += 1 + (n >> 1)
+    if p > len(data):  # truncated inside the unit
+        return None
+    segment = data[s:p]
+    names = _SERIES.get(segment) or _series_of(segment)
+    if names is None:
+        return None
+    got = _TIMES.get(data[p:p + 12])  # _longs(_TIMES, data, p, 12, 2), its remembered case inline
+    if got is not None:
+        event_time, event_end, p = got[0], got[1], p + got[2]
+    else:
+        event_time, event_end, p = _longs(_TIMES, data, p, 12, 2)  # 6 bytes each from 1971 to 2109
     n = data[p]
     if n > 0x7F or n & 1:
         return None
     q = p + 1 + (n >> 1)
-    account = data[p + 1:q]
-    n = data[q]
-    if n > 0x7F or n & 1:
+    raw_value = data[p:q]
+    value = _VALUES.get(raw_value)
+    if value is None:
+        if q > len(data):
+            return None
+        value = from_bytes(raw_value[1:], "big", signed=True)
+        if len(_VALUES) >= _LONGS_MAX:
+            _VALUES.clear()
+        _VALUES[raw_value] = value
+    got = _VERSIONS.get(data[q:q + 6])
+    if got is not None:
+        version, p = got[0], q + got[2]
+    else:
+        version, _, p = _longs(_VERSIONS, data, q, 6, 1)
+    tail = data[p:]
+    strings = _TAILS.get(tail) or _tail_of(tail)
+    if strings is None or not (_MIN_MS <= event_time <= _MAX_MS and _MIN_MS <= event_end <= _MAX_MS
+                               and _MIN_MS <= version <= _MAX_MS and -_MAX_UNSCALED < value < _MAX_UNSCALED):
         return None
-    p = q + 1 + (n >> 1)
-    series = data[q + 1:p]
-    n = data[p]
-    if n > 0x7F or n & 1:
-        return None
-    q = p + 1 + (n >> 1)
-    metric = data[p + 1:q]
-    n = data[q]
-    if n > 0x7F or n & 1:
-        return None
-    p = q + 1 + (n >> 1)
-    unit = data[q + 1:p]
-    event_time, event_end, p = _longs(_TIMES, data, p, 12, 2)  # 6 bytes each from 1971 to 2109
-    n = data[p]
-    if n > 0x7F or n & 1:
-        return None
-    q = p + 1 + (n >> 1)
-    value = int.from_bytes(data[p + 1:q], "big", signed=True)
-    version, _, p = _longs(_VERSIONS, data, q, 6, 1)
-    n = data[p]
-    if n > 0x7F or n & 1:
-        return None
-    q = p + 1 + (n >> 1)
-    quality = data[p + 1:q]
-    n = data[q]
-    if n > 0x7F or n & 1:
-        return None
-    p = q + 1 + (n >> 1)
-    if p != len(data) or not (_MIN_MS <= event_time <= _MAX_MS and _MIN_MS <= event_end <= _MAX_MS
-                              and _MIN_MS <= version <= _MAX_MS and -_MAX_UNSCALED < value < _MAX_UNSCALED):
-        return None
-    return _new(PlainEvent, (
-        event_id.decode(), account.decode(), series.decode(), metric.decode(), unit.decode(), event_time, value,
-        version, quality.decode(), data[q + 1:p].decode(), WIN_PREFIX + account + b"|" + series + b"|",
-    ))
+    account, series, metric, unit, prefix = names
+    return _new(PlainEvent, (data[11:s].decode(), account, series, metric, unit, event_time, value, version,
+                             strings[0], strings[1], prefix))
 
 
 # --- window state ⇄ changelog, window revisions out ---------------------------------------------------
@@ -422,13 +521,11 @@ class WindowWire:
         schema is the one known here (``_HEAD_SHAPE``), the same bytes as ``Codec.encode_plain``."""
         if self._head_header is not None:
             try:
-                out = [self._head_header]
-                _put_strings(out, (s.window_id, s.account, s.series, s.metric, s.unit))
-                out += (_long_seen(s.start_ms), _long_seen(s.end_ms))
-                _put_strings(out, (s.aggregation,))
                 emitted = unscaled_of(s.emitted)
-                out += (_int(s.revision), _SIZES[len(emitted)], emitted, _boolean(s.dirty), _boolean(s.late))
-                return b"".join(out)
+                return b"".join((self._head_header,
+                                 _window_part(s.window_id, s.account, s.series, s.metric, s.unit, s.start_ms, s.end_ms),
+                                 *_string_parts(s.aggregation), _int(s.revision), _SIZES[len(emitted)], emitted,
+                                 _boolean(s.dirty), _boolean(s.late)))
             except (IndexError, TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
                 pass  # the codec writes it, or says why not
         return self._encode({
@@ -531,15 +628,14 @@ class WindowWire:
         (``_REVISION_SHAPE``), the same bytes as ``Codec.encode_plain``."""
         if self._revision_header is not None:
             try:
-                out = [self._revision_header]
-                _put_strings(out, (rev.window_id, rev.account, rev.series, rev.metric, rev.unit))
                 value, delta = unscaled_of(rev.value), unscaled_of(rev.delta)
-                out += (_long_seen(rev.start_ms), _long_seen(rev.end_ms), _int(rev.revision), _TIMING[rev.timing],
-                        _SIZES[len(value)], value, _SIZES[len(delta)], delta, _int(rev.count))
-                _put_string_array(out, rev.qualities)
-                _put_string_array(out, rev.sources)
-                out.append(_long_seen(rev.watermark_ms))
-                return b"".join(out)
+                return b"".join((
+                    self._revision_header,
+                    _window_part(rev.window_id, rev.account, rev.series, rev.metric, rev.unit, rev.start_ms,
+                                 rev.end_ms),
+                    _int(rev.revision), _TIMING[rev.timing], _SIZES[len(value)], value, _SIZES[len(delta)], delta,
+                    _int(rev.count), _string_array(rev.qualities), _string_array(rev.sources),
+                    _long_seen(rev.watermark_ms)))
             except (KeyError, IndexError, TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
                 pass  # the codec writes it, or says why not
         return self._encode({

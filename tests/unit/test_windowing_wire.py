@@ -288,7 +288,12 @@ def test_revision_is_the_usage_window_codec_encode_writes(s: w.WindowState, revi
                          revision, timing, w.to_decimal(value), w.to_decimal(delta), len(s.intervals),
                          tuple(rev.qualities), tuple(rev.sources), dt(watermark))
     assert WIRE.revision(rev) == CODEC.encode(record)
-    assert CODEC.decode(WIRE.revision(rev), UsageWindow) == record
+    assert CODEC.decode(WIRE.revision(rev), UsageWindow) == record  # written again: the remembered parts answer
+    head = WIRE.state(s)  # the head shares its start with the revision (remembered by the first of them)
+    assert head == CODEC.encode_plain({
+        "window_id": s.window_id, "account": s.account, "series": s.series, "metric": s.metric, "unit": s.unit,
+        "start_ms": s.start_ms, "end_ms": s.end_ms, "aggregation": s.aggregation, "revision": s.revision,
+        "emitted_value": unscaled_of(s.emitted), "dirty": s.dirty, "late": s.late}, "WindowHead")
 
 
 def test_decimals_beyond_the_schema_are_refused_like_the_codec_refuses_them() -> None:
@@ -350,21 +355,30 @@ def outcome(read: EventReader, raw: bytes) -> object:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(events(), st.sampled_from([0, 1, 2]), st.lists(mutations, max_size=2)), min_size=1,
-                max_size=8))
+@given(st.lists(st.tuples(events(), st.sampled_from([0, 1, 2, 3, 4, 5]), st.lists(mutations, max_size=2)),
+                min_size=1, max_size=8))
 def test_hand_reader_reads_and_refuses_exactly_what_the_codec_path_does(stream: list) -> None:
-    """A stream of events sharing their times (the remembered varints are used across events), some
-    corrupted, truncated or extended: every one reads (or is refused) as through fastavro."""
+    """A stream of events sharing their times, version, series strings, value or quality and source
+    with the first (the remembered readings answer across events), some corrupted, truncated or
+    extended: every one reads (or is refused) as through fastavro, also when read a second time."""
     first = stream[0][0]
     for ev, share, how in stream:
         if share == 1:  # the times of the first event: the remembered varints answer
             ev = dataclasses.replace(ev, event_time=first.event_time, event_end=first.event_end)
         elif share == 2:
             ev = dataclasses.replace(ev, version=first.version)
+        elif share == 3:  # the series: account, series, metric and unit read once (with the key prefix)
+            ev = dataclasses.replace(ev, account=first.account, series=first.series, metric=first.metric,
+                                     unit=first.unit)
+        elif share == 4:  # the value, the quality and the source
+            ev = dataclasses.replace(ev, value=first.value, quality=first.quality, source=first.source)
+        elif share == 5:  # everything but the event id
+            ev = dataclasses.replace(first, event_id=ev.event_id)
         raw = CODEC.encode(ev)
         for m in how:
             raw = mutate(raw, m)
         assert outcome(READER, raw) == outcome(GENERAL, raw)
+        assert outcome(READER, raw) == outcome(GENERAL, raw)  # the remembered readings answer now
 
 
 def test_hand_reader_hands_long_fields_to_the_codec_path() -> None:
