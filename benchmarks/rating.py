@@ -22,6 +22,7 @@ the stage processes with Kafka).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ from pipeline.rating.processor import RatingProcessor, state_codec
 from pipeline.records import UsageWindow
 from pipeline.reference import BUNDLED_REFERENCE, Account, PlanAssignment, ReferenceData, ServicePoint
 from pipeline.runtime.kafka import IdempotentProducer, Incoming
+from pipeline.runtime.loop import GC_THRESHOLDS
 from pipeline.runtime.state import open_fresh_store
 from pipeline.topology import Topics
 
@@ -106,11 +108,12 @@ def main() -> None:
                                     codec.encode(win), (), 0))
 
     def commit() -> None:
-        changes = dict(store.pending_changes())  # what the changelog carries
+        changes = store.encoded_changes()  # what the changelog carries (as the stage's commit builds it)
         store.flush(changes)
 
     proc.punctuate(0, ctx)
     commit()
+    gc.set_threshold(*GC_THRESHOLDS)  # as a stage process runs (pipeline.runtime.loop)
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(records), args.batch):
         for rec in records[i:i + args.batch]:

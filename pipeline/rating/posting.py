@@ -99,6 +99,9 @@ class DaySummary:
     delta: Decimal = Decimal(0)
 
 
+_sha256 = hashlib.sha256
+
+
 @dataclass
 class CauseDigest:
     """What caused a pending period's changes, kept small however long the period stays pending.
@@ -115,8 +118,10 @@ class CauseDigest:
     def add(self, cause_id: str, local_day: str, delta: Decimal, max_listed: int) -> bool:
         """Record one cause; ``True`` while it is still listed one by one (the caller keeps the revision)."""
         self.count += 1
-        self.chain = hashlib.sha256(f"{self.chain}\n{cause_id}".encode()).hexdigest()
-        day = self.days.setdefault(local_day, DaySummary())
+        self.chain = _sha256(f"{self.chain}\n{cause_id}".encode()).hexdigest()
+        day = self.days.get(local_day)
+        if day is None:
+            day = self.days[local_day] = DaySummary()
         day.windows += 1
         day.delta += delta
         if self.ids is not None and len(self.ids) < max_listed:

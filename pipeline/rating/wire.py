@@ -98,6 +98,8 @@ _HEADERS: dict[int, tuple[Codec, bytes | None]] = {}
 _DECIMALS: dict[bytes, Decimal] = {}  # unscaled bytes → Decimal, remembered (values repeat: 0.1 kWh steps)
 _TIMING = ("ON_TIME", "LATE")
 _BOUNDS: dict[bytes, tuple[int, int, int]] = {}  # 20 bytes at the window bounds → (start ms, end ms, their length)
+_WATERMARKS: dict[bytes, int] = {}  # a record's last bytes (its watermark) → the watermark, ms
+_ONE_STRING: dict[bytes, tuple[str]] = {}  # a one-string array's bytes → its strings
 _read_long = aw.read_long
 _new_window = object.__new__
 
@@ -181,25 +183,55 @@ def _read_window(data: bytes) -> Window:
     p = q + 1 + (n >> 1)
     w.delta = _short_decimal(data[q + 1:p])
     w.count, p = _read_long(data, p)
-    for name in ("qualities", "sources"):
-        items: list[str] = []
-        n, p = _read_long(data, p)
-        while n:
-            if n < 0:
-                raise ValueError("negative array block count")
-            for _ in range(n):
-                size, p = _read_long(data, p)
-                if size < 0:
-                    raise ValueError("negative length")
-                q = p + size
-                items.append(data[p:q].decode())
-                p = q
-            n, p = _read_long(data, p)
-        setattr(w, name, tuple(items))
-    w.watermark_ms, p = _read_long(data, p)
-    if p != len(data):
-        raise ValueError("truncated, or bytes left over")
+    w.qualities, p = _strings(data, p)
+    w.sources, p = _strings(data, p)
+    tail = data[p:]  # the watermark, the last field: it repeats across accounts (remembered by its bytes)
+    wm = _WATERMARKS.get(tail)
+    if wm is None:
+        wm, q = _read_long(data, p)
+        if q != len(data):
+            raise ValueError("truncated, or bytes left over")
+        if len(_WATERMARKS) >= 65_536:
+            _WATERMARKS.clear()
+        _WATERMARKS[tail] = wm
+    w.watermark_ms = wm
     return w
+
+
+def _strings(data: bytes, p: int) -> tuple[tuple[str, ...], int]:
+    """An Avro array of strings at ``data[p]`` (blocks until a 0 count) and the position after it; a one-item
+    array of a short string (a window's usual quality flag or source) is remembered by its bytes. Errors as
+    ``_read_window``."""
+    n = data[p]
+    if n == 2:  # one item
+        size = data[p + 1]
+        if size < 0x80 and not size & 1:
+            q = p + 2 + (size >> 1)
+            raw = data[p:q + 1]  # count, size, text, and the closing 0 count
+            found = _ONE_STRING.get(raw)
+            if found is not None:
+                return found, q + 1
+            if data[q] == 0:
+                found = (data[p + 2:q].decode(),)
+                if q + 1 <= len(data):
+                    if len(_ONE_STRING) >= 65_536:
+                        _ONE_STRING.clear()
+                    _ONE_STRING[raw] = found
+                return found, q + 1
+    items: list[str] = []
+    n, p = _read_long(data, p)
+    while n:
+        if n < 0:
+            raise ValueError("negative array block count")
+        for _ in range(n):
+            size, p = _read_long(data, p)
+            if size < 0:
+                raise ValueError("negative length")
+            q = p + size
+            items.append(data[p:q].decode())
+            p = q
+        n, p = _read_long(data, p)
+    return tuple(items), p
 
 
 def decode_window(codec: Codec, data: bytes) -> Window:
