@@ -94,7 +94,7 @@ FORMAT = 3  # the period state format this code writes (see the module docstring
 LEGACY_WINDOW_MS = 1_800_000  # a format-1 window state without its end: the 30-minute windows of that time
 
 
-@dataclass
+@dataclass(slots=True)
 class RatedWindowState:
     """The latest revision of one window as seen by rating: its value (in the metric's unit), the period
     it belongs to, the quantity keys and demand keys it feeds, its bounds (epoch ms) and quality flags."""
