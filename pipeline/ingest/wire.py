@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from pipeline import avrowire as aw
+
 # what the fast reader accepts; the rest goes the general way (which may still accept it)
 MAX_FAST_MS = 253_402_214_400_000  # 9999-12-31T00:00:00Z: within datetime's range (Codec.decode refuses beyond)
 MAX_FAST_INT = 2**31  # Avro int: 32-bit signed
@@ -239,24 +241,8 @@ def _string(data: bytes, pos: int) -> tuple[str, int]:
 
 
 # --- writing ----------------------------------------------------------------------------------------------
-def avro_long(value: int) -> bytes:
-    """An Avro ``long`` (also ``int``): zig-zag varint of a 64-bit signed ``value``."""
-    n = (value << 1) ^ (value >> 63)
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def avro_string(value: str) -> bytes:
-    """An Avro ``string``: its UTF-8 length as a long, then the UTF-8 bytes."""
-    raw = value.encode()
-    n = len(raw)
-    return (SMALL_LONGS[n] if n < 64 else avro_long(n)) + raw
+avro_long = aw.long_bytes  # an Avro ``long`` (also ``int``); the shared primitives (pipeline.avrowire)
+avro_string = aw.string_bytes  # an Avro ``string``: its UTF-8 length as a long, then the UTF-8 bytes
 
 
 def avro_decimal(unscaled: int) -> bytes:

@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+from pipeline import avrowire as aw
 from pipeline.codec import Codec, DecodeError
 from pipeline.windowing import windows as w
 
@@ -89,29 +90,12 @@ def unscaled_of(micro: int) -> bytes:
 
 
 # --- the hand-written Avro binary path (module doc) -----------------------------------------------------
-_INT64 = 1 << 63
 _new = tuple.__new__
 _INT32 = 1 << 31
-_ONE_BYTE = [bytes((i,)) for i in range(128)]
-
-
-def _long(v: int) -> bytes:
-    """The Avro ``long`` encoding of ``v``: zig-zag, then a little-endian base-128 varint.
-    ``OverflowError`` beyond 64 bits (the codec then decides)."""
-    if not -_INT64 <= v < _INT64:
-        raise OverflowError(v)
-    n = (v << 1) ^ (v >> 63)
-    if n < 0x80:
-        return _ONE_BYTE[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_SIZES = [_long(i) for i in range(4096)]  # the Avro long of each length below 4 KiB
+_long = aw.long_bytes  # the shared Avro primitives (pipeline.avrowire)
+_SIZES = aw.SIZES
+_long_seen = aw.long_bytes_seen
+_shape = aw.shape
 
 
 def _int(v: int) -> bytes:
@@ -126,45 +110,6 @@ def _boolean(v: bool) -> bytes:
     if type(v) is not bool:
         raise TypeError(type(v))
     return b"\x01" if v else b"\x00"
-
-
-_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
-
-
-def _type_name(t: Any) -> Any:
-    """The base type of a primitive (or logical) type of a parsed schema; other types as they are."""
-    if isinstance(t, dict) and t.get("type") in _PRIMITIVES:
-        return t["type"]
-    return t
-
-
-def _shape(fields: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-    """(name, type) of each field of a parsed schema, logical types as their base type, an enum as
-    ``("enum", symbols)``, an array as ``("array", item type)``: what the hand-written paths compare
-    a schema with before they take it on."""
-    out: list[tuple[str, Any]] = []
-    for f in fields:
-        t = f["type"]
-        if isinstance(t, dict) and t.get("type") == "enum":
-            t = ("enum", tuple(t["symbols"]))
-        elif isinstance(t, dict) and t.get("type") == "array":
-            t = ("array", _type_name(t["items"]))
-        out.append((f["name"], _type_name(t)))
-    return out
-
-
-_LONG_BYTES: dict[int, bytes] = {}  # Avro longs written lately (window bounds and watermarks repeat)
-
-
-def _long_seen(v: int) -> bytes:
-    """``_long(v)``, remembered (at most 65,536 values)."""
-    b = _LONG_BYTES.get(v)
-    if b is None:
-        b = _long(v)
-        if len(_LONG_BYTES) >= 65_536:
-            _LONG_BYTES.clear()
-        _LONG_BYTES[v] = b
-    return b
 
 
 def _put_strings(out: list[bytes], strings: Iterable[str]) -> None:
