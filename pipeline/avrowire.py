@@ -53,6 +53,20 @@ def long_bytes_seen(v: int) -> bytes:
     return b
 
 
+_STRINGS: dict[str, bytes] = {}
+
+
+def string_bytes_seen(v: str) -> bytes:
+    """``string_bytes(v)``, remembered (at most 65,536 strings: map keys, state keys and days repeat)."""
+    b = _STRINGS.get(v)
+    if b is None:
+        b = string_bytes(v)
+        if len(_STRINGS) >= 65_536:
+            _STRINGS.clear()
+        _STRINGS[v] = b
+    return b
+
+
 SIZES = [long_bytes(i) for i in range(4096)]  # the Avro long of each length below 4 KiB
 
 

@@ -86,8 +86,6 @@ class Window:
         return _ms_datetime(self.watermark_ms)
 
 
-_WINDOW_FIELDS = ("window_id", "account", "series", "metric", "unit", "window_start", "window_end", "revision",
-                  "timing", "value", "delta", "count", "qualities", "sources", "watermark")
 _WINDOW_SHAPE = [
     ("window_id", "string"), ("account", "string"), ("series", "string"), ("metric", "string"), ("unit", "string"),
     ("window_start", "long"), ("window_end", "long"), ("revision", "int"), ("timing", ("enum", ("ON_TIME", "LATE"))),
@@ -101,6 +99,7 @@ _BOUNDS: dict[bytes, tuple[int, int, int]] = {}  # 20 bytes at the window bounds
 _WATERMARKS: dict[bytes, int] = {}  # a record's last bytes (its watermark) → the watermark, ms
 _ONE_STRING: dict[bytes, tuple[str]] = {}  # a one-string array's bytes → its strings
 _read_long = aw.read_long
+_s = aw.string_bytes_seen
 _new_window = object.__new__
 
 
@@ -393,7 +392,6 @@ class PeriodStateWriter:
         shape = [(f["name"], _strip(f["type"])) for f in codec.schema("RatingPeriodState")["fields"]]
         self._hand = shape == _PS_SHAPE
         self._header = codec.header("RatingPeriodState") if self._hand else b""
-        self._strings: dict[str, bytes] = {}
         self._decimals: dict[Decimal, bytes] = {}
         self._entries: dict[tuple[str, int], bytes] = {}
 
@@ -404,14 +402,6 @@ class PeriodStateWriter:
             return self._write(ps)
         except (TypeError, OverflowError, AttributeError, ValueError, KeyError, ArithmeticError):
             return None
-
-    def _s(self, v: str) -> bytes:
-        b = self._strings.get(v)
-        if b is None:
-            if len(self._strings) >= _MEMO_MAX:
-                self._strings.clear()
-            b = self._strings[v] = aw.string_bytes(v)
-        return b
 
     def _int_map(self, m: dict[str, int]) -> bytes:
         """An Avro map of ``int``: its (key, value) entries remembered as bytes (day and window counts repeat)."""
@@ -426,7 +416,7 @@ class PeriodStateWriter:
             if b is None:
                 if len(memo) >= _MEMO_MAX:
                     memo.clear()
-                b = memo[item] = self._s(item[0]) + _int_bytes(item[1])
+                b = memo[item] = _s(item[0]) + _int_bytes(item[1])
             parts.append(b)
         parts.append(b"\x00")
         return b"".join(parts)
@@ -440,7 +430,7 @@ class PeriodStateWriter:
         memo = self._decimals
         parts = [aw.long_bytes(len(m))]
         for k, v in m.items():
-            parts.append(self._s(k))
+            parts.append(_s(k))
             b = memo.get(v) if quantize and type(v) is Decimal else None
             if b is None:
                 if type(v) is not Decimal or not v.is_finite():
@@ -460,19 +450,19 @@ class PeriodStateWriter:
             raise TypeError(type(m))
         if not m:
             return b"\x00"
-        return b"".join([aw.long_bytes(len(m)), *(self._s(k) + inner(v) for k, v in m.items()), b"\x00"])
+        return b"".join([aw.long_bytes(len(m)), *(_s(k) + inner(v) for k, v in m.items()), b"\x00"])
 
     def _strings_map(self, m: dict[str, Any]) -> bytes:
         if type(m) is not dict:
             raise TypeError(type(m))
         if not m:
             return b"\x00"
-        return b"".join([aw.long_bytes(len(m)), *(self._s(k) + self._s(str(v)) for k, v in m.items()), b"\x00"])
+        return b"".join([aw.long_bytes(len(m)), *(_s(k) + _s(str(v)) for k, v in m.items()), b"\x00"])
 
     def _write(self, ps: Any) -> bytes:
         """The record's bytes (``TypeError``, ``OverflowError``, ``ValueError`` on a value it does not write)."""
         return b"".join((
-            self._header, self._s(ps.account), aw.long_bytes(_day_number(ps.period_start)),
+            self._header, _s(ps.account), aw.long_bytes(_day_number(ps.period_start)),
             aw.long_bytes(_day_number(ps.period_end)), self._decimal_map(ps.quantities, True),
             self._nested(ps.qualities, _string_array), self._int_map(ps.windows),
             self._decimal_map(ps.emitted, False), self._nested(ps.demand, self._strings_map),
@@ -542,7 +532,6 @@ class PendingWriter:
 
         self._header = codec.header("RatingPending") if shape("RatingPending") == _PENDING_SHAPE else None
         self._cause = codec.header("RatingPendingCause") if shape("RatingPendingCause") == _CAUSE_SHAPE else None
-        self._strings: dict[str, bytes] = {}
 
     def cause(self, window: bytes, keys: list[str]) -> bytes | None:
         if self._cause is None or type(window) is not bytes:
@@ -559,14 +548,6 @@ class PendingWriter:
             return self._write(d)
         except (TypeError, OverflowError, AttributeError, KeyError):
             return None
-
-    def _s(self, v: str) -> bytes:
-        b = self._strings.get(v)
-        if b is None:
-            if len(self._strings) >= _MEMO_MAX:
-                self._strings.clear()
-            b = self._strings[v] = aw.string_bytes(v)
-        return b
 
     def _write(self, d: dict[str, Any]) -> bytes:
         out = [self._header, _long(d["since_clock_ms"])]
@@ -588,7 +569,7 @@ class PendingWriter:
             raise TypeError(type(days))
         if days:
             out.append(aw.long_bytes(len(days)))
-            s = self._s
+            s = _s
             for day, summary in days.items():
                 if type(summary) is not dict:
                     raise TypeError(type(summary))

@@ -186,26 +186,6 @@ _EVENT_SHAPE = [
 ]
 
 
-def _varint(data: bytes, p: int) -> tuple[int, int]:
-    """An Avro ``long`` at ``data[p]`` of at most 9 bytes: (value, position after it). ``IndexError``
-    past the end; ``OverflowError`` for a longer varint (the codec then decides)."""
-    b = data[p]
-    if b < 0x80:
-        return (b >> 1) ^ -(b & 1), p + 1
-    n = b & 0x7F
-    shift = 7
-    p += 1
-    while True:
-        b = data[p]
-        p += 1
-        n |= (b & 0x7F) << shift
-        if b < 0x80:
-            return (n >> 1) ^ -(n & 1), p
-        shift += 7
-        if shift > 56:
-            raise OverflowError("varint longer than 9 bytes")
-
-
 # --- usage events in ----------------------------------------------------------------------------------
 class PlainEvent(NamedTuple):
     """What the windowing stage uses of a ``UsageEvent``: times in epoch ms UTC, ``value`` in
@@ -275,15 +255,15 @@ def _longs(seen: dict[bytes, tuple[int, int, int]], data: bytes, p: int, width: 
     same ``width`` bytes always read the same way when the varints end within them (each ends at its
     first byte below 0x80), so such readings are remembered, by those bytes (events of one interval
     share their times, events of one file their version), in ``seen`` (one per ``width`` and ``count``).
-    ``IndexError``/``OverflowError`` as ``_varint``."""
+    ``IndexError``/``OverflowError`` as ``avrowire.read_long``."""
     window = data[p:p + width]
     got = seen.get(window)
     if got is not None:
         return got[0], got[1], p + got[2]
-    first, q = _varint(data, p)
+    first, q = aw.read_long(data, p)
     second = 0
     if count == 2:
-        second, q = _varint(data, q)
+        second, q = aw.read_long(data, q)
     if q - p <= len(window):  # they ended inside the window: remember it
         if len(seen) >= _LONGS_MAX:
             seen.clear()
@@ -340,7 +320,7 @@ def _read_event(data: bytes, from_bytes: Callable[..., int] = int.from_bytes) ->
     """The ``PlainEvent`` of the body of a current-schema ``UsageEvent`` (after its 10-byte header),
     read by hand (``_EVENT_SHAPE``), or ``None`` when the general path must decide: a string or the
     value of 64 bytes or more, bytes left over, a value out of range. ``IndexError`` (truncated),
-    ``OverflowError`` (a varint beyond 9 bytes) and ``UnicodeDecodeError`` mean the same.
+    ``OverflowError`` (a varint beyond 10 bytes or 64 bits) and ``UnicodeDecodeError`` mean the same.
     A length byte ``n`` below 0x80 with its low bit clear is the length ``n >> 1`` (zig-zag).
 
     What repeats from event to event is read once and remembered by its bytes (bounded caches): the
