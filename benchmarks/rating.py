@@ -116,8 +116,7 @@ def main() -> None:
     gc.set_threshold(*GC_THRESHOLDS)  # as a stage process runs (pipeline.runtime.loop)
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(records), args.batch):
-        for rec in records[i:i + args.batch]:
-            proc.process(rec, ctx)
+        proc.process_batch(records[i:i + args.batch], ctx)  # as the stage's loop calls it (pipeline.runtime.loop)
         wall[0] += 1
         proc.punctuate(0, ctx)
         commit()

@@ -21,6 +21,11 @@ A window revision updates the aggregates by (new − old) value; all revisions o
 period) in a batch are coalesced into one recompute with ``rate_period`` at the end of the batch,
 which emits ``new total − emitted total`` per line, only where non-zero.
 
+Hot path (issue 13): ``process_batch`` looks up per batch what a batch shares (reference snapshot, posting policy,
+processing time, stores) and per revision only memo entries; a window's stored keys and flags are the memos' tuples
+(never changed in place). A posted line's explanation serializes each listed revision once per posting
+(``_explanation_json``), however many lines it explains.
+
 Demand (issue 14): a window adds its kWh to the demand interval of its meter that contains it; the
 meter's peak is its highest interval total ÷ the interval's hours. A window that is longer than a
 demand component's interval, or does not divide it, cannot measure it: the revision is dead-lettered
@@ -46,7 +51,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal
@@ -97,18 +102,19 @@ LEGACY_WINDOW_MS = 1_800_000  # a format-1 window state without its end: the 30-
 @dataclass(slots=True)
 class RatedWindowState:
     """The latest revision of one window as seen by rating: its value (in the metric's unit), the period
-    it belongs to, the quantity keys and demand keys it feeds, its bounds (epoch ms) and quality flags."""
+    it belongs to, the quantity keys and demand keys it feeds, its bounds (epoch ms) and quality flags. The
+    sequences are lists or tuples shared with memos and other windows: never changed in place, only replaced."""
 
     revision: int
     value: Decimal
     period_key: str
-    keys: list[str]
-    demand_keys: list[str] = field(default_factory=list)
+    keys: Sequence[str]
+    demand_keys: Sequence[str] = field(default_factory=list)
     window_start_ms: int = 0
     kw: Decimal = ZERO  # format 1 only (the window's own kW); unused
     metric: str = ""
     window_end_ms: int = 0
-    qualities: list[str] = field(default_factory=list)
+    qualities: Sequence[str] = field(default_factory=list)
     series: str = ""  # not stored: named by the window id (the store key); set before folding
 
     @property
@@ -731,99 +737,132 @@ class RatingProcessor:
         _REV_DEAD_LETTERED.inc()
 
     def process(self, record: Incoming, ctx: Context) -> None:
-        if not self.posting.every_batch:  # the partition's input is alive (the posting policy's idle rule)
-            self._last_input[record.partition] = self.wall_ms()
-        try:
-            win = decode_window(self.codec, record.value or b"")
-        except DecodeError as exc:
-            self._dead_letter(record, "UNDECODABLE", str(exc), ctx)
-            return
+        """Rate one window revision (``process_batch`` of one)."""
+        self.process_batch((record,), ctx)
+
+    def process_batch(self, records: Sequence[Incoming], ctx: Context) -> None:
+        """Rate a batch of window revisions (``UsageWindow`` records, in offset order per partition): each one
+        supersedes the held revision of its window (a lower or equal revision is a duplicate and ignored), is folded
+        into its (account, billing period) and marks the period touched (posted by ``punctuate``). Dead-letters
+        what cannot be rated (undecodable, unknown account, no price book, no gas factor, register reads on a timed
+        tariff, demand finer than the data). What is the same for the whole batch is looked up once: the
+        reference snapshot, the processing time, the posting policy, the stores."""
+        every_batch = self.posting.every_batch
+        max_listed = self.posting.max_listed_windows
+        now = None if every_batch else self.wall_ms()
         ref = self.reference()
-        account = ref.accounts.get(win.account)
-        if account is None:
-            self._dead_letter(record, "UNKNOWN_ACCOUNT", f"account {win.account!r} has no reference data", ctx)
-            return
-        start_ms, end_ms = win.window_start_ms, win.window_end_ms
-        tz = _tz_of(ref, account)
-        local_day, day_iso = _local_day(tz, start_ms)
-        period, pkey, bpkey, book, gas = _account_day(ref, account, win.metric, local_day)
-        if book is None:
-            self._dead_letter(
-                record, "NO_PRICE_BOOK", f"no plan/price book for account {win.account} on {local_day}", ctx
-            )
-            return
-        value = win.value
-        if gas:
-            gc = ref.gas_conversion_on(win.account, local_day)
-            if gc is None:
-                self._dead_letter(record, "NO_GAS_CONVERSION_FACTOR",
-                                  f"{win.window_id}: {win.metric} is metered in m³ and {book.id} bills gas in MJ, but "
-                                  f"account {win.account} has no gas conversion factor on {local_day} (pipeline "
-                                  "meters gas-factor)", ctx)
-                return
-            value = gas_energy_mj(win.value, gc.heating_value, gc.pressure_correction)
-        store = ctx.store(record.partition)
-        wkey = b"rw|" + win.window_id.encode()
-        held: RatedWindowState | None = store.get(wkey)
-        if held is not None and held.revision >= win.revision:
-            _REV_DUPLICATE.inc()
-            return
-        sources = win.sources
-        if sources and sources[0].startswith(SPREAD_MARK) and all(src.startswith(SPREAD_MARK) for src in sources):
-            timed = [c.id for c in book.usage_components(win.metric) if isinstance(c, TouComponent | DemandComponent)]
-            if timed:
-                self._dead_letter(record, "ACCUMULATION_ON_INTERVAL_TARIFF",
-                                  f"{win.window_id} holds NEM13 register reads spread evenly over days: they have no "
-                                  f"time of day, and {book.id} v{book.version} prices {win.metric} by time of use or "
-                                  f"demand ({', '.join(timed)}); bill this meter on a flat or tiered plan", ctx)
-                return
-        keys, demand_keys, unfit = _window_keys_memo(ref, book, win.metric, start_ms, end_ms - start_ms)
-        if unfit:
-            self._dead_letter(record, "DEMAND_INTERVAL_FINER_THAN_DATA",
-                              unfit_message(book, unfit[0], end_ms - start_ms), ctx)
-            return
+        accounts = ref.accounts
+        tz_memo = ref.memo.setdefault("rating_tz", {})
+        day_memo = ref.memo.setdefault("rating_account_day", {})
+        keys_memo = ref.memo.setdefault("rating_window_keys", {})
         intervals = demand_interval_ms(ref)
-        ps: PeriodState = store.get(bpkey) or PeriodState(win.account, period.start, period.end)
-        if ps.format < FORMAT:
-            _upgrade(store, pkey, ps, intervals, tz)
-        if held is not None:
-            held.series = win.series
-            old_ps = ps if held.period_key == pkey else store.get(held.period_key.encode())
-            _upgrade(store, held.period_key, old_ps, intervals, tz)
-            _resolve_held(store, held)
-            fold(old_ps, held, -1, intervals, tz)
-            if old_ps is not ps:
-                store.put(held.period_key.encode(), old_ps)
-        rw = RatedWindowState(win.revision, value, pkey, list(keys), list(demand_keys), start_ms, ZERO, win.metric,
-                              end_ms, list(win.qualities), win.series)
-        fold(ps, rw, 1, intervals, tz, day_iso)
-        store.put(bpkey, ps)
-        store.put(wkey, rw)
-        touched = self._touched.get(bpkey)
-        if touched is None:
-            touched = self._touched[bpkey] = _Touched(record.partition)
-            if not self.posting.every_batch:
-                touched.digest = CauseDigest()
-                touched.since_clock_ms = self._clock.get(record.partition, -(2**62))
-        if touched.digest is None:
-            touched.causes.append((win, [*keys, *demand_keys]))  # type: ignore[arg-type]
-        else:
-            touched.dirty = True
-            if touched.digest.add(f"{win.window_id}@{win.revision}", day_iso, win.delta,
-                                  self.posting.max_listed_windows):
+        codec, touched_by_key, clock, last_input = self.codec, self._touched, self._clock, self._last_input
+        stores: dict[int, Any] = {}
+        accepted = 0
+        for record in records:
+            partition = record.partition
+            if now is not None:  # the partition's input is alive (the posting policy's idle rule)
+                last_input[partition] = now
+            try:
+                win = decode_window(codec, record.value or b"")
+            except DecodeError as exc:
+                self._dead_letter(record, "UNDECODABLE", str(exc), ctx)
+                continue
+            account = accounts.get(win.account)
+            if account is None:
+                self._dead_letter(record, "UNKNOWN_ACCOUNT", f"account {win.account!r} has no reference data", ctx)
+                continue
+            start_ms, end_ms = win.window_start_ms, win.window_end_ms
+            tz = tz_memo.get(win.account)
+            if tz is None:
+                tz = _tz_of(ref, account)
+            local_day, day_iso = _local_day(tz, start_ms)
+            found = day_memo.get((win.account, win.metric, local_day))
+            period, pkey, bpkey, book, gas = found or _account_day(ref, account, win.metric, local_day)
+            if book is None:
+                self._dead_letter(
+                    record, "NO_PRICE_BOOK", f"no plan/price book for account {win.account} on {local_day}", ctx
+                )
+                continue
+            value = win.value
+            if gas:
+                gc = ref.gas_conversion_on(win.account, local_day)
+                if gc is None:
+                    self._dead_letter(record, "NO_GAS_CONVERSION_FACTOR",
+                                      f"{win.window_id}: {win.metric} is metered in m³ and {book.id} bills gas in MJ, "
+                                      f"but account {win.account} has no gas conversion factor on {local_day} "
+                                      "(pipeline meters gas-factor)", ctx)
+                    continue
+                value = gas_energy_mj(win.value, gc.heating_value, gc.pressure_correction)
+            store = stores.get(partition)
+            if store is None:
+                store = stores[partition] = ctx.store(partition)
+            wkey = b"rw|" + win.window_id.encode()
+            held: RatedWindowState | None = store.get(wkey)
+            if held is not None and held.revision >= win.revision:
+                _REV_DUPLICATE.inc()
+                continue
+            sources = win.sources
+            if sources and sources[0].startswith(SPREAD_MARK) and all(src.startswith(SPREAD_MARK) for src in sources):
+                timed = [c.id for c in book.usage_components(win.metric)
+                         if isinstance(c, TouComponent | DemandComponent)]
+                if timed:
+                    self._dead_letter(record, "ACCUMULATION_ON_INTERVAL_TARIFF",
+                                      f"{win.window_id} holds NEM13 register reads spread evenly over days: they have "
+                                      f"no time of day, and {book.id} v{book.version} prices {win.metric} by time of "
+                                      f"use or demand ({', '.join(timed)}); bill this meter on a flat or tiered plan",
+                                      ctx)
+                    continue
+            window_keys_found = keys_memo.get((book.id, book.version, win.metric, start_ms, end_ms - start_ms))
+            keys, demand_keys, unfit = window_keys_found or _window_keys_memo(ref, book, win.metric, start_ms,
+                                                                             end_ms - start_ms)
+            if unfit:
+                self._dead_letter(record, "DEMAND_INTERVAL_FINER_THAN_DATA",
+                                  unfit_message(book, unfit[0], end_ms - start_ms), ctx)
+                continue
+            ps: PeriodState = store.get(bpkey) or PeriodState(win.account, period.start, period.end)
+            if ps.format < FORMAT:
+                _upgrade(store, pkey, ps, intervals, tz)
+            if held is not None:
+                held.series = win.series
+                old_ps = ps if held.period_key == pkey else store.get(held.period_key.encode())
+                _upgrade(store, held.period_key, old_ps, intervals, tz)
+                _resolve_held(store, held)
+                fold(old_ps, held, -1, intervals, tz)
+                if old_ps is not ps:
+                    store.put(held.period_key.encode(), old_ps)
+            rw = RatedWindowState(win.revision, value, pkey, keys, demand_keys, start_ms, ZERO,  # (shared tuples)
+                                  win.metric, end_ms, win.qualities, win.series)
+            fold(ps, rw, 1, intervals, tz, day_iso)
+            store.put(bpkey, ps)
+            store.put(wkey, rw)
+            touched = touched_by_key.get(bpkey)
+            if touched is None:
+                touched = touched_by_key[bpkey] = _Touched(partition)
+                if not every_batch:
+                    touched.digest = CauseDigest()
+                    touched.since_clock_ms = clock.get(partition, -(2**62))
+            if touched.digest is None:
                 touched.causes.append((win, [*keys, *demand_keys]))  # type: ignore[arg-type]
-                touched.raw.append(record.value or b"")
-            wm = win.watermark_ms
-            touched.watermark_ms = wm if touched.watermark_ms is None else max(touched.watermark_ms, wm)
-            # the posting clock: how far the windows read here reach in event time (a window closed by its series'
-            # completion marker or idle time reaches past the watermark: its series is done up to its end)
-            reach = max(wm, end_ms)
-            if reach > self._clock.get(record.partition, -(2**62)):
-                self._clock[record.partition] = reach
-        if record.headers:
-            touched.arrived_ms = timing.earliest(touched.arrived_ms, timing.read_ms(record.headers, timing.ARRIVED))
-            touched.closed_ms = timing.earliest(touched.closed_ms, timing.read_ms(record.headers, timing.CLOSED))
-        self._accepted += 1
+            else:
+                touched.dirty = True
+                if touched.digest.add(f"{win.window_id}@{win.revision}", day_iso, win.delta, max_listed):
+                    touched.causes.append((win, [*keys, *demand_keys]))  # type: ignore[arg-type]
+                    touched.raw.append(record.value or b"")
+                wm = win.watermark_ms
+                if touched.watermark_ms is None or wm > touched.watermark_ms:
+                    touched.watermark_ms = wm
+                # the posting clock: how far the windows read here reach in event time (a window closed by its
+                # series' completion marker or idle time reaches past the watermark: its series is done up to its end)
+                reach = wm if wm > end_ms else end_ms
+                if reach > clock.get(partition, -(2**62)):
+                    clock[partition] = reach
+            if record.headers:
+                touched.arrived_ms = timing.earliest(touched.arrived_ms,
+                                                     timing.read_ms(record.headers, timing.ARRIVED))
+                touched.closed_ms = timing.earliest(touched.closed_ms, timing.read_ms(record.headers, timing.CLOSED))
+            accepted += 1
+        self._accepted += accepted
 
     def punctuate(self, wallclock_ms: int, ctx: Context) -> None:
         if self._accepted:
@@ -1021,6 +1060,8 @@ def recompute(
         watermark = max((c.watermark for c, _ in causes), default=None)  # the invoicing stage's event clock
     cause = cause_override or "windows:" + hashlib.sha256("\n".join(cause_ids).encode()).hexdigest()[:24]
     out = []
+    cause_lines = [(c, {r.line_key_of(k) for k in keys}) for c, keys in causes]  # the lines each cause feeds
+    window_text: dict[tuple[int, str, int], str] = {}  # a cause's explanation entry (JSON) per price book version
     for key in sorted(set(totals) | set(ps.emitted)):
         line = totals.get(key)
         before = ps.emitted.get(key, ZERO)
@@ -1033,7 +1074,7 @@ def recompute(
             f"{ps.account}|{ps.period_start}|{key}|{cause}".encode()
         ).hexdigest()[:32]
         inputs = set(line.inputs)
-        related = [c for c, keys in causes if any(r.line_key_of(k) in inputs for k in keys)]
+        related = [c for c, lines in cause_lines if not lines.isdisjoint(inputs)]
         qualities = ps.flags(inputs)
         checks = review_facts(ps, inputs, line.unit, ref)
         explanation = {
@@ -1056,12 +1097,7 @@ def recompute(
             "delta": str(delta),
             "quality_flags": qualities,
             "cause": cause,
-            "windows": [
-                {"window_id": c.window_id, "revision": c.revision, "timing": c.timing, "value": str(c.value),
-                 "delta": str(c.delta), "qualities": list(c.qualities), "sources": list(c.sources),
-                 **_conversion(ref, books[(line.book_id, line.book_version)], c)}
-                for c in related
-            ],
+            "windows": _WINDOWS_SLOT,  # spliced in below: each cause's entry is serialized once per posting
             **checks,
             **({"posting": posting} if posting is not None else {}),
             **_service_explanation(books[(line.book_id, line.book_version)], line.component_id),
@@ -1072,9 +1108,38 @@ def recompute(
             band=line.band, quantity=line.quantity.quantize(Decimal("0.000001")), unit=line.unit,
             rate=line.rate, amount=delta, period_total=line.total, price_book_id=line.book_id,
             price_book_version=line.book_version, cause=cause,
-            explanation=json.dumps(explanation, sort_keys=True), watermark=watermark,
+            explanation=_explanation_json(explanation, related, books[(line.book_id, line.book_version)], ref,
+                                          window_text),
+            watermark=watermark,
         )))
     return out
+
+
+_WINDOWS_SLOT = "\x00windows\x00"
+_WINDOWS_SLOT_JSON = json.dumps(_WINDOWS_SLOT)
+
+
+def _explanation_json(explanation: dict[str, Any], related: list[UsageWindow], book: PriceBook, ref: ReferenceData,
+                      window_text: dict[tuple[int, str, int], str]) -> str:
+    """``json.dumps(explanation, sort_keys=True)`` with ``explanation["windows"]`` (``_WINDOWS_SLOT``) the list of the
+    ``related`` window revisions (id, revision, timing, value, delta, flags, sources and, for gas volumes, the
+    conversion under ``book``): the same text, with each revision's entry serialized once per posting
+    (``window_text``, by revision and book version) however many lines it explains."""
+    parts = []
+    for c in related:
+        memo_key = (id(c), book.id, book.version)
+        text = window_text.get(memo_key)
+        if text is None:
+            text = window_text[memo_key] = json.dumps(
+                {"window_id": c.window_id, "revision": c.revision, "timing": c.timing, "value": str(c.value),
+                 "delta": str(c.delta), "qualities": list(c.qualities), "sources": list(c.sources),
+                 **_conversion(ref, book, c)}, sort_keys=True)
+        parts.append(text)
+    whole = json.dumps(explanation, sort_keys=True)
+    if whole.count(_WINDOWS_SLOT_JSON) != 1:  # a string of the explanation holds the slot's text: no splicing
+        explanation["windows"] = [json.loads(t) for t in parts]
+        return json.dumps(explanation, sort_keys=True)
+    return whole.replace(_WINDOWS_SLOT_JSON, "[" + ", ".join(parts) + "]")
 
 
 def _is_gas_volume(ref: ReferenceData, book: PriceBook, metric: str) -> bool:

@@ -330,9 +330,9 @@ class WindowStateWriter:
             except (TypeError, OverflowError, AttributeError):
                 pass  # the codec decides (and raises what it raises)
         return self._codec.encode_plain({
-            "revision": revision, "value": decimal_bytes(value), "period_key": period_key, "keys": keys,
-            "demand_keys": demand_keys, "window_start_ms": window_start_ms, "kw": kw, "metric": metric,
-            "window_end_ms": window_end_ms, "qualities": qualities}, "RatedWindowState")
+            "revision": revision, "value": decimal_bytes(value), "period_key": period_key, "keys": list(keys),
+            "demand_keys": list(demand_keys), "window_start_ms": window_start_ms, "kw": kw, "metric": metric,
+            "window_end_ms": window_end_ms, "qualities": list(qualities)}, "RatedWindowState")
 
     def _write(self, revision: int, value: Decimal, period_key: str, keys: list[str], demand_keys: list[str],
                window_start_ms: int, kw: str, metric: str, window_end_ms: int, qualities: list[str]) -> bytes:
@@ -375,6 +375,7 @@ _PS_SHAPE = [
     ("days", {"type": "map", "values": "int"}),
 ]
 _QUANTUM = Decimal("0.000001")
+_MILLION = Decimal(1_000_000)
 _EPOCH_DAY = date(1970, 1, 1).toordinal()
 
 
@@ -393,6 +394,7 @@ class PeriodStateWriter:
         self._hand = shape == _PS_SHAPE
         self._header = codec.header("RatingPeriodState") if self._hand else b""
         self._decimals: dict[Decimal, bytes] = {}
+        self._same: dict[int, tuple[Decimal, bytes]] = {}
         self._entries: dict[tuple[str, int], bytes] = {}
 
     def __call__(self, ps: Any) -> bytes | None:
@@ -409,40 +411,82 @@ class PeriodStateWriter:
             raise TypeError(type(m))
         if not m:
             return b"\x00"
-        memo = self._entries
-        parts = [aw.long_bytes(len(m))]
-        for item in m.items():
-            b = memo.get(item)
-            if b is None:
-                if len(memo) >= _MEMO_MAX:
-                    memo.clear()
-                b = memo[item] = _s(item[0]) + _int_bytes(item[1])
-            parts.append(b)
-        parts.append(b"\x00")
-        return b"".join(parts)
+        get, entry = self._entries.get, self._int_entry
+        return b"".join([_size(len(m)), *[get(item) or entry(item) for item in m.items()], b"\x00"])
 
-    def _decimal_map(self, m: dict[str, Decimal], quantize: bool) -> bytes:
-        """An Avro map of ``decimal`` (scale 6): at 6 places when ``quantize``, else as given."""
+    def _int_maps(self, m: dict[str, dict[str, int]]) -> bytes:
+        """An Avro map of maps of ``int`` (``quality_counts``): ``_int_map`` inline."""
         if type(m) is not dict:
             raise TypeError(type(m))
         if not m:
             return b"\x00"
-        memo = self._decimals
-        parts = [aw.long_bytes(len(m))]
-        for k, v in m.items():
+        get, entry = self._entries.get, self._int_entry
+        parts = [_size(len(m))]
+        for k, inner in m.items():
             parts.append(_s(k))
-            b = memo.get(v) if quantize and type(v) is Decimal else None
-            if b is None:
-                if type(v) is not Decimal or not v.is_finite():
-                    raise TypeError(type(v))
-                b = aw.bytes_bytes(decimal_bytes(v.quantize(_QUANTUM) if quantize else v))
-                if quantize:  # equal Decimals: the same bytes at 6 places (as given, 1.0 and 1.0000000 differ)
-                    if len(memo) >= _MEMO_MAX:
-                        memo.clear()
-                    memo[v] = b
-            parts.append(b)
+            if type(inner) is not dict:
+                raise TypeError(type(inner))
+            if inner:
+                parts.append(_size(len(inner)))
+                parts.extend([get(item) or entry(item) for item in inner.items()])
+            parts.append(b"\x00")
         parts.append(b"\x00")
         return b"".join(parts)
+
+    def _int_entry(self, item: tuple[str, int]) -> bytes:
+        memo = self._entries
+        if len(memo) >= _MEMO_MAX:
+            memo.clear()
+        b = memo[item] = _s(item[0]) + _int_bytes(item[1])
+        return b
+
+    def _decimal_map(self, m: dict[str, Decimal], quantize: bool) -> bytes:
+        """An Avro map of ``decimal`` (scale 6): at 6 places when ``quantize``, else as given. Quantized values are
+        remembered by value (equal Decimals, the same 6-place bytes); values as given by identity (an unchanged
+        emitted total is the same object from one batch to the next; an equal value of more places must still be
+        refused)."""
+        if type(m) is not dict:
+            raise TypeError(type(m))
+        if not m:
+            return b"\x00"
+        parts = [_size(len(m))]
+        if quantize:
+            get, miss = self._decimals.get, self._quantized
+            for k, v in m.items():
+                if type(v) is not Decimal:  # (an equal int would find a Decimal's bytes)
+                    raise TypeError(type(v))
+                parts.append(_s(k))
+                parts.append(get(v) or miss(v))
+        else:
+            same = self._same
+            for k, v in m.items():
+                parts.append(_s(k))
+                found = same.get(id(v))
+                if found is not None and found[0] is v:
+                    parts.append(found[1])
+                    continue
+                if type(v) is not Decimal or not v.is_finite():
+                    raise TypeError(type(v))
+                b = aw.bytes_bytes(decimal_bytes(v))
+                if len(same) >= _MEMO_MAX:
+                    same.clear()
+                same[id(v)] = (v, b)  # holds v: its id is not reused while remembered
+                parts.append(b)
+        parts.append(b"\x00")
+        return b"".join(parts)
+
+    def _quantized(self, v: Decimal) -> bytes:
+        """The bytes of the ``Decimal`` ``v`` at 6 places (``TypeError`` for a non-finite value; ``InvalidOperation``
+        when that needs more than 28 digits, where the codec refuses too), remembered by value."""
+        if not v.is_finite():
+            raise TypeError(type(v))
+        n = int(v.quantize(_QUANTUM) * _MILLION)  # exact: the quantized coefficient has ≤ 28 digits
+        b = aw.bytes_bytes(n.to_bytes(((-n if n < 0 else n).bit_length() + 8) // 8, "big", signed=True))
+        memo = self._decimals
+        if len(memo) >= _MEMO_MAX:
+            memo.clear()
+        memo[v] = b
+        return b
 
     def _nested(self, m: dict[str, Any], inner: Callable[[Any], bytes]) -> bytes:
         """An Avro map of maps (or arrays): each value written by ``inner``."""
@@ -466,10 +510,15 @@ class PeriodStateWriter:
             aw.long_bytes(_day_number(ps.period_end)), self._decimal_map(ps.quantities, True),
             self._nested(ps.qualities, _string_array), self._int_map(ps.windows),
             self._decimal_map(ps.emitted, False), self._nested(ps.demand, self._strings_map),
-            self._nested(ps.quality_counts, self._int_map),
+            self._int_maps(ps.quality_counts),
             self._nested(ps.demand_kwh, lambda m: self._decimal_map(m, True)), _int_bytes(ps.format),
             self._int_map(ps.days),
         ))
+
+
+def _size(n: int) -> bytes:
+    """An Avro block count or length ``n`` ≥ 0 (a table below 4 KiB)."""
+    return aw.SIZES[n] if n < 4096 else aw.long_bytes(n)
 
 
 def _string_array(items: Any) -> bytes:
@@ -532,6 +581,7 @@ class PendingWriter:
 
         self._header = codec.header("RatingPending") if shape("RatingPending") == _PENDING_SHAPE else None
         self._cause = codec.header("RatingPendingCause") if shape("RatingPendingCause") == _CAUSE_SHAPE else None
+        self._days: dict[tuple[str, int, str], bytes] = {}
 
     def cause(self, window: bytes, keys: list[str]) -> bytes | None:
         if self._cause is None or type(window) is not bytes:
@@ -561,7 +611,10 @@ class PendingWriter:
             if type(ids) is not list:
                 raise TypeError(type(ids))
             out.append(b"\x02")
-            out.append(aw.string_array_bytes(ids))
+            if ids:  # the listed ids grow by a few per batch: each one's bytes are remembered
+                out.append(_size(len(ids)))
+                out.extend(map(_s, ids))
+            out.append(b"\x00")
         out.append(aw.string_bytes(d["chain"]))
         out.append(_int_bytes(d["count"]))
         days = d["days"]
@@ -569,13 +622,18 @@ class PendingWriter:
             raise TypeError(type(days))
         if days:
             out.append(aw.long_bytes(len(days)))
-            s = _s
+            memo = self._days
             for day, summary in days.items():
                 if type(summary) is not dict:
                     raise TypeError(type(summary))
-                out.append(s(day))
-                out.append(_int_bytes(summary["windows"]))
-                out.append(aw.string_bytes(summary["delta"]))
+                entry = (day, summary["windows"], summary["delta"])  # most days of a pending period are unchanged
+                b = memo.get(entry)
+                if b is None:
+                    b = _s(day) + _int_bytes(entry[1]) + aw.string_bytes(entry[2])
+                    if len(memo) >= _MEMO_MAX:
+                        memo.clear()
+                    memo[entry] = b
+                out.append(b)
         out.append(b"\x00")
         out.append(_int_bytes(d["listed_stored"]))
         return b"".join(out)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -361,3 +362,61 @@ def test_rates_only_versions_are_rekeyed_in_place_and_later_revisions_resolve(mo
     assert charges[-1].cause == "pricebook:PROP:v2"
     assert rp.key_structure(version(2, peak="0.99")) == rp.key_structure(PROP_BOOK)
     assert rp.key_structure(SUPERSEDING["bands"](2)) != rp.key_structure(PROP_BOOK)
+
+
+def test_period_writer_memos_never_stand_in_for_a_value_the_codec_refuses() -> None:
+    """One writer across states: an emitted total equal to one it wrote before but of 7 places (which the codec
+    refuses) is not written from the memo; a quantity given as an ``int`` equal to a remembered ``Decimal`` is not
+    either (the codec decides both)."""
+    writer = wire.PeriodStateWriter(CODEC)
+    first = rp.PeriodState("A", date(2025, 3, 1), date(2025, 4, 1), quantities={"k": Decimal("5")},
+                           emitted={"line": Decimal("1.000000")})
+    assert writer(first) == rp.state_codec(CODEC)[0](b"rp|x", first)
+    seven = rp.PeriodState("A", date(2025, 3, 1), date(2025, 4, 1), quantities={"k": Decimal("5")},
+                           emitted={"line": Decimal("1.0000000")})
+    assert writer(seven) is None
+    with pytest.raises(ValueError):
+        CODEC.encode({"account": "A", "period_start": date(2025, 3, 1), "period_end": date(2025, 4, 1),
+                      "quantities": {}, "qualities": {}, "windows": {}, "emitted": {"line": Decimal("1.0000000")},
+                      "demand": {}, "quality_counts": {}, "demand_kwh": {}, "format": 3, "days": {}},
+                     "RatingPeriodState")
+    as_int = rp.PeriodState("A", date(2025, 3, 1), date(2025, 4, 1), quantities={"k": 5})  # type: ignore[dict-item]
+    assert writer(as_int) is None
+    again = rp.PeriodState("A", date(2025, 3, 1), date(2025, 4, 1), quantities={"k": Decimal("5.0")},
+                           emitted={"line": Decimal("1.000000")})
+    assert writer(again) == writer(first)  # equal values: the same bytes, from the memos
+
+
+explanation_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=12)
+
+
+@given(st.dictionaries(st.text(max_size=10).filter(lambda k: k != "windows"), explanation_values, max_size=6),
+       st.lists(st.tuples(st.text(max_size=20), st.integers(0, 9), st.sampled_from(["ON_TIME", "LATE"]),
+                          decimals, st.lists(st.text(max_size=4), max_size=2)), max_size=5),
+       st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_explanation_json_is_json_dumps_of_the_whole_explanation(base: dict[str, Any], causes: list[Any],
+                                                                 collide: bool) -> None:
+    """A line's explanation text with each window entry serialized once per posting and spliced in is exactly
+    ``json.dumps(explanation, sort_keys=True)``, also when another string of the explanation holds the slot."""
+    if collide:
+        base["note"] = rp._WINDOWS_SLOT
+    wins = []
+    for window_id, revision, timing, value, flags in causes:
+        w = object.__new__(wire.Window)
+        w.window_id, w.revision, w.timing, w.value, w.delta = window_id, revision, timing, value, value
+        w.qualities, w.sources, w.metric = tuple(flags), ("src",), "energy_import"
+        wins.append(w)
+    book = PROP_BOOK
+    ref = reference([PROP_BOOK])
+    expected = json.dumps({**base, "windows": [
+        {"window_id": w.window_id, "revision": w.revision, "timing": w.timing, "value": str(w.value),
+         "delta": str(w.delta), "qualities": list(w.qualities), "sources": list(w.sources)} for w in wins]},
+        sort_keys=True)
+    memo: dict[tuple[int, str, int], str] = {}
+    for _ in range(2):  # the second time from the memo
+        got = rp._explanation_json({**base, "windows": rp._WINDOWS_SLOT}, wins, book, ref, memo)
+        assert got == expected
