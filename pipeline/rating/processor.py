@@ -1130,16 +1130,37 @@ def _explanation_json(explanation: dict[str, Any], related: list[UsageWindow], b
         memo_key = (id(c), book.id, book.version)
         text = window_text.get(memo_key)
         if text is None:
-            text = window_text[memo_key] = json.dumps(
-                {"window_id": c.window_id, "revision": c.revision, "timing": c.timing, "value": str(c.value),
-                 "delta": str(c.delta), "qualities": list(c.qualities), "sources": list(c.sources),
-                 **_conversion(ref, book, c)}, sort_keys=True)
+            text = window_text[memo_key] = _window_entry_json(c, book, ref)
         parts.append(text)
     whole = json.dumps(explanation, sort_keys=True)
     if whole.count(_WINDOWS_SLOT_JSON) != 1:  # a string of the explanation holds the slot's text: no splicing
         explanation["windows"] = [json.loads(t) for t in parts]
         return json.dumps(explanation, sort_keys=True)
     return whole.replace(_WINDOWS_SLOT_JSON, "[" + ", ".join(parts) + "]")
+
+
+_json_str = json.encoder.encode_basestring_ascii  # what json.dumps writes a str with (ensure_ascii)
+
+
+def _window_entry_json(c: UsageWindow, book: PriceBook, ref: ReferenceData) -> str:
+    """One window revision of an explanation's ``windows`` as ``json.dumps(entry, sort_keys=True)`` writes it: written
+    field by field (keys in sorted order) when it has no gas conversion and its fields are strings and an int."""
+    entry = {"window_id": c.window_id, "revision": c.revision, "timing": c.timing, "value": str(c.value),
+             "delta": str(c.delta), "qualities": list(c.qualities), "sources": list(c.sources),
+             **_conversion(ref, book, c)}
+    if len(entry) == 7 and type(c.revision) is int:
+        try:
+            return (f'{{"delta": {_json_str(entry["delta"])}, "qualities": {_json_strs(entry["qualities"])}, '
+                    f'"revision": {int.__repr__(c.revision)}, "sources": {_json_strs(entry["sources"])}, '
+                    f'"timing": {_json_str(c.timing)}, "value": {_json_str(entry["value"])}, '
+                    f'"window_id": {_json_str(c.window_id)}}}')
+        except TypeError:  # a field of another type: json decides
+            pass
+    return json.dumps(entry, sort_keys=True)
+
+
+def _json_strs(items: list[str]) -> str:
+    return "[" + ", ".join(map(_json_str, items)) + "]"
 
 
 def _is_gas_volume(ref: ReferenceData, book: PriceBook, metric: str) -> bool:
