@@ -39,18 +39,21 @@ def long_bytes(v: int) -> bytes:
     return bytes(out)
 
 
+def remember(memo: dict[Any, Any], key: Any, value: Any, limit: int = 65_536) -> Any:
+    """Put ``value`` under ``key`` in the bounded memo ``memo`` (emptied first when it holds ``limit`` entries) and
+    return it: the one rule of every memo of encoded bytes on the hot paths."""
+    if len(memo) >= limit:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 _SEEN: dict[int, bytes] = {}
 
 
 def long_bytes_seen(v: int) -> bytes:
     """``long_bytes(v)``, remembered (at most 65,536 values: window bounds and watermarks repeat across accounts)."""
-    b = _SEEN.get(v)
-    if b is None:
-        b = long_bytes(v)
-        if len(_SEEN) >= 65_536:
-            _SEEN.clear()
-        _SEEN[v] = b
-    return b
+    return _SEEN.get(v) or remember(_SEEN, v, long_bytes(v))
 
 
 _STRINGS: dict[str, bytes] = {}
@@ -58,16 +61,15 @@ _STRINGS: dict[str, bytes] = {}
 
 def string_bytes_seen(v: str) -> bytes:
     """``string_bytes(v)``, remembered (at most 65,536 strings: map keys, state keys and days repeat)."""
-    b = _STRINGS.get(v)
-    if b is None:
-        b = string_bytes(v)
-        if len(_STRINGS) >= 65_536:
-            _STRINGS.clear()
-        _STRINGS[v] = b
-    return b
+    return _STRINGS.get(v) or remember(_STRINGS, v, string_bytes(v))
 
 
 SIZES = [long_bytes(i) for i in range(4096)]  # the Avro long of each length below 4 KiB
+
+
+def size_bytes(n: int) -> bytes:
+    """The Avro ``long`` of a length or block count ``n`` ≥ 0 (from ``SIZES`` below 4 KiB)."""
+    return SIZES[n] if n < 4096 else long_bytes(n)
 
 
 def string_bytes(v: str) -> bytes:
@@ -75,14 +77,12 @@ def string_bytes(v: str) -> bytes:
     if type(v) is not str:
         raise TypeError(type(v))
     b = v.encode()
-    n = len(b)
-    return (SIZES[n] if n < 4096 else long_bytes(n)) + b
+    return size_bytes(len(b)) + b
 
 
 def bytes_bytes(v: bytes) -> bytes:
     """An Avro ``bytes``: its length, then the bytes."""
-    n = len(v)
-    return (SIZES[n] if n < 4096 else long_bytes(n)) + v
+    return size_bytes(len(v)) + v
 
 
 def string_array_bytes(items: list[str] | tuple[str, ...]) -> bytes:

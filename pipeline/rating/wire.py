@@ -100,6 +100,8 @@ _WATERMARKS: dict[bytes, int] = {}  # a record's last bytes (its watermark) → 
 _ONE_STRING: dict[bytes, tuple[str]] = {}  # a one-string array's bytes → its strings
 _read_long = aw.read_long
 _s = aw.string_bytes_seen
+_size_bytes = aw.size_bytes
+_remember = aw.remember
 _new_window = object.__new__
 
 
@@ -116,9 +118,7 @@ def _window_header(codec: Codec) -> bytes | None:
 def _short_decimal(raw: bytes) -> Decimal:
     d = _DECIMALS.get(raw)
     if d is None:
-        if len(_DECIMALS) >= 65_536:
-            _DECIMALS.clear()
-        d = _DECIMALS[raw] = _decimal(raw)
+        d = _remember(_DECIMALS, raw, _decimal(raw))
     return d
 
 
@@ -161,9 +161,7 @@ def _read_window(data: bytes) -> Window:
         end, q = _read_long(data, q)
         seen = (start, end, q - p)
         if q - p <= len(bounds):  # both ended inside the 20 bytes: the same bytes always read this way
-            if len(_BOUNDS) >= 65_536:
-                _BOUNDS.clear()
-            _BOUNDS[bounds] = seen
+            _remember(_BOUNDS, bounds, seen)
     w.window_start_ms, w.window_end_ms = seen[0], seen[1]
     p += seen[2]
     w.revision, p = _read_long(data, p)
@@ -190,9 +188,7 @@ def _read_window(data: bytes) -> Window:
         wm, q = _read_long(data, p)
         if q != len(data):
             raise ValueError("truncated, or bytes left over")
-        if len(_WATERMARKS) >= 65_536:
-            _WATERMARKS.clear()
-        _WATERMARKS[tail] = wm
+        _remember(_WATERMARKS, tail, wm)
     w.watermark_ms = wm
     return w
 
@@ -213,9 +209,7 @@ def _strings(data: bytes, p: int) -> tuple[tuple[str, ...], int]:
             if data[q] == 0:
                 found = (data[p + 2:q].decode(),)
                 if q + 1 <= len(data):
-                    if len(_ONE_STRING) >= 65_536:
-                        _ONE_STRING.clear()
-                    _ONE_STRING[raw] = found
+                    _remember(_ONE_STRING, raw, found)
                 return found, q + 1
     items: list[str] = []
     n, p = _read_long(data, p)
@@ -339,26 +333,18 @@ class WindowStateWriter:
         memo_key = (period_key, tuple(keys), tuple(demand_keys))
         mid = self._keys.get(memo_key)
         if mid is None:
-            if len(self._keys) >= _MEMO_MAX:
-                self._keys.clear()
-            mid = self._keys[memo_key] = (aw.string_bytes(period_key) + aw.string_array_bytes(memo_key[1])
-                                          + aw.string_array_bytes(memo_key[2]))
+            mid = _remember(self._keys, memo_key, aw.string_bytes(period_key) + aw.string_array_bytes(memo_key[1])
+                            + aw.string_array_bytes(memo_key[2]), _MEMO_MAX)
         tail = self._tail.get((kw, metric))
         if tail is None:
-            if len(self._tail) >= _MEMO_MAX:
-                self._tail.clear()
-            tail = self._tail[(kw, metric)] = aw.string_bytes(kw) + aw.string_bytes(metric)
+            tail = _remember(self._tail, (kw, metric), aw.string_bytes(kw) + aw.string_bytes(metric), _MEMO_MAX)
         fkey = tuple(qualities)
         flags = self._flags.get(fkey)
         if flags is None:
-            if len(self._flags) >= _MEMO_MAX:
-                self._flags.clear()
-            flags = self._flags[fkey] = aw.string_array_bytes(fkey)
+            flags = _remember(self._flags, fkey, aw.string_array_bytes(fkey), _MEMO_MAX)
         raw = self._values.get(value)
         if raw is None:  # an equal Decimal always has the same unscaled bytes (one that needs > 6 places never hits)
-            if len(self._values) >= _MEMO_MAX:
-                self._values.clear()
-            raw = self._values[value] = aw.bytes_bytes(decimal_bytes(value))
+            raw = _remember(self._values, value, aw.bytes_bytes(decimal_bytes(value)), _MEMO_MAX)
         seen = aw.long_bytes_seen
         return b"".join((self._header, aw.long_bytes(revision), raw, mid, seen(window_start_ms), tail,
                          seen(window_end_ms), flags))
@@ -407,38 +393,34 @@ class PeriodStateWriter:
 
     def _int_map(self, m: dict[str, int]) -> bytes:
         """An Avro map of ``int``: its (key, value) entries remembered as bytes (day and window counts repeat)."""
-        if type(m) is not dict:
-            raise TypeError(type(m))
-        if not m:
-            return b"\x00"
-        get, entry = self._entries.get, self._int_entry
-        return b"".join([_size(len(m)), *[get(item) or entry(item) for item in m.items()], b"\x00"])
+        parts: list[bytes] = []
+        self._int_entries(m, parts)
+        return b"".join(parts)
 
     def _int_maps(self, m: dict[str, dict[str, int]]) -> bytes:
-        """An Avro map of maps of ``int`` (``quality_counts``): ``_int_map`` inline."""
+        """An Avro map of maps of ``int`` (``quality_counts``)."""
         if type(m) is not dict:
             raise TypeError(type(m))
         if not m:
             return b"\x00"
-        get, entry = self._entries.get, self._int_entry
-        parts = [_size(len(m))]
+        parts = [_size_bytes(len(m))]
         for k, inner in m.items():
             parts.append(_s(k))
-            if type(inner) is not dict:
-                raise TypeError(type(inner))
-            if inner:
-                parts.append(_size(len(inner)))
-                parts.extend([get(item) or entry(item) for item in inner.items()])
-            parts.append(b"\x00")
+            self._int_entries(inner, parts)
         parts.append(b"\x00")
         return b"".join(parts)
 
-    def _int_entry(self, item: tuple[str, int]) -> bytes:
-        memo = self._entries
-        if len(memo) >= _MEMO_MAX:
-            memo.clear()
-        b = memo[item] = _s(item[0]) + _int_bytes(item[1])
-        return b
+    def _int_entries(self, m: dict[str, int], parts: list[bytes]) -> None:
+        """Append the Avro map of ``int`` ``m`` to ``parts``: one block of remembered entries, then 0."""
+        if type(m) is not dict:
+            raise TypeError(type(m))
+        if m:
+            memo = self._entries
+            get = memo.get
+            parts.append(_size_bytes(len(m)))
+            parts.extend([get(item) or _remember(memo, item, _s(item[0]) + _int_bytes(item[1]), _MEMO_MAX)
+                          for item in m.items()])
+        parts.append(b"\x00")
 
     def _decimal_map(self, m: dict[str, Decimal], quantize: bool) -> bytes:
         """An Avro map of ``decimal`` (scale 6): at 6 places when ``quantize``, else as given. Quantized values are
@@ -449,7 +431,7 @@ class PeriodStateWriter:
             raise TypeError(type(m))
         if not m:
             return b"\x00"
-        parts = [_size(len(m))]
+        parts = [_size_bytes(len(m))]
         if quantize:
             get, miss = self._decimals.get, self._quantized
             for k, v in m.items():
@@ -468,9 +450,7 @@ class PeriodStateWriter:
                 if type(v) is not Decimal or not v.is_finite():
                     raise TypeError(type(v))
                 b = aw.bytes_bytes(decimal_bytes(v))
-                if len(same) >= _MEMO_MAX:
-                    same.clear()
-                same[id(v)] = (v, b)  # holds v: its id is not reused while remembered
+                _remember(same, id(v), (v, b), _MEMO_MAX)  # holds v: its id is not reused while remembered
                 parts.append(b)
         parts.append(b"\x00")
         return b"".join(parts)
@@ -482,11 +462,7 @@ class PeriodStateWriter:
             raise TypeError(type(v))
         n = int(v.quantize(_QUANTUM) * _MILLION)  # exact: the quantized coefficient has ≤ 28 digits
         b = aw.bytes_bytes(n.to_bytes(((-n if n < 0 else n).bit_length() + 8) // 8, "big", signed=True))
-        memo = self._decimals
-        if len(memo) >= _MEMO_MAX:
-            memo.clear()
-        memo[v] = b
-        return b
+        return _remember(self._decimals, v, b, _MEMO_MAX)  # type: ignore[no-any-return]
 
     def _nested(self, m: dict[str, Any], inner: Callable[[Any], bytes]) -> bytes:
         """An Avro map of maps (or arrays): each value written by ``inner``."""
@@ -514,11 +490,6 @@ class PeriodStateWriter:
             self._nested(ps.demand_kwh, lambda m: self._decimal_map(m, True)), _int_bytes(ps.format),
             self._int_map(ps.days),
         ))
-
-
-def _size(n: int) -> bytes:
-    """An Avro block count or length ``n`` ≥ 0 (a table below 4 KiB)."""
-    return aw.SIZES[n] if n < 4096 else aw.long_bytes(n)
 
 
 def _string_array(items: Any) -> bytes:
@@ -612,7 +583,7 @@ class PendingWriter:
                 raise TypeError(type(ids))
             out.append(b"\x02")
             if ids:  # the listed ids grow by a few per batch: each one's bytes are remembered
-                out.append(_size(len(ids)))
+                out.append(_size_bytes(len(ids)))
                 out.extend(map(_s, ids))
             out.append(b"\x00")
         out.append(aw.string_bytes(d["chain"]))
@@ -621,7 +592,7 @@ class PendingWriter:
         if type(days) is not dict:
             raise TypeError(type(days))
         if days:
-            out.append(aw.long_bytes(len(days)))
+            out.append(_size_bytes(len(days)))
             memo = self._days
             for day, summary in days.items():
                 if type(summary) is not dict:
@@ -629,10 +600,7 @@ class PendingWriter:
                 entry = (day, summary["windows"], summary["delta"])  # most days of a pending period are unchanged
                 b = memo.get(entry)
                 if b is None:
-                    b = _s(day) + _int_bytes(entry[1]) + aw.string_bytes(entry[2])
-                    if len(memo) >= _MEMO_MAX:
-                        memo.clear()
-                    memo[entry] = b
+                    b = _remember(memo, entry, _s(day) + _int_bytes(entry[1]) + aw.string_bytes(entry[2]), _MEMO_MAX)
                 out.append(b)
         out.append(b"\x00")
         out.append(_int_bytes(d["listed_stored"]))
