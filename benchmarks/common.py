@@ -4,6 +4,7 @@ compared with, and waiting for a consumer group's committed offsets."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,7 +27,8 @@ def batch_argument(parser: argparse.ArgumentParser) -> None:
 def bench_topics(batch: int, partitions: int) -> Iterator[tuple[Settings, Topics]]:
     """Settings and created topics for one benchmark: a fresh topic prefix and state folder, the
     stages' commit interval (250 ms), ``batch`` records per transaction at most, no idle timeout.
-    The topics are deleted afterwards (the broker is shared: leave nothing behind)."""
+    The topics and the state folder are deleted afterwards (the broker and the disk are shared: leave nothing
+    behind)."""
     settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", partitions=partitions,
                         state_dir=Path(mkdtemp(prefix="bench-state-")), commit_interval_ms=250,
                         batch_max_records=batch, idle_timeout_s=3600)
@@ -36,6 +38,7 @@ def bench_topics(batch: int, partitions: int) -> Iterator[tuple[Settings, Topics
         yield settings, topics
     finally:
         delete_topics(settings.kafka_bootstrap, [spec.name for spec in topics.specs()])
+        shutil.rmtree(settings.state_dir, ignore_errors=True)
 
 
 def wait_committed(settings: Settings, group: str, topic: str, n: int, partitions: int,

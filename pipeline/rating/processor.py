@@ -74,7 +74,14 @@ from pipeline.rating.posting import (
 )
 from pipeline.rating.pricebook import ContributionComponent, DemandComponent, PriceBook, TouComponent
 from pipeline.rating.services import VOLUME_UNITS, gas_energy_mj
-from pipeline.rating.wire import PendingWriter, PeriodStateWriter, WindowStateWriter, decode_window, encode_charge
+from pipeline.rating.wire import (
+    PendingWriter,
+    PeriodStateWriter,
+    WindowStateWriter,
+    decode_window,
+    encode_charge,
+    window_reader,
+)
 from pipeline.records import ESTIMATED_QUALITY_FLAGS, RatedCharge, UsageWindow
 from pipeline.reference import ReferenceData
 from pipeline.runtime import timing
@@ -757,6 +764,7 @@ class RatingProcessor:
         keys_memo = ref.memo.setdefault("rating_window_keys", {})
         intervals = demand_interval_ms(ref)
         codec, touched_by_key, clock, last_input = self.codec, self._touched, self._clock, self._last_input
+        read_window = window_reader(codec)
         stores: dict[int, Any] = {}
         accepted = 0
         for record in records:
@@ -764,7 +772,7 @@ class RatingProcessor:
             if now is not None:  # the partition's input is alive (the posting policy's idle rule)
                 last_input[partition] = now
             try:
-                win = decode_window(codec, record.value or b"")
+                win = read_window(record.value or b"")
             except DecodeError as exc:
                 self._dead_letter(record, "UNDECODABLE", str(exc), ctx)
                 continue
@@ -835,7 +843,7 @@ class RatingProcessor:
                                   win.metric, end_ms, win.qualities, win.series)
             fold(ps, rw, 1, intervals, tz, day_iso)
             store.put(bpkey, ps)
-            store.put(wkey, rw)
+            store.put(wkey, rw, cache=False)  # read back only when a later revision of the window comes
             touched = touched_by_key.get(bpkey)
             if touched is None:
                 touched = touched_by_key[bpkey] = _Touched(partition)

@@ -98,6 +98,7 @@ _TIMING = ("ON_TIME", "LATE")
 _BOUNDS: dict[bytes, tuple[int, int, int]] = {}  # 20 bytes at the window bounds → (start ms, end ms, their length)
 _WATERMARKS: dict[bytes, int] = {}  # a record's last bytes (its watermark) → the watermark, ms
 _ONE_STRING: dict[bytes, tuple[str]] = {}  # a one-string array's bytes → its strings
+_NAMES: dict[bytes, tuple[str, str, str, str]] = {}  # the bytes of account, series, metric, unit → the four strings
 _read_long = aw.read_long
 _s = aw.string_bytes_seen
 _size_bytes = aw.size_bytes
@@ -125,46 +126,58 @@ def _short_decimal(raw: bytes) -> Decimal:
 def _read_window(data: bytes) -> Window:
     """The ``Window`` of a current-schema ``UsageWindow`` (``_WINDOW_SHAPE``; Avro 1.11 binary encoding) after its
     10-byte header, read by hand. Strings and decimals shorter than 64 bytes only (a one-byte length); anything
-    else, a truncated body or bytes left over raise ``ValueError``, ``IndexError``, ``OverflowError`` or
-    ``UnicodeDecodeError`` (the caller then asks the codec). Positions only grow, so one check at the end
-    (``p == len(data)``) catches every overrun of a slice."""
+    else, a truncated body, bytes left over, a negative revision or a timestamp outside years 1–9999 raise
+    ``ValueError``, ``IndexError``, ``OverflowError`` or ``UnicodeDecodeError`` (the caller then asks the codec,
+    which gives the value or the ``DecodeError``). Positions only grow, so one check at the end (``p ==
+    len(data)``) catches every overrun of a slice. What repeats across windows is remembered by its bytes, only
+    once it was read and checked: the account, series, metric and unit (one span), the bounds, the watermark."""
     w = _new_window(Window)
     n = data[10]
     if n > 0x7F or n & 1:
         raise ValueError("long or negative length")
     p = 11 + (n >> 1)
     w.window_id = data[11:p].decode()
-    n = data[p]
-    if n > 0x7F or n & 1:
-        raise ValueError("long or negative length")
-    q = p + 1 + (n >> 1)
-    w.account = data[p + 1:q].decode()
-    n = data[q]
-    if n > 0x7F or n & 1:
-        raise ValueError("long or negative length")
-    p = q + 1 + (n >> 1)
-    w.series = data[q + 1:p].decode()
-    n = data[p]
-    if n > 0x7F or n & 1:
-        raise ValueError("long or negative length")
-    q = p + 1 + (n >> 1)
-    w.metric = data[p + 1:q].decode()
-    n = data[q]
-    if n > 0x7F or n & 1:
-        raise ValueError("long or negative length")
-    p = q + 1 + (n >> 1)
-    w.unit = data[q + 1:p].decode()
+    # account, series, metric, unit: four one-byte lengths and their texts, the same span for every window of a series
+    q = p
+    for _ in range(4):
+        n = data[q]
+        if n > 0x7F or n & 1:
+            raise ValueError("long or negative length")
+        q += 1 + (n >> 1)
+    span = data[p:q]
+    names = _NAMES.get(span)
+    if names is None:
+        if q > len(data):
+            raise ValueError("truncated")
+        names = []
+        i = 0
+        for _ in range(4):
+            j = i + 1 + (span[i] >> 1)
+            names.append(span[i + 1:j].decode())
+            i = j
+        names = _remember(_NAMES, span, tuple(names))
+    w.account, w.series, w.metric, w.unit = names
+    p = q
     bounds = data[p:p + 20]  # a window's bounds repeat across accounts: their reading is remembered by their bytes
     seen = _BOUNDS.get(bounds)
     if seen is None:
         start, q = _read_long(data, p)
         end, q = _read_long(data, q)
+        if not (_MIN_MS <= start <= _MAX_MS and _MIN_MS <= end <= _MAX_MS):
+            raise ValueError("a bound outside years 1-9999")
         seen = (start, end, q - p)
         if q - p <= len(bounds):  # both ended inside the 20 bytes: the same bytes always read this way
             _remember(_BOUNDS, bounds, seen)
     w.window_start_ms, w.window_end_ms = seen[0], seen[1]
     p += seen[2]
-    w.revision, p = _read_long(data, p)
+    n = data[p]
+    if n < 0x80 and not n & 1:  # a one-byte, non-negative revision (zig-zag even)
+        w.revision = n >> 1
+        p += 1
+    else:
+        w.revision, p = _read_long(data, p)
+        if w.revision < 0:
+            raise ValueError("negative revision")
     n = data[p]
     if n != 0 and n != 2:  # the zig-zag of index 0 or 1; anything else: the codec decides
         raise ValueError("not a Timing symbol")
@@ -173,13 +186,20 @@ def _read_window(data: bytes) -> Window:
     if n > 0x7F or n & 1:
         raise ValueError("long or negative length")
     q = p + 2 + (n >> 1)
-    w.value = _short_decimal(data[p + 2:q])
+    raw = data[p + 2:q]
+    w.value = _DECIMALS.get(raw) or _short_decimal(raw)
     n = data[q]
     if n > 0x7F or n & 1:
         raise ValueError("long or negative length")
     p = q + 1 + (n >> 1)
-    w.delta = _short_decimal(data[q + 1:p])
-    w.count, p = _read_long(data, p)
+    raw = data[q + 1:p]
+    w.delta = _DECIMALS.get(raw) or _short_decimal(raw)
+    n = data[p]
+    if n < 0x80 and not n & 1:
+        w.count = n >> 1
+        p += 1
+    else:
+        w.count, p = _read_long(data, p)
     w.qualities, p = _strings(data, p)
     w.sources, p = _strings(data, p)
     tail = data[p:]  # the watermark, the last field: it repeats across accounts (remembered by its bytes)
@@ -188,6 +208,8 @@ def _read_window(data: bytes) -> Window:
         wm, q = _read_long(data, p)
         if q != len(data):
             raise ValueError("truncated, or bytes left over")
+        if not _MIN_MS <= wm <= _MAX_MS:
+            raise ValueError("a watermark outside years 1-9999")
         _remember(_WATERMARKS, tail, wm)
     w.watermark_ms = wm
     return w
@@ -233,17 +255,22 @@ def decode_window(codec: Codec, data: bytes) -> Window:
 
     A record of the current schema is read by hand (``_read_window``: the same values as fastavro, tested); any
     other writer schema, and anything the hand reader does not read exactly, goes through ``Codec.decode_plain``."""
+    return window_reader(codec)(data)
+
+
+def window_reader(codec: Codec) -> Callable[[bytes], Window]:
+    """``decode_window`` with ``codec`` bound (its schema header looked up once: a batch's reader)."""
     header = _window_header(codec)
-    if header is not None and type(data) is bytes and data[:10] == header:
-        try:
-            w = _read_window(data)
-        except (IndexError, OverflowError, UnicodeDecodeError, ValueError):
-            pass
-        else:
-            if (w.revision >= 0 and _MIN_MS <= w.window_start_ms <= _MAX_MS and _MIN_MS <= w.window_end_ms <= _MAX_MS
-                    and _MIN_MS <= w.watermark_ms <= _MAX_MS):
-                return w
-    return _checked(codec.decode_plain(data, "UsageWindow"))
+
+    def read(data: bytes) -> Window:
+        if header is not None and type(data) is bytes and data[:10] == header:
+            try:
+                return _read_window(data)
+            except (IndexError, OverflowError, UnicodeDecodeError, ValueError):
+                pass
+        return _checked(codec.decode_plain(data, "UsageWindow"))
+
+    return read
 
 
 def _checked(d: dict[str, Any]) -> Window:

@@ -19,7 +19,7 @@ class Store(Protocol):
     """Key-value state of one input partition (see ``runtime.state.PartitionStore``)."""
 
     def get(self, key: bytes, default: Any = None) -> Any: ...
-    def put(self, key: bytes, value: Any) -> None: ...
+    def put(self, key: bytes, value: Any, cache: bool = True) -> None: ...
     def put_raw(self, key: bytes, raw: bytes) -> None: ...
     def delete(self, key: bytes) -> None: ...
     def scan(self, prefix: bytes) -> Any: ...
@@ -138,7 +138,7 @@ class DictStore:
     def get(self, key: bytes, default: Any = None) -> Any:
         return self.data.get(key, default)
 
-    def put(self, key: bytes, value: Any) -> None:
+    def put(self, key: bytes, value: Any, cache: bool = True) -> None:
         self.data[key] = value
 
     def put_raw(self, key: bytes, raw: bytes) -> None:
@@ -164,6 +164,7 @@ class ChangelogStore:
         self.changelog: dict[bytes, bytes] = {} if changelog is None else changelog
         self.live: dict[bytes, Any] = {}
         self.pending: dict[bytes, Any] = {}
+        self.uncached: set[bytes] = set()  # put with cache=False: decoded again from the changelog after the commit
 
     def get(self, key: bytes, default: Any = None) -> Any:
         if key in self.pending:
@@ -175,8 +176,10 @@ class ChangelogStore:
             self.live[key] = self.decode(key, self.changelog[key])
         return self.live[key]
 
-    def put(self, key: bytes, value: Any) -> None:
+    def put(self, key: bytes, value: Any, cache: bool = True) -> None:
         self.pending[key] = value
+        if not cache:
+            self.uncached.add(key)
 
     def put_raw(self, key: bytes, raw: bytes) -> None:
         self.pending[key] = raw  # the state codecs write such entries as they are
@@ -199,8 +202,12 @@ class ChangelogStore:
                 self.live.pop(key, None)
             else:
                 self.changelog[key] = self.encode(key, value)
-                self.live[key] = value
+                if key in self.uncached:
+                    self.live.pop(key, None)
+                else:
+                    self.live[key] = value
         self.pending.clear()
+        self.uncached.clear()
 
     def sizes(self) -> dict[str, int]:
         """Committed bytes (key + value) per key prefix (the two bytes before the first ``|``, e.g. ``w|``)."""

@@ -64,6 +64,7 @@ class PartitionStore:
         self._encode = encode
         self._decode = decode
         self._pending: dict[bytes, Any] = {}
+        self._uncached: set[bytes] = set()  # keys staged by ``put(..., cache=False)`` since the last flush
         self._cache: dict[bytes, Any] = {}  # decoded committed values (saves RocksDB reads + decoding)
         self._cache_max = cache_max
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,9 +94,13 @@ class PartitionStore:
         # keep apart changed); ``flush`` trims the cache, at most one batch of reads above its size
         self._cache[key] = value
 
-    def put(self, key: bytes, value: Any) -> None:
-        """Stage ``value`` for ``key``; it becomes durable with the next commit."""
+    def put(self, key: bytes, value: Any, cache: bool = True) -> None:
+        """Stage ``value`` for ``key``; it becomes durable with the next commit. ``cache=False``: after the commit
+        the value is not kept in the read cache (an entry read back rarely, e.g. a window's latest revision: a
+        later ``get`` reads and decodes it from RocksDB; the cache keeps room for what is read every batch)."""
         self._pending[key] = value
+        if not cache:
+            self._uncached.add(key)
 
     def put_raw(self, key: bytes, raw: bytes) -> None:
         """Stage already-encoded ``raw`` bytes for ``key`` (no ``encode``; not cached after the
@@ -157,20 +162,22 @@ class PartitionStore:
             else:
                 batch.put(key, raw)
         self._db.write(batch)
-        cache = self._cache
+        cache, uncached = self._cache, self._uncached
         if len(cache) + len(self._pending) > self._cache_max:
             cache.clear()
         for key, value in self._pending.items():
-            if value is _DELETED or type(value) is _Raw:
+            if value is _DELETED or type(value) is _Raw or key in uncached:
                 cache.pop(key, None)
             else:
                 cache[key] = value
         self._pending.clear()
+        uncached.clear()
 
     def discard(self) -> None:
         """Drop the staged changes (the transaction aborted) and every cached value (values may
         have been mutated in place by the aborted work)."""
         self._pending.clear()
+        self._uncached.clear()
         self._cache.clear()
 
     # --- restore ------------------------------------------------------------------------------

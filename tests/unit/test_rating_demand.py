@@ -45,7 +45,7 @@ class EncodedStore(DictStore):
         raw = self.data.get(key)
         return default if raw is None else self.decode(key, raw)
 
-    def put(self, key: bytes, value: Any) -> None:
+    def put(self, key: bytes, value: Any, cache: bool = True) -> None:
         self.data[key] = self.encode(key, value)
 
     def scan(self, prefix: bytes) -> Any:

@@ -40,6 +40,25 @@ def test_values_are_encoded_at_commit_raw_values_go_as_they_are_and_are_not_cach
     store.close()
 
 
+def test_a_value_put_uncached_is_durable_and_read_back_decoded_after_the_commit(tmp_path: Path) -> None:
+    store = open_fresh_store(tmp_path / "s", encode, decode)
+    value = {"revision": 3}
+    store.put(b"w|1", value, cache=False)
+    store.put(b"v|1", {"n": 1})
+    assert store.get(b"w|1") is value  # the live object until the commit
+    store.flush(store.encoded_changes())
+    DECODED.clear()
+    again = store.get(b"w|1")
+    assert again == {"revision": 3} and again is not value  # decoded from RocksDB, not kept in the cache
+    assert store.get(b"v|1") == {"n": 1}
+    assert DECODED == [b"w|1"]
+    store.put(b"w|1", {"revision": 4})  # cached again once put without cache=False
+    store.flush(store.encoded_changes())
+    DECODED.clear()
+    assert store.get(b"w|1") == {"revision": 4} and DECODED == []
+    store.close()
+
+
 def test_discard_drops_pending_writes_and_the_cache_of_values_changed_in_place(tmp_path: Path) -> None:
     store = open_fresh_store(tmp_path / "s", encode, decode)
     store.put(b"v|1", {"n": 1})
