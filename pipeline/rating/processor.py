@@ -892,7 +892,7 @@ class RatingProcessor:
         idle_logged: set[int] = set()
         for pkey, touched in sorted(self._touched.items()):
             store = ctx.store(touched.partition)
-            reason = self._posting_reason(store.get(pkey), touched, ref, now)
+            reason = self._posting_reason(pkey, touched, ref, now, store)
             if reason == IDLE and touched.partition not in idle_logged:  # once per partition and punctuation
                 p = touched.partition
                 idle_logged.add(p)
@@ -910,19 +910,27 @@ class RatingProcessor:
             self._post(pkey, touched, reason, ref, ctx)
         self._touched = held
 
-    def _posting_reason(self, ps: PeriodState, touched: _Touched, ref: ReferenceData, now_ms: int) -> str | None:
-        """Why ``touched`` is posted now (``pipeline.rating.posting``), or ``None`` to keep it pending."""
+    def _posting_reason(self, pkey: bytes, touched: _Touched, ref: ReferenceData, now_ms: int,
+                        store: Any) -> str | None:
+        """Why ``touched`` (period ``pkey``) is posted now (``pipeline.rating.posting``), or ``None`` to keep it
+        pending. The period's posting boundaries depend only on the reference data: remembered per snapshot by
+        period key."""
         if touched.cause is not None:
             return RERATE
         if touched.digest is None:
             return posting_reason(self.posting, (), 0, 0, 0)
-        account = ref.accounts.get(ps.account)
-        tz = account.tz if account is not None else UTC
-        memo_key = ("posting_boundaries", ps.period_start, ps.period_end, str(tz), self.posting.interval_days)
-        bounds = ref.memo.get(memo_key)
+        by_period = ref.memo.get("posting_boundaries_by_period")
+        if by_period is None:
+            by_period = ref.memo["posting_boundaries_by_period"] = {}
+        bounds = by_period.get(pkey)
         if bounds is None:
-            bounds = ref.memo[memo_key] = posting_boundaries_ms(ps.period_start, ps.period_end, tz,
-                                                                self.posting.interval_days)
+            ps: PeriodState = store.get(pkey)
+            account = ref.accounts.get(ps.account)
+            tz = account.tz if account is not None else UTC
+            bounds = posting_boundaries_ms(ps.period_start, ps.period_end, tz, self.posting.interval_days)
+            if len(by_period) >= _DAY_MEMO_MAX:
+                by_period.clear()
+            by_period[pkey] = bounds
         p = touched.partition
         return posting_reason(self.posting, bounds, touched.since_clock_ms, self._clock.get(p, -(2**62)),
                               now_ms - self._last_input.get(p, now_ms))
@@ -1221,8 +1229,8 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         if key == POSTING_CLOCK_KEY:
             return codec.encode({"max_event_ms": value, "watermark_ms": value}, "WatermarkState")
         if key.startswith(PENDING_PREFIX):
-            datum = _pending_datum(value)
-            return write_pending.header(datum) or codec.encode(datum, "RatingPending")
+            fast = write_pending.of(value) if value.digest is not None else None
+            return fast or codec.encode(_pending_datum(value), "RatingPending")
         if key.startswith(PENDING_CAUSE_PREFIX):
             keys = list(value[1])
             return write_pending.cause(value[2], keys) or codec.encode({"window": value[2], "keys": keys},

@@ -571,6 +571,7 @@ class PendingWriter:
 
     - ``header(datum)``: a ``RatingPending`` datum (``processor._pending_datum``; a union
       ``[null, long]`` or ``[null, array]`` as index 0 or 1 then the value);
+    - ``of(pending)``: the same bytes read from the held period itself (``processor._Touched``), no datum built;
     - ``cause(window, keys)``: a ``RatingPendingCause`` (the window revision's record bytes, its keys)."""
 
     def __init__(self, codec: Codec) -> None:
@@ -580,6 +581,7 @@ class PendingWriter:
         self._header = codec.header("RatingPending") if shape("RatingPending") == _PENDING_SHAPE else None
         self._cause = codec.header("RatingPendingCause") if shape("RatingPendingCause") == _CAUSE_SHAPE else None
         self._days: dict[tuple[str, int, str], bytes] = {}
+        self._same_delta: dict[int, tuple[Decimal, str]] = {}
 
     def cause(self, window: bytes, keys: list[str]) -> bytes | None:
         if self._cause is None or type(window) is not bytes:
@@ -598,11 +600,44 @@ class PendingWriter:
             return None
 
     def _write(self, d: dict[str, Any]) -> bytes:
-        out = [self._header, _long(d["since_clock_ms"])]
-        for name in ("watermark_ms", "arrived_ms", "closed_ms"):
-            v = d[name]
+        days = d["days"]
+        if type(days) is not dict:
+            raise TypeError(type(days))
+        for summary in days.values():
+            if type(summary) is not dict:
+                raise TypeError(type(summary))
+        return self._bytes(d["since_clock_ms"], d["watermark_ms"], d["arrived_ms"], d["closed_ms"], d["cause_ids"],
+                           d["chain"], d["count"], [(day, s["windows"], s["delta"]) for day, s in days.items()],
+                           d["listed_stored"])
+
+    def of(self, pending: Any) -> bytes | None:
+        """``header`` of a period held by the posting policy, read from its attributes (``processor._Touched``
+        and its ``CauseDigest``) without building the datum: a day summary's delta is written as ``str`` of its
+        ``Decimal``, remembered by the object's identity (a pending period's unchanged days keep theirs)."""
+        if self._header is None:
+            return None
+        try:
+            digest = pending.digest
+            same = self._same_delta
+            days = []
+            for day, summary in digest.days.items():
+                delta = summary.delta
+                found = same.get(id(delta))
+                if found is None or found[0] is not delta:
+                    if type(delta) is not Decimal:
+                        raise TypeError(type(delta))
+                    found = _remember(same, id(delta), (delta, str(delta)), _MEMO_MAX)  # holds delta: id not reused
+                days.append((day, summary.windows, found[1]))
+            return self._bytes(pending.since_clock_ms, pending.watermark_ms, pending.arrived_ms, pending.closed_ms,
+                               digest.ids, digest.chain, digest.count, days, pending.listed_stored)
+        except (TypeError, OverflowError, AttributeError, KeyError):
+            return None
+
+    def _bytes(self, since_clock_ms: Any, watermark_ms: Any, arrived_ms: Any, closed_ms: Any, ids: Any, chain: Any,
+               count: Any, days: list[tuple[Any, Any, Any]], listed_stored: Any) -> bytes:
+        out = [self._header, _long(since_clock_ms)]
+        for v in (watermark_ms, arrived_ms, closed_ms):
             out.append(b"\x00" if v is None else b"\x02" + _long(v))
-        ids = d["cause_ids"]
         if ids is None:
             out.append(b"\x00")
         else:
@@ -613,24 +648,19 @@ class PendingWriter:
                 out.append(_size_bytes(len(ids)))
                 out.extend(map(_s, ids))
             out.append(b"\x00")
-        out.append(aw.string_bytes(d["chain"]))
-        out.append(_int_bytes(d["count"]))
-        days = d["days"]
-        if type(days) is not dict:
-            raise TypeError(type(days))
+        out.append(aw.string_bytes(chain))
+        out.append(_int_bytes(count))
         if days:
             out.append(_size_bytes(len(days)))
             memo = self._days
-            for day, summary in days.items():
-                if type(summary) is not dict:
-                    raise TypeError(type(summary))
-                entry = (day, summary["windows"], summary["delta"])  # most days of a pending period are unchanged
+            for entry in days:  # (day, windows, delta text): most days of a pending period are unchanged
                 b = memo.get(entry)
                 if b is None:
-                    b = _remember(memo, entry, _s(day) + _int_bytes(entry[1]) + aw.string_bytes(entry[2]), _MEMO_MAX)
+                    b = _remember(memo, entry, _s(entry[0]) + _int_bytes(entry[1]) + aw.string_bytes(entry[2]),
+                                  _MEMO_MAX)
                 out.append(b)
         out.append(b"\x00")
-        out.append(_int_bytes(d["listed_stored"]))
+        out.append(_int_bytes(listed_stored))
         return b"".join(out)
 
 

@@ -259,6 +259,34 @@ def test_pending_state_is_written_by_hand_as_the_codec_writes_it(header: dict[st
     assert writer.cause(window, keys) == CODEC.encode({"window": window, "keys": keys}, "RatingPendingCause")
 
 
+deltas = st.decimals(allow_nan=False, allow_infinity=False, places=6, min_value=-(10**9), max_value=10**9)
+day_summaries = st.dictionaries(names, st.tuples(int32, deltas), max_size=12)
+
+
+@given(pending_headers, st.lists(day_summaries, min_size=1, max_size=3))
+@settings(max_examples=300, deadline=None)
+def test_a_held_period_is_written_from_its_attributes_as_the_codec_writes_its_datum(
+        header: dict[str, Any], batches: list[dict[str, tuple[int, Decimal]]]) -> None:
+    """``PendingWriter.of`` (what the store's encoder calls for ``rq|``) reads a ``_Touched`` and its digest as they
+    are: its bytes are the codec's for ``_pending_datum`` of the same period, batch after batch (day summaries
+    remembered by identity), and an equal delta written with more places is written as its own text."""
+    writer = wire.PendingWriter(CODEC)
+    digest = rp.CauseDigest(header["cause_ids"], header["chain"], header["count"] % 2**31, {})
+    touched = rp._Touched(0, digest=digest, since_clock_ms=header["since_clock_ms"],
+                          watermark_ms=header["watermark_ms"], arrived_ms=header["arrived_ms"],
+                          closed_ms=header["closed_ms"], listed_stored=header["listed_stored"])
+    for days in batches:
+        for day, (n, delta) in days.items():
+            digest.days[day] = rp.DaySummary(n, delta)
+        assert writer.of(touched) == CODEC.encode(rp._pending_datum(touched), "RatingPending")
+    if digest.days:  # the same value, another exponent: its own text, not the remembered one
+        day = next(iter(digest.days))
+        before = digest.days[day].delta
+        digest.days[day] = rp.DaySummary(digest.days[day].windows, before.quantize(Decimal("0.0000001")))
+        expected = CODEC.encode(rp._pending_datum(touched), "RatingPending")
+        assert writer.of(touched) == expected and str(digest.days[day].delta) != str(before)
+
+
 def version(n: int, peak: str = "0.50", **changes: Any) -> PriceBook:
     raw = PROP_BOOK.model_dump(mode="json")
     raw["version"] = n
