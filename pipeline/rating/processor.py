@@ -59,6 +59,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from pipeline.avrowire import remember
 from pipeline.codec import Codec, DecodeError
 from pipeline.ingest.nem13 import SPREAD_MARK
 from pipeline.money import ZERO
@@ -919,18 +920,14 @@ class RatingProcessor:
             return RERATE
         if touched.digest is None:
             return posting_reason(self.posting, (), 0, 0, 0)
-        by_period = ref.memo.get("posting_boundaries_by_period")
-        if by_period is None:
-            by_period = ref.memo["posting_boundaries_by_period"] = {}
+        by_period = ref.memo.setdefault("posting_boundaries_by_period", {})
         bounds = by_period.get(pkey)
         if bounds is None:
             ps: PeriodState = store.get(pkey)
             account = ref.accounts.get(ps.account)
             tz = account.tz if account is not None else UTC
-            bounds = posting_boundaries_ms(ps.period_start, ps.period_end, tz, self.posting.interval_days)
-            if len(by_period) >= _DAY_MEMO_MAX:
-                by_period.clear()
-            by_period[pkey] = bounds
+            bounds = remember(by_period, pkey, posting_boundaries_ms(ps.period_start, ps.period_end, tz,
+                                                                     self.posting.interval_days), _DAY_MEMO_MAX)
         p = touched.partition
         return posting_reason(self.posting, bounds, touched.since_clock_ms, self._clock.get(p, -(2**62)),
                               now_ms - self._last_input.get(p, now_ms))

@@ -170,14 +170,9 @@ def _read_window(data: bytes) -> Window:
             _remember(_BOUNDS, bounds, seen)
     w.window_start_ms, w.window_end_ms = seen[0], seen[1]
     p += seen[2]
-    n = data[p]
-    if n < 0x80 and not n & 1:  # a one-byte, non-negative revision (zig-zag even)
-        w.revision = n >> 1
-        p += 1
-    else:
-        w.revision, p = _read_long(data, p)
-        if w.revision < 0:
-            raise ValueError("negative revision")
+    w.revision, p = _read_long(data, p)
+    if w.revision < 0:
+        raise ValueError("negative revision")
     n = data[p]
     if n != 0 and n != 2:  # the zig-zag of index 0 or 1; anything else: the codec decides
         raise ValueError("not a Timing symbol")
@@ -186,20 +181,13 @@ def _read_window(data: bytes) -> Window:
     if n > 0x7F or n & 1:
         raise ValueError("long or negative length")
     q = p + 2 + (n >> 1)
-    raw = data[p + 2:q]
-    w.value = _DECIMALS.get(raw) or _short_decimal(raw)
+    w.value = _short_decimal(data[p + 2:q])
     n = data[q]
     if n > 0x7F or n & 1:
         raise ValueError("long or negative length")
     p = q + 1 + (n >> 1)
-    raw = data[q + 1:p]
-    w.delta = _DECIMALS.get(raw) or _short_decimal(raw)
-    n = data[p]
-    if n < 0x80 and not n & 1:
-        w.count = n >> 1
-        p += 1
-    else:
-        w.count, p = _read_long(data, p)
+    w.delta = _short_decimal(data[q + 1:p])
+    w.count, p = _read_long(data, p)
     w.qualities, p = _strings(data, p)
     w.sources, p = _strings(data, p)
     tail = data[p:]  # the watermark, the last field: it repeats across accounts (remembered by its bytes)
@@ -569,9 +557,9 @@ class PendingWriter:
     current schemas are the ones it knows (``_PENDING_SHAPE``, ``_CAUSE_SHAPE``); otherwise, or for a value it does
     not write exactly, ``None`` (the caller encodes through the codec, which gives the bytes or the error).
 
-    - ``header(datum)``: a ``RatingPending`` datum (``processor._pending_datum``; a union
-      ``[null, long]`` or ``[null, array]`` as index 0 or 1 then the value);
-    - ``of(pending)``: the same bytes read from the held period itself (``processor._Touched``), no datum built;
+    - ``of(pending)``: the ``RatingPending`` of a held period (``processor._Touched``), read from its attributes: the
+      bytes the codec writes for ``processor._pending_datum`` (a union ``[null, long]`` or ``[null, array]`` as
+      index 0 or 1 then the value), no datum built;
     - ``cause(window, keys)``: a ``RatingPendingCause`` (the window revision's record bytes, its keys)."""
 
     def __init__(self, codec: Codec) -> None:
@@ -591,29 +579,11 @@ class PendingWriter:
         except (TypeError, OverflowError, AttributeError):
             return None
 
-    def header(self, d: dict[str, Any]) -> bytes | None:
-        if self._header is None:
-            return None
-        try:
-            return self._write(d)
-        except (TypeError, OverflowError, AttributeError, KeyError):
-            return None
-
-    def _write(self, d: dict[str, Any]) -> bytes:
-        days = d["days"]
-        if type(days) is not dict:
-            raise TypeError(type(days))
-        for summary in days.values():
-            if type(summary) is not dict:
-                raise TypeError(type(summary))
-        return self._bytes(d["since_clock_ms"], d["watermark_ms"], d["arrived_ms"], d["closed_ms"], d["cause_ids"],
-                           d["chain"], d["count"], [(day, s["windows"], s["delta"]) for day, s in days.items()],
-                           d["listed_stored"])
-
     def of(self, pending: Any) -> bytes | None:
-        """``header`` of a period held by the posting policy, read from its attributes (``processor._Touched``
-        and its ``CauseDigest``) without building the datum: a day summary's delta is written as ``str`` of its
-        ``Decimal``, remembered by the object's identity (a pending period's unchanged days keep theirs)."""
+        """The ``RatingPending`` bytes of a period held by the posting policy, read from its attributes
+        (``processor._Touched`` and its ``CauseDigest``) without building the datum: a day summary's delta is written
+        as ``str`` of its ``Decimal``, remembered by the object's identity (a pending period's unchanged days keep
+        theirs). ``None`` for what it does not write exactly (an int beyond 32 bits: the codec decides)."""
         if self._header is None:
             return None
         try:

@@ -239,28 +239,36 @@ pending_headers = st.fixed_dictionaries({
     "since_clock_ms": st.integers(-(2**63), 2**63 - 1), "watermark_ms": maybe_ms, "arrived_ms": maybe_ms,
     "closed_ms": maybe_ms, "cause_ids": st.none() | st.lists(long_names, max_size=5), "chain": long_names,
     "count": int32 | st.integers(2**31, 2**33),
-    "days": st.dictionaries(names, st.fixed_dictionaries({"windows": int32, "delta": long_names}), max_size=35),
     "listed_stored": int32,
 })
+deltas = st.decimals(allow_nan=False, allow_infinity=False, places=6, min_value=-(10**9), max_value=10**9)
+day_summaries = st.dictionaries(names, st.tuples(int32, deltas), max_size=12)
 
 
-@given(pending_headers, st.binary(max_size=300), st.lists(long_names, max_size=4))
+def held_period(header: dict[str, Any], count: int) -> Any:
+    """A ``_Touched`` with the header's fields and ``count`` causes (its day summaries empty)."""
+    digest = rp.CauseDigest(header["cause_ids"], header["chain"], count, {})
+    return rp._Touched(0, digest=digest, since_clock_ms=header["since_clock_ms"], watermark_ms=header["watermark_ms"],
+                       arrived_ms=header["arrived_ms"], closed_ms=header["closed_ms"],
+                       listed_stored=header["listed_stored"])
+
+
+@given(pending_headers, day_summaries, st.binary(max_size=300), st.lists(long_names, max_size=4))
 @settings(max_examples=400, deadline=None)
-def test_pending_state_is_written_by_hand_as_the_codec_writes_it(header: dict[str, Any], window: bytes,
-                                                                   keys: list[str]) -> None:
+def test_pending_state_is_written_by_hand_as_the_codec_writes_it(header: dict[str, Any],
+                                                                   days: dict[str, tuple[int, Decimal]],
+                                                                   window: bytes, keys: list[str]) -> None:
     """The posting policy's ``rq|`` header and ``rqc|`` causes: the hand writer's bytes are the codec's; an int
     beyond 32 bits it leaves to the codec (``None``)."""
     writer = wire.PendingWriter(CODEC)
-    expected = CODEC.encode(header, "RatingPending")
+    touched = held_period(header, header["count"])
+    touched.digest.days = {day: rp.DaySummary(n, delta) for day, (n, delta) in days.items()}
+    expected = CODEC.encode(rp._pending_datum(touched), "RatingPending")
     if -(2**31) <= header["count"] < 2**31:
-        assert writer.header(header) == expected
+        assert writer.of(touched) == expected
     else:
-        assert writer.header(header) is None
+        assert writer.of(touched) is None
     assert writer.cause(window, keys) == CODEC.encode({"window": window, "keys": keys}, "RatingPendingCause")
-
-
-deltas = st.decimals(allow_nan=False, allow_infinity=False, places=6, min_value=-(10**9), max_value=10**9)
-day_summaries = st.dictionaries(names, st.tuples(int32, deltas), max_size=12)
 
 
 @given(pending_headers, st.lists(day_summaries, min_size=1, max_size=3))
@@ -271,10 +279,8 @@ def test_a_held_period_is_written_from_its_attributes_as_the_codec_writes_its_da
     are: its bytes are the codec's for ``_pending_datum`` of the same period, batch after batch (day summaries
     remembered by identity), and an equal delta written with more places is written as its own text."""
     writer = wire.PendingWriter(CODEC)
-    digest = rp.CauseDigest(header["cause_ids"], header["chain"], header["count"] % 2**31, {})
-    touched = rp._Touched(0, digest=digest, since_clock_ms=header["since_clock_ms"],
-                          watermark_ms=header["watermark_ms"], arrived_ms=header["arrived_ms"],
-                          closed_ms=header["closed_ms"], listed_stored=header["listed_stored"])
+    touched = held_period(header, header["count"] % 2**31)
+    digest = touched.digest
     for days in batches:
         for day, (n, delta) in days.items():
             digest.days[day] = rp.DaySummary(n, delta)
