@@ -497,8 +497,8 @@ class PeriodStateWriter:
     def _write(self, ps: Any) -> bytes:
         """The record's bytes (``TypeError``, ``OverflowError``, ``ValueError`` on a value it does not write)."""
         return b"".join((
-            self._header, _s(ps.account), aw.long_bytes(_day_number(ps.period_start)),
-            aw.long_bytes(_day_number(ps.period_end)), self._decimal_map(ps.quantities, True),
+            self._header, _s(ps.account), aw.long_bytes_seen(_day_number(ps.period_start)),
+            aw.long_bytes_seen(_day_number(ps.period_end)), self._decimal_map(ps.quantities, True),
             self._nested(ps.qualities, _string_array), self._int_map(ps.windows),
             self._decimal_map(ps.emitted, False), self._nested(ps.demand, self._strings_map),
             self._int_maps(ps.quality_counts),
@@ -605,7 +605,7 @@ class PendingWriter:
 
     def _bytes(self, since_clock_ms: Any, watermark_ms: Any, arrived_ms: Any, closed_ms: Any, ids: Any, chain: Any,
                count: Any, days: list[tuple[Any, Any, Any]], listed_stored: Any) -> bytes:
-        out = [self._header, _long(since_clock_ms)]
+        out = [self._header, _long(since_clock_ms)]  # (clocks and watermarks repeat across the periods of a batch)
         for v in (watermark_ms, arrived_ms, closed_ms):
             out.append(b"\x00" if v is None else b"\x02" + _long(v))
         if ids is None:
@@ -635,7 +635,7 @@ class PendingWriter:
 
 
 def _long(v: int) -> bytes:
-    """An Avro ``long`` (``TypeError`` for what is not an ``int``)."""
+    """An Avro ``long``, remembered (``avrowire.long_bytes_seen``); ``TypeError`` for what is not an ``int``."""
     if type(v) is not int:
         raise TypeError(type(v))
-    return aw.long_bytes(v)
+    return aw.long_bytes_seen(v)
