@@ -767,6 +767,8 @@ class RatingProcessor:
         codec, touched_by_key, clock, last_input = self.codec, self._touched, self._clock, self._last_input
         read_window = window_reader(codec)
         stores: dict[int, Any] = {}
+        # per partition, period key → its state, put once in this batch (the store keeps the object until the commit)
+        staged_by_partition: dict[int, dict[bytes, PeriodState]] = {}
         accepted = 0
         for record in records:
             partition = record.partition
@@ -806,6 +808,8 @@ class RatingProcessor:
             store = stores.get(partition)
             if store is None:
                 store = stores[partition] = ctx.store(partition)
+                staged_by_partition[partition] = {}
+            staged = staged_by_partition[partition]
             wkey = b"rw|" + win.window_id.encode()
             held: RatedWindowState | None = store.get(wkey)
             if held is not None and held.revision >= win.revision:
@@ -829,9 +833,11 @@ class RatingProcessor:
                 self._dead_letter(record, "DEMAND_INTERVAL_FINER_THAN_DATA",
                                   unfit_message(book, unfit[0], end_ms - start_ms), ctx)
                 continue
-            ps: PeriodState = store.get(bpkey) or PeriodState(win.account, period.start, period.end)
-            if ps.format < FORMAT:
-                _upgrade(store, pkey, ps, intervals, tz)
+            ps = staged.get(bpkey)  # (the same object until the commit: staged once per batch)
+            if ps is None:
+                ps = store.get(bpkey) or PeriodState(win.account, period.start, period.end)
+                if ps.format < FORMAT:
+                    _upgrade(store, pkey, ps, intervals, tz)
             if held is not None:
                 held.series = win.series
                 old_ps = ps if held.period_key == pkey else store.get(held.period_key.encode())
@@ -843,7 +849,9 @@ class RatingProcessor:
             rw = RatedWindowState(win.revision, value, pkey, keys, demand_keys, start_ms, ZERO,  # (shared tuples)
                                   win.metric, end_ms, win.qualities, win.series)
             fold(ps, rw, 1, intervals, tz, day_iso)
-            store.put(bpkey, ps)
+            if bpkey not in staged:
+                store.put(bpkey, ps)
+                staged[bpkey] = ps
             store.put(wkey, rw, cache=False)  # read back only when a later revision of the window comes
             touched = touched_by_key.get(bpkey)
             if touched is None:
