@@ -138,12 +138,16 @@ def _read_window(data: bytes) -> Window:
     p = 11 + (n >> 1)
     w.window_id = data[11:p].decode()
     # account, series, metric, unit: four one-byte lengths and their texts, the same span for every window of a series
-    q = p
-    for _ in range(4):
-        n = data[q]
-        if n > 0x7F or n & 1:
-            raise ValueError("long or negative length")
-        q += 1 + (n >> 1)
+    a = data[p]
+    q = p + 1 + (a >> 1)
+    b = data[q]
+    q += 1 + (b >> 1)
+    c = data[q]
+    q += 1 + (c >> 1)
+    d = data[q]
+    q += 1 + (d >> 1)
+    if (a | b | c | d) & 0x81:
+        raise ValueError("long or negative length")
     span = data[p:q]
     names = _NAMES.get(span)
     if names is None:
@@ -170,9 +174,16 @@ def _read_window(data: bytes) -> Window:
             _remember(_BOUNDS, bounds, seen)
     w.window_start_ms, w.window_end_ms = seen[0], seen[1]
     p += seen[2]
-    w.revision, p = _read_long(data, p)
-    if w.revision < 0:
-        raise ValueError("negative revision")
+    n = data[p]
+    if n < 0x80:  # a one-byte varint: a revision below 64 (the zig-zag of a negative one is odd)
+        if n & 1:
+            raise ValueError("negative revision")
+        w.revision = n >> 1
+        p += 1
+    else:
+        w.revision, p = _read_long(data, p)
+        if w.revision < 0:
+            raise ValueError("negative revision")
     n = data[p]
     if n != 0 and n != 2:  # the zig-zag of index 0 or 1; anything else: the codec decides
         raise ValueError("not a Timing symbol")
@@ -181,13 +192,22 @@ def _read_window(data: bytes) -> Window:
     if n > 0x7F or n & 1:
         raise ValueError("long or negative length")
     q = p + 2 + (n >> 1)
-    w.value = _short_decimal(data[p + 2:q])
+    raw = data[p + 2:q]
+    v = _DECIMALS.get(raw)
+    w.value = _short_decimal(raw) if v is None else v
     n = data[q]
     if n > 0x7F or n & 1:
         raise ValueError("long or negative length")
     p = q + 1 + (n >> 1)
-    w.delta = _short_decimal(data[q + 1:p])
-    w.count, p = _read_long(data, p)
+    raw = data[q + 1:p]
+    v = _DECIMALS.get(raw)
+    w.delta = _short_decimal(raw) if v is None else v
+    n = data[p]
+    if n < 0x80:  # a one-byte varint (a count below 64 windows' worth of readings)
+        w.count = (n >> 1) ^ -(n & 1)
+        p += 1
+    else:
+        w.count, p = _read_long(data, p)
     w.qualities, p = _strings(data, p)
     w.sources, p = _strings(data, p)
     tail = data[p:]  # the watermark, the last field: it repeats across accounts (remembered by its bytes)
