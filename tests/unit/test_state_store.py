@@ -4,7 +4,11 @@ it hands to the runtime, with real RocksDB (rocksdict) in a temporary directory.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.runtime.state import PartitionStore, open_fresh_store
 
@@ -94,3 +98,30 @@ def test_a_value_read_during_a_transaction_stays_the_live_object_until_the_commi
     store.flush()
     assert len(store._cache) <= 3  # trimmed after the commit
     store.close()
+
+
+_KEYS = st.sampled_from([b"v|%d" % i for i in range(12)] + [b"v|1%d" % i for i in range(6)])
+_BATCH = st.lists(st.tuples(_KEYS, st.one_of(st.none(), st.integers(0, 99))), max_size=20)  # None: a delete
+
+
+@given(st.lists(_BATCH, min_size=1, max_size=6))
+@settings(max_examples=60, deadline=None)
+def test_what_rocksdb_holds_after_each_flush_is_the_last_write_of_every_key(batches: list) -> None:
+    """Whatever order puts and deletes are staged in (``flush`` writes a batch's keys in key order), RocksDB
+    holds, after each commit, the last value staged for every key and nothing for a deleted one: ``scan`` reads
+    RocksDB itself, not the cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_fresh_store(Path(tmp) / "s", encode, decode)
+        model: dict[bytes, int] = {}
+        for batch in batches:
+            for key, value in batch:
+                if value is None:
+                    store.delete(key)
+                    model.pop(key, None)
+                else:
+                    store.put(key, value, cache=value % 2 == 0)
+                    model[key] = value
+            store.flush(store.encoded_changes())
+            assert list(store.scan(b"v|")) == sorted(model.items())
+            assert {k: store.get(k) for k in model} == model
+        store.close()
