@@ -32,6 +32,8 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -85,6 +87,8 @@ def main() -> None:
                         help="rating's posting policy (pipeline.rating.posting; 0 = post every batch, as before "
                              "issue 13); the product default")
     args = parser.parse_args()
+    if args.passes < 1:
+        parser.error("--passes must be at least 1")
 
     raw_book = json.loads(BUNDLED_REFERENCE.read_text())["price_books"][0]
     v1 = PriceBook.model_validate(raw_book)
@@ -93,7 +97,7 @@ def main() -> None:
     sps = [ServicePoint(nmi=f"NMI{i:07d}", account=a.account, effective_from="2025-01-01")
            for i, a in enumerate(accounts)]
     plans = [PlanAssignment(account=a.account, price_book_id=v1.id, effective_from="2025-01-01") for a in accounts]
-    ref = {"data": ReferenceData.build(accounts, sps, plans, [v1])}
+    ref: dict[str, ReferenceData] = {}  # the snapshot the processor reads (a fresh one per pass)
 
     codec = default_codec()
     topics = Topics(Settings())
@@ -109,34 +113,32 @@ def main() -> None:
             records.append(Incoming(topics.usage_windows, 0, len(records), a.account.encode(),
                                     codec.encode(win), (), 0))
 
-    pt_topic = None if args.no_passthrough else PassthroughTopic(records)
     rates: list[float] = []
     pts: list[float] = []
-    try:
+    with nullcontext() if args.no_passthrough else passthrough_topic(records) as passthrough:
         for i in range(args.passes):
             ref["data"] = ReferenceData.build(accounts, sps, plans, [v1])  # each pass: its own snapshot and memos
             run = RatingRun(topics, codec, ref, args)
-            seconds, cpu, thread = run.rate(records)
-            rates.append(len(records) / seconds)
-            print(f"pass {i + 1}: {len(records):,} window revisions ({args.accounts} accounts × {per_account} windows) "
-                  f"rated in {seconds:.1f}s: {rates[-1]:,.0f} revisions/s, CPU {cpu / len(records) * 1e6:.1f} µs per "
-                  f"revision ({thread / len(records) * 1e6:.1f} µs in the rating thread), {run.ctx.forwarded:,} delta "
-                  f"lines ({run.ctx.forwarded / args.accounts:.1f} per account-month; posting interval "
-                  f"{args.posting_interval_days} days)")
-            if i == args.passes - 1:
-                lines_first = run.ctx.forwarded
-                rerate = run.rerate(raw_book, accounts, sps, plans, v1)
-                print(f"re-rate one month of 30-minute data for {args.accounts} accounts after a superseding version: "
-                      f"{rerate:.1f}s, {run.ctx.forwarded - lines_first:,} difference lines")
-            run.close()
-            if pt_topic is not None:
-                pts.append(len(records) / pt_topic.run(i))
+            try:
+                seconds, cpu, thread = run.rate(records)
+                rates.append(len(records) / seconds)
+                print(f"pass {i + 1}: {len(records):,} window revisions ({args.accounts} accounts × {per_account} "
+                      f"windows) rated in {seconds:.1f}s: {rates[-1]:,.0f} revisions/s, CPU "
+                      f"{cpu / len(records) * 1e6:.1f} µs per revision ({thread / len(records) * 1e6:.1f} µs in the "
+                      f"rating thread), {run.ctx.forwarded:,} delta lines ({run.ctx.forwarded / args.accounts:.1f} per "
+                      f"account-month; posting interval {args.posting_interval_days} days)")
+                if i == args.passes - 1:
+                    lines_first = run.ctx.forwarded
+                    rerate = run.rerate(raw_book, accounts, sps, plans, v1)
+                    print(f"re-rate one month of 30-minute data for {args.accounts} accounts after a superseding "
+                          f"version: {rerate:.1f}s, {run.ctx.forwarded - lines_first:,} difference lines")
+            finally:
+                run.close()
+            if passthrough is not None:
+                pts.append(len(records) / passthrough(i))
                 print(f"pass {i + 1}: passthrough (transactional consume→produce, Kafka) over the same "
                       f"{len(records):,} revisions: {pts[-1]:,.0f} records/s; this pass's ratio "
                       f"{rates[-1] / pts[-1]:.3f}")
-    finally:
-        if pt_topic is not None:
-            pt_topic.close()
     print(f"rating, median of {args.passes} passes: {median(rates):,.0f} revisions/s")
     if pts:
         print(f"passthrough, median of {args.passes} passes (each right after a rating pass): {median(pts):,.0f} "
@@ -200,28 +202,24 @@ class RatingRun:
         shutil.rmtree(self.state_dir, ignore_errors=True)  # (hundreds of MB per run: leave nothing behind)
 
 
-class PassthroughTopic:
-    """The revisions produced once to a fresh 4-partition topic (key account) for the plain EOS passthrough of
-    ``common.run_passthrough`` (same batch size and commit interval as the stages); warmed up, untimed."""
-
-    def __init__(self, records: list[Incoming]) -> None:
-        self.n = len(records)
-        self._topics_cm = bench_topics(BATCH, 4)
-        self.settings, self.topics = self._topics_cm.__enter__()
-        producer = IdempotentProducer(self.settings.kafka_bootstrap)
+@contextmanager
+def passthrough_topic(records: list[Incoming]) -> Iterator[Callable[[int], float]]:
+    """The revisions produced once to a fresh 4-partition topic (key account), warmed up (untimed); yields
+    ``run(i)``: the seconds of passthrough pass ``i`` (``common.run_passthrough``: the stages' batch size and commit
+    interval; its own consumer group, from the first offset). The topics are deleted afterwards."""
+    with bench_topics(BATCH, 4) as (settings, topics):
+        producer = IdempotentProducer(settings.kafka_bootstrap)
         for rec in records:
-            producer.send(self.topics.usage_windows, rec.key, rec.value)
+            producer.send(topics.usage_windows, rec.key, rec.value)
         producer.flush(300)
-        warm_up(self.settings, self.topics, self.topics.usage_windows)
+        warm_up(settings, topics, topics.usage_windows)
 
-    def run(self, i: int) -> float:
-        """Seconds of passthrough pass ``i`` (its own consumer group: from the first offset)."""
-        seconds, _cpu = run_passthrough(self.settings, self.topics, self.n, self.topics.usage_windows,
-                                        self.topics.charges_rated, group=f"passthrough-{i}")
-        return seconds
+        def run(i: int) -> float:
+            seconds, _cpu = run_passthrough(settings, topics, len(records), topics.usage_windows,
+                                            topics.charges_rated, group=f"passthrough-{i}")
+            return seconds
 
-    def close(self) -> None:
-        self._topics_cm.__exit__(None, None, None)
+        yield run
 
 
 if __name__ == "__main__":

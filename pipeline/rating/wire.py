@@ -203,7 +203,7 @@ def _read_window(data: bytes) -> Window:
     v = _DECIMALS.get(raw)
     w.delta = _short_decimal(raw) if v is None else v
     n = data[p]
-    if n < 0x80:  # a one-byte varint (a count below 64 windows' worth of readings)
+    if n < 0x80:  # a one-byte varint: a count from -64 to 63
         w.count = (n >> 1) ^ -(n & 1)
         p += 1
     else:
