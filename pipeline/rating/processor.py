@@ -362,13 +362,15 @@ class _Touched:
     watermark_ms: int | None = None  # highest window watermark among all causes
     stored: bool = False  # an rq| entry holds it in the store
     dirty: bool = False  # changed since it was last stored
-    listed_stored: int = 0  # listed causes already under rqc|<period key>|<index>
+    listed_stored: int = 0  # listed causes already stored under rqc| keys (``cause_keys``)
+    cause_keys: list[bytes] = field(default_factory=list)  # rqc|<period key>|<index of the first cause it holds>
     raw: list[bytes] = field(default_factory=list)  # the listed causes' record bytes (stored as they came)
 
 
 BOOKS_KEY = b"books"
 PENDING_PREFIX = b"rq|"  # rq|<period key> → a period held by the posting policy (RatingPending)
-PENDING_CAUSE_PREFIX = b"rqc|"  # rqc|<period key>|<index> → one of its listed causes (RatingPendingCause)
+PENDING_CAUSE_PREFIX = b"rqc|"  # rqc|<period key>|<index> → the causes it listed from that index in one batch
+# (RatingPendingCauses; state written before 7 Dec 2026 holds one RatingPendingCause per index)
 POSTING_CLOCK_KEY = b"posting|clock"  # the partition's event clock: highest window watermark or end (WatermarkState)
 REF_PREFIX = b"ref|"  # ref|<account> → [fingerprint of its service ranges and plans, change count] (issue 15)
 REKEY_PREFIX = b"rk|"  # rk|<period key> → ["<book id>|<version>><version>", ...]: versions re-keyed in place
@@ -632,7 +634,11 @@ class RatingProcessor:
         for key, pending in list(store.scan(PENDING_PREFIX)):  # periods held when the state was last committed
             pkey = key[len(PENDING_PREFIX):]
             pending.partition = partition
-            stored = [store.get(_cause_key(pkey, i)) for i in range(pending.listed_stored)]
+            stored: list[tuple[UsageWindow, list[str], bytes]] = []
+            for cause_key, listed in store.scan(_cause_key(pkey, None)):  # (in index order: zero-padded)
+                pending.cause_keys.append(cause_key)
+                stored.extend(listed)
+            del stored[pending.listed_stored:]  # (never more: written with the header that counts them)
             pending.causes = [(win, keys) for win, keys, _raw in stored]
             pending.raw = [raw for _win, _keys, raw in stored]
             self._touched[pkey] = pending
@@ -909,9 +915,13 @@ class RatingProcessor:
                          (now - self._last_input.get(p, now)) / 1000, self._clock.get(p, 0))
             if reason is None:
                 if touched.dirty:
-                    for i in range(touched.listed_stored, len(touched.causes)):  # each listed cause once
-                        store.put(_cause_key(pkey, i), (*touched.causes[i], touched.raw[i]))
-                    touched.listed_stored = len(touched.causes)
+                    first, causes = touched.listed_stored, touched.causes
+                    if first < len(causes):  # the causes listed since the last commit, once, in one entry
+                        cause_key = _cause_key(pkey, first)
+                        raw = touched.raw
+                        store.put(cause_key, [(*causes[i], raw[i]) for i in range(first, len(causes))], cache=False)
+                        touched.cause_keys.append(cause_key)
+                    touched.listed_stored = len(causes)
                     store.put(PENDING_PREFIX + pkey, touched)
                     touched.stored, touched.dirty = True, False
                 held[pkey] = touched
@@ -1088,6 +1098,10 @@ def recompute(
         before = ps.emitted.get(key, ZERO)
         if line is None:  # cannot happen: quantities keep their keys (at zero) once seen
             raise AssertionError(f"line {key} was emitted but is no longer rated")
+        if before.as_tuple().exponent < line.total.as_tuple().exponent:  # type: ignore[operator]
+            # read back from the state (6 places): the line total it was, in the currency's minor unit (exact), so
+            # that explanations read the same after a restart
+            before = before.quantize(line.total)
         delta = line.total - before
         if delta == 0:
             continue
@@ -1236,10 +1250,10 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         if key.startswith(PENDING_PREFIX):
             fast = write_pending.of(value) if value.digest is not None else None
             return fast or codec.encode(_pending_datum(value), "RatingPending")
-        if key.startswith(PENDING_CAUSE_PREFIX):
-            keys = list(value[1])
-            return write_pending.cause(value[2], keys) or codec.encode({"window": value[2], "keys": keys},
-                                                                      "RatingPendingCause")
+        if key.startswith(PENDING_CAUSE_PREFIX):  # [(window, keys, its record bytes), ...]
+            listed = [(raw, keys) for _win, keys, raw in value]
+            return write_pending.causes(listed) or codec.encode(
+                {"causes": [{"window": raw, "keys": list(keys)} for raw, keys in listed]}, "RatingPendingCauses")
         fast = write_period(value)
         if fast is not None:
             return fast
@@ -1264,8 +1278,11 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
         if key.startswith(PENDING_PREFIX):
             return _decode_pending(codec, raw)
         if key.startswith(PENDING_CAUSE_PREFIX):
-            d = codec.decode_dict(raw, "RatingPendingCause")
-            return decode_window(codec, d["window"]), list(d["keys"]), d["window"]
+            if codec.record_name(raw) == "RatingPendingCause":  # one cause per key (state written before)
+                d = codec.decode_dict(raw, "RatingPendingCause")
+                return [(decode_window(codec, d["window"]), list(d["keys"]), d["window"])]
+            causes = codec.decode_dict(raw, "RatingPendingCauses")["causes"]
+            return [(decode_window(codec, c["window"]), list(c["keys"]), c["window"]) for c in causes]
         if key.startswith(b"rw|"):
             d = codec.decode_dict(raw, "RatedWindowState")
             return RatedWindowState(d["revision"], d["value"], d["period_key"], list(d["keys"]),
@@ -1281,21 +1298,24 @@ def state_codec(codec: Codec) -> tuple[Callable[[bytes, Any], bytes], Callable[[
     return encode, decode
 
 
-def _cause_key(pkey: bytes, index: int) -> bytes:
-    return b"%s%s|%05d" % (PENDING_CAUSE_PREFIX, pkey, index)
+def _cause_key(pkey: bytes, index: int | None) -> bytes:
+    """``rqc|<period key>|<index, 5 digits>``: the listed causes of a pending period from ``index`` on (``None``: the
+    prefix of them all)."""
+    prefix = b"%s%s|" % (PENDING_CAUSE_PREFIX, pkey)
+    return prefix if index is None else b"%s%05d" % (prefix, index)
 
 
 def _forget_pending(store: Any, pkey: bytes, touched: _Touched) -> None:
     """Delete a posted period's pending entries (its header and listed causes), if it had any stored."""
     if touched.stored:
         store.delete(PENDING_PREFIX + pkey)
-    for i in range(touched.listed_stored):
-        store.delete(_cause_key(pkey, i))
+    for cause_key in touched.cause_keys:
+        store.delete(cause_key)
 
 
 def _pending_datum(t: _Touched) -> dict[str, Any]:
     """A period held by the posting policy as a ``RatingPending`` datum (its partition is the store's; its
-    listed causes are stored one per key, ``_cause_key``)."""
+    listed causes are stored apart, one entry per batch that listed some: ``_cause_key``)."""
     digest = t.digest or CauseDigest()
     return {
         "since_clock_ms": t.since_clock_ms, "watermark_ms": t.watermark_ms, "arrived_ms": t.arrived_ms,

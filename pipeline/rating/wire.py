@@ -9,7 +9,7 @@ the generic dataclass conversions of ``pipeline.codec`` (same bytes, same values
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -569,33 +569,54 @@ _PENDING_SHAPE = [
         {"name": "windows", "type": "int"}, {"name": "delta", "type": "string"}]}}),
     ("listed_stored", "int"),
 ]
-_CAUSE_SHAPE = [("window", "bytes"), ("keys", {"type": "array", "items": "string"})]
+_LISTED_CAUSE_SHAPE = [("window", "bytes"), ("keys", ("array", "string"))]  # the items of RatingPendingCauses
+
+
+def _listed_causes_known(codec: Codec) -> bool:
+    """Whether ``RatingPendingCauses`` is the schema ``PendingWriter.causes`` writes: one field, an array of records
+    of ``_LISTED_CAUSE_SHAPE``."""
+    fields = codec.schema("RatingPendingCauses")["fields"]
+    t = fields[0]["type"] if len(fields) == 1 and fields[0]["name"] == "causes" else None
+    items = t.get("items") if isinstance(t, dict) and t.get("type") == "array" else None
+    return (isinstance(items, dict) and items.get("type") == "record"
+            and aw.shape(items["fields"]) == _LISTED_CAUSE_SHAPE)
 
 
 class PendingWriter:
     """Rating's posting-policy state written by hand (``pipeline.avrowire``) as ``Codec.encode`` writes it, when the
-    current schemas are the ones it knows (``_PENDING_SHAPE``, ``_CAUSE_SHAPE``); otherwise, or for a value it does
-    not write exactly, ``None`` (the caller encodes through the codec, which gives the bytes or the error).
+    current schemas are the ones it knows (``_PENDING_SHAPE``, ``_LISTED_CAUSE_SHAPE``); otherwise, or for a value it
+    does not write exactly, ``None`` (the caller encodes through the codec, which gives the bytes or the error).
 
     - ``of(pending)``: the ``RatingPending`` of a held period (``processor._Touched``), read from its attributes: the
       bytes the codec writes for ``processor._pending_datum`` (a union ``[null, long]`` or ``[null, array]`` as
       index 0 or 1 then the value), no datum built;
-    - ``cause(window, keys)``: a ``RatingPendingCause`` (the window revision's record bytes, its keys)."""
+    - ``causes(listed)``: a ``RatingPendingCauses``, the causes a period listed in one batch (``listed``: pairs of a
+      window revision's record bytes and its keys). (One ``RatingPendingCause`` per key, what earlier versions wrote,
+      is only read.)"""
 
     def __init__(self, codec: Codec) -> None:
         def shape(name: str) -> list[tuple[str, Any]]:
             return [(f["name"], _strip(f["type"])) for f in codec.schema(name)["fields"]]
 
         self._header = codec.header("RatingPending") if shape("RatingPending") == _PENDING_SHAPE else None
-        self._cause = codec.header("RatingPendingCause") if shape("RatingPendingCause") == _CAUSE_SHAPE else None
+        self._causes = codec.header("RatingPendingCauses") if _listed_causes_known(codec) else None
         self._days: dict[tuple[str, int, str], bytes] = {}
         self._same_delta: dict[int, tuple[Decimal, str]] = {}
 
-    def cause(self, window: bytes, keys: list[str]) -> bytes | None:
-        if self._cause is None or type(window) is not bytes:
+    def causes(self, listed: list[tuple[bytes, Sequence[str]]]) -> bytes | None:
+        if self._causes is None:
             return None
         try:
-            return b"".join((self._cause, aw.bytes_bytes(window), aw.string_array_bytes(keys)))
+            parts = [self._causes]
+            if listed:
+                parts.append(_size_bytes(len(listed)))
+                for window, keys in listed:
+                    if type(window) is not bytes:
+                        raise TypeError(type(window))
+                    parts.append(aw.bytes_bytes(window))
+                    parts.append(aw.string_array_bytes(keys))
+            parts.append(b"\x00")
+            return b"".join(parts)
         except (TypeError, OverflowError, AttributeError):
             return None
 

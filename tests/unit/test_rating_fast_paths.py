@@ -258,8 +258,8 @@ def held_period(header: dict[str, Any], count: int) -> Any:
 def test_pending_state_is_written_by_hand_as_the_codec_writes_it(header: dict[str, Any],
                                                                    days: dict[str, tuple[int, Decimal]],
                                                                    window: bytes, keys: list[str]) -> None:
-    """The posting policy's ``rq|`` header and ``rqc|`` causes: the hand writer's bytes are the codec's; an int
-    beyond 32 bits it leaves to the codec (``None``)."""
+    """The posting policy's ``rq|`` header and ``rqc|`` causes (none, one or two): the hand writer's bytes are the
+    codec's; an int beyond 32 bits it leaves to the codec (``None``)."""
     writer = wire.PendingWriter(CODEC)
     touched = held_period(header, header["count"])
     touched.digest.days = {day: rp.DaySummary(n, delta) for day, (n, delta) in days.items()}
@@ -268,7 +268,9 @@ def test_pending_state_is_written_by_hand_as_the_codec_writes_it(header: dict[st
         assert writer.of(touched) == expected
     else:
         assert writer.of(touched) is None
-    assert writer.cause(window, keys) == CODEC.encode({"window": window, "keys": keys}, "RatingPendingCause")
+    listed = [(window, keys), (window[:7], keys[1:])][:len(keys)]
+    assert writer.causes(listed) == CODEC.encode({"causes": [{"window": w, "keys": k} for w, k in listed]},
+                                                 "RatingPendingCauses")
 
 
 @given(pending_headers, st.lists(day_summaries, min_size=1, max_size=3))

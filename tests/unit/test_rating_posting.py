@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -137,7 +138,9 @@ def test_nothing_is_posted_between_boundaries_and_the_period_end_posts_at_once()
     assert json.loads(late[0].explanation)["windows"][0]["revision"] == 1
 
 
-def test_a_restart_from_the_serialized_state_posts_the_same_lines() -> None:
+def restart_mid_period(changelog: Callable[[dict[bytes, bytes]], dict[bytes, bytes]] = lambda c: c) -> None:
+    """A month streamed straight, and the same month with a restart after 10 days and 3 hours, from the serialized
+    state (``changelog`` applied to its bytes first): the same lines, ids, amounts and explanations."""
     straight = Rig(POLICY)
     stream(straight)
     straight.batch([], seconds=61)
@@ -146,8 +149,9 @@ def test_a_restart_from_the_serialized_state_posts_the_same_lines() -> None:
     stream(first, 0, 48 * 10 + 6)  # stop mid-period, with changes pending and one posting made
     enc, dec = state_codec(CODEC)
     restored = FakeContext()
-    for key, value in first.ctx.store(0).data.items():  # what the changelog would restore
-        restored.store(0).put(key, dec(key, enc(key, value)))
+    serialized = changelog({key: enc(key, value) for key, value in first.ctx.store(0).data.items()})
+    for key, raw in serialized.items():  # what the changelog would restore
+        restored.store(0).put(key, dec(key, raw))
     assert any(k.startswith(b"rq|") for k in restored.store(0).data)
     second = Rig(POLICY, restored)
     second.wall, second.offset = first.wall, first.offset
@@ -155,6 +159,33 @@ def test_a_restart_from_the_serialized_state_posts_the_same_lines() -> None:
     second.batch([], seconds=61)
     assert [c.line_id for c in first.lines() + second.lines()] == [c.line_id for c in straight.lines()]
     assert [c.amount for c in first.lines() + second.lines()] == [c.amount for c in straight.lines()]
+    assert [c.explanation for c in first.lines() + second.lines()] == [c.explanation for c in straight.lines()]
+    assert not [k for k in second.ctx.store(0).data if k.startswith((b"rq|", b"rqc|"))]  # all posted: none left
+
+
+def test_a_restart_from_the_serialized_state_posts_the_same_lines() -> None:
+    restart_mid_period()
+
+
+def test_a_restart_from_state_with_one_listed_cause_per_key_posts_the_same_lines() -> None:
+    """State written before listed causes were stored one entry per batch (one ``RatingPendingCause`` under
+    ``rqc|<period key>|<index>`` each) restores the same pending periods."""
+    converted: list[int] = []
+
+    def one_per_key(changelog: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        out = {}
+        for key, raw in changelog.items():
+            if not key.startswith(b"rqc|"):
+                out[key] = raw
+                continue
+            prefix, _, first = key.rpartition(b"|")
+            for i, c in enumerate(CODEC.decode_dict(raw, "RatingPendingCauses")["causes"]):
+                out[b"%s|%05d" % (prefix, int(first) + i)] = CODEC.encode(c, "RatingPendingCause")
+                converted.append(i)
+        return out
+
+    restart_mid_period(one_per_key)
+    assert len(converted) > 1 and max(converted) > 0  # batches of several causes became one key each
 
 
 def test_a_feed_that_stops_is_posted_once_its_clock_has_been_idle() -> None:
