@@ -370,7 +370,7 @@ class _Touched:
 BOOKS_KEY = b"books"
 PENDING_PREFIX = b"rq|"  # rq|<period key> → a period held by the posting policy (RatingPending)
 PENDING_CAUSE_PREFIX = b"rqc|"  # rqc|<period key>|<index> → the causes it listed from that index in one batch
-# (RatingPendingCauses; state written before 7 Dec 2026 holds one RatingPendingCause per index)
+# (RatingPendingCauses; state written by earlier versions holds one RatingPendingCause per index)
 POSTING_CLOCK_KEY = b"posting|clock"  # the partition's event clock: highest window watermark or end (WatermarkState)
 REF_PREFIX = b"ref|"  # ref|<account> → [fingerprint of its service ranges and plans, change count] (issue 15)
 REKEY_PREFIX = b"rk|"  # rk|<period key> → ["<book id>|<version>><version>", ...]: versions re-keyed in place

@@ -330,6 +330,7 @@ _RW_SHAPE = [
 ]
 _INT32 = 1 << 31
 _MEMO_MAX = 100_000
+_LISTED_MEMO_MAX = 16_384  # pending periods whose listed ids' bytes are remembered (≤ 48 ids, ~1 kB each)
 
 
 class WindowStateWriter:
@@ -602,6 +603,7 @@ class PendingWriter:
         self._causes = codec.header("RatingPendingCauses") if _listed_causes_known(codec) else None
         self._days: dict[tuple[str, int, str], bytes] = {}
         self._same_delta: dict[int, tuple[Decimal, str]] = {}
+        self._listed: dict[int, tuple[list[str], int, str, bytes]] = {}  # id(ids) → (ids, written, last, bytes)
 
     def causes(self, listed: list[tuple[bytes, Sequence[str]]]) -> bytes | None:
         if self._causes is None:
@@ -644,6 +646,20 @@ class PendingWriter:
         except (TypeError, OverflowError, AttributeError, KeyError):
             return None
 
+    def _ids_bytes(self, ids: list[str]) -> bytes:
+        """The Avro strings of a pending period's listed cause ids, one after the other. The list only grows (a few ids
+        per batch, ``CauseDigest.add``) and its header is written every batch: the bytes written last time for the same
+        list object are remembered and only the ids added since are written (a list whose last written id is no longer
+        the same object is written whole)."""
+        found = self._listed.get(id(ids))
+        n = len(ids)
+        if found is not None and found[0] is ids and found[1] <= n and ids[found[1] - 1] is found[2]:
+            body = found[3] + b"".join(map(_s, ids[found[1]:])) if found[1] < n else found[3]
+        else:
+            body = b"".join(map(_s, ids))
+        _remember(self._listed, id(ids), (ids, n, ids[-1], body), _LISTED_MEMO_MAX)  # holds ids: its id is not reused
+        return body
+
     def _bytes(self, since_clock_ms: Any, watermark_ms: Any, arrived_ms: Any, closed_ms: Any, ids: Any, chain: Any,
                count: Any, days: list[tuple[Any, Any, Any]], listed_stored: Any) -> bytes:
         out = [self._header, _long(since_clock_ms)]  # (clocks and watermarks repeat across the periods of a batch)
@@ -655,9 +671,9 @@ class PendingWriter:
             if type(ids) is not list:
                 raise TypeError(type(ids))
             out.append(b"\x02")
-            if ids:  # the listed ids grow by a few per batch: each one's bytes are remembered
+            if ids:
                 out.append(_size_bytes(len(ids)))
-                out.extend(map(_s, ids))
+                out.append(self._ids_bytes(ids))
             out.append(b"\x00")
         out.append(aw.string_bytes(chain))
         out.append(_int_bytes(count))

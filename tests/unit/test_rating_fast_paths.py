@@ -273,19 +273,25 @@ def test_pending_state_is_written_by_hand_as_the_codec_writes_it(header: dict[st
                                                  "RatingPendingCauses")
 
 
-@given(pending_headers, st.lists(day_summaries, min_size=1, max_size=3))
+@given(pending_headers, st.lists(st.tuples(day_summaries, st.lists(long_names, max_size=3), st.booleans()),
+                                  min_size=1, max_size=4))
 @settings(max_examples=300, deadline=None)
 def test_a_held_period_is_written_from_its_attributes_as_the_codec_writes_its_datum(
-        header: dict[str, Any], batches: list[dict[str, tuple[int, Decimal]]]) -> None:
+        header: dict[str, Any], batches: list[tuple[dict[str, tuple[int, Decimal]], list[str], bool]]) -> None:
     """``PendingWriter.of`` (what the store's encoder calls for ``rq|``) reads a ``_Touched`` and its digest as they
     are: its bytes are the codec's for ``_pending_datum`` of the same period, batch after batch (day summaries
-    remembered by identity), and an equal delta written with more places is written as its own text."""
+    remembered by identity, listed ids growing or their last one replaced), and an equal delta written with more
+    places is written as its own text."""
     writer = wire.PendingWriter(CODEC)
     touched = held_period(header, header["count"] % 2**31)
     digest = touched.digest
-    for days in batches:
+    for days, new_ids, replace_last in batches:
         for day, (n, delta) in days.items():
             digest.days[day] = rp.DaySummary(n, delta)
+        if digest.ids is not None:
+            digest.ids.extend(new_ids)  # listed in this batch
+            if replace_last and digest.ids:
+                digest.ids[-1] = digest.ids[-1] + "x"  # (not what the stage does: the bytes must follow anyway)
         assert writer.of(touched) == CODEC.encode(rp._pending_datum(touched), "RatingPending")
     if digest.days:  # the same value, another exponent: its own text, not the remembered one
         day = next(iter(digest.days))
