@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from pipeline import avrowire as aw
@@ -19,6 +20,8 @@ from pipeline.codec import Codec, DecodeError
 from pipeline.records import RatedCharge
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_PRECISION = 10**28  # a decimal(28, 6)'s unscaled value stays below it (quantize already refuses more in the
+# default context of 28 digits; kept for a wider context)
 _MIN_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 _MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _SCALE = Decimal("0.000001")
@@ -312,7 +315,16 @@ def decimal_bytes(value: Decimal) -> bytes:
 
 
 def encode_charge(codec: Codec, c: RatedCharge) -> bytes:
-    """``codec.encode(c)`` without the generic dataclass walk: the same bytes."""
+    """``codec.encode(c)``: the same bytes, written by hand (``pipeline.avrowire``) when the current ``RatedCharge``
+    schema is the one it knows (``_CHARGE_SHAPE``) and ``c`` holds what it writes exactly (strings, dates, decimals
+    of at most 6 places and 28 digits, a 32-bit version, a time-zone-aware watermark or none); anything else goes
+    through the codec, which gives the bytes or the error (``ValueError`` for a decimal of more than 6 places)."""
+    header = _charge_header(codec)
+    if header is not None:
+        try:
+            return _write_charge(header, c)
+        except (TypeError, ValueError, OverflowError, AttributeError, ArithmeticError):
+            pass  # the codec decides
     return codec.encode({
         "line_id": c.line_id, "account": c.account, "period_start": c.period_start, "period_end": c.period_end,
         "currency": c.currency, "component_id": c.component_id, "component_kind": c.component_kind, "band": c.band,
@@ -321,6 +333,59 @@ def encode_charge(codec: Codec, c: RatedCharge) -> bytes:
         "price_book_version": c.price_book_version, "cause": c.cause, "explanation": c.explanation,
         "watermark": c.watermark,
     }, "RatedCharge")
+
+
+_CHARGE_SHAPE = [
+    ("line_id", "string"), ("account", "string"), ("period_start", "int"), ("period_end", "int"),
+    ("currency", "string"), ("component_id", "string"), ("component_kind", "string"), ("band", "string"),
+    ("quantity", "bytes"), ("unit", "string"), ("rate", "bytes"), ("amount", "bytes"), ("period_total", "bytes"),
+    ("price_book_id", "string"), ("price_book_version", "int"), ("cause", "string"), ("explanation", "string"),
+    ("watermark", ["null", {"logicalType": "timestamp-millis", "type": "long"}]),
+]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_PRECISION = 10**28  # a decimal(28, 6)'s unscaled value stays below it (quantize already refuses more in the
+# default context of 28 digits; kept for a wider context)
+
+
+@lru_cache(maxsize=8)
+def _charge_header(codec: Codec) -> bytes | None:
+    """The ``RatedCharge`` single-object header when ``_write_charge`` writes the codec's current schema, else
+    ``None``."""
+    return codec.header("RatedCharge") if aw.shape(codec.schema("RatedCharge")["fields"]) == _CHARGE_SHAPE else None
+
+
+def _write_charge(header: bytes, c: RatedCharge) -> bytes:
+    """The bytes of ``c`` after ``header`` (``TypeError``, ``ValueError``, ``OverflowError`` on what it does not write
+    exactly). Decimals at 6 places as ``Codec.encode`` gives them to fastavro (``_exact``); the watermark in epoch ms
+    as fastavro computes it for an aware ``datetime`` (whole days, seconds, then milliseconds of the difference)."""
+    wm = c.watermark
+    if wm is None:
+        watermark = b"\x00"
+    else:
+        if type(wm) is not datetime or wm.tzinfo is None:
+            raise TypeError(type(wm))
+        delta = wm - _EPOCH
+        watermark = b"\x02" + aw.long_bytes((delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000)
+    return b"".join((
+        header, aw.string_bytes(c.line_id), _s(c.account), aw.long_bytes_seen(_day_number(c.period_start)),
+        aw.long_bytes_seen(_day_number(c.period_end)), _s(c.currency), _s(c.component_id), _s(c.component_kind),
+        _s(c.band), _decimal_field(c.quantity), _s(c.unit), _decimal_field(c.rate), _decimal_field(c.amount),
+        _decimal_field(c.period_total), _s(c.price_book_id), _int_bytes(c.price_book_version),
+        aw.string_bytes(c.cause), aw.string_bytes(c.explanation), watermark,
+    ))
+
+
+def _decimal_field(value: Decimal) -> bytes:
+    """An Avro ``decimal`` (precision 28, scale 6) field: ``value`` at 6 places (``_exact``), as fastavro writes it."""
+    if type(value) is not Decimal:
+        raise TypeError(type(value))
+    q = value.quantize(_SCALE)
+    if q != value:
+        raise ValueError(f"decimal {value} has more than 6 decimal places")
+    n = int(q.scaleb(6))  # exact: q has 6 places
+    if not -_PRECISION < n < _PRECISION:
+        raise ValueError("The decimal precision is bigger than allowed by schema")
+    return aw.bytes_bytes(n.to_bytes(((-n if n < 0 else n).bit_length() + 8) // 8, "big", signed=True))
 
 
 _RW_SHAPE = [

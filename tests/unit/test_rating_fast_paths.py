@@ -68,6 +68,28 @@ def test_encode_charge_is_byte_identical_to_codec_encode(charge: RatedCharge) ->
     assert encode_charge(CODEC, charge) == CODEC.encode(charge)
 
 
+any_decimals = st.decimals(allow_nan=False, allow_infinity=False) | decimals
+
+
+@given(st.builds(
+    RatedCharge, line_id=names, account=names, period_start=st.dates(), period_end=st.dates(), currency=names,
+    component_id=names, component_kind=names, band=names, quantity=any_decimals, unit=names, rate=any_decimals,
+    amount=any_decimals, period_total=any_decimals, price_book_id=names,
+    price_book_version=st.integers(-(2**33), 2**33), cause=names, explanation=names,
+    watermark=st.none() | st.datetimes(datetime(1900, 1, 1), datetime(2200, 1, 1), timezones=st.just(UTC))))
+@settings(max_examples=500, deadline=None)
+def test_encode_charge_gives_the_codec_bytes_or_the_codec_error(charge: RatedCharge) -> None:
+    """Beyond what the stage writes (any decimal, versions beyond 32 bits, watermarks before 1970 or with
+    microseconds): the hand writer's bytes are the codec's, or it raises what the codec raises."""
+    try:
+        expected = CODEC.encode(charge)
+    except Exception as exc:
+        with pytest.raises(type(exc)):
+            encode_charge(CODEC, charge)
+        return
+    assert encode_charge(CODEC, charge) == expected
+
+
 def test_encode_charge_refuses_more_than_six_decimals_like_codec_encode() -> None:
     charge = RatedCharge("id", ACC, date(2024, 5, 1), date(2024, 6, 1), "AUD", "c", "tou", "", D("1.0000001"), "kWh",
                          D("1"), D("1"), D("1"), "B", 1, "cause", "{}")
