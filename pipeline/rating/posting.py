@@ -107,7 +107,8 @@ class CauseDigest:
     """What caused a pending period's changes, kept small however long the period stays pending.
 
     ``ids``: ``window_id@revision`` of every cause while there are at most ``max_listed`` (then ``None``: only
-    ``chain`` and ``count`` identify them); ``chain``: sha256 hex chained over the ids in arrival order;
+    ``chain`` and ``count`` identify them), only ever appended to (its stored bytes are extended, not rewritten:
+    ``wire.PendingWriter``); ``chain``: sha256 hex chained over the ids in arrival order;
     ``count``: causes so far; ``days``: per local date (ISO), a ``DaySummary`` of every cause."""
 
     ids: list[str] | None = field(default_factory=list)

@@ -1099,9 +1099,11 @@ def recompute(
         if line is None:  # cannot happen: quantities keep their keys (at zero) once seen
             raise AssertionError(f"line {key} was emitted but is no longer rated")
         if before.as_tuple().exponent < line.total.as_tuple().exponent:  # type: ignore[operator]
-            # read back from the state (6 places): the line total it was, in the currency's minor unit (exact), so
-            # that explanations read the same after a restart
-            before = before.quantize(line.total)
+            # read back from the state (6 places): the line total it was, in the currency's minor unit, so that
+            # explanations read the same after a restart (only when exact: an emitted total is a line total)
+            exact = before.quantize(line.total)
+            if exact == before:
+                before = exact
         delta = line.total - before
         if delta == 0:
             continue

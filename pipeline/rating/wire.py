@@ -20,8 +20,6 @@ from pipeline.codec import Codec, DecodeError
 from pipeline.records import RatedCharge
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_PRECISION = 10**28  # a decimal(28, 6)'s unscaled value stays below it (quantize already refuses more in the
-# default context of 28 digits; kept for a wider context)
 _MIN_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 _MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _SCALE = Decimal("0.000001")
@@ -342,7 +340,6 @@ _CHARGE_SHAPE = [
     ("price_book_id", "string"), ("price_book_version", "int"), ("cause", "string"), ("explanation", "string"),
     ("watermark", ["null", {"logicalType": "timestamp-millis", "type": "long"}]),
 ]
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PRECISION = 10**28  # a decimal(28, 6)'s unscaled value stays below it (quantize already refuses more in the
 # default context of 28 digits; kept for a wider context)
 
