@@ -502,9 +502,17 @@ class PeriodStateWriter:
         if not m:
             return b"\x00"
         parts = [_size_bytes(len(m))]
+        memo = self._entries
+        get = memo.get
         for k, inner in m.items():
             parts.append(_s(k))
-            self._int_entries(inner, parts)
+            if type(inner) is dict and len(inner) == 1:  # the usual one quality flag: inline, as _int_entries writes it
+                for item in inner.items():
+                    parts.append(b"\x02")  # a block of 1
+                    parts.append(get(item) or _remember(memo, item, _s(item[0]) + _int_bytes(item[1]), _MEMO_MAX))
+                    parts.append(b"\x00")
+            else:
+                self._int_entries(inner, parts)
         parts.append(b"\x00")
         return b"".join(parts)
 
@@ -516,8 +524,8 @@ class PeriodStateWriter:
             memo = self._entries
             get = memo.get
             parts.append(_size_bytes(len(m)))
-            parts.extend([get(item) or _remember(memo, item, _s(item[0]) + _int_bytes(item[1]), _MEMO_MAX)
-                          for item in m.items()])
+            for item in m.items():  # (a loop, not a comprehension: most maps here hold 1-3 entries)
+                parts.append(get(item) or _remember(memo, item, _s(item[0]) + _int_bytes(item[1]), _MEMO_MAX))
         parts.append(b"\x00")
 
     def _decimal_map(self, m: dict[str, Decimal], quantize: bool) -> bytes:
