@@ -340,8 +340,6 @@ _CHARGE_SHAPE = [
     ("price_book_id", "string"), ("price_book_version", "int"), ("cause", "string"), ("explanation", "string"),
     ("watermark", ["null", {"logicalType": "timestamp-millis", "type": "long"}]),
 ]
-_PRECISION = 10**28  # a decimal(28, 6)'s unscaled value stays below it (quantize already refuses more in the
-# default context of 28 digits; kept for a wider context)
 
 
 @lru_cache(maxsize=8)
@@ -376,13 +374,7 @@ def _decimal_field(value: Decimal) -> bytes:
     """An Avro ``decimal`` (precision 28, scale 6) field: ``value`` at 6 places (``_exact``), as fastavro writes it."""
     if type(value) is not Decimal:
         raise TypeError(type(value))
-    q = value.quantize(_SCALE)
-    if q != value:
-        raise ValueError(f"decimal {value} has more than 6 decimal places")
-    n = int(q.scaleb(6))  # exact: q has 6 places
-    if not -_PRECISION < n < _PRECISION:
-        raise ValueError("The decimal precision is bigger than allowed by schema")
-    return aw.bytes_bytes(n.to_bytes(((-n if n < 0 else n).bit_length() + 8) // 8, "big", signed=True))
+    return aw.bytes_bytes(decimal_bytes(_exact(value)))
 
 
 _RW_SHAPE = [
@@ -502,17 +494,9 @@ class PeriodStateWriter:
         if not m:
             return b"\x00"
         parts = [_size_bytes(len(m))]
-        memo = self._entries
-        get = memo.get
         for k, inner in m.items():
             parts.append(_s(k))
-            if type(inner) is dict and len(inner) == 1:  # the usual one quality flag: inline, as _int_entries writes it
-                for item in inner.items():
-                    parts.append(b"\x02")  # a block of 1
-                    parts.append(get(item) or _remember(memo, item, _s(item[0]) + _int_bytes(item[1]), _MEMO_MAX))
-                    parts.append(b"\x00")
-            else:
-                self._int_entries(inner, parts)
+            self._int_entries(inner, parts)
         parts.append(b"\x00")
         return b"".join(parts)
 
